@@ -1,0 +1,194 @@
+//! Locks owned by client sessions: inode locks for replication transactions, and the POSIX
+//! and BSD locks applications take through a mount.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use mortar_client::gfid::Gfid;
+use tokio::sync::Notify;
+
+pub type SessionId = [u8; 16];
+
+/// Exclusive per-inode locks. A client keeps them across many operations (eager locking)
+/// and gives them up when told another session waits.
+#[derive(Default)]
+pub struct InodeLocks {
+    held: Mutex<HashMap<Gfid, SessionId>>,
+    pub released: Notify,
+}
+
+impl InodeLocks {
+    /// Takes all of `gfids` for `s`, or none; on conflict names the holder and the inode.
+    pub fn try_lock_all(&self, s: SessionId, gfids: &[Gfid]) -> Result<(), (SessionId, Gfid)> {
+        let mut held = self.held.lock().unwrap();
+        for g in gfids {
+            if let Some(h) = held.get(g) {
+                if *h != s {
+                    return Err((*h, *g));
+                }
+            }
+        }
+        for g in gfids {
+            held.insert(*g, s);
+        }
+        Ok(())
+    }
+
+    pub fn holds(&self, s: SessionId, g: Gfid) -> bool {
+        self.held.lock().unwrap().get(&g) == Some(&s)
+    }
+
+    pub fn grant_new(&self, s: SessionId, g: Gfid) {
+        self.held.lock().unwrap().insert(g, s);
+    }
+
+    pub fn unlock(&self, s: SessionId, gfids: &[Gfid]) {
+        let mut held = self.held.lock().unwrap();
+        for g in gfids {
+            if held.get(g) == Some(&s) {
+                held.remove(g);
+            }
+        }
+        drop(held);
+        self.released.notify_waiters();
+    }
+
+    /// Frees everything a dead session held; returns what it held.
+    pub fn release_session(&self, s: SessionId) -> Vec<Gfid> {
+        let mut held = self.held.lock().unwrap();
+        let mine: Vec<Gfid> = held.iter().filter(|(_, h)| **h == s).map(|(g, _)| *g).collect();
+        for g in &mine {
+            held.remove(g);
+        }
+        drop(held);
+        self.released.notify_waiters();
+        mine
+    }
+}
+
+pub const F_RDLCK: i32 = libc::F_RDLCK as i32;
+pub const F_WRLCK: i32 = libc::F_WRLCK as i32;
+pub const F_UNLCK: i32 = libc::F_UNLCK as i32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RangeLock {
+    pub session: SessionId,
+    pub owner: u64,
+    pub pid: u32,
+    pub typ: i32,
+    pub start: u64,
+    pub end: u64, // inclusive
+}
+
+impl RangeLock {
+    fn same_owner(&self, o: &RangeLock) -> bool {
+        self.session == o.session && self.owner == o.owner
+    }
+    fn overlaps(&self, o: &RangeLock) -> bool {
+        self.start <= o.end && o.start <= self.end
+    }
+}
+
+/// Byte-range locks per inode, POSIX semantics (a new lock of an owner replaces the part of
+/// its own locks it overlaps).
+#[derive(Default)]
+pub struct RangeLocks {
+    by_inode: Mutex<HashMap<Gfid, Vec<RangeLock>>>,
+    pub changed: Notify,
+}
+
+impl RangeLocks {
+    pub fn conflict(&self, g: Gfid, want: &RangeLock) -> Option<RangeLock> {
+        let map = self.by_inode.lock().unwrap();
+        map.get(&g)?
+            .iter()
+            .find(|l| !l.same_owner(want) && l.overlaps(want) && (l.typ == F_WRLCK || want.typ == F_WRLCK))
+            .copied()
+    }
+
+    /// Sets (or with F_UNLCK clears) `want` if nothing conflicts; else returns the conflict.
+    pub fn set(&self, g: Gfid, want: RangeLock) -> Result<(), RangeLock> {
+        let mut map = self.by_inode.lock().unwrap();
+        let list = map.entry(g).or_default();
+        if want.typ != F_UNLCK {
+            if let Some(c) = list
+                .iter()
+                .find(|l| !l.same_owner(&want) && l.overlaps(&want) && (l.typ == F_WRLCK || want.typ == F_WRLCK))
+            {
+                return Err(*c);
+            }
+        }
+        let mut out = Vec::with_capacity(list.len() + 2);
+        for l in list.drain(..) {
+            if !l.same_owner(&want) || !l.overlaps(&want) {
+                out.push(l);
+                continue;
+            }
+            if l.start < want.start {
+                out.push(RangeLock { end: want.start - 1, ..l });
+            }
+            if l.end > want.end {
+                out.push(RangeLock { start: want.end + 1, ..l });
+            }
+        }
+        if want.typ != F_UNLCK {
+            out.push(want);
+        }
+        if out.is_empty() {
+            map.remove(&g);
+        } else {
+            *map.get_mut(&g).unwrap() = out;
+        }
+        drop(map);
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    pub fn release_session(&self, s: SessionId) {
+        let mut map = self.by_inode.lock().unwrap();
+        map.retain(|_, list| {
+            list.retain(|l| l.session != s);
+            !list.is_empty()
+        });
+        drop(map);
+        self.changed.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lk(s: u8, owner: u64, typ: i32, start: u64, end: u64) -> RangeLock {
+        RangeLock { session: [s; 16], owner, pid: 1, typ, start, end }
+    }
+
+    #[test]
+    fn inode_locks_are_exclusive_and_freed_with_the_session() {
+        let l = InodeLocks::default();
+        let (a, b) = ([1u8; 16], [2u8; 16]);
+        let (g1, g2) = (Gfid::random(), Gfid::random());
+        assert!(l.try_lock_all(a, &[g1]).is_ok());
+        assert!(l.try_lock_all(a, &[g1]).is_ok(), "re-entrant for the holder");
+        assert_eq!(l.try_lock_all(b, &[g2, g1]), Err((a, g1)));
+        assert!(!l.holds(b, g2), "all or none");
+        assert_eq!(l.release_session(a), vec![g1]);
+        assert!(l.try_lock_all(b, &[g2, g1]).is_ok());
+    }
+
+    #[test]
+    fn range_locks_conflict_split_and_release() {
+        let l = RangeLocks::default();
+        let g = Gfid::random();
+        assert!(l.set(g, lk(1, 1, F_WRLCK, 0, 99)).is_ok());
+        assert!(l.set(g, lk(2, 1, F_RDLCK, 50, 60)).is_err());
+        assert!(l.set(g, lk(2, 1, F_RDLCK, 100, 200)).is_ok());
+        // Unlocking the middle of owner 1's lock leaves two pieces.
+        assert!(l.set(g, lk(1, 1, F_UNLCK, 40, 59)).is_ok());
+        assert!(l.conflict(g, &lk(3, 1, F_WRLCK, 45, 50)).is_none());
+        assert!(l.conflict(g, &lk(3, 1, F_WRLCK, 30, 45)).is_some());
+        assert!(l.conflict(g, &lk(3, 1, F_RDLCK, 150, 150)).is_none(), "readers share");
+        l.release_session([1; 16]);
+        assert!(l.conflict(g, &lk(3, 1, F_WRLCK, 0, 99)).is_none());
+    }
+}

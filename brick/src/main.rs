@@ -1,0 +1,134 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use clap::Parser;
+use mortar_brick::service::{BrickService, VolfileState};
+use mortar_brick::store::Store;
+use mortar_client::telemetry;
+use mortar_client::volfile::Volfile;
+use tokio::sync::watch;
+
+/// Serves one brick of a Mortar volume: a full copy of the volume under --dir.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// This brick's id in the volfile (stable, never reused).
+    #[arg(long)]
+    id: String,
+    /// Directory holding the brick's copy of the volume.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Address to serve on.
+    #[arg(long, default_value = "0.0.0.0:24100")]
+    listen: SocketAddr,
+    /// The volume description; changes to it are followed.
+    #[arg(long)]
+    volfile: PathBuf,
+    /// Prometheus /metrics address [default: the listen host, port + 1000].
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+    /// A client session without a ping for this long is ended and its locks freed.
+    #[arg(long, default_value_t = 10.0)]
+    session_timeout: f64,
+    #[arg(long, default_value = "info")]
+    log_level: String,
+    /// Also log to this file (e.g. under /var/log/mortar).
+    #[arg(long)]
+    log_file: Option<PathBuf>,
+}
+
+fn load_volfile(path: &PathBuf) -> anyhow::Result<VolfileState> {
+    let yaml = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("volfile {}: {e}", path.display()))?;
+    let vol = Volfile::parse(&yaml).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(VolfileState { yaml, vol })
+}
+
+fn main() {
+    let args = Args::parse();
+    if let Err(e) = run(args) {
+        eprintln!("mortar-brick: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    telemetry::init_logging(&format!("brick={}", args.id), &args.log_level, args.log_file.as_deref())?;
+    anyhow::ensure!(args.session_timeout > 0.0, "--session-timeout must be positive");
+    let vf = load_volfile(&args.volfile)?;
+    if vf.vol.brick_index(&args.id).is_none() {
+        tracing::warn!(volfile = %args.volfile.display(), "brick id {} is not in the volfile (yet)", args.id);
+    }
+    // Modes come from clients exactly; the brick's own umask must not change them.
+    rustix::process::umask(rustix::fs::Mode::empty());
+    let store = Arc::new(Store::open(&args.dir)?);
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let (vtx, vrx) = watch::channel(vf);
+        tokio::spawn(follow_volfile(args.volfile.clone(), vtx));
+        let svc = BrickService::new(args.id.clone(), store.clone(), vrx, Duration::from_secs_f64(args.session_timeout));
+        let metrics_addr = args.metrics.unwrap_or_else(|| {
+            let mut a = args.listen;
+            a.set_port(a.port().saturating_add(1000));
+            a
+        });
+        let m = svc.metrics.clone();
+        let st = store.clone();
+        let id = args.id.clone();
+        telemetry::serve_metrics(
+            metrics_addr,
+            Arc::new(move || {
+                let mut out = String::new();
+                let l = |n: &str| format!("{n}{{brick=\"{id}\"}}");
+                telemetry::metric(&mut out, &l("mortar_brick_reads_total"), "counter", "Read requests served", m.reads.load(Relaxed));
+                telemetry::metric(&mut out, &l("mortar_brick_read_bytes_total"), "counter", "Bytes read", m.read_bytes.load(Relaxed));
+                telemetry::metric(&mut out, &l("mortar_brick_mutations_total"), "counter", "Mutations applied or refused", m.mutations.load(Relaxed));
+                telemetry::metric(&mut out, &l("mortar_brick_written_bytes_total"), "counter", "Bytes written", m.written_bytes.load(Relaxed));
+                telemetry::metric(&mut out, &l("mortar_brick_stale_total"), "counter", "Mutations refused because this copy was behind", m.stale.load(Relaxed));
+                telemetry::metric(&mut out, &l("mortar_brick_lock_waits_total"), "counter", "Lock requests that had to wait", m.lock_waits.load(Relaxed));
+                telemetry::metric(&mut out, &l("mortar_brick_sessions_ended_total"), "counter", "Client sessions ended", m.sessions_ended.load(Relaxed));
+                telemetry::metric(&mut out, &l("mortar_brick_heal_pending"), "gauge", "Inodes in the heal index", st.heal_pending().len());
+                out
+            }),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("metrics on {metrics_addr}: {e}"))?;
+        tracing::info!(dir = %store.root().display(), listen = %args.listen, metrics = %metrics_addr, "brick serving");
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(2)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+            .add_service(mortar_proto::brick_server::BrickServer::new(svc).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
+            .serve_with_shutdown(args.listen, async {
+                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
+                tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
+                tracing::info!("stopping");
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("serving on {}: {e}", args.listen))?;
+        Ok(())
+    })
+}
+
+/// Re-reads the volfile when it changes; a newer generation replaces the current one.
+async fn follow_volfile(path: PathBuf, tx: watch::Sender<VolfileState>) {
+    let mut last = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let m = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        if m == last {
+            continue;
+        }
+        last = m;
+        match load_volfile(&path) {
+            Ok(v) if v.vol.generation > tx.borrow().vol.generation => {
+                tracing::info!(generation = v.vol.generation, bricks = v.vol.bricks.len(), "following new volfile");
+                let _ = tx.send(v);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("ignoring changed volfile: {e:#}"),
+        }
+    }
+}

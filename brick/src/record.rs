@@ -1,0 +1,61 @@
+//! Mortar's per-inode record, kept in one extended attribute of the backend inode so that a
+//! lookup costs a single getxattr.
+
+use mortar_client::gfid::Gfid;
+
+pub const XATTR: &str = "trusted.mortar.rec";
+const FORMAT: u8 = 1;
+const LEN: usize = 1 + 16 + 8 * 4;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Record {
+    pub gfid: Gfid,
+    /// Highest lock term granted on this inode: changes made under a lower term are refused.
+    pub promised: u64,
+    /// Version of the content: (term, seq).
+    pub ver: (u64, u64),
+    /// Change time stamped by the client, so that every copy reports the same ctime.
+    pub ctime_ns: i64,
+}
+
+impl Record {
+    pub fn new(gfid: Gfid, promised: u64, ctime_ns: i64) -> Record {
+        Record { gfid, promised, ver: (0, 0), ctime_ns }
+    }
+
+    pub fn encode(&self) -> [u8; LEN] {
+        let mut b = [0u8; LEN];
+        b[0] = FORMAT;
+        b[1..17].copy_from_slice(&self.gfid.0);
+        b[17..25].copy_from_slice(&self.promised.to_le_bytes());
+        b[25..33].copy_from_slice(&self.ver.0.to_le_bytes());
+        b[33..41].copy_from_slice(&self.ver.1.to_le_bytes());
+        b[41..49].copy_from_slice(&self.ctime_ns.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Option<Record> {
+        if b.len() != LEN || b[0] != FORMAT {
+            return None;
+        }
+        let u = |r: std::ops::Range<usize>| u64::from_le_bytes(b[r].try_into().unwrap());
+        Some(Record {
+            gfid: Gfid::from_bytes(&b[1..17])?,
+            promised: u(17..25),
+            ver: (u(25..33), u(33..41)),
+            ctime_ns: u(41..49) as i64,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let r = Record { gfid: Gfid::random(), promised: 7, ver: (5, 9), ctime_ns: -3 };
+        assert_eq!(Record::decode(&r.encode()), Some(r));
+        assert_eq!(Record::decode(&[0u8; 3]), None);
+    }
+}

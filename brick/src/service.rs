@@ -1,0 +1,503 @@
+//! The brick's gRPC service: maps requests onto the store and the lock tables, and file
+//! system errors onto `errno` fields.
+
+use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mortar_client::gfid::Gfid;
+use mortar_client::volfile::Volfile;
+use mortar_proto as pb;
+use rustix::io::Errno;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::locks::{F_UNLCK, InodeLocks, RangeLock, RangeLocks, SessionId};
+use crate::store::{self, Store, gfid};
+
+/// How long a lock request waits for another session to give the lock up.
+const LOCK_WAIT: Duration = Duration::from_secs(30);
+
+#[derive(Clone)]
+pub struct VolfileState {
+    pub yaml: String,
+    pub vol: Volfile,
+}
+
+struct SessionEntry {
+    tx: mpsc::Sender<Result<pb::SessionOut, Status>>,
+    /// Inodes changed under locks the session still holds: if it dies now, their copies
+    /// may disagree, so they go to the heal index.
+    mutated: HashSet<Gfid>,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub reads: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub mutations: AtomicU64,
+    pub written_bytes: AtomicU64,
+    pub stale: AtomicU64,
+    pub lock_waits: AtomicU64,
+    pub sessions_ended: AtomicU64,
+}
+
+pub struct BrickService {
+    pub id: String,
+    pub store: Arc<Store>,
+    pub volfile: watch::Receiver<VolfileState>,
+    pub session_timeout: Duration,
+    pub metrics: Arc<Metrics>,
+    inode_locks: Arc<InodeLocks>,
+    range_locks: Arc<RangeLocks>,
+    sessions: Arc<Mutex<HashMap<SessionId, SessionEntry>>>,
+}
+
+fn errno(e: Errno) -> i32 {
+    e.raw_os_error()
+}
+
+fn session_id(b: &[u8]) -> Result<SessionId, Status> {
+    b.try_into().map_err(|_| Status::invalid_argument("session id must be 16 bytes"))
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(e.to_string()))
+}
+
+type BoxStream<T> = Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send>>;
+
+impl BrickService {
+    pub fn new(id: String, store: Arc<Store>, volfile: watch::Receiver<VolfileState>, session_timeout: Duration) -> Self {
+        BrickService {
+            id,
+            store,
+            volfile,
+            session_timeout,
+            metrics: Arc::default(),
+            inode_locks: Arc::default(),
+            range_locks: Arc::default(),
+            sessions: Arc::default(),
+        }
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.lock().unwrap().len()
+    }
+
+    fn live(&self, s: &SessionId) -> bool {
+        self.sessions.lock().unwrap().contains_key(s)
+    }
+
+    fn notify_contended(&self, holder: SessionId, g: Gfid) {
+        if let Some(e) = self.sessions.lock().unwrap().get(&holder) {
+            let _ = e.tx.try_send(Ok(pb::SessionOut { msg: Some(pb::session_out::Msg::Contended(g.to_vec())) }));
+        }
+    }
+
+    /// Ends a session: its locks go, and what it changed without finishing goes to heal.
+    fn end_session(
+        sessions: &Mutex<HashMap<SessionId, SessionEntry>>,
+        inode_locks: &InodeLocks,
+        range_locks: &RangeLocks,
+        store: &Store,
+        s: SessionId,
+    ) {
+        let entry = sessions.lock().unwrap().remove(&s);
+        let held = inode_locks.release_session(s);
+        range_locks.release_session(s);
+        if let Some(entry) = entry {
+            for g in held {
+                if entry.mutated.contains(&g) {
+                    store.mark_heal(g);
+                }
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::brick_server::Brick for BrickService {
+    async fn get_volfile(&self, _: Request<pb::Empty>) -> Result<Response<pb::VolfileReply>, Status> {
+        let v = self.volfile.borrow().clone();
+        Ok(Response::new(pb::VolfileReply { yaml: v.yaml, generation: v.vol.generation }))
+    }
+
+    async fn health(&self, _: Request<pb::Empty>) -> Result<Response<pb::HealthReply>, Status> {
+        let store = self.store.clone();
+        let (fs, pending) = blocking(move || (store.statfs(), store.heal_pending().len())).await?;
+        let v = self.volfile.borrow().clone();
+        let mut r = pb::HealthReply {
+            brick_id: self.id.clone(),
+            volume: v.vol.volume,
+            generation: v.vol.generation,
+            up: true,
+            heal_pending: pending as u64,
+            sessions: self.session_count() as u32,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ..Default::default()
+        };
+        if let Ok(fs) = fs {
+            r.capacity_bytes = fs.f_blocks * fs.f_frsize;
+            r.free_bytes = fs.f_bavail * fs.f_frsize;
+            r.used_bytes = (fs.f_blocks - fs.f_bfree) * fs.f_frsize;
+        }
+        Ok(Response::new(r))
+    }
+
+    type SessionStream = BoxStream<pb::SessionOut>;
+
+    async fn session(&self, req: Request<Streaming<pb::SessionIn>>) -> Result<Response<Self::SessionStream>, Status> {
+        let mut inbound = req.into_inner();
+        let hello = match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {
+            Ok(Ok(Some(pb::SessionIn { msg: Some(pb::session_in::Msg::Hello(h)) }))) => h,
+            _ => return Err(Status::invalid_argument("a session starts with hello")),
+        };
+        let sid = session_id(&hello.session)?;
+        let (tx, rx) = mpsc::channel(256);
+        {
+            let mut sessions = self.sessions.lock().unwrap();
+            if sessions.contains_key(&sid) {
+                return Err(Status::already_exists("session id in use"));
+            }
+            sessions.insert(sid, SessionEntry { tx: tx.clone(), mutated: HashSet::new() });
+        }
+        tracing::info!(client = %hello.client, "session started");
+        let (sessions, inode_locks, range_locks, store) =
+            (self.sessions.clone(), self.inode_locks.clone(), self.range_locks.clone(), self.store.clone());
+        let timeout = self.session_timeout;
+        let metrics = self.metrics.clone();
+        let mut volfile = self.volfile.clone();
+        tokio::spawn(async move {
+            let why = loop {
+                tokio::select! {
+                    m = tokio::time::timeout(timeout, inbound.message()) => match m {
+                        Ok(Ok(Some(pb::SessionIn { msg: Some(pb::session_in::Msg::Ping(n)) }))) => {
+                            let pong = pb::SessionOut { msg: Some(pb::session_out::Msg::Pong(n)) };
+                            if tx.send(Ok(pong)).await.is_err() {
+                                break "stream closed";
+                            }
+                        }
+                        Ok(Ok(Some(_))) => {}
+                        Ok(Ok(None)) => break "client closed the session",
+                        Ok(Err(_)) => break "connection lost",
+                        Err(_) => break "no ping within the session timeout",
+                    },
+                    r = volfile.changed() => {
+                        if r.is_err() { break "brick stopping"; }
+                        let generation = volfile.borrow().vol.generation;
+                        let _ = tx.send(Ok(pb::SessionOut { msg: Some(pb::session_out::Msg::VolfileGeneration(generation)) })).await;
+                    }
+                }
+            };
+            tracing::info!(client = %hello.client, "session ended: {why}");
+            metrics.sessions_ended.fetch_add(1, Relaxed);
+            let _ = tokio::task::spawn_blocking(move || {
+                BrickService::end_session(&sessions, &inode_locks, &range_locks, &store, sid)
+            })
+            .await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn lookup(&self, req: Request<pb::LookupReq>) -> Result<Response<pb::LookupReply>, Status> {
+        let r = req.into_inner();
+        let store = self.store.clone();
+        let res = blocking(move || store.lookup(gfid(&r.parent)?, &r.name)).await?;
+        self.metrics.reads.fetch_add(1, Relaxed);
+        Ok(Response::new(match res {
+            Ok((p, Some(e))) => pb::LookupReply { errno: 0, parent: Some(p), entry: Some(e) },
+            Ok((p, None)) => pb::LookupReply { errno: libc::ENOENT, parent: Some(p), entry: None },
+            Err(e) => pb::LookupReply { errno: errno(e), ..Default::default() },
+        }))
+    }
+
+    async fn getattr(&self, req: Request<pb::GfidReq>) -> Result<Response<pb::AttrReply>, Status> {
+        let r = req.into_inner();
+        let store = self.store.clone();
+        let res = blocking(move || store.getattr(gfid(&r.gfid)?)).await?;
+        self.metrics.reads.fetch_add(1, Relaxed);
+        Ok(Response::new(match res {
+            Ok(a) => pb::AttrReply { errno: 0, attr: Some(a) },
+            Err(e) => pb::AttrReply { errno: errno(e), attr: None },
+        }))
+    }
+
+    async fn readdir(&self, req: Request<pb::ReaddirReq>) -> Result<Response<pb::ReaddirReply>, Status> {
+        let r = req.into_inner();
+        let store = self.store.clone();
+        let res = blocking(move || store.readdir(gfid(&r.gfid)?, r.offset, r.max.min(4096))).await?;
+        self.metrics.reads.fetch_add(1, Relaxed);
+        Ok(Response::new(match res {
+            Ok((entries, eof)) => pb::ReaddirReply { errno: 0, entries, eof },
+            Err(e) => pb::ReaddirReply { errno: errno(e), ..Default::default() },
+        }))
+    }
+
+    async fn read(&self, req: Request<pb::ReadReq>) -> Result<Response<pb::ReadReply>, Status> {
+        let r = req.into_inner();
+        let store = self.store.clone();
+        let res = blocking(move || store.read(gfid(&r.gfid)?, r.offset, r.size)).await?;
+        self.metrics.reads.fetch_add(1, Relaxed);
+        Ok(Response::new(match res {
+            Ok(data) => {
+                self.metrics.read_bytes.fetch_add(data.len() as u64, Relaxed);
+                pb::ReadReply { errno: 0, data }
+            }
+            Err(e) => pb::ReadReply { errno: errno(e), data: Vec::new() },
+        }))
+    }
+
+    async fn readlink(&self, req: Request<pb::GfidReq>) -> Result<Response<pb::ReadlinkReply>, Status> {
+        let r = req.into_inner();
+        let store = self.store.clone();
+        let res = blocking(move || store.readlink(gfid(&r.gfid)?)).await?;
+        Ok(Response::new(match res {
+            Ok(target) => pb::ReadlinkReply { errno: 0, target },
+            Err(e) => pb::ReadlinkReply { errno: errno(e), target: Vec::new() },
+        }))
+    }
+
+    async fn getxattr(&self, req: Request<pb::XattrReq>) -> Result<Response<pb::XattrReply>, Status> {
+        let r = req.into_inner();
+        let store = self.store.clone();
+        let res = blocking(move || store.getxattr(gfid(&r.gfid)?, &r.name)).await?;
+        Ok(Response::new(match res {
+            Ok(value) => pb::XattrReply { errno: 0, value },
+            Err(e) => pb::XattrReply { errno: errno(e), value: Vec::new() },
+        }))
+    }
+
+    async fn listxattr(&self, req: Request<pb::GfidReq>) -> Result<Response<pb::ListxattrReply>, Status> {
+        let r = req.into_inner();
+        let store = self.store.clone();
+        let res = blocking(move || store.listxattr(gfid(&r.gfid)?)).await?;
+        Ok(Response::new(match res {
+            Ok(names) => pb::ListxattrReply { errno: 0, names },
+            Err(e) => pb::ListxattrReply { errno: errno(e), names: Vec::new() },
+        }))
+    }
+
+    async fn statfs(&self, _: Request<pb::Empty>) -> Result<Response<pb::StatfsReply>, Status> {
+        let store = self.store.clone();
+        let res = blocking(move || store.statfs()).await?;
+        Ok(Response::new(match res {
+            Ok(s) => pb::StatfsReply {
+                errno: 0,
+                blocks: s.f_blocks,
+                bfree: s.f_bfree,
+                bavail: s.f_bavail,
+                files: s.f_files,
+                ffree: s.f_ffree,
+                bsize: s.f_bsize as u32,
+                namelen: 255,
+                frsize: s.f_frsize as u32,
+            },
+            Err(e) => pb::StatfsReply { errno: errno(e), ..Default::default() },
+        }))
+    }
+
+    async fn fsync(&self, req: Request<pb::FsyncReq>) -> Result<Response<pb::ErrnoReply>, Status> {
+        let r = req.into_inner();
+        let store = self.store.clone();
+        let res = blocking(move || store.fsync(gfid(&r.gfid)?, r.datasync)).await?;
+        Ok(Response::new(pb::ErrnoReply { errno: res.err().map(errno).unwrap_or(0) }))
+    }
+
+    async fn lock(&self, req: Request<pb::LockReq>) -> Result<Response<pb::LockReply>, Status> {
+        let r = req.into_inner();
+        let sid = session_id(&r.session)?;
+        let fail = |e: i32| Ok(Response::new(pb::LockReply { errno: e, ..Default::default() }));
+        if !self.live(&sid) {
+            return fail(libc::ENOTCONN);
+        }
+        let Ok(gfids) = r.gfids.iter().map(|g| gfid(g)).collect::<Result<Vec<_>, _>>() else {
+            return fail(libc::EINVAL);
+        };
+        let deadline = tokio::time::Instant::now() + LOCK_WAIT;
+        loop {
+            let released = self.inode_locks.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            match self.inode_locks.try_lock_all(sid, &gfids) {
+                Ok(()) => break,
+                Err((holder, g)) => {
+                    if !r.wait {
+                        return fail(libc::EAGAIN);
+                    }
+                    self.metrics.lock_waits.fetch_add(1, Relaxed);
+                    self.notify_contended(holder, g);
+                    // Wake up now and then: a holder may have died without a notification.
+                    let _ = tokio::time::timeout(Duration::from_millis(500), released).await;
+                    if tokio::time::Instant::now() > deadline {
+                        return fail(libc::EAGAIN);
+                    }
+                    if !self.live(&sid) {
+                        return fail(libc::ENOTCONN);
+                    }
+                }
+            }
+        }
+        let store = self.store.clone();
+        let term = r.term;
+        let gf = gfids.clone();
+        let res = blocking(move || {
+            let mut out = Vec::new();
+            let mut refused = 0u64;
+            for g in gf {
+                match store.promise(g, term)? {
+                    Ok(rec) => out.push(pb::LockedInode {
+                        gfid: g.to_vec(),
+                        ver: Some(pb::Version { term: rec.ver.0, seq: rec.ver.1 }),
+                        promised: rec.promised,
+                    }),
+                    Err(p) => refused = refused.max(p),
+                }
+            }
+            Ok::<_, Errno>((out, refused))
+        })
+        .await?;
+        match res {
+            Ok((inodes, 0)) => Ok(Response::new(pb::LockReply { errno: 0, inodes, promised: 0 })),
+            Ok((_, promised)) => {
+                self.inode_locks.unlock(sid, &gfids);
+                Ok(Response::new(pb::LockReply { errno: libc::ESTALE, inodes: vec![], promised }))
+            }
+            Err(e) => {
+                self.inode_locks.unlock(sid, &gfids);
+                fail(errno(e))
+            }
+        }
+    }
+
+    async fn unlock(&self, req: Request<pb::UnlockReq>) -> Result<Response<pb::ErrnoReply>, Status> {
+        let r = req.into_inner();
+        let sid = session_id(&r.session)?;
+        let gfids: Vec<Gfid> = r.gfids.iter().filter_map(|g| Gfid::from_bytes(g)).collect();
+        if r.needs_heal {
+            let store = self.store.clone();
+            let gf = gfids.clone();
+            blocking(move || gf.into_iter().for_each(|g| store.mark_heal(g))).await?;
+        }
+        if let Some(e) = self.sessions.lock().unwrap().get_mut(&sid) {
+            for g in &gfids {
+                e.mutated.remove(g);
+            }
+        }
+        self.inode_locks.unlock(sid, &gfids);
+        Ok(Response::new(pb::ErrnoReply { errno: 0 }))
+    }
+
+    async fn mutate(&self, req: Request<pb::MutateReq>) -> Result<Response<pb::MutateReply>, Status> {
+        let r = req.into_inner();
+        let sid = session_id(&r.session)?;
+        let fail = |e: i32| Ok(Response::new(pb::MutateReply { errno: e, ..Default::default() }));
+        let Some(op) = r.op else { return fail(libc::EINVAL) };
+        let Ok(gfids) = r.updates.iter().map(|u| gfid(&u.gfid)).collect::<Result<Vec<_>, _>>() else {
+            return fail(libc::EINVAL);
+        };
+        // Fencing: only the session holding every lock may change these inodes.
+        if !self.live(&sid) || gfids.iter().any(|g| !self.inode_locks.holds(sid, *g)) {
+            return fail(libc::ENOLCK);
+        }
+        self.metrics.mutations.fetch_add(1, Relaxed);
+        if let pb::mutate_req::Op::Write(w) = &op {
+            self.metrics.written_bytes.fetch_add(w.data.len() as u64, Relaxed);
+        }
+        let store = self.store.clone();
+        let created = match &op {
+            pb::mutate_req::Op::Create(c) => Gfid::from_bytes(&c.gfid),
+            _ => None,
+        };
+        let (updates, needs_heal, now) = (r.updates, r.needs_heal, r.now_ns);
+        let changed = gfids.clone();
+        let res = blocking(move || {
+            if needs_heal {
+                gfids.iter().for_each(|g| store.mark_heal(*g));
+            }
+            if !store.versions_match(&updates)? {
+                return Ok(None);
+            }
+            let out = store.apply(&op, now);
+            if out.is_ok() {
+                store.set_versions(&updates, now)?;
+            }
+            Ok::<_, Errno>(Some(out))
+        })
+        .await?;
+        let reply = match res {
+            Err(e) => pb::MutateReply { errno: errno(e), ..Default::default() },
+            Ok(None) => {
+                self.metrics.stale.fetch_add(1, Relaxed);
+                pb::MutateReply { stale: true, ..Default::default() }
+            }
+            Ok(Some(Err(e))) => pb::MutateReply { errno: errno(e), ..Default::default() },
+            Ok(Some(Ok((attr, written)))) => {
+                if let Some(g) = created {
+                    self.inode_locks.grant_new(sid, g);
+                }
+                if let Some(e) = self.sessions.lock().unwrap().get_mut(&sid) {
+                    e.mutated.extend(changed);
+                    e.mutated.extend(created);
+                }
+                pb::MutateReply { errno: 0, stale: false, attr: Some(attr), written }
+            }
+        };
+        Ok(Response::new(reply))
+    }
+
+    async fn lk(&self, req: Request<pb::LkReq>) -> Result<Response<pb::LkReply>, Status> {
+        let r = req.into_inner();
+        let sid = session_id(&r.session)?;
+        let fail = |e: i32| Ok(Response::new(pb::LkReply { errno: e, ..Default::default() }));
+        let Ok(g) = gfid(&r.gfid) else { return fail(libc::EINVAL) };
+        if ![crate::locks::F_RDLCK, crate::locks::F_WRLCK, F_UNLCK].contains(&r.typ) || r.end < r.start {
+            return fail(libc::EINVAL);
+        }
+        if !self.live(&sid) {
+            return fail(libc::ENOTCONN);
+        }
+        let want = RangeLock { session: sid, owner: r.owner, pid: r.pid, typ: r.typ, start: r.start, end: r.end };
+        if r.test {
+            let c = self.range_locks.conflict(g, &want);
+            return Ok(Response::new(match c {
+                Some(c) => pb::LkReply { errno: 0, typ: c.typ, start: c.start, end: c.end, pid: c.pid },
+                None => pb::LkReply { errno: 0, typ: F_UNLCK, ..Default::default() },
+            }));
+        }
+        loop {
+            let changed = self.range_locks.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            match self.range_locks.set(g, want) {
+                Ok(()) => return Ok(Response::new(pb::LkReply::default())),
+                Err(_) if !r.wait => return fail(libc::EAGAIN),
+                Err(_) => {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), changed).await;
+                    if !self.live(&sid) {
+                        return fail(libc::ENOTCONN);
+                    }
+                }
+            }
+        }
+    }
+
+    type ManifestStream = BoxStream<pb::ManifestEntry>;
+
+    async fn manifest(&self, _: Request<pb::Empty>) -> Result<Response<Self::ManifestStream>, Status> {
+        let (tx, rx) = mpsc::channel(256);
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            let res = store.manifest(|e| tx.blocking_send(Ok(e)).is_ok());
+            if let Err(e) = res {
+                let _ = tx.blocking_send(Err(Status::internal(format!("walking the brick: {e}"))));
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+pub use store::now_ns;

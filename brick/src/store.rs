@@ -1,0 +1,813 @@
+//! The brick's backend: the volume as a plain directory tree under the brick directory, plus
+//! Mortar's metadata in `trusted.mortar.*` xattrs and the hidden `.mortar/` directory.
+//!
+//! Inodes are addressed by gfid. Every non-directory has a hard link named after its gfid in
+//! `.mortar/gfid/` (as GlusterFS's `.glusterfs/`), so it can be reached without a path even
+//! after renames. Directories cannot be hard-linked; the brick keeps a map gfid → (parent,
+//! name) in memory, rebuilt from the xattrs at start.
+//!
+//! Every final path component is handled without following symlinks, and every name is
+//! validated, so no request reaches outside the brick directory.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use mortar_client::gfid::Gfid;
+use mortar_proto as pb;
+use rustix::fs::{self as rfs, AtFlags, CWD, FileType, Mode, OFlags, Timespec, Timestamps};
+use rustix::io::Errno;
+use sha2::{Digest, Sha256};
+
+use crate::record::{self, Record};
+
+pub type R<T> = Result<T, Errno>;
+
+const META: &str = ".mortar";
+const MAX_FDS: usize = 4096;
+const MAX_XATTR: usize = 64 * 1024;
+
+struct DirNode {
+    parent: Gfid,
+    name: OsString,
+}
+
+pub struct Store {
+    root: PathBuf,
+    index: PathBuf,
+    heal_dir: PathBuf,
+    dirs: RwLock<HashMap<Gfid, DirNode>>,
+    fds: Mutex<HashMap<Gfid, Arc<OwnedFd>>>,
+    heal: Mutex<HashSet<Gfid>>,
+}
+
+pub fn io_errno(e: &std::io::Error) -> Errno {
+    Errno::from_io_error(e).unwrap_or(Errno::IO)
+}
+
+/// A name as one path component: not empty, no `/` or NUL, not `.`/`..`, at most 255 bytes,
+/// and never Mortar's own directory at the root.
+pub fn check_name(name: &[u8], parent: Gfid) -> R<&OsStr> {
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
+        return Err(Errno::INVAL);
+    }
+    if name.len() > 255 {
+        return Err(Errno::NAMETOOLONG);
+    }
+    if parent == Gfid::ROOT && name == META.as_bytes() {
+        return Err(Errno::PERM);
+    }
+    Ok(OsStr::from_bytes(name))
+}
+
+pub fn gfid(b: &[u8]) -> R<Gfid> {
+    Gfid::from_bytes(b).ok_or(Errno::INVAL)
+}
+
+fn ts(ns: i64) -> Timespec {
+    Timespec { tv_sec: ns.div_euclid(1_000_000_000), tv_nsec: ns.rem_euclid(1_000_000_000) as _ }
+}
+
+const OMIT: Timespec = Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_OMIT as _ };
+
+fn kind_of(mode: u32) -> pb::Kind {
+    match FileType::from_raw_mode(mode) {
+        FileType::RegularFile => pb::Kind::File,
+        FileType::Directory => pb::Kind::Dir,
+        FileType::Symlink => pb::Kind::Symlink,
+        FileType::Fifo => pb::Kind::Fifo,
+        FileType::Socket => pb::Kind::Socket,
+        FileType::CharacterDevice => pb::Kind::Char,
+        FileType::BlockDevice => pb::Kind::Block,
+        FileType::Unknown => pb::Kind::Unknown,
+    }
+}
+
+pub fn read_rec(path: &Path) -> R<Record> {
+    let mut buf = [0u8; 64];
+    let n = rfs::lgetxattr(path, record::XATTR, &mut buf[..]).map_err(|e| {
+        if e == Errno::NODATA { Errno::IO } else { e }
+    })?;
+    Record::decode(&buf[..n]).ok_or(Errno::IO)
+}
+
+fn write_rec(path: &Path, rec: &Record) -> R<()> {
+    rfs::lsetxattr(path, record::XATTR, &rec.encode(), rfs::XattrFlags::empty())
+}
+
+fn attr_of(st: &rfs::Stat, rec: &Record) -> pb::Attr {
+    let mode = st.st_mode as u32;
+    let kind = kind_of(mode);
+    // The gfid index holds one extra link to every non-directory: hide it.
+    let nlink = if kind == pb::Kind::Dir { st.st_nlink as u32 } else { (st.st_nlink as u32).saturating_sub(1).max(1) };
+    pb::Attr {
+        gfid: rec.gfid.to_vec(),
+        kind: kind as i32,
+        mode: mode & 0o7777,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        size: st.st_size as u64,
+        nlink,
+        rdev: st.st_rdev,
+        atime_ns: st.st_atime * 1_000_000_000 + st.st_atime_nsec as i64,
+        mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec as i64,
+        ctime_ns: rec.ctime_ns,
+        blocks: st.st_blocks as u64,
+        ver: Some(pb::Version { term: rec.ver.0, seq: rec.ver.1 }),
+    }
+}
+
+/// Reads an inode's attributes and record by path, without following a symlink.
+pub fn stat_path(path: &Path) -> R<pb::Attr> {
+    let st = rfs::lstat(path)?;
+    let rec = read_rec(path)?;
+    Ok(attr_of(&st, &rec))
+}
+
+impl Store {
+    /// Opens (and on first use lays out) a brick directory.
+    pub fn open(root: &Path) -> anyhow::Result<Store> {
+        std::fs::create_dir_all(root)?;
+        let root = root.canonicalize()?;
+        let meta = root.join(META);
+        let index = meta.join("gfid");
+        let heal_dir = meta.join("heal");
+        for d in [&meta, &index, &heal_dir] {
+            std::fs::create_dir_all(d)?;
+        }
+        for i in 0..=255u8 {
+            std::fs::create_dir_all(index.join(format!("{i:02x}")))?;
+        }
+        match read_rec(&root) {
+            Ok(r) if r.gfid == Gfid::ROOT => {}
+            Ok(r) => anyhow::bail!("{} is the root of another volume (gfid {})", root.display(), r.gfid),
+            Err(_) => {
+                let now = now_ns();
+                write_rec(&root, &Record::new(Gfid::ROOT, 0, now))
+                    .map_err(|e| anyhow::anyhow!("cannot set trusted xattrs on {} (need root and xattr support): {e}", root.display()))?;
+            }
+        }
+        let store = Store {
+            root,
+            index,
+            heal_dir,
+            dirs: RwLock::new(HashMap::new()),
+            fds: Mutex::new(HashMap::new()),
+            heal: Mutex::new(HashSet::new()),
+        };
+        store.scan_dirs()?;
+        let mut heal = store.heal.lock().unwrap();
+        for e in std::fs::read_dir(&store.heal_dir)? {
+            if let Some(g) = e?.file_name().to_str().and_then(Gfid::parse_hex) {
+                heal.insert(g);
+            }
+        }
+        drop(heal);
+        Ok(store)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn scan_dirs(&self) -> anyhow::Result<()> {
+        let mut dirs = self.dirs.write().unwrap();
+        let mut stack = vec![(Gfid::ROOT, self.root.clone())];
+        while let Some((g, path)) = stack.pop() {
+            for e in std::fs::read_dir(&path)? {
+                let e = e?;
+                if g == Gfid::ROOT && e.file_name() == META {
+                    continue;
+                }
+                if !e.file_type()?.is_dir() {
+                    continue;
+                }
+                let p = e.path();
+                match read_rec(&p) {
+                    Ok(rec) => {
+                        dirs.insert(rec.gfid, DirNode { parent: g, name: e.file_name() });
+                        stack.push((rec.gfid, p));
+                    }
+                    Err(_) => tracing::warn!(path = %p.display(), "directory without a Mortar record; not served"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn dir_path(&self, g: Gfid) -> R<PathBuf> {
+        if g == Gfid::ROOT {
+            return Ok(self.root.clone());
+        }
+        let dirs = self.dirs.read().unwrap();
+        let mut names = Vec::new();
+        let mut cur = g;
+        while cur != Gfid::ROOT {
+            let node = dirs.get(&cur).ok_or(Errno::NOENT)?;
+            names.push(node.name.as_os_str());
+            cur = node.parent;
+            if names.len() > 4096 {
+                return Err(Errno::LOOP);
+            }
+        }
+        let mut p = self.root.clone();
+        for n in names.iter().rev() {
+            p.push(n);
+        }
+        Ok(p)
+    }
+
+    fn index_path(&self, g: Gfid) -> PathBuf {
+        let hex = g.hex();
+        self.index.join(&hex[..2]).join(hex)
+    }
+
+    fn is_dir(&self, g: Gfid) -> bool {
+        g == Gfid::ROOT || self.dirs.read().unwrap().contains_key(&g)
+    }
+
+    /// The backend path that reaches inode `g` (the gfid link for non-directories).
+    pub fn path_of(&self, g: Gfid) -> R<PathBuf> {
+        if self.is_dir(g) { self.dir_path(g) } else { Ok(self.index_path(g)) }
+    }
+
+    pub fn record(&self, g: Gfid) -> R<Record> {
+        read_rec(&self.path_of(g)?)
+    }
+
+    fn file(&self, g: Gfid) -> R<Arc<OwnedFd>> {
+        if let Some(fd) = self.fds.lock().unwrap().get(&g) {
+            return Ok(fd.clone());
+        }
+        if self.is_dir(g) {
+            return Err(Errno::ISDIR);
+        }
+        let path = self.index_path(g);
+        let st = rfs::lstat(&path)?;
+        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+            return Err(Errno::INVAL);
+        }
+        let fd = Arc::new(rfs::open(&path, OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOATIME, Mode::empty())?);
+        let mut fds = self.fds.lock().unwrap();
+        if fds.len() >= MAX_FDS {
+            // Cheap eviction: open files are re-opened on demand.
+            let victims: Vec<Gfid> = fds.keys().take(MAX_FDS / 2).copied().collect();
+            for v in victims {
+                fds.remove(&v);
+            }
+        }
+        fds.insert(g, fd.clone());
+        Ok(fd)
+    }
+
+    fn forget_fd(&self, g: Gfid) {
+        self.fds.lock().unwrap().remove(&g);
+    }
+
+    // ---- reads ----
+
+    pub fn getattr(&self, g: Gfid) -> R<pb::Attr> {
+        stat_path(&self.path_of(g)?)
+    }
+
+    pub fn lookup(&self, parent: Gfid, name: &[u8]) -> R<(pb::Attr, Option<pb::Attr>)> {
+        let name = check_name(name, parent)?;
+        let ppath = self.dir_path(parent)?;
+        let pattr = stat_path(&ppath)?;
+        match stat_path(&ppath.join(name)) {
+            Ok(a) => Ok((pattr, Some(a))),
+            Err(Errno::NOENT) => Ok((pattr, None)),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn readdir(&self, g: Gfid, offset: u64, max: u32) -> R<(Vec<pb::DirEntry>, bool)> {
+        let path = self.dir_path(g)?;
+        let mut names: Vec<OsString> = Vec::new();
+        for e in std::fs::read_dir(&path).map_err(|e| io_errno(&e))? {
+            let e = e.map_err(|e| io_errno(&e))?;
+            if g == Gfid::ROOT && e.file_name() == META {
+                continue;
+            }
+            names.push(e.file_name());
+        }
+        names.sort();
+        let start = (offset as usize).min(names.len());
+        let end = (start + max.max(1) as usize).min(names.len());
+        let mut out = Vec::with_capacity(end - start);
+        for n in &names[start..end] {
+            match stat_path(&path.join(n)) {
+                Ok(attr) => out.push(pb::DirEntry { name: n.as_bytes().to_vec(), attr: Some(attr) }),
+                Err(Errno::NOENT) => {}
+                Err(e) => tracing::warn!(path = %path.join(n).display(), "unreadable entry skipped: {e}"),
+            }
+        }
+        Ok((out, end == names.len()))
+    }
+
+    pub fn read(&self, g: Gfid, offset: u64, size: u32) -> R<Vec<u8>> {
+        let fd = self.file(g)?;
+        let mut buf = vec![0u8; size.min(16 << 20) as usize];
+        let mut n = 0;
+        while n < buf.len() {
+            match rustix::io::pread(&*fd, &mut buf[n..], offset + n as u64) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(Errno::INTR) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    pub fn readlink(&self, g: Gfid) -> R<Vec<u8>> {
+        let path = self.path_of(g)?;
+        Ok(rfs::readlink(&path, Vec::new())?.into_bytes())
+    }
+
+    pub fn getxattr(&self, g: Gfid, name: &[u8]) -> R<Vec<u8>> {
+        check_user_xattr(name)?;
+        let mut buf = vec![0u8; MAX_XATTR];
+        let n = rfs::lgetxattr(&self.path_of(g)?, OsStr::from_bytes(name), &mut buf[..])?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    pub fn listxattr(&self, g: Gfid) -> R<Vec<Vec<u8>>> {
+        list_user_xattrs(&self.path_of(g)?)
+    }
+
+    pub fn statfs(&self) -> R<rfs::StatVfs> {
+        rfs::statvfs(&self.root)
+    }
+
+    pub fn fsync(&self, g: Gfid, datasync: bool) -> R<()> {
+        if self.is_dir(g) {
+            let fd = rfs::open(self.dir_path(g)?, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+            return rfs::fsync(fd);
+        }
+        match self.file(g) {
+            Ok(fd) if datasync => rfs::fdatasync(&*fd),
+            Ok(fd) => rfs::fsync(&*fd),
+            // Symlinks and special files have no data; their metadata went with the parent.
+            Err(Errno::INVAL) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    // ---- replication records ----
+
+    /// Grants a lock term on `g`: refused unless it exceeds every term promised before.
+    pub fn promise(&self, g: Gfid, term: u64) -> R<Result<Record, u64>> {
+        let path = self.path_of(g)?;
+        let mut rec = read_rec(&path)?;
+        if term <= rec.promised {
+            return Ok(Err(rec.promised));
+        }
+        rec.promised = term;
+        write_rec(&path, &rec)?;
+        Ok(Ok(rec))
+    }
+
+    /// Whether every inode is at the version the client expects (else this copy is stale).
+    pub fn versions_match(&self, updates: &[pb::VerUpdate]) -> R<bool> {
+        for u in updates {
+            let rec = self.record(gfid(&u.gfid)?)?;
+            let exp = u.expect.unwrap_or_default();
+            if rec.ver != (exp.term, exp.seq) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    pub fn set_versions(&self, updates: &[pb::VerUpdate], now: i64) -> R<()> {
+        for u in updates {
+            let path = self.path_of(gfid(&u.gfid)?)?;
+            let mut rec = read_rec(&path)?;
+            let new = u.new.unwrap_or_default();
+            rec.ver = (new.term, new.seq);
+            rec.ctime_ns = now;
+            write_rec(&path, &rec)?;
+        }
+        Ok(())
+    }
+
+    pub fn mark_heal(&self, g: Gfid) {
+        if self.heal.lock().unwrap().insert(g) {
+            if let Err(e) = std::fs::File::create(self.heal_dir.join(g.hex())) {
+                tracing::error!(gfid = %g, "cannot record pending heal: {e}");
+            }
+        }
+    }
+
+    pub fn heal_pending(&self) -> Vec<Gfid> {
+        self.heal.lock().unwrap().iter().copied().collect()
+    }
+
+    // ---- mutations ----
+
+    pub fn apply(&self, op: &pb::mutate_req::Op, now: i64) -> R<(pb::Attr, u64)> {
+        use pb::mutate_req::Op;
+        match op {
+            Op::Create(c) => self.create(c, now).map(|a| (a, 0)),
+            Op::Remove(r) => self.remove(r, now).map(|a| (a, 0)),
+            Op::Rename(r) => self.rename(r, now).map(|a| (a, 0)),
+            Op::Link(l) => self.link(l, now).map(|a| (a, 0)),
+            Op::Setattr(s) => self.setattr(s, now).map(|a| (a, 0)),
+            Op::Write(w) => self.write(w, now),
+            Op::Fallocate(f) => self.fallocate(f, now).map(|a| (a, 0)),
+            Op::Setxattr(s) => self.setxattr(s).map(|a| (a, 0)),
+            Op::Removexattr(r) => self.removexattr(r).map(|a| (a, 0)),
+        }
+    }
+
+    fn touch_dir(&self, path: &Path, now: i64) {
+        let t = Timestamps { last_access: OMIT, last_modification: ts(now) };
+        let _ = rfs::utimensat(CWD, path, &t, AtFlags::SYMLINK_NOFOLLOW);
+    }
+
+    fn create(&self, c: &pb::Create, now: i64) -> R<pb::Attr> {
+        let parent = gfid(&c.parent)?;
+        let name = check_name(&c.name, parent)?;
+        let g = gfid(&c.gfid)?;
+        if g == Gfid::ROOT || self.is_dir(g) || rfs::lstat(self.index_path(g)).is_ok() {
+            return Err(Errno::EXIST);
+        }
+        let pdir = self.dir_path(parent)?;
+        let path = pdir.join(name);
+        let mode = Mode::from_raw_mode(c.mode & 0o7777);
+        let kind = pb::Kind::try_from(c.kind).unwrap_or(pb::Kind::Unknown);
+        let rec = Record::new(g, c.term, now);
+        let owner = (Some(rfs::Uid::from_raw(c.uid)), Some(rfs::Gid::from_raw(c.gid)));
+        let times = Timestamps { last_access: ts(now), last_modification: ts(now) };
+        match kind {
+            pb::Kind::File => {
+                let fd = rfs::open(&path, OFlags::CREATE | OFlags::EXCL | OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC, mode)?;
+                let done = (|| {
+                    rfs::fchown(&fd, owner.0, owner.1)?;
+                    rfs::fchmod(&fd, mode)?;
+                    rfs::fsetxattr(&fd, record::XATTR, &rec.encode(), rfs::XattrFlags::empty())?;
+                    rfs::futimens(&fd, &times)?;
+                    rfs::linkat(CWD, &path, CWD, self.index_path(g), AtFlags::empty())
+                })();
+                if let Err(e) = done {
+                    let _ = rfs::unlink(&path);
+                    return Err(e);
+                }
+                self.fds.lock().unwrap().insert(g, Arc::new(fd));
+            }
+            pb::Kind::Dir => {
+                rfs::mkdir(&path, mode)?;
+                let done = (|| {
+                    rfs::chownat(CWD, &path, owner.0, owner.1, AtFlags::SYMLINK_NOFOLLOW)?;
+                    rfs::chmod(&path, mode)?;
+                    write_rec(&path, &rec)?;
+                    rfs::utimensat(CWD, &path, &times, AtFlags::SYMLINK_NOFOLLOW)
+                })();
+                if let Err(e) = done {
+                    let _ = rfs::rmdir(&path);
+                    return Err(e);
+                }
+                self.dirs.write().unwrap().insert(g, DirNode { parent, name: name.to_owned() });
+            }
+            pb::Kind::Symlink | pb::Kind::Fifo | pb::Kind::Socket | pb::Kind::Char | pb::Kind::Block => {
+                match kind {
+                    pb::Kind::Symlink => {
+                        if c.target.is_empty() || c.target.len() > 4095 || c.target.contains(&0) {
+                            return Err(Errno::INVAL);
+                        }
+                        rfs::symlink(OsStr::from_bytes(&c.target), &path)?
+                    }
+                    _ => {
+                        let ft = match kind {
+                            pb::Kind::Fifo => FileType::Fifo,
+                            pb::Kind::Socket => FileType::Socket,
+                            pb::Kind::Char => FileType::CharacterDevice,
+                            _ => FileType::BlockDevice,
+                        };
+                        rfs::mknodat(CWD, &path, ft, mode, c.rdev)?
+                    }
+                }
+                let done = (|| {
+                    rfs::chownat(CWD, &path, owner.0, owner.1, AtFlags::SYMLINK_NOFOLLOW)?;
+                    write_rec(&path, &rec)?;
+                    rfs::utimensat(CWD, &path, &times, AtFlags::SYMLINK_NOFOLLOW)?;
+                    rfs::linkat(CWD, &path, CWD, self.index_path(g), AtFlags::empty())
+                })();
+                if let Err(e) = done {
+                    let _ = rfs::unlink(&path);
+                    return Err(e);
+                }
+            }
+            pb::Kind::Unknown => return Err(Errno::INVAL),
+        }
+        self.touch_dir(&pdir, now);
+        stat_path(&path)
+    }
+
+    /// Drops the gfid link of a non-directory once its last visible name is gone.
+    fn drop_if_unlinked(&self, g: Gfid) {
+        let idx = self.index_path(g);
+        if let Ok(st) = rfs::lstat(&idx) {
+            if st.st_nlink <= 1 {
+                let _ = rfs::unlink(&idx);
+                self.forget_fd(g);
+            }
+        }
+    }
+
+    fn remove(&self, r: &pb::Remove, now: i64) -> R<pb::Attr> {
+        let parent = gfid(&r.parent)?;
+        let name = check_name(&r.name, parent)?;
+        let pdir = self.dir_path(parent)?;
+        let path = pdir.join(name);
+        let st = rfs::lstat(&path)?;
+        let is_dir = FileType::from_raw_mode(st.st_mode) == FileType::Directory;
+        let rec = read_rec(&path).ok();
+        if r.dir {
+            if !is_dir {
+                return Err(Errno::NOTDIR);
+            }
+            rfs::rmdir(&path)?;
+            if let Some(rec) = rec {
+                self.dirs.write().unwrap().remove(&rec.gfid);
+            }
+        } else {
+            if is_dir {
+                return Err(Errno::ISDIR);
+            }
+            rfs::unlink(&path)?;
+            if let Some(rec) = rec {
+                self.drop_if_unlinked(rec.gfid);
+            }
+        }
+        self.touch_dir(&pdir, now);
+        stat_path(&pdir)
+    }
+
+    fn rename(&self, r: &pb::Rename, now: i64) -> R<pb::Attr> {
+        let (p, np) = (gfid(&r.parent)?, gfid(&r.newparent)?);
+        let (name, newname) = (check_name(&r.name, p)?, check_name(&r.newname, np)?);
+        let (pdir, npdir) = (self.dir_path(p)?, self.dir_path(np)?);
+        let (src, dst) = (pdir.join(name), npdir.join(newname));
+        let src_rec = read_rec(&src)?;
+        let src_dir = self.is_dir(src_rec.gfid);
+        let dst_rec = match read_rec(&dst) {
+            Ok(r) => Some(r),
+            Err(Errno::NOENT) => None,
+            Err(e) => return Err(e),
+        };
+        if dst_rec.is_some_and(|d| d.gfid == src_rec.gfid) {
+            // Two names of one inode: POSIX says rename does nothing.
+            return stat_path(&src);
+        }
+        let flags = rfs::RenameFlags::from_bits(r.flags).ok_or(Errno::INVAL)?;
+        if src_dir && !flags.contains(rfs::RenameFlags::EXCHANGE) && self.is_ancestor(src_rec.gfid, np) {
+            return Err(Errno::INVAL);
+        }
+        rfs::renameat_with(CWD, &src, CWD, &dst, flags)?;
+        {
+            let mut dirs = self.dirs.write().unwrap();
+            if flags.contains(rfs::RenameFlags::EXCHANGE) {
+                if let Some(d) = dst_rec {
+                    if let Some(node) = dirs.get_mut(&d.gfid) {
+                        *node = DirNode { parent: p, name: name.to_owned() };
+                    }
+                }
+            } else if let Some(d) = dst_rec {
+                dirs.remove(&d.gfid);
+            }
+            if let Some(node) = dirs.get_mut(&src_rec.gfid) {
+                *node = DirNode { parent: np, name: newname.to_owned() };
+            }
+        }
+        if let Some(d) = dst_rec {
+            if !flags.contains(rfs::RenameFlags::EXCHANGE) && !self.is_dir(d.gfid) {
+                self.drop_if_unlinked(d.gfid);
+            }
+        }
+        self.touch_dir(&pdir, now);
+        self.touch_dir(&npdir, now);
+        stat_path(&dst)
+    }
+
+    fn is_ancestor(&self, a: Gfid, mut g: Gfid) -> bool {
+        let dirs = self.dirs.read().unwrap();
+        loop {
+            if g == a {
+                return true;
+            }
+            match dirs.get(&g) {
+                Some(n) => g = n.parent,
+                None => return false,
+            }
+        }
+    }
+
+    fn link(&self, l: &pb::Link, now: i64) -> R<pb::Attr> {
+        let g = gfid(&l.gfid)?;
+        let np = gfid(&l.newparent)?;
+        let name = check_name(&l.newname, np)?;
+        if self.is_dir(g) {
+            return Err(Errno::PERM);
+        }
+        let npdir = self.dir_path(np)?;
+        let dst = npdir.join(name);
+        rfs::linkat(CWD, self.index_path(g), CWD, &dst, AtFlags::empty())?;
+        self.touch_dir(&npdir, now);
+        stat_path(&dst)
+    }
+
+    fn setattr(&self, s: &pb::Setattr, now: i64) -> R<pb::Attr> {
+        let g = gfid(&s.gfid)?;
+        let path = self.path_of(g)?;
+        let st = rfs::lstat(&path)?;
+        let ft = FileType::from_raw_mode(st.st_mode);
+        if let Some(size) = s.size {
+            match ft {
+                FileType::Directory => return Err(Errno::ISDIR),
+                FileType::RegularFile => rfs::ftruncate(&*self.file(g)?, size)?,
+                _ => return Err(Errno::INVAL),
+            }
+        }
+        if s.uid.is_some() || s.gid.is_some() {
+            rfs::chownat(CWD, &path, s.uid.map(rfs::Uid::from_raw), s.gid.map(rfs::Gid::from_raw), AtFlags::SYMLINK_NOFOLLOW)?;
+        }
+        // After chown, which clears set-id bits, so an explicit mode wins.
+        if let Some(mode) = s.mode {
+            if ft != FileType::Symlink {
+                rfs::chmod(&path, Mode::from_raw_mode(mode & 0o7777))?;
+            }
+        }
+        let mtime = s.mtime_ns.or(s.size.map(|_| now));
+        if s.atime_ns.is_some() || mtime.is_some() {
+            let t = Timestamps {
+                last_access: s.atime_ns.map(ts).unwrap_or(OMIT),
+                last_modification: mtime.map(ts).unwrap_or(OMIT),
+            };
+            rfs::utimensat(CWD, &path, &t, AtFlags::SYMLINK_NOFOLLOW)?;
+        }
+        stat_path(&path)
+    }
+
+    fn write(&self, w: &pb::Write, now: i64) -> R<(pb::Attr, u64)> {
+        let g = gfid(&w.gfid)?;
+        let fd = self.file(g)?;
+        let mut off = if w.append { rfs::fstat(&*fd)?.st_size as u64 } else { w.offset };
+        let mut data = &w.data[..];
+        while !data.is_empty() {
+            match rustix::io::pwrite(&*fd, data, off) {
+                Ok(k) => {
+                    data = &data[k..];
+                    off += k as u64;
+                }
+                Err(Errno::INTR) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        rfs::futimens(&*fd, &Timestamps { last_access: OMIT, last_modification: ts(now) })?;
+        Ok((self.fd_attr(&fd, g)?, w.data.len() as u64))
+    }
+
+    fn fd_attr(&self, fd: &impl AsFd, g: Gfid) -> R<pb::Attr> {
+        let st = rfs::fstat(fd)?;
+        let mut buf = [0u8; 64];
+        let n = rfs::fgetxattr(fd, record::XATTR, &mut buf[..])?;
+        let rec = Record::decode(&buf[..n]).ok_or(Errno::IO)?;
+        debug_assert_eq!(rec.gfid, g);
+        Ok(attr_of(&st, &rec))
+    }
+
+    fn fallocate(&self, f: &pb::Fallocate, now: i64) -> R<pb::Attr> {
+        let g = gfid(&f.gfid)?;
+        let fd = self.file(g)?;
+        rfs::fallocate(&*fd, rfs::FallocateFlags::from_bits_retain(f.mode as u32), f.offset, f.length)?;
+        rfs::futimens(&*fd, &Timestamps { last_access: OMIT, last_modification: ts(now) })?;
+        self.fd_attr(&fd, g)
+    }
+
+    fn setxattr(&self, s: &pb::Setxattr) -> R<pb::Attr> {
+        check_user_xattr(&s.name)?;
+        if s.value.len() > MAX_XATTR {
+            return Err(Errno::TOOBIG);
+        }
+        let path = self.path_of(gfid(&s.gfid)?)?;
+        let flags = rfs::XattrFlags::from_bits(s.flags as u32).ok_or(Errno::INVAL)?;
+        rfs::lsetxattr(&path, OsStr::from_bytes(&s.name), &s.value, flags)?;
+        stat_path(&path)
+    }
+
+    fn removexattr(&self, r: &pb::Removexattr) -> R<pb::Attr> {
+        check_user_xattr(&r.name)?;
+        let path = self.path_of(gfid(&r.gfid)?)?;
+        rfs::lremovexattr(&path, OsStr::from_bytes(&r.name))?;
+        stat_path(&path)
+    }
+
+    // ---- verification ----
+
+    /// Every inode under the root with what `mortar verify` compares, in path order.
+    pub fn manifest(&self, mut emit: impl FnMut(pb::ManifestEntry) -> bool) -> R<()> {
+        let mut stack = vec![(String::new(), self.root.clone())];
+        while let Some((rel, dir)) = stack.pop() {
+            let mut names: Vec<OsString> = Vec::new();
+            for e in std::fs::read_dir(&dir).map_err(|e| io_errno(&e))? {
+                let e = e.map_err(|e| io_errno(&e))?;
+                if rel.is_empty() && e.file_name() == META {
+                    continue;
+                }
+                names.push(e.file_name());
+            }
+            names.sort();
+            let mut subdirs = Vec::new();
+            for n in names {
+                let path = dir.join(&n);
+                let child = format!("{rel}/{}", n.to_string_lossy());
+                let attr = match stat_path(&path) {
+                    Ok(a) => a,
+                    Err(Errno::NOENT) => continue,
+                    Err(_) => {
+                        // A name without a record still counts as a difference to report.
+                        let st = rfs::lstat(&path)?;
+                        attr_of(&st, &Record::new(Gfid([0; 16]), 0, 0))
+                    }
+                };
+                let kind = attr.kind();
+                let mut entry = pb::ManifestEntry { path: child.clone(), attr: Some(attr), ..Default::default() };
+                match kind {
+                    pb::Kind::File => entry.sha256 = hash_file(&path)?,
+                    pb::Kind::Symlink => entry.target = rfs::readlink(&path, Vec::new())?.into_bytes(),
+                    pb::Kind::Dir => subdirs.push((child, path.clone())),
+                    _ => {}
+                }
+                for name in list_user_xattrs(&path)? {
+                    let mut buf = vec![0u8; MAX_XATTR];
+                    let k = rfs::lgetxattr(&path, OsStr::from_bytes(&name), &mut buf[..])?;
+                    buf.truncate(k);
+                    entry.xattrs.push(pb::XattrPair { name, value: buf });
+                }
+                if !emit(entry) {
+                    return Ok(());
+                }
+            }
+            // Reverse so that the stack pops directories in name order.
+            stack.extend(subdirs.into_iter().rev());
+        }
+        Ok(())
+    }
+}
+
+fn hash_file(path: &Path) -> R<Vec<u8>> {
+    let mut f = std::fs::File::open(path).map_err(|e| io_errno(&e))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).map_err(|e| io_errno(&e))?;
+    Ok(h.finalize().to_vec())
+}
+
+fn check_user_xattr(name: &[u8]) -> R<()> {
+    if name.len() > 255 || name.contains(&0) {
+        return Err(Errno::RANGE);
+    }
+    if !name.starts_with(b"user.") || name.len() == 5 {
+        return Err(Errno::OPNOTSUPP);
+    }
+    Ok(())
+}
+
+fn list_user_xattrs(path: &Path) -> R<Vec<Vec<u8>>> {
+    let mut buf = vec![0u8; MAX_XATTR];
+    let n = rfs::llistxattr(path, &mut buf[..])?;
+    let mut names: Vec<Vec<u8>> = buf[..n]
+        .split(|&b| b == 0)
+        .filter(|s| s.starts_with(b"user."))
+        .map(|s| s.to_vec())
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        let r = Gfid::ROOT;
+        assert_eq!(check_name(b"..", r), Err(Errno::INVAL));
+        assert_eq!(check_name(b"a/b", r), Err(Errno::INVAL));
+        assert_eq!(check_name(b"a\0b", r), Err(Errno::INVAL));
+        assert_eq!(check_name(&[b'x'; 256], r), Err(Errno::NAMETOOLONG));
+        assert_eq!(check_name(b".mortar", r), Err(Errno::PERM));
+        assert!(check_name(b".mortar", Gfid::random()).is_ok());
+        assert!(check_name(b"ok", r).is_ok());
+    }
+}

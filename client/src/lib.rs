@@ -1,0 +1,6 @@
+//! The Mortar volume client: replication over the bricks, and the tools built on it.
+
+pub mod error;
+pub mod gfid;
+pub mod telemetry;
+pub mod volfile;

@@ -1,0 +1,112 @@
+//! Logs and metrics shared by every Mortar daemon.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+use tracing_subscriber::fmt::writer::MakeWriterExt;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
+
+pub const LOG_DIR: &str = "/var/log/mortar";
+
+/// One line per event, each carrying the daemon's identity (brick id or mount point), so
+/// that logs of many daemons can be merged and still be read.
+struct Tagged {
+    tag: String,
+}
+
+impl<S, N> FormatEvent<S, N> for Tagged
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut w: Writer<'_>, event: &Event<'_>) -> fmt::Result {
+        SystemTime.format_time(&mut w)?;
+        let meta = event.metadata();
+        write!(w, " {:5} [{}] {}: ", meta.level(), self.tag, meta.target())?;
+        ctx.field_format().format_fields(w.by_ref(), event)?;
+        writeln!(w)
+    }
+}
+
+/// The file a daemon logs to under /var/log/mortar, named after what it serves.
+pub fn default_log_file(kind: &str, name: &str) -> PathBuf {
+    let clean: String = name
+        .trim_matches('/')
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '-' })
+        .collect();
+    Path::new(LOG_DIR).join(format!("{kind}-{clean}.log"))
+}
+
+/// Logs to stderr and, if given, appended to `file`.
+pub fn init_logging(tag: &str, level: &str, file: Option<&Path>) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .map_err(|e| anyhow::anyhow!("--log-level {level:?}: {e}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .event_format(Tagged { tag: tag.to_string() });
+    match file {
+        Some(path) => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let f = std::fs::OpenOptions::new().create(true).append(true).open(path)
+                .map_err(|e| anyhow::anyhow!("log file {}: {e}", path.display()))?;
+            builder.with_writer(std::io::stderr.and(std::sync::Mutex::new(f))).init();
+        }
+        None => builder.with_writer(std::io::stderr).init(),
+    }
+    Ok(())
+}
+
+/// Serves `/metrics` (Prometheus text format) and `/healthz` over plain HTTP/1.
+pub async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else { continue };
+            let render = render.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut n = 0;
+                while n < buf.len() {
+                    match sock.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => n += k,
+                    }
+                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf[..n]);
+                let path = head.split_whitespace().nth(1).unwrap_or("/");
+                let (status, body) = match path {
+                    "/metrics" => ("200 OK", render()),
+                    "/healthz" => ("200 OK", "ok\n".to_string()),
+                    _ => ("404 Not Found", "not found\n".to_string()),
+                };
+                let resp = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    Ok(())
+}
+
+/// Formats one Prometheus sample line with its HELP/TYPE header.
+pub fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: impl fmt::Display) {
+    use std::fmt::Write;
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+}
