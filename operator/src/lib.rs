@@ -1,0 +1,10 @@
+//! mortar-operator: turns `SharedStorageCluster` resources into brick pods, a volume and a
+//! status that tells the truth about the bricks.
+
+pub mod controller;
+pub mod crd;
+pub mod health;
+pub mod metrics;
+pub mod resources;
+pub mod status;
+pub mod validation;

@@ -1,0 +1,474 @@
+//! Builders of the objects a `SharedStorageCluster` owns. Pure functions of the cluster and
+//! the reconciler's plan, so tests can assert on them and server-side apply gets the same
+//! document for the same input (no spurious writes).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
+use k8s_openapi::api::core::v1::{
+    Affinity, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm,
+    PodAntiAffinity, PodSpec, PodTemplateSpec, Probe, Service, ServicePort, ServiceSpec,
+    TCPSocketAction, Volume, VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+use serde::{Deserialize, Serialize};
+
+use crate::crd::{AntiAffinity, SharedStorageCluster};
+
+pub const BRICK_PORT: i32 = 24100;
+pub const METRICS_PORT: i32 = 25100;
+pub const VOLFILE_KEY: &str = "volfile.yaml";
+pub const VOLFILE_DIR: &str = "/etc/mortar";
+pub const BRICK_MOUNT: &str = "/bricks";
+pub const BRICK_DIR: &str = "/bricks/data";
+pub const CLAIM_NAME: &str = "data";
+pub const CONTAINER_NAME: &str = "brick";
+/// Long enough for a brick to finish in-flight requests and fsync before the kubelet kills it.
+pub const TERMINATION_GRACE_SECONDS: i64 = 60;
+pub const MANAGED_BY: &str = "mortar-operator";
+
+/// The volume description the bricks and clients read (see DESIGN.md, "Volume description").
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Volfile {
+    pub volume: String,
+    pub generation: u64,
+    pub bricks: Vec<VolfileBrick>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct VolfileBrick {
+    pub id: String,
+    pub address: String,
+}
+
+impl Volfile {
+    pub fn to_yaml(&self) -> String {
+        serde_norway::to_string(self).expect("a volfile always serialises")
+    }
+
+    pub fn from_yaml(s: &str) -> Result<Self, serde_norway::Error> {
+        serde_norway::from_str(s)
+    }
+
+    /// Whether two volfiles describe the same volume, ignoring the generation.
+    pub fn same_layout(&self, other: &Volfile) -> bool {
+        self.volume == other.volume && self.bricks == other.bricks
+    }
+}
+
+/// What the reconciler decided; the builders turn it into objects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// Number of bricks in the volfile and the StatefulSet.
+    pub bricks: i32,
+    pub volfile_generation: u64,
+    pub image: String,
+}
+
+pub fn brick_set_name(ssc: &SharedStorageCluster) -> String {
+    format!("{}-brick", ssc.name_any())
+}
+
+pub fn headless_service_name(ssc: &SharedStorageCluster) -> String {
+    brick_set_name(ssc)
+}
+
+pub fn client_service_name(ssc: &SharedStorageCluster) -> String {
+    ssc.name_any()
+}
+
+pub fn volfile_config_map_name(ssc: &SharedStorageCluster) -> String {
+    format!("{}-volfile", ssc.name_any())
+}
+
+pub fn pdb_name(ssc: &SharedStorageCluster) -> String {
+    brick_set_name(ssc)
+}
+
+pub fn brick_id(ordinal: i32) -> String {
+    format!("b{ordinal}")
+}
+
+pub fn pod_name(ssc: &SharedStorageCluster, ordinal: i32) -> String {
+    format!("{}-{ordinal}", brick_set_name(ssc))
+}
+
+/// The claim the StatefulSet controller creates for a brick from the `data` template.
+pub fn claim_name(ssc: &SharedStorageCluster, ordinal: i32) -> String {
+    format!("{CLAIM_NAME}-{}", pod_name(ssc, ordinal))
+}
+
+/// A brick's address through the headless Service, stable across pod restarts.
+pub fn brick_address(ssc: &SharedStorageCluster, ordinal: i32) -> String {
+    format!(
+        "{}.{}.{}.svc:{BRICK_PORT}",
+        pod_name(ssc, ordinal),
+        headless_service_name(ssc),
+        ssc.namespace().unwrap_or_default()
+    )
+}
+
+/// Labels that select a cluster's brick pods (and its claims). Never change these: a
+/// StatefulSet's selector is immutable.
+pub fn selector_labels(ssc: &SharedStorageCluster) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), "mortar".to_string()),
+        ("app.kubernetes.io/instance".to_string(), ssc.name_any()),
+        (
+            "app.kubernetes.io/component".to_string(),
+            "brick".to_string(),
+        ),
+    ])
+}
+
+pub fn label_selector_string(ssc: &SharedStorageCluster) -> String {
+    selector_labels(ssc)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn object_labels(ssc: &SharedStorageCluster) -> BTreeMap<String, String> {
+    let mut labels = selector_labels(ssc);
+    labels.insert(
+        "app.kubernetes.io/managed-by".to_string(),
+        MANAGED_BY.to_string(),
+    );
+    labels
+}
+
+fn meta(ssc: &SharedStorageCluster, name: String) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: ssc.namespace(),
+        labels: Some(object_labels(ssc)),
+        owner_references: ssc.controller_owner_ref(&()).map(|r| vec![r]),
+        ..ObjectMeta::default()
+    }
+}
+
+pub fn volfile(ssc: &SharedStorageCluster, bricks: i32, generation: u64) -> Volfile {
+    Volfile {
+        volume: ssc.spec.volume_name.clone(),
+        generation,
+        bricks: (0..bricks)
+            .map(|i| VolfileBrick {
+                id: brick_id(i),
+                address: brick_address(ssc, i),
+            })
+            .collect(),
+    }
+}
+
+pub fn volfile_config_map(ssc: &SharedStorageCluster, volfile: &Volfile) -> ConfigMap {
+    ConfigMap {
+        metadata: meta(ssc, volfile_config_map_name(ssc)),
+        data: Some(BTreeMap::from([(
+            VOLFILE_KEY.to_string(),
+            volfile.to_yaml(),
+        )])),
+        ..ConfigMap::default()
+    }
+}
+
+fn brick_ports() -> Vec<ServicePort> {
+    vec![
+        ServicePort {
+            name: Some("brick".into()),
+            port: BRICK_PORT,
+            target_port: Some(IntOrString::String("brick".into())),
+            protocol: Some("TCP".into()),
+            ..ServicePort::default()
+        },
+        ServicePort {
+            name: Some("metrics".into()),
+            port: METRICS_PORT,
+            target_port: Some(IntOrString::String("metrics".into())),
+            protocol: Some("TCP".into()),
+            ..ServicePort::default()
+        },
+    ]
+}
+
+/// Gives every brick a stable DNS name. Not-ready bricks are published too: a brick that is
+/// still healing must be reachable by its peers, or it could never become ready.
+pub fn headless_service(ssc: &SharedStorageCluster) -> Service {
+    Service {
+        metadata: meta(ssc, headless_service_name(ssc)),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            publish_not_ready_addresses: Some(true),
+            selector: Some(selector_labels(ssc)),
+            ports: Some(brick_ports()),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+/// Where clients fetch the volfile: any ready brick serves it.
+pub fn client_service(ssc: &SharedStorageCluster) -> Service {
+    Service {
+        metadata: meta(ssc, client_service_name(ssc)),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            selector: Some(selector_labels(ssc)),
+            ports: Some(brick_ports()[..1].to_vec()),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+/// One voluntary disruption at a time: with replica count N a single drained brick never
+/// costs the volume its majority.
+pub fn pod_disruption_budget(ssc: &SharedStorageCluster) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: meta(ssc, pdb_name(ssc)),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(ssc)),
+                ..LabelSelector::default()
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    }
+}
+
+fn affinity(ssc: &SharedStorageCluster) -> Affinity {
+    let term = PodAffinityTerm {
+        label_selector: Some(LabelSelector {
+            match_labels: Some(selector_labels(ssc)),
+            ..LabelSelector::default()
+        }),
+        topology_key: "kubernetes.io/hostname".into(),
+        ..PodAffinityTerm::default()
+    };
+    let anti = match ssc.spec.anti_affinity {
+        AntiAffinity::Required => PodAntiAffinity {
+            required_during_scheduling_ignored_during_execution: Some(vec![term]),
+            ..PodAntiAffinity::default()
+        },
+        AntiAffinity::Preferred => PodAntiAffinity {
+            preferred_during_scheduling_ignored_during_execution: Some(vec![
+                WeightedPodAffinityTerm {
+                    weight: 100,
+                    pod_affinity_term: term,
+                },
+            ]),
+            ..PodAntiAffinity::default()
+        },
+    };
+    Affinity {
+        pod_anti_affinity: Some(anti),
+        ..Affinity::default()
+    }
+}
+
+fn tcp_probe(timeout: i32, period: i32, failures: i32) -> Probe {
+    Probe {
+        tcp_socket: Some(TCPSocketAction {
+            port: IntOrString::String("brick".into()),
+            ..TCPSocketAction::default()
+        }),
+        timeout_seconds: Some(timeout),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        ..Probe::default()
+    }
+}
+
+fn brick_container(ssc: &SharedStorageCluster, plan: &Plan) -> Container {
+    let ping = ssc.spec.ping_timeout_seconds.max(1);
+    Container {
+        name: CONTAINER_NAME.into(),
+        image: Some(plan.image.clone()),
+        command: Some(vec!["mortar-brick".into()]),
+        // $(BRICK_INDEX) is expanded by the kubelet: the brick id follows the pod's ordinal
+        // without a shell in the image.
+        args: Some(vec![
+            "--id".into(),
+            "b$(BRICK_INDEX)".into(),
+            "--dir".into(),
+            BRICK_DIR.into(),
+            "--listen".into(),
+            format!("0.0.0.0:{BRICK_PORT}"),
+            "--volfile".into(),
+            format!("{VOLFILE_DIR}/{VOLFILE_KEY}"),
+        ]),
+        env: Some(vec![EnvVar {
+            name: "BRICK_INDEX".into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.labels['apps.kubernetes.io/pod-index']".into(),
+                    ..ObjectFieldSelector::default()
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        }]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("brick".into()),
+                container_port: BRICK_PORT,
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("metrics".into()),
+                container_port: METRICS_PORT,
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+        ]),
+        readiness_probe: Some(tcp_probe(ping, 5, 2)),
+        liveness_probe: Some(tcp_probe(ping, 10, 6)),
+        resources: ssc.spec.resources.clone(),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: CLAIM_NAME.into(),
+                mount_path: BRICK_MOUNT.into(),
+                ..VolumeMount::default()
+            },
+            // A whole-directory mount, not subPath: only then does the kubelet update the
+            // file in place when the ConfigMap changes, which is how bricks follow the volfile.
+            VolumeMount {
+                name: "volfile".into(),
+                mount_path: VOLFILE_DIR.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+        ]),
+        ..Container::default()
+    }
+}
+
+pub fn claim_template(ssc: &SharedStorageCluster) -> PersistentVolumeClaim {
+    PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some(CLAIM_NAME.into()),
+            labels: Some(selector_labels(ssc)),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            storage_class_name: ssc.spec.storage.storage_class_name.clone(),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([(
+                    "storage".to_string(),
+                    ssc.spec.storage.size.clone(),
+                )])),
+                ..VolumeResourceRequirements::default()
+            }),
+            ..PersistentVolumeClaimSpec::default()
+        }),
+        ..PersistentVolumeClaim::default()
+    }
+}
+
+/// The brick StatefulSet. Updates are `OnDelete`: the reconciler replaces one brick at a time
+/// and only once the others have healed, which no built-in strategy can wait for.
+pub fn brick_stateful_set(ssc: &SharedStorageCluster, plan: &Plan) -> StatefulSet {
+    let pod_labels = object_labels(ssc);
+    StatefulSet {
+        metadata: meta(ssc, brick_set_name(ssc)),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(plan.bricks),
+            service_name: Some(headless_service_name(ssc)),
+            // Bricks do not depend on each other to start; ordered start-up would only slow
+            // down the first creation.
+            pod_management_policy: Some("Parallel".into()),
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("OnDelete".into()),
+                ..StatefulSetUpdateStrategy::default()
+            }),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(ssc)),
+                ..LabelSelector::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![brick_container(ssc, plan)],
+                    volumes: Some(vec![Volume {
+                        name: "volfile".into(),
+                        config_map: Some(ConfigMapVolumeSource {
+                            name: volfile_config_map_name(ssc),
+                            ..ConfigMapVolumeSource::default()
+                        }),
+                        ..Volume::default()
+                    }]),
+                    affinity: Some(affinity(ssc)),
+                    node_selector: ssc.spec.node_selector.clone(),
+                    tolerations: ssc.spec.tolerations.clone(),
+                    termination_grace_period_seconds: Some(TERMINATION_GRACE_SECONDS),
+                    enable_service_links: Some(false),
+                    ..PodSpec::default()
+                }),
+            },
+            volume_claim_templates: Some(vec![claim_template(ssc)]),
+            ..StatefulSetSpec::default()
+        }),
+        ..StatefulSet::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::SharedStorageClusterSpec;
+
+    fn ssc() -> SharedStorageCluster {
+        let mut s = SharedStorageCluster::new("vol", SharedStorageClusterSpec::default());
+        s.metadata.namespace = Some("ns".into());
+        s.metadata.uid = Some("uid-1".into());
+        s
+    }
+
+    #[test]
+    fn volfile_lists_bricks_by_headless_dns() {
+        let v = volfile(&ssc(), 3, 7);
+        assert_eq!(v.volume, "data");
+        assert_eq!(v.generation, 7);
+        assert_eq!(v.bricks[2].id, "b2");
+        assert_eq!(v.bricks[2].address, "vol-brick-2.vol-brick.ns.svc:24100");
+        let back = Volfile::from_yaml(&v.to_yaml()).unwrap();
+        assert_eq!(back, v);
+    }
+
+    #[test]
+    fn stateful_set_runs_the_brick_command_line() {
+        let plan = Plan {
+            bricks: 3,
+            volfile_generation: 1,
+            image: "img:1".into(),
+        };
+        let sts = brick_stateful_set(&ssc(), &plan);
+        let spec = sts.spec.unwrap();
+        assert_eq!(spec.replicas, Some(3));
+        let pod = spec.template.spec.unwrap();
+        let c = &pod.containers[0];
+        assert_eq!(
+            c.args.as_ref().unwrap().join(" "),
+            "--id b$(BRICK_INDEX) --dir /bricks/data --listen 0.0.0.0:24100 --volfile /etc/mortar/volfile.yaml"
+        );
+        assert!(
+            c.volume_mounts
+                .as_ref()
+                .unwrap()
+                .iter()
+                .all(|m| m.sub_path.is_none())
+        );
+        assert_eq!(sts.metadata.owner_references.unwrap()[0].uid, "uid-1");
+    }
+}
