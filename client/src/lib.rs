@@ -4,3 +4,5 @@ pub mod error;
 pub mod gfid;
 pub mod telemetry;
 pub mod volfile;
+pub mod conn;
+pub mod replicate;

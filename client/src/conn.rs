@@ -1,0 +1,268 @@
+//! One connection per brick, with a session stream that carries pings (so a dead or hung
+//! brick is noticed within the ping timeout), lock-contention notices and volfile changes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use mortar_proto as pb;
+use mortar_proto::brick_client::BrickClient;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::{Error, Result};
+use crate::gfid::Gfid;
+
+pub const MAX_MESSAGE: usize = 64 << 20;
+
+#[derive(Clone)]
+pub enum ConnState {
+    Down(String),
+    Up(Up),
+}
+
+/// A live connection. `epoch` changes with every reconnect: locks taken under an older
+/// epoch died with that session.
+#[derive(Clone)]
+pub struct Up {
+    pub client: BrickClient<Channel>,
+    pub session: [u8; 16],
+    pub epoch: u64,
+}
+
+#[derive(Debug)]
+pub enum Event {
+    Contended { brick: String, gfid: Gfid },
+    Volfile { brick: String, generation: u64 },
+    Up { brick: String },
+    Down { brick: String },
+}
+
+pub struct Brick {
+    pub id: String,
+    pub addr: String,
+    state: watch::Sender<ConnState>,
+    pub ping_timeout: Duration,
+    epochs: AtomicU64,
+    stopped: AtomicBool,
+}
+
+pub fn endpoint(addr: &str, timeout: Duration) -> Result<Endpoint> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| Error::Volfile(format!("bad brick address {addr:?}: {e}")))?
+        .connect_timeout(timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(timeout / 2)
+        .keep_alive_timeout(timeout)
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(32 << 20)))
+}
+
+pub fn client(ch: Channel) -> BrickClient<Channel> {
+    BrickClient::new(ch).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE)
+}
+
+/// A one-off connection (for tools): fails within `timeout` if the brick is not there.
+pub async fn connect_once(addr: &str, timeout: Duration) -> Result<BrickClient<Channel>> {
+    let ch = endpoint(addr, timeout)?
+        .connect()
+        .await
+        .map_err(|e| Error::Transport { brick: addr.to_string(), msg: e.to_string() })?;
+    Ok(client(ch))
+}
+
+impl Brick {
+    /// Starts keeping a connection to the brick; events go to `events`.
+    pub fn start(
+        id: String,
+        addr: String,
+        ping_timeout: Duration,
+        client_name: String,
+        events: mpsc::UnboundedSender<Event>,
+    ) -> Arc<Brick> {
+        let (state, _) = watch::channel(ConnState::Down("connecting".into()));
+        let b = Arc::new(Brick { id, addr, state, ping_timeout, epochs: AtomicU64::new(0), stopped: AtomicBool::new(false) });
+        let weak = Arc::downgrade(&b);
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                let Some(b) = weak.upgrade() else { return };
+                if b.stopped.load(Relaxed) {
+                    return;
+                }
+                let why = b.run_session(&client_name, &events).await;
+                if b.state.send_replace(ConnState::Down(why.clone())).is_up() {
+                    tracing::warn!(brick = %b.id, addr = %b.addr, "brick down: {why}");
+                    let _ = events.send(Event::Down { brick: b.id.clone() });
+                    backoff = Duration::from_millis(100);
+                }
+                drop(b);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        });
+        b
+    }
+
+    /// Closes the connection for good (the brick left the volume, or the mount ends).
+    pub fn stop(&self) {
+        self.stopped.store(true, Relaxed);
+        self.state.send_replace(ConnState::Down("stopped".into()));
+    }
+
+    /// One connection's life: connect, say hello, ping until it fails.
+    async fn run_session(&self, client_name: &str, events: &mpsc::UnboundedSender<Event>) -> String {
+        let pt = self.ping_timeout;
+        let ch = match endpoint(&self.addr, pt) {
+            Ok(e) => match e.connect().await {
+                Ok(ch) => ch,
+                Err(e) => return format!("connect: {e}"),
+            },
+            Err(e) => return e.to_string(),
+        };
+        let mut c = client(ch);
+        let session = *uuid::Uuid::new_v4().as_bytes();
+        let (tx, rx) = mpsc::channel(16);
+        let hello = pb::Hello { session: session.to_vec(), client: client_name.to_string() };
+        let _ = tx.send(pb::SessionIn { msg: Some(pb::session_in::Msg::Hello(hello)) }).await;
+        let _ = tx.send(pb::SessionIn { msg: Some(pb::session_in::Msg::Ping(0)) }).await;
+        let mut inbound = match tokio::time::timeout(pt, c.session(ReceiverStream::new(rx))).await {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(e)) => return format!("session: {}", e.message()),
+            Err(_) => return "session: no answer within the ping timeout".into(),
+        };
+        match tokio::time::timeout(pt, inbound.message()).await {
+            Ok(Ok(Some(_))) => {}
+            _ => return "session: no first pong".into(),
+        }
+        let epoch = self.epochs.fetch_add(1, Relaxed) + 1;
+        if self.stopped.load(Relaxed) {
+            return "stopped".into();
+        }
+        self.state.send_replace(ConnState::Up(Up { client: c, session, epoch }));
+        tracing::info!(brick = %self.id, addr = %self.addr, "brick up");
+        let _ = events.send(Event::Up { brick: self.id.clone() });
+        let interval = (pt / 4).max(Duration::from_millis(100));
+        let mut ping = tokio::time::interval(interval);
+        let mut last_pong = tokio::time::Instant::now();
+        let mut n = 0u64;
+        let mut state = self.state.subscribe();
+        loop {
+            tokio::select! {
+                _ = ping.tick() => {
+                    if last_pong.elapsed() > pt {
+                        return format!("no answer to pings for {pt:?}");
+                    }
+                    n += 1;
+                    if tx.try_send(pb::SessionIn { msg: Some(pb::session_in::Msg::Ping(n)) }).is_err() {
+                        return "session stream full".into();
+                    }
+                }
+                m = inbound.message() => match m {
+                    Ok(Some(out)) => {
+                        last_pong = tokio::time::Instant::now();
+                        match out.msg {
+                            Some(pb::session_out::Msg::Contended(g)) => {
+                                if let Some(gfid) = Gfid::from_bytes(&g) {
+                                    let _ = events.send(Event::Contended { brick: self.id.clone(), gfid });
+                                }
+                            }
+                            Some(pb::session_out::Msg::VolfileGeneration(generation)) => {
+                                let _ = events.send(Event::Volfile { brick: self.id.clone(), generation });
+                            }
+                            _ => {}
+                        }
+                    }
+                    Ok(None) => return "session closed by the brick".into(),
+                    Err(e) => return format!("session: {}", e.message()),
+                },
+                r = state.changed() => {
+                    // A call timed out and marked the brick down: start over.
+                    if r.is_err() || !state.borrow().is_up() {
+                        return "marked down".into();
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn state(&self) -> ConnState {
+        self.state.borrow().clone()
+    }
+
+    pub fn up(&self) -> Option<Up> {
+        match &*self.state.borrow() {
+            ConnState::Up(u) => Some(u.clone()),
+            ConnState::Down(_) => None,
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.state.borrow().is_up()
+    }
+
+    /// Marks the connection dead (a request timed out: the brick hangs).
+    fn mark_down(&self, epoch: u64, why: &str) {
+        let current = matches!(&*self.state.borrow(), ConnState::Up(u) if u.epoch == epoch);
+        if current {
+            tracing::warn!(brick = %self.id, "{why}: dropping the connection");
+            self.state.send_replace(ConnState::Down(why.to_string()));
+        }
+    }
+
+    /// Waits until the brick is up, at most `d`.
+    pub async fn wait_up(&self, d: Duration) -> bool {
+        let mut rx = self.state.subscribe();
+        tokio::time::timeout(d, rx.wait_for(|s| s.is_up())).await.is_ok_and(|r| r.is_ok())
+    }
+
+    fn transport(&self, msg: impl Into<String>) -> Error {
+        Error::Transport { brick: self.id.clone(), msg: msg.into() }
+    }
+
+    /// Runs one request on the live connection, bounded by the ping timeout; a request that
+    /// times out marks the brick down, as a missed ping would.
+    pub async fn call<T, F, Fut>(&self, f: F) -> Result<(T, Up)>
+    where
+        F: FnOnce(BrickClient<Channel>, Up) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let up = self.up().ok_or_else(|| self.transport("not connected"))?;
+        match tokio::time::timeout(self.ping_timeout, f(up.client.clone(), up.clone())).await {
+            Ok(Ok(r)) => Ok((r.into_inner(), up)),
+            Ok(Err(s)) => Err(self.transport(s.message().to_string())),
+            Err(_) => {
+                self.mark_down(up.epoch, "request timed out");
+                Err(self.transport("request timed out"))
+            }
+        }
+    }
+
+    /// Like `call`, for requests that may rightly wait long (blocking locks): no time limit,
+    /// but given up as soon as the brick is down.
+    pub async fn call_waiting<T, F, Fut>(&self, f: F) -> Result<(T, Up)>
+    where
+        F: FnOnce(BrickClient<Channel>, Up) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let up = self.up().ok_or_else(|| self.transport("not connected"))?;
+        let mut rx = self.state.subscribe();
+        let epoch = up.epoch;
+        let gone = rx.wait_for(|s| !matches!(s, ConnState::Up(u) if u.epoch == epoch));
+        tokio::select! {
+            r = f(up.client.clone(), up.clone()) => match r {
+                Ok(r) => Ok((r.into_inner(), up)),
+                Err(s) => Err(self.transport(s.message().to_string())),
+            },
+            _ = gone => Err(self.transport("connection lost")),
+        }
+    }
+}
+
+impl ConnState {
+    pub fn is_up(&self) -> bool {
+        matches!(self, ConnState::Up(_))
+    }
+}

@@ -1,0 +1,936 @@
+//! Replication over the bricks: per-inode transactions with majority quorum.
+//!
+//! A mutation of an inode runs under that inode's lock on a majority of bricks. Locks are
+//! taken with a term that each brick promises (persistently) never to go below, then kept
+//! while this client goes on changing the inode (eager locking) and given up when idle or
+//! when a brick tells us another client waits. Each change carries the version it expects
+//! and the one it creates, so every brick applies changes to an inode in one order and a
+//! brick that missed one refuses the next (it is stale) instead of diverging silently.
+//!
+//! A change counts when a majority applied it; bricks that did not are dropped from the
+//! hold and left to heal, and the survivors are told to index the inode for healing.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use mortar_proto as pb;
+use tokio::sync::{Notify, mpsc};
+
+use crate::conn::{self, Brick, Event};
+use crate::error::{Error, Result};
+use crate::gfid::Gfid;
+use crate::volfile::{Volfile, with_default_port};
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub ping_timeout: Duration,
+    /// Give up an inode lock this long after its last use.
+    pub lock_idle: Duration,
+    pub client_name: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            ping_timeout: Duration::from_secs(5),
+            lock_idle: Duration::from_millis(500),
+            client_name: format!("mortar-client@{}", std::process::id()),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Member {
+    brick: Arc<Brick>,
+    epoch: u64,
+    session: [u8; 16],
+}
+
+impl Member {
+    fn current(&self) -> bool {
+        self.brick.up().is_some_and(|u| u.epoch == self.epoch)
+    }
+}
+
+/// Locks held on one inode and what we know of its copies while we hold them.
+struct Hold {
+    term: u64,
+    ver: (u64, u64),
+    /// Bricks that granted the lock (to unlock later).
+    locked: Vec<Member>,
+    /// Bricks with an up-to-date copy that take the changes.
+    members: Vec<Member>,
+    /// Some brick of the volume is not among the members.
+    missing: bool,
+}
+
+#[derive(Default)]
+struct InodeTx {
+    hold: tokio::sync::Mutex<Option<Hold>>,
+    contended: AtomicBool,
+    last_used: Mutex<Option<Instant>>,
+}
+
+#[derive(Default)]
+pub struct Stats {
+    pub mutations: AtomicU64,
+    pub lock_acquisitions: AtomicU64,
+    pub lock_releases: AtomicU64,
+    pub reads: AtomicU64,
+    pub failovers: AtomicU64,
+}
+
+pub struct Volume {
+    pub name: String,
+    vol: RwLock<Volfile>,
+    bricks: RwLock<Vec<Arc<Brick>>>,
+    inodes: Mutex<HashMap<Gfid, Arc<InodeTx>>>,
+    /// Bricks last seen holding the newest copy of an inode.
+    readable: Mutex<HashMap<Gfid, Vec<String>>>,
+    term_clock: AtomicU64,
+    opts: Options,
+    wake_releaser: Notify,
+    events: mpsc::UnboundedSender<Event>,
+    pub stats: Stats,
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
+fn ver_of(v: Option<pb::Version>) -> (u64, u64) {
+    v.map(|v| (v.term, v.seq)).unwrap_or((0, 0))
+}
+
+fn pver(v: (u64, u64)) -> Option<pb::Version> {
+    Some(pb::Version { term: v.0, seq: v.1 })
+}
+
+/// Fetches the volfile from the first server that answers.
+pub async fn fetch_volfile(servers: &[String], volume: &str, timeout: Duration) -> Result<Volfile> {
+    let mut errors = Vec::new();
+    for s in servers {
+        let addr = with_default_port(s);
+        match conn::connect_once(&addr, timeout).await {
+            Ok(mut c) => match tokio::time::timeout(timeout, c.get_volfile(pb::Empty {})).await {
+                Ok(Ok(r)) => {
+                    let v = Volfile::parse(&r.into_inner().yaml).map_err(|e| Error::Volfile(format!("from {addr}: {e}")))?;
+                    if v.volume != volume {
+                        return Err(Error::Volfile(format!("{addr} serves volume {:?}, not {volume:?}", v.volume)));
+                    }
+                    return Ok(v);
+                }
+                Ok(Err(e)) => errors.push(format!("{addr}: {}", e.message())),
+                Err(_) => errors.push(format!("{addr}: timed out")),
+            },
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    Err(Error::Volfile(format!("no volfile server answered ({})", errors.join("; "))))
+}
+
+impl Volume {
+    /// Connects to every brick of the volume described by the first reachable server.
+    pub async fn connect(servers: &[String], volume: &str, opts: Options) -> Result<Arc<Volume>> {
+        let vf = fetch_volfile(servers, volume, opts.ping_timeout).await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let bricks = vf
+            .bricks
+            .iter()
+            .map(|b| Brick::start(b.id.clone(), b.address.clone(), opts.ping_timeout, opts.client_name.clone(), tx.clone()))
+            .collect();
+        let v = Arc::new(Volume {
+            name: volume.to_string(),
+            vol: RwLock::new(vf),
+            bricks: RwLock::new(bricks),
+            inodes: Mutex::default(),
+            readable: Mutex::default(),
+            term_clock: AtomicU64::new(0),
+            opts,
+            wake_releaser: Notify::new(),
+            events: tx,
+            stats: Stats::default(),
+        });
+        tokio::spawn(Self::handle_events(Arc::downgrade(&v), rx));
+        tokio::spawn(Self::releaser(Arc::downgrade(&v)));
+        // Give every brick one ping timeout to come up; a mount works with any of them.
+        let bricks = v.bricks();
+        join_all(bricks.iter().map(|b| b.wait_up(v.opts.ping_timeout))).await;
+        if !bricks.iter().any(|b| b.is_up()) {
+            return Err(Error::NoQuorum { have: 0, need: v.quorum() });
+        }
+        Ok(v)
+    }
+
+    pub fn volfile(&self) -> Volfile {
+        self.vol.read().unwrap().clone()
+    }
+
+    pub fn bricks(&self) -> Vec<Arc<Brick>> {
+        self.bricks.read().unwrap().clone()
+    }
+
+    fn quorum(&self) -> usize {
+        self.vol.read().unwrap().quorum()
+    }
+
+    fn total(&self) -> usize {
+        self.vol.read().unwrap().bricks.len()
+    }
+
+    pub fn up_count(&self) -> usize {
+        self.bricks().iter().filter(|b| b.is_up()).count()
+    }
+
+    async fn handle_events(weak: Weak<Volume>, mut rx: mpsc::UnboundedReceiver<Event>) {
+        while let Some(ev) = rx.recv().await {
+            let Some(v) = weak.upgrade() else { return };
+            match ev {
+                Event::Contended { gfid, .. } => {
+                    if let Some(tx) = v.inodes.lock().unwrap().get(&gfid) {
+                        tx.contended.store(true, Relaxed);
+                    }
+                    v.wake_releaser.notify_one();
+                }
+                Event::Volfile { brick, generation } => {
+                    if generation > v.vol.read().unwrap().generation {
+                        let v2 = v.clone();
+                        tokio::spawn(async move { v2.follow_volfile(&brick).await });
+                    }
+                }
+                Event::Down { .. } | Event::Up { .. } => v.readable.lock().unwrap().clear(),
+            }
+        }
+    }
+
+    /// Adopts a newer volfile: connects to added bricks, drops removed ones.
+    async fn follow_volfile(&self, from: &str) {
+        let addr = self.bricks().iter().find(|b| b.id == from).map(|b| b.addr.clone());
+        let Some(addr) = addr else { return };
+        let vf = match fetch_volfile(&[addr], &self.name, self.opts.ping_timeout).await {
+            Ok(vf) => vf,
+            Err(e) => return tracing::warn!("cannot fetch the new volfile: {e}"),
+        };
+        let mut cur = self.vol.write().unwrap();
+        if vf.generation <= cur.generation {
+            return;
+        }
+        let mut bricks = self.bricks.write().unwrap();
+        let mut next = Vec::new();
+        for spec in &vf.bricks {
+            match bricks.iter().find(|b| b.id == spec.id && b.addr == spec.address) {
+                Some(b) => next.push(b.clone()),
+                None => next.push(Brick::start(
+                    spec.id.clone(),
+                    spec.address.clone(),
+                    self.opts.ping_timeout,
+                    self.opts.client_name.clone(),
+                    self.events.clone(),
+                )),
+            }
+        }
+        for b in bricks.iter() {
+            if !next.iter().any(|n| Arc::ptr_eq(n, b)) {
+                b.stop();
+            }
+        }
+        tracing::info!(generation = vf.generation, bricks = vf.bricks.len(), "following new volfile");
+        *bricks = next;
+        *cur = vf;
+    }
+
+    fn tx(&self, g: Gfid) -> Arc<InodeTx> {
+        self.inodes.lock().unwrap().entry(g).or_default().clone()
+    }
+
+    fn next_term(&self) -> u64 {
+        let now = now_ns() as u64;
+        let mut cur = self.term_clock.load(Relaxed);
+        loop {
+            let next = now.max(cur + 1);
+            match self.term_clock.compare_exchange(cur, next, Relaxed, Relaxed) {
+                Ok(_) => return next,
+                Err(c) => cur = c,
+            }
+        }
+    }
+
+    // ---- locks ----
+
+    async fn lock_on(b: &Arc<Brick>, gfids: &[Vec<u8>], term: u64, wait: bool) -> Result<(pb::LockReply, Member)> {
+        let gfids = gfids.to_vec();
+        let f = |mut c: mortar_proto::brick_client::BrickClient<_>, up: conn::Up| async move {
+            c.lock(pb::LockReq { session: up.session.to_vec(), gfids, term, wait }).await
+        };
+        let (r, up) = if wait { b.call_waiting(f).await? } else { b.call(f).await? };
+        Ok((r, Member { brick: b.clone(), epoch: up.epoch, session: up.session }))
+    }
+
+    async fn unlock_on(members: &[Member], gfids: &[Gfid], needs_heal: bool) {
+        let raw: Vec<Vec<u8>> = gfids.iter().map(|g| g.to_vec()).collect();
+        join_all(members.iter().filter(|m| m.current()).map(|m| {
+            let req = pb::UnlockReq { session: m.session.to_vec(), gfids: raw.clone(), needs_heal };
+            m.brick.call(move |mut c, _| async move { c.unlock(req).await })
+        }))
+        .await;
+    }
+
+    /// Takes the locks of `gfids` on a majority: in parallel when nobody contends, else one
+    /// brick after another in volfile order, so that two clients cannot deadlock.
+    async fn acquire(&self, gfids: &[Gfid]) -> Result<Vec<Hold>> {
+        let bricks = self.bricks();
+        let (quorum, total) = (self.quorum(), self.total());
+        let raw: Vec<Vec<u8>> = gfids.iter().map(|g| g.to_vec()).collect();
+        self.stats.lock_acquisitions.fetch_add(1, Relaxed);
+        for _ in 0..8 {
+            let term = self.next_term();
+            let mut granted: Vec<(pb::LockReply, Member)> = Vec::new();
+            let mut busy = false;
+            let mut promised = 0;
+            for r in join_all(bricks.iter().filter(|b| b.is_up()).map(|b| Self::lock_on(b, &raw, term, false))).await {
+                match r {
+                    Ok((r, m)) if r.errno == 0 => granted.push((r, m)),
+                    Ok((r, _)) if r.errno == libc::EAGAIN => busy = true,
+                    Ok((r, _)) if r.errno == libc::ESTALE => promised = promised.max(r.promised),
+                    Ok((r, m)) => tracing::debug!(brick = %m.brick.id, "lock refused: errno {}", r.errno),
+                    Err(e) => tracing::debug!("lock: {e}"),
+                }
+            }
+            if busy && promised == 0 {
+                let ms: Vec<Member> = granted.drain(..).map(|(_, m)| m).collect();
+                Self::unlock_on(&ms, gfids, false).await;
+                for b in &bricks {
+                    if !b.is_up() {
+                        continue;
+                    }
+                    match Self::lock_on(b, &raw, term, true).await {
+                        Ok((r, m)) if r.errno == 0 => granted.push((r, m)),
+                        Ok((r, _)) if r.errno == libc::ESTALE => {
+                            promised = r.promised;
+                            break;
+                        }
+                        Ok((r, m)) => tracing::debug!(brick = %m.brick.id, "lock refused: errno {}", r.errno),
+                        Err(e) => tracing::debug!("lock: {e}"),
+                    }
+                }
+            }
+            let members: Vec<Member> = granted.iter().map(|(_, m)| m.clone()).collect();
+            if promised > 0 {
+                // Another client used a higher term since: go above it and try again.
+                Self::unlock_on(&members, gfids, false).await;
+                self.term_clock.fetch_max(promised, Relaxed);
+                continue;
+            }
+            if granted.len() < quorum {
+                Self::unlock_on(&members, gfids, false).await;
+                return Err(Error::NoQuorum { have: granted.len(), need: quorum });
+            }
+            let mut holds = Vec::with_capacity(gfids.len());
+            for i in 0..gfids.len() {
+                let vers: Vec<(u64, u64)> = granted.iter().map(|(r, _)| ver_of(r.inodes.get(i).and_then(|x| x.ver))).collect();
+                let vmax = vers.iter().copied().max().unwrap_or((0, 0));
+                let fresh: Vec<Member> =
+                    granted.iter().zip(&vers).filter(|(_, v)| **v == vmax).map(|((_, m), _)| m.clone()).collect();
+                if fresh.len() < quorum {
+                    // Too few good copies to take a change safely: heal must run first.
+                    Self::unlock_on(&members, gfids, false).await;
+                    tracing::warn!(gfid = %gfids[i], fresh = fresh.len(), "too few up-to-date copies to write");
+                    return Err(Error::NoGoodCopy);
+                }
+                holds.push(Hold { term, ver: vmax, locked: members.clone(), missing: fresh.len() < total, members: fresh });
+            }
+            return Ok(holds);
+        }
+        Err(Error::Transport { brick: "*".into(), msg: "could not settle a lock term".into() })
+    }
+
+    /// Gives up idle or contended locks (all of them with `all`), batched per brick.
+    async fn release(&self, all: bool) {
+        let idle = self.opts.lock_idle;
+        let entries: Vec<(Gfid, Arc<InodeTx>)> = self.inodes.lock().unwrap().iter().map(|(g, t)| (*g, t.clone())).collect();
+        let mut batches: HashMap<(String, u64, bool), (Member, Vec<Gfid>)> = HashMap::new();
+        for (g, tx) in entries {
+            let used = *tx.last_used.lock().unwrap();
+            let due = all || tx.contended.load(Relaxed) || used.is_none_or(|t| t.elapsed() >= idle);
+            if !due {
+                continue;
+            }
+            let Ok(mut guard) = tx.hold.try_lock() else { continue };
+            tx.contended.store(false, Relaxed);
+            if let Some(h) = guard.take() {
+                self.stats.lock_releases.fetch_add(1, Relaxed);
+                for m in h.locked {
+                    let key = (m.brick.id.clone(), m.epoch, h.missing);
+                    batches.entry(key).or_insert_with(|| (m.clone(), Vec::new())).1.push(g);
+                }
+            }
+        }
+        join_all(batches.into_iter().map(|((_, _, heal), (m, gfids))| async move {
+            Self::unlock_on(&[m], &gfids, heal).await;
+        }))
+        .await;
+        // Forget inodes nobody uses and nothing is held on.
+        self.inodes.lock().unwrap().retain(|_, tx| {
+            Arc::strong_count(tx) > 1 || tx.hold.try_lock().map(|h| h.is_some()).unwrap_or(true)
+        });
+    }
+
+    async fn releaser(weak: Weak<Volume>) {
+        loop {
+            let Some(v) = weak.upgrade() else { return };
+            let tick = v.opts.lock_idle.min(Duration::from_millis(200));
+            tokio::select! {
+                _ = v.wake_releaser.notified() => {}
+                _ = tokio::time::sleep(tick) => {}
+            }
+            v.release(false).await;
+        }
+    }
+
+    /// Releases every lock (before unmounting), so other clients need not wait for timeouts.
+    pub async fn shutdown(&self) {
+        self.release(true).await;
+        for b in self.bricks() {
+            b.stop();
+        }
+    }
+
+    // ---- mutations ----
+
+    /// Runs one change of `gfids` (the inodes whose version it changes) on the bricks.
+    async fn mutate(&self, gfids: &[Gfid], mut op: pb::mutate_req::Op) -> Result<pb::MutateReply> {
+        let mut gfids = gfids.to_vec();
+        gfids.sort();
+        gfids.dedup();
+        let (quorum, total) = (self.quorum(), self.total());
+        self.stats.mutations.fetch_add(1, Relaxed);
+        let txs: Vec<Arc<InodeTx>> = gfids.iter().map(|g| self.tx(*g)).collect();
+        let mut guards = Vec::with_capacity(txs.len());
+        for t in &txs {
+            guards.push(t.hold.lock().await);
+        }
+        // Drop members whose connection (and so whose lock) is gone.
+        for (i, guard) in guards.iter_mut().enumerate() {
+            if let Some(h) = guard.as_mut() {
+                h.members.retain(|m| m.current());
+                h.missing |= h.members.len() < total;
+                if h.members.len() < quorum {
+                    let h = guard.take().unwrap();
+                    Self::unlock_on(&h.locked, &[gfids[i]], true).await;
+                }
+            }
+        }
+        let need: Vec<usize> = (0..gfids.len()).filter(|i| guards[*i].is_none()).collect();
+        if !need.is_empty() {
+            let want: Vec<Gfid> = need.iter().map(|i| gfids[*i]).collect();
+            let holds = self.acquire(&want).await?;
+            for (i, h) in need.into_iter().zip(holds) {
+                *guards[i] = Some(h);
+            }
+        }
+        // The bricks that are members for every inode of this change take it.
+        let mut targets: Vec<Member> = guards[0].as_ref().unwrap().members.clone();
+        for g in &guards[1..] {
+            let ms = &g.as_ref().unwrap().members;
+            targets.retain(|t| ms.iter().any(|m| m.brick.id == t.brick.id));
+        }
+        if targets.len() < quorum {
+            return Err(Error::NoQuorum { have: targets.len(), need: quorum });
+        }
+        let first = guards[0].as_ref().unwrap();
+        let term = first.term;
+        if let pb::mutate_req::Op::Create(c) = &mut op {
+            c.term = term;
+        }
+        let mut updates = Vec::new();
+        let mut new_vers = Vec::new();
+        let mut needs_heal = targets.len() < total;
+        for (g, guard) in gfids.iter().zip(&guards) {
+            let h = guard.as_ref().unwrap();
+            let new = if h.ver.0 == h.term { (h.term, h.ver.1 + 1) } else { (h.term, 1) };
+            needs_heal |= h.missing;
+            updates.push(pb::VerUpdate { gfid: g.to_vec(), expect: pver(h.ver), new: pver(new) });
+            new_vers.push(new);
+        }
+        let now = now_ns();
+        let results = join_all(targets.iter().map(|m| {
+            let req = pb::MutateReq {
+                session: m.session.to_vec(),
+                now_ns: now,
+                updates: updates.clone(),
+                needs_heal,
+                op: Some(op.clone()),
+            };
+            let epoch = m.epoch;
+            m.brick.call(move |mut c, up| async move {
+                if up.epoch != epoch {
+                    return Err(tonic::Status::unavailable("reconnected: lock lost"));
+                }
+                c.mutate(req).await
+            })
+        }))
+        .await;
+        let mut ok: Vec<(Member, pb::MutateReply)> = Vec::new();
+        let mut refused: HashMap<i32, Vec<Member>> = HashMap::new();
+        for (m, r) in targets.into_iter().zip(results) {
+            match r {
+                Ok((rep, _)) if rep.stale || rep.errno == libc::ENOLCK => {
+                    tracing::warn!(brick = %m.brick.id, "copy is stale or lock lost; leaving it to heal");
+                }
+                Ok((rep, _)) if rep.errno == 0 => ok.push((m, rep)),
+                Ok((rep, _)) => refused.entry(rep.errno).or_default().push(m),
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
+        let (result, members, advanced) = if ok.len() >= quorum {
+            let rep = ok[0].1.clone();
+            (Ok(rep), ok.into_iter().map(|(m, _)| m).collect::<Vec<_>>(), true)
+        } else if let Some((e, ms)) = refused.iter().find(|(_, ms)| ms.len() >= quorum) {
+            (Err(Error::Os(*e)), ms.clone(), false)
+        } else if !ok.is_empty() {
+            // A minority applied it: they are ahead, the change failed; heal sorts it out.
+            let have = ok.len();
+            (Err(Error::NoQuorum { have, need: quorum }), ok.into_iter().map(|(m, _)| m).collect(), true)
+        } else {
+            let have = refused.values().map(|v| v.len()).max().unwrap_or(0);
+            (Err(Error::NoQuorum { have, need: quorum }), Vec::new(), false)
+        };
+        for (guard, new) in guards.iter_mut().zip(&new_vers) {
+            let h = guard.as_mut().unwrap();
+            h.members = members.clone();
+            h.missing |= members.len() < total;
+            if advanced {
+                h.ver = *new;
+            }
+        }
+        if let (Ok(_), pb::mutate_req::Op::Create(c)) = (&result, &op) {
+            // The creator holds the new inode's lock already: its first write is one round trip.
+            if let Some(g) = Gfid::from_bytes(&c.gfid) {
+                let tx = self.tx(g);
+                if let Ok(mut h) = tx.hold.try_lock() {
+                    *h = Some(Hold {
+                        term,
+                        ver: (0, 0),
+                        locked: members.clone(),
+                        missing: members.len() < total,
+                        members: members.clone(),
+                    });
+                    *tx.last_used.lock().unwrap() = Some(Instant::now());
+                }
+            }
+        }
+        let now = Instant::now();
+        let mut contended = false;
+        for t in &txs {
+            *t.last_used.lock().unwrap() = Some(now);
+            contended |= t.contended.load(Relaxed);
+        }
+        drop(guards);
+        if contended {
+            self.wake_releaser.notify_one();
+        }
+        result
+    }
+
+    pub async fn create(
+        &self,
+        parent: Gfid,
+        name: &[u8],
+        kind: pb::Kind,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        rdev: u64,
+        target: &[u8],
+    ) -> Result<pb::Attr> {
+        let gfid = Gfid::random();
+        let op = pb::mutate_req::Op::Create(pb::Create {
+            parent: parent.to_vec(),
+            name: name.to_vec(),
+            gfid: gfid.to_vec(),
+            kind: kind as i32,
+            mode,
+            uid,
+            gid,
+            rdev,
+            target: target.to_vec(),
+            term: 0,
+        });
+        let r = self.mutate(&[parent], op).await?;
+        r.attr.ok_or(Error::Os(libc::EIO))
+    }
+
+    pub async fn remove(&self, parent: Gfid, name: &[u8], dir: bool) -> Result<()> {
+        let op = pb::mutate_req::Op::Remove(pb::Remove { parent: parent.to_vec(), name: name.to_vec(), dir });
+        self.mutate(&[parent], op).await.map(|_| ())
+    }
+
+    pub async fn rename(&self, parent: Gfid, name: &[u8], newparent: Gfid, newname: &[u8], flags: u32) -> Result<()> {
+        let op = pb::mutate_req::Op::Rename(pb::Rename {
+            parent: parent.to_vec(),
+            name: name.to_vec(),
+            newparent: newparent.to_vec(),
+            newname: newname.to_vec(),
+            flags,
+        });
+        self.mutate(&[parent, newparent], op).await.map(|_| ())
+    }
+
+    pub async fn link(&self, g: Gfid, newparent: Gfid, newname: &[u8]) -> Result<pb::Attr> {
+        let op = pb::mutate_req::Op::Link(pb::Link { gfid: g.to_vec(), newparent: newparent.to_vec(), newname: newname.to_vec() });
+        let r = self.mutate(&[newparent], op).await?;
+        r.attr.ok_or(Error::Os(libc::EIO))
+    }
+
+    pub async fn setattr(&self, s: pb::Setattr) -> Result<pb::Attr> {
+        let g = Gfid::from_bytes(&s.gfid).ok_or(Error::Os(libc::EINVAL))?;
+        let r = self.mutate(&[g], pb::mutate_req::Op::Setattr(s)).await?;
+        r.attr.ok_or(Error::Os(libc::EIO))
+    }
+
+    pub async fn write(&self, g: Gfid, offset: u64, data: Vec<u8>, append: bool) -> Result<u64> {
+        let op = pb::mutate_req::Op::Write(pb::Write { gfid: g.to_vec(), offset, data, append });
+        Ok(self.mutate(&[g], op).await?.written)
+    }
+
+    pub async fn fallocate(&self, g: Gfid, mode: i32, offset: u64, length: u64) -> Result<()> {
+        let op = pb::mutate_req::Op::Fallocate(pb::Fallocate { gfid: g.to_vec(), mode, offset, length });
+        self.mutate(&[g], op).await.map(|_| ())
+    }
+
+    pub async fn setxattr(&self, g: Gfid, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
+        let op =
+            pb::mutate_req::Op::Setxattr(pb::Setxattr { gfid: g.to_vec(), name: name.to_vec(), value: value.to_vec(), flags });
+        self.mutate(&[g], op).await.map(|_| ())
+    }
+
+    pub async fn removexattr(&self, g: Gfid, name: &[u8]) -> Result<()> {
+        let op = pb::mutate_req::Op::Removexattr(pb::Removexattr { gfid: g.to_vec(), name: name.to_vec() });
+        self.mutate(&[g], op).await.map(|_| ())
+    }
+
+    /// Makes the inode's data durable on a majority.
+    pub async fn fsync(&self, g: Gfid, datasync: bool) -> Result<()> {
+        let quorum = self.quorum();
+        let targets = self.readable_bricks(g).await?;
+        let rs = join_all(targets.iter().map(|b| {
+            b.call(move |mut c, _| async move { c.fsync(pb::FsyncReq { gfid: g.to_vec(), datasync }).await })
+        }))
+        .await;
+        let good = rs.iter().filter(|r| matches!(r, Ok((e, _)) if e.errno == 0)).count();
+        if good >= quorum {
+            return Ok(());
+        }
+        if let Some(Ok((e, _))) = rs.iter().find(|r| matches!(r, Ok((e, _)) if e.errno != 0)) {
+            return Err(Error::Os(e.errno));
+        }
+        Err(Error::NoQuorum { have: good, need: quorum })
+    }
+
+    // ---- reads ----
+
+    fn remember_readable(&self, g: Gfid, ids: Vec<String>) {
+        let mut r = self.readable.lock().unwrap();
+        if r.len() > 100_000 {
+            r.clear();
+        }
+        r.insert(g, ids);
+    }
+
+    /// Asks every brick for the inode and keeps the newest copy's attributes.
+    pub async fn getattr(&self, g: Gfid) -> Result<pb::Attr> {
+        let bricks: Vec<Arc<Brick>> = self.bricks().into_iter().filter(|b| b.is_up()).collect();
+        if bricks.is_empty() {
+            return Err(Error::Transport { brick: "*".into(), msg: "no brick reachable".into() });
+        }
+        let rs = join_all(bricks.iter().map(|b| {
+            b.call(move |mut c, _| async move { c.getattr(pb::GfidReq { gfid: g.to_vec() }).await })
+        }))
+        .await;
+        let mut found: Vec<(&Arc<Brick>, pb::Attr)> = Vec::new();
+        let mut errno = None;
+        let mut transport = None;
+        for (b, r) in bricks.iter().zip(rs) {
+            match r {
+                Ok((rep, _)) if rep.errno == 0 && rep.attr.is_some() => found.push((b, rep.attr.unwrap())),
+                Ok((rep, _)) => errno = Some(rep.errno),
+                Err(e) => transport = Some(e),
+            }
+        }
+        if found.is_empty() {
+            return Err(match (errno, transport) {
+                (Some(e), _) => Error::Os(e),
+                (None, Some(t)) => t,
+                (None, None) => Error::Os(libc::EIO),
+            });
+        }
+        let vmax = found.iter().map(|(_, a)| ver_of(a.ver)).max().unwrap();
+        let ids: Vec<String> = found.iter().filter(|(_, a)| ver_of(a.ver) == vmax).map(|(b, _)| b.id.clone()).collect();
+        self.remember_readable(g, ids);
+        Ok(found.into_iter().find(|(_, a)| ver_of(a.ver) == vmax).unwrap().1)
+    }
+
+    /// Looks a name up on every brick; the answer comes from the bricks with the newest copy
+    /// of the parent directory, so a brick that missed a create or delete is outvoted.
+    pub async fn lookup(&self, parent: Gfid, name: &[u8]) -> Result<pb::Attr> {
+        let bricks: Vec<Arc<Brick>> = self.bricks().into_iter().filter(|b| b.is_up()).collect();
+        if bricks.is_empty() {
+            return Err(Error::Transport { brick: "*".into(), msg: "no brick reachable".into() });
+        }
+        let rs = join_all(bricks.iter().map(|b| {
+            let req = pb::LookupReq { parent: parent.to_vec(), name: name.to_vec() };
+            b.call(move |mut c, _| async move { c.lookup(req).await })
+        }))
+        .await;
+        let mut replies: Vec<(&Arc<Brick>, pb::LookupReply)> = Vec::new();
+        let mut last_err = None;
+        for (b, r) in bricks.iter().zip(rs) {
+            match r {
+                Ok((rep, _)) => replies.push((b, rep)),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        let with_parent: Vec<&(&Arc<Brick>, pb::LookupReply)> = replies.iter().filter(|(_, r)| r.parent.is_some()).collect();
+        if with_parent.is_empty() {
+            if let Some((_, r)) = replies.first() {
+                return Err(Error::Os(if r.errno == 0 { libc::EIO } else { r.errno }));
+            }
+            return Err(last_err.unwrap_or(Error::Os(libc::EIO)));
+        }
+        let pmax = with_parent.iter().map(|(_, r)| ver_of(r.parent.as_ref().unwrap().ver)).max().unwrap();
+        let auth: Vec<&&(&Arc<Brick>, pb::LookupReply)> =
+            with_parent.iter().filter(|(_, r)| ver_of(r.parent.as_ref().unwrap().ver) == pmax).collect();
+        let best = auth.iter().filter_map(|(b, r)| r.entry.as_ref().map(|e| (b, e))).max_by_key(|(_, e)| ver_of(e.ver));
+        match best {
+            Some((_, e)) => {
+                let ids = auth
+                    .iter()
+                    .filter(|(_, r)| r.entry.as_ref().is_some_and(|x| x.gfid == e.gfid && x.ver == e.ver))
+                    .map(|(b, _)| b.id.clone())
+                    .collect();
+                if let Some(g) = Gfid::from_bytes(&e.gfid) {
+                    self.remember_readable(g, ids);
+                }
+                Ok(e.clone())
+            }
+            None => Err(Error::Os(if auth[0].1.errno == 0 { libc::EIO } else { auth[0].1.errno })),
+        }
+    }
+
+    /// Bricks that hold the newest copy of `g`, best first.
+    async fn readable_bricks(&self, g: Gfid) -> Result<Vec<Arc<Brick>>> {
+        if let Some(tx) = self.inodes.lock().unwrap().get(&g).cloned() {
+            if let Ok(h) = tx.hold.try_lock() {
+                if let Some(h) = h.as_ref() {
+                    let ms: Vec<Arc<Brick>> = h.members.iter().filter(|m| m.current()).map(|m| m.brick.clone()).collect();
+                    if !ms.is_empty() {
+                        return Ok(ms);
+                    }
+                }
+            }
+        }
+        let cached = self.readable.lock().unwrap().get(&g).cloned();
+        let ids = match cached {
+            Some(ids) => ids,
+            None => {
+                self.getattr(g).await?;
+                self.readable.lock().unwrap().get(&g).cloned().unwrap_or_default()
+            }
+        };
+        let all = self.bricks();
+        let mut out: Vec<Arc<Brick>> = all.into_iter().filter(|b| ids.contains(&b.id) && b.is_up()).collect();
+        if out.is_empty() {
+            return Err(Error::NoGoodCopy);
+        }
+        // Spread reads of different files over the good copies.
+        let n = out.len();
+        out.rotate_left((g.ino() as usize) % n);
+        Ok(out)
+    }
+
+    /// Refreshes what we know of an inode's copies (on open: close-to-open consistency).
+    pub async fn refresh(&self, g: Gfid) -> Result<pb::Attr> {
+        self.readable.lock().unwrap().remove(&g);
+        self.getattr(g).await
+    }
+
+    /// Runs a read on one good copy, failing over to the next on a transport error.
+    async fn read_one<T, F, Fut>(&self, g: Gfid, f: F) -> Result<T>
+    where
+        F: Fn(mortar_proto::brick_client::BrickClient<tonic::transport::Channel>) -> Fut + Clone,
+        Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.stats.reads.fetch_add(1, Relaxed);
+        let mut last = Error::NoGoodCopy;
+        for b in self.readable_bricks(g).await? {
+            let f = f.clone();
+            match b.call(move |c, _| f(c)).await {
+                Ok((r, _)) => return Ok(r),
+                Err(e) => {
+                    self.stats.failovers.fetch_add(1, Relaxed);
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    pub async fn read(&self, g: Gfid, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let r = self
+            .read_one(g, move |mut c| async move { c.read(pb::ReadReq { gfid: g.to_vec(), offset, size }).await })
+            .await?;
+        Error::from_errno(r.errno)?;
+        Ok(r.data)
+    }
+
+    pub async fn readlink(&self, g: Gfid) -> Result<Vec<u8>> {
+        let r = self.read_one(g, move |mut c| async move { c.readlink(pb::GfidReq { gfid: g.to_vec() }).await }).await?;
+        Error::from_errno(r.errno)?;
+        Ok(r.target)
+    }
+
+    pub async fn getxattr(&self, g: Gfid, name: &[u8]) -> Result<Vec<u8>> {
+        let name = name.to_vec();
+        let r = self
+            .read_one(g, move |mut c| {
+                let name = name.clone();
+                async move { c.getxattr(pb::XattrReq { gfid: g.to_vec(), name }).await }
+            })
+            .await?;
+        Error::from_errno(r.errno)?;
+        Ok(r.value)
+    }
+
+    pub async fn listxattr(&self, g: Gfid) -> Result<Vec<Vec<u8>>> {
+        let r = self.read_one(g, move |mut c| async move { c.listxattr(pb::GfidReq { gfid: g.to_vec() }).await }).await?;
+        Error::from_errno(r.errno)?;
+        Ok(r.names)
+    }
+
+    /// The whole listing of a directory, from one good copy.
+    pub async fn readdir(&self, g: Gfid) -> Result<Vec<pb::DirEntry>> {
+        let mut last = Error::NoGoodCopy;
+        'bricks: for b in self.readable_bricks(g).await? {
+            let mut out = Vec::new();
+            loop {
+                let offset = out.len() as u64;
+                let r = b
+                    .call(move |mut c, _| async move {
+                        c.readdir(pb::ReaddirReq { gfid: g.to_vec(), offset, max: 1024 }).await
+                    })
+                    .await;
+                match r {
+                    Ok((r, _)) => {
+                        Error::from_errno(r.errno)?;
+                        let n = r.entries.len();
+                        out.extend(r.entries);
+                        if r.eof || n == 0 {
+                            return Ok(out);
+                        }
+                    }
+                    Err(e) => {
+                        last = e;
+                        continue 'bricks;
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+
+    pub async fn statfs(&self) -> Result<pb::StatfsReply> {
+        let mut last = Error::Transport { brick: "*".into(), msg: "no brick reachable".into() };
+        for b in self.bricks().into_iter().filter(|b| b.is_up()) {
+            match b.call(|mut c, _| async move { c.statfs(pb::Empty {}).await }).await {
+                Ok((r, _)) => {
+                    Error::from_errno(r.errno)?;
+                    return Ok(r);
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    // ---- application locks ----
+
+    /// POSIX/BSD byte-range lock on a majority; blocking requests go brick by brick in
+    /// volfile order so that two clients cannot deadlock.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn lk(&self, g: Gfid, owner: u64, pid: u32, typ: i32, start: u64, end: u64, wait: bool, test: bool) -> Result<pb::LkReply> {
+        let quorum = self.quorum();
+        let bricks: Vec<Arc<Brick>> = self.bricks().into_iter().filter(|b| b.is_up()).collect();
+        let req = |session: [u8; 16], typ: i32, wait: bool| pb::LkReq {
+            session: session.to_vec(),
+            gfid: g.to_vec(),
+            owner,
+            pid,
+            typ,
+            start,
+            end,
+            wait,
+            test,
+        };
+        let send = |b: &Arc<Brick>, typ: i32, wait: bool| {
+            let b = b.clone();
+            async move {
+                let f = move |mut c: mortar_proto::brick_client::BrickClient<_>, up: conn::Up| async move {
+                    c.lk(req(up.session, typ, wait)).await
+                };
+                let r = if wait { b.call_waiting(f).await } else { b.call(f).await };
+                (b, r.map(|(r, _)| r))
+            }
+        };
+        if test || typ == libc::F_UNLCK as i32 {
+            let rs = join_all(bricks.iter().map(|b| send(b, typ, false))).await;
+            let mut ok = 0;
+            for (_, r) in rs {
+                if let Ok(r) = r {
+                    Error::from_errno(r.errno)?;
+                    if test && r.typ != libc::F_UNLCK as i32 {
+                        return Ok(r);
+                    }
+                    ok += 1;
+                }
+            }
+            if ok == 0 {
+                return Err(Error::NoQuorum { have: 0, need: quorum });
+            }
+            return Ok(pb::LkReply { typ: libc::F_UNLCK as i32, ..Default::default() });
+        }
+        let mut granted = Vec::new();
+        let mut refused = None;
+        if wait {
+            for b in &bricks {
+                match send(b, typ, true).await {
+                    (b, Ok(r)) if r.errno == 0 => granted.push(b),
+                    (_, Ok(r)) => {
+                        refused = Some(r.errno);
+                        break;
+                    }
+                    (_, Err(_)) => {}
+                }
+            }
+        } else {
+            for (b, r) in join_all(bricks.iter().map(|b| send(b, typ, false))).await {
+                match r {
+                    Ok(r) if r.errno == 0 => granted.push(b),
+                    Ok(r) => refused = Some(r.errno),
+                    Err(_) => {}
+                }
+            }
+        }
+        if refused.is_none() && granted.len() >= quorum {
+            return Ok(pb::LkReply::default());
+        }
+        // Undo the partial grant: only the range this request took is ours to drop.
+        join_all(granted.iter().map(|b| send(b, libc::F_UNLCK as i32, false))).await;
+        match refused {
+            Some(e) => Err(Error::Os(e)),
+            None => Err(Error::NoQuorum { have: granted.len(), need: quorum }),
+        }
+    }
+}
