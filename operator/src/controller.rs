@@ -471,6 +471,25 @@ async fn apply(ssc: &SharedStorageCluster, ctx: &Context) -> Result<Action, Erro
         }
     }
 
+    let never_ready = matches!(
+        ssc.status.as_ref().and_then(|s| s.phase),
+        None | Some(Phase::Pending) | Some(Phase::Failed)
+    );
+    if never_ready && !all_ready && !progress.progressing {
+        let waiting: Vec<_> = observed
+            .iter()
+            .filter(|b| !b.ready())
+            .map(|b| b.id.as_str())
+            .collect();
+        progress = Progress::step(
+            "WaitingForBricks",
+            format!(
+                "waiting for the first start of bricks: {}",
+                waiting.join(", ")
+            ),
+        );
+    }
+
     let claims_left = delete_removed_claims(ssc, client, &ns, bricks, &pods_by_ordinal).await?;
     if claims_left && !progress.progressing {
         progress = Progress::step(
