@@ -1,0 +1,147 @@
+//! `mortar-csi --mode controller|node --endpoint unix:///csi/csi.sock --node-id NAME`
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use mortar_csi::node::NodeConfig;
+use mortar_csi::ops::{LocalResolver, Unconfigured, VolumeResolver};
+use mortar_csi::server::{self, Mode, Services};
+
+/// Mortar CSI driver (mortar.csi.mortar.dev): identity + controller or identity + node
+/// services on a unix socket.
+#[derive(Parser, Debug)]
+#[command(name = "mortar-csi", version)]
+struct Cli {
+    /// Which services to run.
+    #[arg(long, value_enum)]
+    mode: Mode,
+    /// The CSI socket, as kubelet and the sidecars name it.
+    #[arg(long, default_value = "unix:///csi/csi.sock", env = "CSI_ENDPOINT")]
+    endpoint: String,
+    /// This node's name (node mode), usually the Kubernetes node name.
+    #[arg(long, env = "NODE_ID")]
+    node_id: Option<String>,
+    /// Log filter, e.g. `info` or `mortar_csi=debug`.
+    #[arg(long, default_value = "info")]
+    log_level: String,
+    /// Serve Prometheus metrics on this address (`/metrics`); off when not given.
+    #[arg(long)]
+    metrics_address: Option<std::net::SocketAddr>,
+
+    /// Controller: reach volumes as local directories `DIR/NAMESPACE/CLUSTER/VOLUME`
+    /// (a mounted Mortar volume, or plain directories for trials and tests).
+    #[arg(long)]
+    local_root: Option<PathBuf>,
+    /// Controller: capacity of a volume request that names none, in bytes.
+    #[arg(long, default_value_t = 1 << 30)]
+    default_capacity: u64,
+
+    /// Node: directory for the shared per-cluster mounts and mount helper logs.
+    #[arg(long, default_value = "/var/lib/kubelet/plugins/mortar.csi.mortar.dev")]
+    state_dir: PathBuf,
+    /// Node: the FUSE mount helper (looked up in PATH when a bare name).
+    #[arg(long, default_value = "mortar-mount")]
+    mount_command: PathBuf,
+    /// Node: volfile server of a named cluster; `{cluster}` and `{namespace}` are replaced.
+    #[arg(long, default_value = "{cluster}-bricks.{namespace}.svc")]
+    volfile_server_template: String,
+    /// Node: seconds to wait for the mount helper.
+    #[arg(long, default_value_t = 60)]
+    mount_timeout: u64,
+}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            let msg = e.to_string();
+            let first = msg
+                .lines()
+                .next()
+                .unwrap_or("bad arguments")
+                .trim_start_matches("error: ");
+            eprintln!("mortar-csi: {first}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = run(cli) {
+        eprintln!("mortar-csi: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
+        .map_err(|e| anyhow::anyhow!("--log-level {:?}: {e}", cli.log_level))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+
+    let node = match cli.mode {
+        Mode::Controller => None,
+        Mode::Node | Mode::All => {
+            let node_id = cli
+                .node_id
+                .clone()
+                .filter(|n| !n.is_empty())
+                .ok_or_else(|| anyhow::anyhow!("--node-id is required in node mode"))?;
+            let mut cfg = NodeConfig::new(node_id);
+            cfg.state_dir = cli.state_dir.clone();
+            cfg.mount_command = cli.mount_command.clone();
+            cfg.server_template = cli.volfile_server_template.clone();
+            cfg.mount_timeout = Duration::from_secs(cli.mount_timeout);
+            Some(cfg)
+        }
+    };
+    let resolver: Arc<dyn VolumeResolver> = match &cli.local_root {
+        Some(root) => Arc::new(LocalResolver::new(root)),
+        None => Arc::new(Unconfigured),
+    };
+    let socket = server::socket_path(&cli.endpoint)?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = server::bind(&socket)?;
+        if let Some(addr) = cli.metrics_address {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("--metrics-address {addr}: {e}"))?;
+            tokio::spawn(mortar_csi::metrics::serve(l));
+        }
+        tracing::info!(
+            driver = mortar_csi::DRIVER_NAME,
+            version = mortar_csi::VERSION,
+            mode = ?cli.mode,
+            socket = %socket.display(),
+            node_id = cli.node_id.as_deref().unwrap_or(""),
+            "serving"
+        );
+        let shutdown = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            // Mounts are deliberately left alone: pods keep using them, and the next
+            // plugin process finds them in the mount table.
+            tracing::info!("shutting down; mounts stay in place");
+        };
+        let services = Services {
+            mode: cli.mode,
+            resolver,
+            default_bytes: cli.default_capacity,
+            node,
+        };
+        server::serve(services, listener, shutdown).await?;
+        let _ = std::fs::remove_file(&socket);
+        Ok(())
+    })
+}

@@ -1,0 +1,758 @@
+//! Node service: makes Mortar volumes visible to pods on this node.
+//!
+//! Layers, all ordinary kernel mounts so that they outlive this process:
+//!
+//! 1. **Shared mount** — one FUSE mount per Mortar volume (cluster + volume) per node, at
+//!    `STATE_DIR/volumes/<key>`, made by `mortar-mount`, which daemonises: the FUSE daemon
+//!    is not a child that dies with the plugin. Every PVC of that cluster on this node
+//!    shares it (one set of brick connections, not one per PVC).
+//! 2. **Stage** — NodeStageVolume bind-mounts the PVC's directory (`pvc-<id>`, or the
+//!    volume root for a whole-volume PV) of the shared mount on kubelet's per-PV staging
+//!    path.
+//! 3. **Publish** — NodePublishVolume bind-mounts the staging path on the pod's target
+//!    path, read-only when asked.
+//!
+//! Nothing is remembered in memory: each call reads the mount table, so a restarted
+//! plugin picks up exactly where the previous one stopped. A mount whose FUSE daemon died
+//! ("transport endpoint is not connected") is detached and made again when stage or
+//! publish finds it, never reported as success; the shared mount is unmounted when the
+//! last staged PVC using it is unstaged.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+
+use crate::caps;
+use crate::csi::node_server::Node;
+use crate::csi::node_service_capability::{self, rpc};
+use crate::csi::volume_capability::AccessType;
+use crate::csi::*;
+use crate::error::{CsiError, Result};
+use crate::inflight::InFlight;
+use crate::metrics::observe;
+use crate::mounts::{self, BindFlags, Health, MountEntry};
+use crate::ops::{self, LIMIT_XATTR};
+use crate::volume_id::{ClusterRef, VolumeId, VolumeLocation};
+
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub node_id: String,
+    /// Holds the shared mounts (`volumes/`) and mount helper logs (`logs/`). In
+    /// Kubernetes this must be a host directory mounted with Bidirectional propagation.
+    pub state_dir: PathBuf,
+    /// The FUSE mount helper: `CMD HOST[:PORT]:/VOLUME MOUNTPOINT [-o opts]`, expected to
+    /// daemonise and return once the mount is up.
+    pub mount_command: PathBuf,
+    /// Volfile server for a named cluster; `{cluster}` and `{namespace}` are replaced.
+    pub server_template: String,
+    pub mount_timeout: Duration,
+    /// How long a stat may take before a mount counts as hung.
+    pub probe_timeout: Duration,
+}
+
+impl NodeConfig {
+    pub fn new(node_id: impl Into<String>) -> Self {
+        NodeConfig {
+            node_id: node_id.into(),
+            state_dir: PathBuf::from("/var/lib/kubelet/plugins/mortar.csi.mortar.dev"),
+            mount_command: PathBuf::from("mortar-mount"),
+            server_template: "{cluster}-bricks.{namespace}.svc".into(),
+            mount_timeout: Duration::from_secs(60),
+            probe_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// The mount helper as an executable path, looked up in PATH when it is a bare name.
+    pub fn resolve_mount_command(&self) -> Option<PathBuf> {
+        use std::os::unix::fs::PermissionsExt;
+        let executable = |p: &Path| {
+            p.metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        };
+        if self.mount_command.components().count() > 1 {
+            return executable(&self.mount_command).then(|| self.mount_command.clone());
+        }
+        let path = std::env::var_os("PATH")?;
+        std::env::split_paths(&path)
+            .map(|d| d.join(&self.mount_command))
+            .find(|p| executable(p))
+    }
+
+    /// Probe: ready when the mount helper exists and the state directory is usable.
+    pub fn ready(&self) -> std::result::Result<(), String> {
+        if self.resolve_mount_command().is_none() {
+            return Err(format!(
+                "mount helper {} not found",
+                self.mount_command.display()
+            ));
+        }
+        std::fs::create_dir_all(self.state_dir.join("volumes"))
+            .map_err(|e| format!("state directory {}: {e}", self.state_dir.display()))
+    }
+}
+
+pub struct NodeService {
+    cfg: NodeConfig,
+    inflight: InFlight,
+    /// Serialises mount/unmount of each shared mount between PVCs of one cluster.
+    shared_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+fn required<'a>(value: &'a str, field: &str) -> Result<&'a str> {
+    if value.is_empty() {
+        Err(CsiError::missing(field))
+    } else {
+        Ok(value)
+    }
+}
+
+fn parse_id(id: &str) -> Result<VolumeId> {
+    id.parse().map_err(|e: crate::volume_id::ParseError| {
+        CsiError::NotFound(format!("volume {id:?} not found ({})", e.why))
+    })
+}
+
+fn io_err(context: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> CsiError {
+    move |e| CsiError::io(context.to_string(), e)
+}
+
+fn check_mount_capability(cap: Option<&VolumeCapability>) -> Result<&VolumeCapability> {
+    let cap = cap.ok_or_else(|| CsiError::missing("volume_capability"))?;
+    caps::check(cap).map_err(CsiError::InvalidArgument)?;
+    Ok(cap)
+}
+
+fn mount_flags(cap: &VolumeCapability) -> &[String] {
+    match &cap.access_type {
+        Some(AccessType::Mount(m)) => &m.mount_flags,
+        _ => &[],
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| CsiError::Internal(format!("worker failed: {e}")))?
+}
+
+impl NodeService {
+    pub fn new(cfg: NodeConfig) -> Self {
+        NodeService {
+            cfg,
+            inflight: InFlight::default(),
+            shared_locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn shared_path(&self, location: &VolumeLocation) -> PathBuf {
+        self.cfg.state_dir.join("volumes").join(location.key())
+    }
+
+    fn shared_lock(&self, location: &VolumeLocation) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.shared_locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(location.key()).or_default().clone()
+    }
+
+    /// `mortar-mount` arguments for a volume: the first volfile server, the others as
+    /// backups.
+    fn mount_args(&self, location: &VolumeLocation, mount_point: &Path) -> Vec<String> {
+        let servers = match &location.cluster {
+            ClusterRef::Named { namespace, name } => {
+                vec![
+                    self.cfg
+                        .server_template
+                        .replace("{cluster}", name)
+                        .replace("{namespace}", namespace),
+                ]
+            }
+            ClusterRef::Servers(list) => list.clone(),
+        };
+        let mut args = vec![
+            format!("{}:/{}", servers[0], location.volume),
+            mount_point.display().to_string(),
+        ];
+        if servers.len() > 1 {
+            args.push("-o".into());
+            args.push(format!("backup-volfile-servers={}", servers[1..].join(":")));
+        }
+        args
+    }
+
+    /// Makes sure the shared mount of `location` is up and answering, mounting it or
+    /// replacing a dead one. Returns its mount table entry.
+    async fn ensure_shared(&self, location: &VolumeLocation) -> Result<MountEntry> {
+        let lock = self.shared_lock(location);
+        let _held = lock.lock().await;
+        let path = self.shared_path(location);
+        for _ in 0..8 {
+            let Some(entry) = mounts::find_now(&path).map_err(io_err("reading mount table"))?
+            else {
+                break;
+            };
+            match mounts::probe(&path, self.cfg.probe_timeout).await {
+                Health::Healthy => return Ok(entry),
+                health => {
+                    tracing::warn!(mount = %path.display(), ?health, "shared mount is broken, remounting");
+                    mounts::unmount(&path, true)
+                        .map_err(io_err(format!("detaching {}", path.display())))?;
+                }
+            }
+        }
+        tokio::fs::create_dir_all(&path)
+            .await
+            .map_err(io_err(format!("creating {}", path.display())))?;
+        self.run_mount(location, &path).await?;
+        let entry = mounts::find_now(&path)
+            .map_err(io_err("reading mount table"))?
+            .ok_or_else(|| {
+                CsiError::Unavailable(format!(
+                    "mount helper returned but nothing is mounted at {}",
+                    path.display()
+                ))
+            })?;
+        match mounts::probe(&path, self.cfg.probe_timeout).await {
+            Health::Healthy => Ok(entry),
+            health => {
+                let _ = mounts::unmount(&path, true);
+                Err(CsiError::Unavailable(format!(
+                    "new mount of {location} is not usable: {health:?}"
+                )))
+            }
+        }
+    }
+
+    async fn run_mount(&self, location: &VolumeLocation, path: &Path) -> Result<()> {
+        let cmd = self.cfg.resolve_mount_command().ok_or_else(|| {
+            CsiError::Unavailable(format!(
+                "mount helper {} not found",
+                self.cfg.mount_command.display()
+            ))
+        })?;
+        let args = self.mount_args(location, path);
+        let logs = self.cfg.state_dir.join("logs");
+        tokio::fs::create_dir_all(&logs)
+            .await
+            .map_err(io_err("creating log directory"))?;
+        let log_path = logs.join(format!("mount-{}.log", location.key()));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io_err(format!("opening {}", log_path.display())))?;
+        tracing::info!(command = %cmd.display(), ?args, "mounting");
+        // Output goes to a file, not a pipe: the daemonised FUSE process inherits the
+        // descriptors and would hold a pipe open long after the helper returned.
+        let mut child = tokio::process::Command::new(&cmd)
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().map_err(io_err("log file"))?)
+            .stderr(log)
+            // Its own process group: signals aimed at the plugin (Ctrl-C, a group kill on
+            // restart) must not reach the mount helper or the daemon it leaves running.
+            .process_group(0)
+            .spawn()
+            .map_err(io_err(format!("starting {}", cmd.display())))?;
+        let status = match tokio::time::timeout(self.cfg.mount_timeout, child.wait()).await {
+            Ok(status) => status.map_err(io_err("waiting for the mount helper"))?,
+            Err(_) => {
+                let _ = child.start_kill();
+                return Err(CsiError::Unavailable(format!(
+                    "mounting {location} timed out"
+                )));
+            }
+        };
+        if !status.success() {
+            let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = tail.lines().rev().take(3).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            return Err(CsiError::Unavailable(format!(
+                "mounting {location} failed ({status}): {}",
+                tail.join(" | ")
+            )));
+        }
+        Ok(())
+    }
+
+    /// Binds the volume's directory of the shared mount on `staging`; idempotent, and
+    /// repairs a staging mount that lost its FUSE daemon.
+    async fn stage(&self, id: &VolumeId, staging: &Path) -> Result<()> {
+        let shared = self.ensure_shared(&id.location).await?;
+        let sub = id.dir.clone().unwrap_or_default();
+        let source = self.shared_path(&id.location).join(&sub);
+        match mounts::probe(&source, self.cfg.probe_timeout).await {
+            Health::Healthy => {}
+            Health::Missing => {
+                return Err(CsiError::NotFound(format!(
+                    "volume {id} not found on the Mortar volume"
+                )));
+            }
+            health => {
+                return Err(CsiError::Unavailable(format!(
+                    "{}: {health:?}",
+                    source.display()
+                )));
+            }
+        }
+        if let Some(existing) = mounts::find_now(staging).map_err(io_err("reading mount table"))? {
+            let health = mounts::probe(staging, self.cfg.probe_timeout).await;
+            if !health.is_broken() && existing.shows(&shared, &sub) {
+                return Ok(());
+            }
+            tracing::warn!(staging = %staging.display(), ?health, "replacing stale staging mount");
+            mounts::unmount_all(staging)
+                .map_err(io_err(format!("unmounting {}", staging.display())))?;
+        }
+        let staging2 = staging.to_path_buf();
+        blocking(move || {
+            std::fs::create_dir_all(&staging2)
+                .map_err(io_err(format!("creating {}", staging2.display())))?;
+            mounts::bind(&source, &staging2, BindFlags::default())
+                .map_err(io_err(format!("bind-mounting {}", staging2.display())))
+        })
+        .await
+    }
+
+    /// Unmounts the shared mount of `location` once no staged or published mount shows
+    /// any part of it (read from the mount table, so also right after a restart).
+    async fn release_shared(&self, location: &VolumeLocation) -> Result<()> {
+        let lock = self.shared_lock(location);
+        let _held = lock.lock().await;
+        let path = self.shared_path(location);
+        let table = mounts::read_mountinfo().map_err(io_err("reading mount table"))?;
+        let Some(shared) = mounts::find(&table, &path) else {
+            return Ok(());
+        };
+        let users = table
+            .iter()
+            .filter(|e| e.id != shared.id && e.is_within(shared))
+            .count();
+        if users > 0 {
+            tracing::debug!(mount = %path.display(), users, "shared mount still in use");
+            return Ok(());
+        }
+        tracing::info!(mount = %path.display(), "last user gone, unmounting shared mount");
+        mounts::unmount_all(&path).map_err(io_err(format!("unmounting {}", path.display())))?;
+        let _ = std::fs::remove_dir(&path);
+        Ok(())
+    }
+
+    async fn node_stage(&self, req: NodeStageVolumeRequest) -> Result<NodeStageVolumeResponse> {
+        required(&req.volume_id, "volume_id")?;
+        required(&req.staging_target_path, "staging_target_path")?;
+        check_mount_capability(req.volume_capability.as_ref())?;
+        let id = parse_id(&req.volume_id)?;
+        let _guard = self.inflight.try_lock(req.volume_id.clone())?;
+        let staging = mounts::absolute(Path::new(&req.staging_target_path))
+            .map_err(io_err("staging_target_path"))?;
+        self.stage(&id, &staging).await?;
+        Ok(NodeStageVolumeResponse {})
+    }
+
+    async fn node_unstage(
+        &self,
+        req: NodeUnstageVolumeRequest,
+    ) -> Result<NodeUnstageVolumeResponse> {
+        required(&req.volume_id, "volume_id")?;
+        required(&req.staging_target_path, "staging_target_path")?;
+        let _guard = self.inflight.try_lock(req.volume_id.clone())?;
+        let staging = match mounts::absolute(Path::new(&req.staging_target_path)) {
+            Ok(p) => p,
+            // Parent gone: nothing can be mounted there.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(NodeUnstageVolumeResponse {});
+            }
+            Err(e) => return Err(CsiError::io("staging_target_path", e)),
+        };
+        let s = staging.clone();
+        blocking(move || {
+            mounts::unmount_all(&s).map_err(io_err(format!("unmounting {}", s.display())))
+        })
+        .await?;
+        if let Ok(id) = req.volume_id.parse::<VolumeId>() {
+            self.release_shared(&id.location).await?;
+        }
+        Ok(NodeUnstageVolumeResponse {})
+    }
+
+    async fn node_publish(
+        &self,
+        req: NodePublishVolumeRequest,
+    ) -> Result<NodePublishVolumeResponse> {
+        required(&req.volume_id, "volume_id")?;
+        required(&req.staging_target_path, "staging_target_path")?;
+        required(&req.target_path, "target_path")?;
+        let cap = check_mount_capability(req.volume_capability.as_ref())?;
+        let id = parse_id(&req.volume_id)?;
+        let (mut flags, ignored) =
+            BindFlags::from_options(mount_flags(cap).iter().map(String::as_str));
+        if !ignored.is_empty() {
+            tracing::info!(
+                ?ignored,
+                "mount flags that do not apply to a bind mount are ignored"
+            );
+        }
+        flags.read_only |= req.readonly || caps::is_read_only(cap);
+        let _guard = self
+            .inflight
+            .try_lock(format!("{}@{}", req.volume_id, req.target_path))?;
+
+        let staging = mounts::absolute(Path::new(&req.staging_target_path))
+            .map_err(io_err("staging_target_path"))?;
+        let Some(mut staged) = mounts::find_now(&staging).map_err(io_err("reading mount table"))?
+        else {
+            return Err(CsiError::FailedPrecondition(format!(
+                "volume is not staged at {}",
+                staging.display()
+            )));
+        };
+        if mounts::probe(&staging, self.cfg.probe_timeout)
+            .await
+            .is_broken()
+        {
+            tracing::warn!(staging = %staging.display(), "staging mount is broken, repairing before publish");
+            self.stage(&id, &staging).await?;
+            staged = mounts::find_now(&staging)
+                .map_err(io_err("reading mount table"))?
+                .ok_or_else(|| CsiError::Internal("staging mount vanished during repair".into()))?;
+        }
+
+        let target =
+            mounts::absolute(Path::new(&req.target_path)).map_err(io_err("target_path"))?;
+        if let Some(existing) = mounts::find_now(&target).map_err(io_err("reading mount table"))? {
+            let health = mounts::probe(&target, self.cfg.probe_timeout).await;
+            if health.is_broken() {
+                tracing::warn!(target = %target.display(), "published mount is broken, mounting again");
+                mounts::unmount_all(&target)
+                    .map_err(io_err(format!("unmounting {}", target.display())))?;
+            } else if existing.dev == staged.dev && existing.root == staged.root {
+                if existing.read_only() == flags.read_only {
+                    return Ok(NodePublishVolumeResponse {});
+                }
+                return Err(CsiError::AlreadyExists(format!(
+                    "{} is already published {}",
+                    target.display(),
+                    if existing.read_only() {
+                        "read-only"
+                    } else {
+                        "read-write"
+                    }
+                )));
+            } else {
+                return Err(CsiError::AlreadyExists(format!(
+                    "{} already has another mount",
+                    target.display()
+                )));
+            }
+        }
+        blocking(move || {
+            std::fs::create_dir_all(&target)
+                .map_err(io_err(format!("creating {}", target.display())))?;
+            mounts::bind(&staging, &target, flags)
+                .map_err(io_err(format!("bind-mounting {}", target.display())))
+        })
+        .await?;
+        Ok(NodePublishVolumeResponse {})
+    }
+
+    async fn node_unpublish(
+        &self,
+        req: NodeUnpublishVolumeRequest,
+    ) -> Result<NodeUnpublishVolumeResponse> {
+        required(&req.volume_id, "volume_id")?;
+        required(&req.target_path, "target_path")?;
+        let _guard = self
+            .inflight
+            .try_lock(format!("{}@{}", req.volume_id, req.target_path))?;
+        let target = match mounts::absolute(Path::new(&req.target_path)) {
+            Ok(p) => p,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(NodeUnpublishVolumeResponse {});
+            }
+            Err(e) => return Err(CsiError::io("target_path", e)),
+        };
+        blocking(move || {
+            mounts::unmount_all(&target)
+                .map_err(io_err(format!("unmounting {}", target.display())))?;
+            // The spec has the plugin remove the target it created. remove_dir (not
+            // remove_dir_all): a non-empty directory here is not ours to delete.
+            match std::fs::remove_dir(&target) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(CsiError::io(format!("removing {}", target.display()), e)),
+            }
+        })
+        .await?;
+        Ok(NodeUnpublishVolumeResponse {})
+    }
+
+    async fn stats(&self, req: NodeGetVolumeStatsRequest) -> Result<NodeGetVolumeStatsResponse> {
+        required(&req.volume_id, "volume_id")?;
+        required(&req.volume_path, "volume_path")?;
+        let path = mounts::absolute(Path::new(&req.volume_path)).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                CsiError::NotFound(format!("{} does not exist", req.volume_path))
+            }
+            _ => CsiError::io("volume_path", e),
+        })?;
+        let abnormal = |message: String| NodeGetVolumeStatsResponse {
+            usage: Vec::new(),
+            volume_condition: Some(VolumeCondition {
+                abnormal: true,
+                message,
+            }),
+        };
+        match mounts::probe(&path, self.cfg.probe_timeout).await {
+            Health::Healthy => {}
+            Health::Missing => {
+                return Err(CsiError::NotFound(format!(
+                    "{} does not exist",
+                    path.display()
+                )));
+            }
+            Health::Disconnected => {
+                return Ok(abnormal(
+                    "Mortar mount is broken: transport endpoint is not connected".into(),
+                ));
+            }
+            Health::Hung => return Ok(abnormal("Mortar mount does not answer".into())),
+            Health::Failed(e) => return Ok(abnormal(format!("Mortar mount fails: {e}"))),
+        }
+        if mounts::find_now(&path)
+            .map_err(io_err("reading mount table"))?
+            .is_none()
+        {
+            return Err(CsiError::NotFound(format!(
+                "volume {} is not mounted at {}",
+                req.volume_id,
+                path.display()
+            )));
+        }
+        let probe_timeout = self.cfg.probe_timeout;
+        let work = blocking(move || {
+            let fs = ops::statvfs(&path).map_err(io_err("statfs"))?;
+            let limit = ops::get_xattr(&path, LIMIT_XATTR)
+                .ok()
+                .flatten()
+                .and_then(|v| v.parse::<u64>().ok());
+            let usage =
+                |unit: volume_usage::Unit, total: u64, used: u64, available: u64| VolumeUsage {
+                    available: available.min(i64::MAX as u64) as i64,
+                    total: total.min(i64::MAX as u64) as i64,
+                    used: used.min(i64::MAX as u64) as i64,
+                    unit: unit as i32,
+                };
+            let fs_used_inodes = fs.total_inodes.saturating_sub(fs.free_inodes);
+            let list = match limit {
+                // The file system reports the whole volume: measure the PVC itself
+                // against its limit, as `df` on a quota'd directory would show it.
+                Some(limit) if fs.total_bytes > limit => {
+                    let u = ops::tree_usage(&path).map_err(io_err("measuring usage"))?;
+                    vec![
+                        usage(
+                            volume_usage::Unit::Bytes,
+                            limit,
+                            u.bytes,
+                            limit.saturating_sub(u.bytes).min(fs.free_bytes),
+                        ),
+                        usage(
+                            volume_usage::Unit::Inodes,
+                            fs.total_inodes,
+                            u.inodes,
+                            fs.free_inodes,
+                        ),
+                    ]
+                }
+                _ => vec![
+                    usage(
+                        volume_usage::Unit::Bytes,
+                        fs.total_bytes,
+                        fs.total_bytes.saturating_sub(fs.free_bytes),
+                        fs.free_bytes,
+                    ),
+                    usage(
+                        volume_usage::Unit::Inodes,
+                        fs.total_inodes,
+                        fs_used_inodes,
+                        fs.free_inodes,
+                    ),
+                ],
+            };
+            Ok(list)
+        });
+        let usage = tokio::time::timeout(probe_timeout * 6, work)
+            .await
+            .map_err(|_| CsiError::Unavailable("measuring volume usage timed out".into()))??;
+        Ok(NodeGetVolumeStatsResponse {
+            usage,
+            volume_condition: Some(VolumeCondition {
+                abnormal: false,
+                message: "mounted and answering".into(),
+            }),
+        })
+    }
+
+    async fn expand(&self, req: NodeExpandVolumeRequest) -> Result<NodeExpandVolumeResponse> {
+        required(&req.volume_id, "volume_id")?;
+        required(&req.volume_path, "volume_path")?;
+        if let Some(cap) = &req.volume_capability {
+            caps::check(cap).map_err(CsiError::InvalidArgument)?;
+        }
+        parse_id(&req.volume_id)?;
+        let path = PathBuf::from(&req.volume_path);
+        match mounts::probe(&path, self.cfg.probe_timeout).await {
+            Health::Healthy => {}
+            Health::Missing => {
+                return Err(CsiError::NotFound(format!(
+                    "{} does not exist",
+                    path.display()
+                )));
+            }
+            health => {
+                return Err(CsiError::Unavailable(format!(
+                    "{}: {health:?}",
+                    path.display()
+                )));
+            }
+        }
+        // The size limit lives on the Mortar volume and was raised by the controller;
+        // there is no file system on the node to grow.
+        let capacity = req
+            .capacity_range
+            .map(|r| r.required_bytes.max(r.limit_bytes))
+            .unwrap_or(0);
+        if capacity < 0 {
+            return Err(CsiError::InvalidArgument(
+                "capacity must not be negative".into(),
+            ));
+        }
+        Ok(NodeExpandVolumeResponse {
+            capacity_bytes: capacity,
+        })
+    }
+}
+
+fn rpc_cap(t: rpc::Type) -> NodeServiceCapability {
+    NodeServiceCapability {
+        r#type: Some(node_service_capability::Type::Rpc(
+            node_service_capability::Rpc { r#type: t as i32 },
+        )),
+    }
+}
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    async fn node_stage_volume(
+        &self,
+        r: Request<NodeStageVolumeRequest>,
+    ) -> Result<Response<NodeStageVolumeResponse>, Status> {
+        let req = r.into_inner();
+        let subject = format!("{} at {}", req.volume_id, req.staging_target_path);
+        observe("NodeStageVolume", &subject, self.node_stage(req)).await
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        r: Request<NodeUnstageVolumeRequest>,
+    ) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
+        let req = r.into_inner();
+        let subject = format!("{} at {}", req.volume_id, req.staging_target_path);
+        observe("NodeUnstageVolume", &subject, self.node_unstage(req)).await
+    }
+
+    async fn node_publish_volume(
+        &self,
+        r: Request<NodePublishVolumeRequest>,
+    ) -> Result<Response<NodePublishVolumeResponse>, Status> {
+        let req = r.into_inner();
+        let subject = format!("{} at {}", req.volume_id, req.target_path);
+        observe("NodePublishVolume", &subject, self.node_publish(req)).await
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        r: Request<NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
+        let req = r.into_inner();
+        let subject = format!("{} at {}", req.volume_id, req.target_path);
+        observe("NodeUnpublishVolume", &subject, self.node_unpublish(req)).await
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        r: Request<NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
+        let req = r.into_inner();
+        let subject = format!("{} at {}", req.volume_id, req.volume_path);
+        observe("NodeGetVolumeStats", &subject, self.stats(req)).await
+    }
+
+    async fn node_expand_volume(
+        &self,
+        r: Request<NodeExpandVolumeRequest>,
+    ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
+        let req = r.into_inner();
+        let subject = req.volume_id.clone();
+        observe("NodeExpandVolume", &subject, self.expand(req)).await
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _: Request<NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
+        observe("NodeGetCapabilities", "", async {
+            Ok(NodeGetCapabilitiesResponse {
+                capabilities: vec![
+                    rpc_cap(rpc::Type::StageUnstageVolume),
+                    rpc_cap(rpc::Type::GetVolumeStats),
+                    rpc_cap(rpc::Type::ExpandVolume),
+                    rpc_cap(rpc::Type::VolumeCondition),
+                    rpc_cap(rpc::Type::SingleNodeMultiWriter),
+                ],
+            })
+        })
+        .await
+    }
+
+    async fn node_get_info(
+        &self,
+        _: Request<NodeGetInfoRequest>,
+    ) -> Result<Response<NodeGetInfoResponse>, Status> {
+        let node_id = self.cfg.node_id.clone();
+        observe("NodeGetInfo", "", async move {
+            let segments = [(crate::TOPOLOGY_NODE_KEY.to_string(), node_id.clone())]
+                .into_iter()
+                .collect();
+            Ok(NodeGetInfoResponse {
+                node_id,
+                max_volumes_per_node: 0,
+                accessible_topology: Some(Topology { segments }),
+            })
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_arguments_follow_the_mortar_mount_contract() {
+        let mut cfg = NodeConfig::new("n1");
+        cfg.server_template = "{cluster}-bricks.{namespace}.svc".into();
+        let svc = NodeService::new(cfg);
+        let named: VolumeId = "storage/shared/data/pvc-1".parse().unwrap();
+        assert_eq!(
+            svc.mount_args(&named.location, Path::new("/m")),
+            vec!["shared-bricks.storage.svc:/data", "/m"]
+        );
+        let servers: VolumeId = "@h1:24100,h2,h3/data".parse().unwrap();
+        assert_eq!(
+            svc.mount_args(&servers.location, Path::new("/m")),
+            vec!["h1:24100:/data", "/m", "-o", "backup-volfile-servers=h2:h3"]
+        );
+    }
+}
