@@ -323,7 +323,9 @@ impl ControllerService {
         let scratch = format!(".creating-{dir}");
         // Left over by a create that crashed half way: start again.
         ops.remove_all(&scratch).await?;
-        ops.mkdir(&scratch).await?;
+        // World-writable like a fresh NFS export: pods run as arbitrary users and the CSI
+        // driver is not told which; the size limit, not the mode, bounds what they can do.
+        ops.mkdir(&scratch, 0o777).await?;
         if let Some((_, src_dir)) = &source {
             ops.copy_tree(src_dir, &scratch).await?;
         }

@@ -90,8 +90,9 @@ pub struct FsStats {
 /// Operations on one Mortar volume, rooted at the volume's top directory.
 #[async_trait]
 pub trait VolumeOps: Send + Sync {
-    /// Makes an empty directory; `AlreadyExists` if the name is taken.
-    async fn mkdir(&self, name: &str) -> OpsResult<()>;
+    /// Makes an empty directory with exactly `mode` (no umask); `AlreadyExists` if the
+    /// name is taken.
+    async fn mkdir(&self, name: &str, mode: u32) -> OpsResult<()>;
     /// Whether a top-level directory exists.
     async fn exists(&self, name: &str) -> OpsResult<bool>;
     /// The record kept with a directory: `NotFound` without the directory, `None` for a
@@ -387,10 +388,11 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
 
 #[async_trait]
 impl VolumeOps for LocalDirOps {
-    async fn mkdir(&self, name: &str) -> OpsResult<()> {
+    async fn mkdir(&self, name: &str, mode: u32) -> OpsResult<()> {
         let (path, name) = (self.path(name), name.to_string());
         blocking(move || match std::fs::create_dir(&path) {
-            Ok(()) => Ok(()),
+            Ok(()) => std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| OpsError::io(format!("chmod {name}"), e)),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 Err(OpsError::AlreadyExists(name))
             }
