@@ -444,8 +444,9 @@ async fn apply(ssc: &SharedStorageCluster, ctx: &Context) -> Result<Action, Erro
 
     // Roll one outdated pod only in a round that changed no membership, so a brick is never
     // both added and replaced at once.
-    if current == Some(bricks) && !progress.progressing {
-        if let Some(step) = roll_one_pod(
+    if current == Some(bricks)
+        && !progress.progressing
+        && let Some(step) = roll_one_pod(
             ssc,
             &pod_api,
             sts.as_ref(),
@@ -454,21 +455,20 @@ async fn apply(ssc: &SharedStorageCluster, ctx: &Context) -> Result<Action, Erro
             all_ready,
         )
         .await?
-        {
-            progress = step;
-        }
+    {
+        progress = step;
     }
 
-    if !progress.progressing {
-        if let Some(lagging) = lagging_bricks(&observed, volfile.generation) {
-            progress = Progress::step(
-                "VolfilePropagating",
-                format!(
-                    "bricks not yet on volfile generation {}: {lagging}",
-                    volfile.generation
-                ),
-            );
-        }
+    if !progress.progressing
+        && let Some(lagging) = lagging_bricks(&observed, volfile.generation)
+    {
+        progress = Progress::step(
+            "VolfilePropagating",
+            format!(
+                "bricks not yet on volfile generation {}: {lagging}",
+                volfile.generation
+            ),
+        );
     }
 
     let never_ready = matches!(

@@ -22,6 +22,8 @@ pub const DEFAULT_SIZE: &str = "10Gi";
 pub const DEFAULT_PING_TIMEOUT_SECONDS: i32 = 5;
 
 /// A replicated Mortar volume served by `bricks` brick pods, each holding a full copy.
+// The printer columns repeat `type_`, which clippy mistakes for a duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "mortar.dev",

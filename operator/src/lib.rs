@@ -4,6 +4,7 @@
 pub mod controller;
 pub mod crd;
 pub mod health;
+pub mod leader;
 pub mod metrics;
 pub mod resources;
 pub mod status;

@@ -6,10 +6,10 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use kube::Client;
-use kube_lease_manager::LeaseManagerBuilder;
 use mortar_operator::controller::{self, Context};
 use mortar_operator::crd;
 use mortar_operator::health::GrpcHealthProbe;
+use mortar_operator::leader::{Leadership, LeaseConfig};
 use mortar_operator::metrics::{self, Metrics};
 use tracing::{error, info, warn};
 
@@ -57,10 +57,11 @@ struct RunArgs {
     #[arg(long)]
     disable_leader_election: bool,
 
-    /// Namespace of the leader Lease; defaults to the pod's namespace.
-    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
-    lease_namespace: String,
+    /// Namespace of the leader Lease; defaults to the operator's own namespace.
+    #[arg(long, env = "POD_NAMESPACE")]
+    lease_namespace: Option<String>,
 
+    /// Name of the leader Lease.
     #[arg(long, default_value = "mortar-operator-leader")]
     lease_name: String,
 
@@ -95,9 +96,25 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!(error = format!("{e:#}"), "exiting");
-            eprintln!("mortar-operator: {e:#}");
+            eprintln!("mortar-operator: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The namespace of the service account the operator runs as, where its Lease belongs.
+fn own_namespace() -> String {
+    std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+        .map(|ns| ns.trim().to_string())
+        .unwrap_or_else(|_| "default".to_string())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
 }
 
@@ -126,33 +143,30 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         return Ok(());
     }
 
-    let manager = LeaseManagerBuilder::new(client, &args.lease_name)
-        .with_namespace(&args.lease_namespace)
-        .with_identity(&identity)
-        .with_duration(15)
-        .with_grace(5)
-        .build()
-        .await?;
-    let (mut leader, lease_task) = manager.watch().await;
-    info!(lease = %args.lease_name, namespace = %args.lease_namespace, %identity, "waiting for leadership");
-    while !*leader.borrow_and_update() {
-        leader.changed().await?;
+    let lease = LeaseConfig {
+        namespace: args.lease_namespace.clone().unwrap_or_else(own_namespace),
+        name: args.lease_name.clone(),
+        identity: identity.clone(),
+    };
+    let mut leadership = Leadership::join(client, &lease).await?;
+    info!(lease = %lease.name, namespace = %lease.namespace, %identity, "waiting for leadership");
+    tokio::select! {
+        acquired = leadership.acquired() => acquired?,
+        () = shutdown_signal() => {
+            info!("stopping before becoming leader");
+            leadership.release().await;
+            server.abort();
+            return Ok(());
+        }
     }
     metrics.set_leader(true);
     info!("became leader; running the controller");
 
     // Losing the lease ends the process: a replica that is no longer leader must stop writing
-    // at once, and a restart is the simplest way to guarantee that nothing is left running.
-    let lost = async {
-        loop {
-            if leader.changed().await.is_err() || !*leader.borrow_and_update() {
-                return;
-            }
-        }
-    };
+    // at once, and a restart is the simplest way to guarantee nothing of it keeps running.
     let outcome = tokio::select! {
         () = controller::run(ctx, args.watch_namespace) => Ok(()),
-        () = lost => {
+        () = leadership.lost() => {
             metrics.set_leader(false);
             warn!("lost the leader lease");
             Err(anyhow::anyhow!("lost the leader lease"))
@@ -160,9 +174,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     if outcome.is_ok() {
         info!("controller stopped; releasing the lease");
-        // Closing the channel makes the lease task release the lease for the next replica.
-        drop(leader);
-        let _ = lease_task.await;
+        leadership.release().await;
     }
     server.abort();
     outcome

@@ -132,10 +132,10 @@ fn condition(
 /// time says when the condition last flipped, as Kubernetes conventions require.
 pub fn merge_conditions(previous: &[Condition], mut new: Vec<Condition>) -> Vec<Condition> {
     for c in &mut new {
-        if let Some(old) = previous.iter().find(|o| o.type_ == c.type_) {
-            if old.status == c.status {
-                c.last_transition_time = old.last_transition_time.clone();
-            }
+        if let Some(old) = previous.iter().find(|o| o.type_ == c.type_)
+            && old.status == c.status
+        {
+            c.last_transition_time = old.last_transition_time.clone();
         }
     }
     new

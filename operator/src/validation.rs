@@ -40,10 +40,10 @@ pub fn validate(ssc: &SharedStorageCluster) -> Result<(), String> {
             spec.storage.size.0
         )),
     }
-    if let Some(image) = &spec.image {
-        if image.trim().is_empty() || image.chars().any(char::is_whitespace) {
-            problems.push(format!("image {image:?} is not an image reference"));
-        }
+    if let Some(image) = &spec.image
+        && (image.trim().is_empty() || image.chars().any(char::is_whitespace))
+    {
+        problems.push(format!("image {image:?} is not an image reference"));
     }
     if let Some(resources) = &spec.resources {
         let requests = resources.requests.clone().unwrap_or_default();
@@ -56,13 +56,13 @@ pub fn validate(ssc: &SharedStorageCluster) -> Result<(), String> {
                 ));
                 continue;
             };
-            if let Some(limit) = limits.get(resource).and_then(parse_quantity) {
-                if parsed > limit {
-                    problems.push(format!(
-                        "resources.requests.{resource} ({}) exceeds its limit ({})",
-                        request.0, limits[resource].0
-                    ));
-                }
+            if let Some(limit) = limits.get(resource).and_then(parse_quantity)
+                && parsed > limit
+            {
+                problems.push(format!(
+                    "resources.requests.{resource} ({}) exceeds its limit ({})",
+                    request.0, limits[resource].0
+                ));
             }
         }
         for (resource, limit) in &limits {
