@@ -132,6 +132,23 @@ fn mount_flags(cap: &VolumeCapability) -> &[String] {
     }
 }
 
+/// The CO should have made the parent directory; making it here costs nothing and
+/// spares a failed mount when it has not.
+fn absolute_creating_parent(path: &str) -> Result<PathBuf> {
+    let path = Path::new(path);
+    if !path.is_absolute() {
+        return Err(CsiError::InvalidArgument(format!(
+            "{} is not an absolute path",
+            path.display()
+        )));
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(io_err(format!("creating {}", parent.display())))?;
+    }
+    mounts::absolute(path).map_err(io_err(path.display()))
+}
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
@@ -345,8 +362,7 @@ impl NodeService {
         check_mount_capability(req.volume_capability.as_ref())?;
         let id = parse_id(&req.volume_id)?;
         let _guard = self.inflight.try_lock(req.volume_id.clone())?;
-        let staging = mounts::absolute(Path::new(&req.staging_target_path))
-            .map_err(io_err("staging_target_path"))?;
+        let staging = absolute_creating_parent(&req.staging_target_path)?;
         self.stage(&id, &staging).await?;
         Ok(NodeStageVolumeResponse {})
     }
@@ -419,8 +435,7 @@ impl NodeService {
                 .ok_or_else(|| CsiError::Internal("staging mount vanished during repair".into()))?;
         }
 
-        let target =
-            mounts::absolute(Path::new(&req.target_path)).map_err(io_err("target_path"))?;
+        let target = absolute_creating_parent(&req.target_path)?;
         if let Some(existing) = mounts::find_now(&target).map_err(io_err("reading mount table"))? {
             let health = mounts::probe(&target, self.cfg.probe_timeout).await;
             if health.is_broken() {
