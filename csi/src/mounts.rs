@@ -154,12 +154,14 @@ pub fn is_disconnected(e: &io::Error) -> bool {
     )
 }
 
-/// Stats `path` on a worker thread with a deadline, since a stat on a hung FUSE mount
-/// blocks until the daemon answers.
+/// Checks that whatever serves `path` answers, on a worker thread with a deadline (a call
+/// into a hung FUSE daemon blocks until it answers). statfs rather than stat: the kernel
+/// may answer stat from cached attributes long after the daemon died, while every statfs
+/// goes to the daemon.
 pub async fn probe(path: &Path, timeout: Duration) -> Health {
     let p = path.to_path_buf();
-    let stat = tokio::task::spawn_blocking(move || std::fs::metadata(&p));
-    match tokio::time::timeout(timeout, stat).await {
+    let check = tokio::task::spawn_blocking(move || crate::ops::statvfs(&p));
+    match tokio::time::timeout(timeout, check).await {
         Err(_) => Health::Hung,
         Ok(Err(e)) => Health::Failed(io::Error::other(e)),
         Ok(Ok(Ok(_))) => Health::Healthy,
