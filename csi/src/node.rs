@@ -506,6 +506,7 @@ impl NodeService {
     async fn stats(&self, req: NodeGetVolumeStatsRequest) -> Result<NodeGetVolumeStatsResponse> {
         required(&req.volume_id, "volume_id")?;
         required(&req.volume_path, "volume_path")?;
+        let id = parse_id(&req.volume_id)?;
         let path = mounts::absolute(Path::new(&req.volume_path)).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => {
                 CsiError::NotFound(format!("{} does not exist", req.volume_path))
@@ -535,10 +536,15 @@ impl NodeService {
             Health::Hung => return Ok(abnormal("Mortar mount does not answer".into())),
             Health::Failed(e) => return Ok(abnormal(format!("Mortar mount fails: {e}"))),
         }
-        if mounts::find_now(&path)
-            .map_err(io_err("reading mount table"))?
-            .is_none()
-        {
+        // The path must hold a mount of this very volume: a bind mount of its PVC
+        // directory (whole-volume handles have no directory to compare).
+        let mounted = mounts::find_now(&path).map_err(io_err("reading mount table"))?;
+        let shows_volume = match (&mounted, &id.dir) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(m), Some(dir)) => m.root.ends_with(&format!("/{dir}")),
+        };
+        if !shows_volume {
             return Err(CsiError::NotFound(format!(
                 "volume {} is not mounted at {}",
                 req.volume_id,

@@ -67,9 +67,9 @@ async fn identity_reports_driver_and_readiness() {
         .into_inner()
         .capabilities
         .into_iter()
-        .filter_map(|c| match c.r#type {
-            Some(controller_service_capability::Type::Rpc(r)) => Some(r.r#type),
-            None => None,
+        .filter_map(|c| {
+            c.r#type
+                .map(|controller_service_capability::Type::Rpc(r)| r.r#type)
         })
         .collect();
     for want in [
@@ -158,7 +158,7 @@ async fn provision_validate_expand_delete_in_sidecar_order() {
         Code::AlreadyExists,
         "bigger",
     );
-    let mut capped = create_req(name, 1 * MIB);
+    let mut capped = create_req(name, MIB);
     capped.capacity_range.as_mut().unwrap().limit_bytes = 5 * MIB;
     assert_code(
         c.controller.create_volume(capped).await,

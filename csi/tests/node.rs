@@ -56,9 +56,9 @@ async fn node_reports_itself() {
         .into_inner()
         .capabilities
         .into_iter()
-        .filter_map(|c| match c.r#type {
-            Some(node_service_capability::Type::Rpc(r)) => Some(r.r#type),
-            None => None,
+        .filter_map(|c| {
+            c.r#type
+                .map(|node_service_capability::Type::Rpc(r)| r.r#type)
         })
         .collect();
     for want in [
@@ -263,6 +263,17 @@ async fn kubelet_order_two_pods_share_a_pvc() {
         .into_inner()
         .volume
         .unwrap();
+    assert_code(
+        c.node
+            .node_get_volume_stats(NodeGetVolumeStatsRequest {
+                volume_id: vol2.volume_id.clone(),
+                volume_path: pod1.display().to_string(),
+                ..Default::default()
+            })
+            .await,
+        Code::NotFound,
+        "stats of another volume's path",
+    );
     let staging2 = layout
         .scratch
         .join("kubelet/plugins/pv/pvc-flow-2/globalmount");
