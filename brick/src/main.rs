@@ -55,7 +55,7 @@ fn main() {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    telemetry::init_logging(&format!("brick={}", args.id), &args.log_level, args.log_file.as_deref())?;
+    telemetry::init_logging(&format!("brick={}", args.id), &args.log_level, args.log_file.as_deref(), false)?;
     anyhow::ensure!(args.session_timeout > 0.0, "--session-timeout must be positive");
     let vf = load_volfile(&args.volfile)?;
     if vf.vol.brick_index(&args.id).is_none() {

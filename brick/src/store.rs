@@ -130,13 +130,19 @@ pub fn stat_path(path: &Path) -> R<pb::Attr> {
 impl Store {
     /// Opens (and on first use lays out) a brick directory.
     pub fn open(root: &Path) -> anyhow::Result<Store> {
-        std::fs::create_dir_all(root)?;
+        use std::os::unix::fs::DirBuilderExt;
+        let fresh = !root.exists();
+        std::fs::DirBuilder::new().recursive(true).mode(0o755).create(root)?;
         let root = root.canonicalize()?;
         let meta = root.join(META);
         let index = meta.join("gfid");
         let heal_dir = meta.join("heal");
         for d in [&meta, &index, &heal_dir] {
-            std::fs::create_dir_all(d)?;
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(d)?;
+        }
+        if fresh {
+            // A new volume's root is open to its owner and readable by all, like mkfs makes it.
+            rfs::chmod(&root, Mode::from_raw_mode(0o755))?;
         }
         for i in 0..=255u8 {
             std::fs::create_dir_all(index.join(format!("{i:02x}")))?;

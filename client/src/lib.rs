@@ -6,3 +6,7 @@ pub mod telemetry;
 pub mod volfile;
 pub mod conn;
 pub mod replicate;
+pub mod fuse;
+pub mod mount;
+pub mod admin;
+pub mod local;

@@ -44,12 +44,14 @@ pub fn default_log_file(kind: &str, name: &str) -> PathBuf {
     Path::new(LOG_DIR).join(format!("{kind}-{clean}.log"))
 }
 
-/// Logs to stderr and, if given, appended to `file`.
-pub fn init_logging(tag: &str, level: &str, file: Option<&Path>) -> anyhow::Result<()> {
+/// Logs to stderr and, if given, appended to `file` (only there when `quiet`: a daemon's
+/// stderr is gone once it detaches).
+pub fn init_logging(tag: &str, level: &str, file: Option<&Path>, quiet: bool) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(level)
         .map_err(|e| anyhow::anyhow!("--log-level {level:?}: {e}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(false)
         .event_format(Tagged { tag: tag.to_string() });
     match file {
         Some(path) => {
@@ -58,7 +60,12 @@ pub fn init_logging(tag: &str, level: &str, file: Option<&Path>) -> anyhow::Resu
             }
             let f = std::fs::OpenOptions::new().create(true).append(true).open(path)
                 .map_err(|e| anyhow::anyhow!("log file {}: {e}", path.display()))?;
-            builder.with_writer(std::io::stderr.and(std::sync::Mutex::new(f))).init();
+            let f = std::sync::Mutex::new(f);
+            if quiet {
+                builder.with_writer(f).init();
+            } else {
+                builder.with_writer(std::io::stderr.and(f)).init();
+            }
         }
         None => builder.with_writer(std::io::stderr).init(),
     }

@@ -1,0 +1,86 @@
+use std::path::PathBuf;
+
+use clap::Parser;
+use mortar_client::mount::{self, MountArgs};
+
+/// Mounts a Mortar volume with FUSE.
+#[derive(Parser)]
+#[command(version, after_help = "Mount options (-o): backup-volfile-servers=H2:H3, ping-timeout=SECS, attribute-timeout=SECS, entry-timeout=SECS, log-level=LEVEL, log-file=PATH, metrics=HOST:PORT, ro")]
+struct Args {
+    /// HOST[:PORT]:/VOLUME — any brick of the volume serves its description.
+    spec: String,
+    mountpoint: PathBuf,
+    /// Mount options, comma separated.
+    #[arg(short = 'o')]
+    options: Vec<String>,
+    /// Stay in the foreground (otherwise return once mounted).
+    #[arg(short = 'f', long)]
+    foreground: bool,
+    #[arg(long)]
+    log_level: Option<String>,
+    /// Log to this file [default when daemonised: /var/log/mortar/mount-<mountpoint>.log].
+    #[arg(long)]
+    log_file: Option<PathBuf>,
+}
+
+fn main() {
+    // Installed as /sbin/mount.mortar (a link to this binary), mount(8) calls us with its
+    // own argument conventions.
+    let argv0 = std::env::args().next().unwrap_or_default();
+    if argv0.rsplit('/').next() == Some("mount.mortar") {
+        mount_helper();
+    }
+    let a = Args::parse();
+    let mut args = match MountArgs::parse(&a.spec, &a.mountpoint, &a.options, a.foreground) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("mortar-mount: {e}");
+            std::process::exit(2);
+        }
+    };
+    if let Some(l) = a.log_level {
+        args.log_level = l;
+    }
+    if a.log_file.is_some() {
+        args.log_file = a.log_file;
+    }
+    if let Err(e) = mount::run(args) {
+        eprintln!("mortar-mount: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// `mount.mortar HOST:/VOLUME DIR [-sfnv] [-o opts]`, as mount(8) runs it.
+fn mount_helper() -> ! {
+    let mut args = std::env::args().skip(1);
+    let (Some(spec), Some(dir)) = (args.next(), args.next()) else {
+        eprintln!("usage: mount.mortar HOST[:PORT]:/VOLUME DIR [-o options]");
+        std::process::exit(2);
+    };
+    let mut opts = Vec::new();
+    let mut rest = args.peekable();
+    while let Some(a) = rest.next() {
+        match a.as_str() {
+            "-o" => opts.extend(rest.next()),
+            // sloppy, fake, no-mtab, verbose: nothing for us to do
+            "-s" | "-f" | "-n" | "-v" => {}
+            o if o.starts_with("-o") => opts.push(o[2..].to_string()),
+            o => {
+                eprintln!("mount.mortar: unexpected argument {o:?}");
+                std::process::exit(2);
+            }
+        }
+    }
+    let args = match MountArgs::parse(&spec, &PathBuf::from(dir), &opts, false) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("mount.mortar: {e}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = mount::run(args) {
+        eprintln!("mount.mortar: {e:#}");
+        std::process::exit(1);
+    }
+    std::process::exit(0)
+}

@@ -1,0 +1,173 @@
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use mortar_client::{admin, local};
+
+/// Mortar admin tool: volume status, heal info, verification, and a local cluster.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// Seconds to wait for each brick.
+    #[arg(long, global = true, default_value_t = 5.0)]
+    timeout: f64,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Bricks up or down, volfile generation, pending heals, capacity.
+    Status {
+        /// HOST[:PORT]:/VOLUME
+        target: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pending heals per brick.
+    Heal {
+        #[command(subcommand)]
+        cmd: HealCmd,
+    },
+    /// Compares every brick's copy of the volume; exits 1 on any difference.
+    Verify {
+        /// HOST[:PORT]:/VOLUME
+        target: String,
+        /// Compare only the bricks that answer (a down brick is not a difference).
+        #[arg(long)]
+        up_only: bool,
+    },
+    /// A local three-brick cluster with a mount, without Kubernetes.
+    Local {
+        #[command(subcommand)]
+        cmd: LocalCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum HealCmd {
+    Info {
+        /// HOST[:PORT]:/VOLUME
+        target: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum LocalCmd {
+    /// Starts bricks on 127.0.0.11-13:24100 and mounts the `data` volume.
+    Up {
+        #[arg(long, default_value = ".mortar-local")]
+        dir: PathBuf,
+        #[arg(long, default_value = "mnt")]
+        mount: PathBuf,
+    },
+    /// Unmounts and stops the bricks; the data stays in --dir.
+    Down {
+        #[arg(long, default_value = ".mortar-local")]
+        dir: PathBuf,
+    },
+    Status {
+        #[arg(long, default_value = ".mortar-local")]
+        dir: PathBuf,
+    },
+}
+
+fn human(b: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < units.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    format!("{v:.1} {}", units[i])
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match run(cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mortar: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run(cli: Cli) -> anyhow::Result<i32> {
+    anyhow::ensure!(cli.timeout > 0.0, "--timeout must be positive");
+    let timeout = Duration::from_secs_f64(cli.timeout);
+    let rt = || tokio::runtime::Builder::new_current_thread().enable_all().build();
+    match cli.cmd {
+        Cmd::Status { target, json } => {
+            let s = rt()?.block_on(admin::status(&target, timeout))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!("Volume {}  generation {}  bricks up {}/{} (quorum {})  heal pending {}", s.volume, s.generation, s.bricks_up, s.bricks.len(), s.quorum, s.heal_pending);
+                println!("{:<6} {:<24} {:<5} {:>8} {:>12} {:>12}", "BRICK", "ADDRESS", "UP", "HEAL", "CAPACITY", "FREE");
+                for b in &s.bricks {
+                    println!(
+                        "{:<6} {:<24} {:<5} {:>8} {:>12} {:>12}{}",
+                        b.id,
+                        b.address,
+                        if b.up { "yes" } else { "no" },
+                        b.heal_pending,
+                        human(b.capacity_bytes),
+                        human(b.free_bytes),
+                        b.error.as_ref().map(|e| format!("  ({e})")).unwrap_or_default()
+                    );
+                }
+            }
+            Ok(if s.bricks_up >= s.quorum { 0 } else { 2 })
+        }
+        Cmd::Heal { cmd: HealCmd::Info { target, json } } => {
+            let s = rt()?.block_on(admin::status(&target, timeout))?;
+            if json {
+                let v: Vec<_> = s.bricks.iter().map(|b| serde_json::json!({"brick": b.id, "up": b.up, "pending": b.heal_pending})).collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for b in &s.bricks {
+                    println!("Brick {} ({})", b.id, b.address);
+                    println!("Status: {}", if b.up { "Connected" } else { "Not connected" });
+                    println!("Number of entries: {}\n", if b.up { b.heal_pending.to_string() } else { "-".into() });
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Verify { target, up_only } => {
+            let (n, diffs) = rt()?.block_on(admin::verify(&target, timeout, up_only))?;
+            for d in &diffs {
+                println!("{d}");
+            }
+            if diffs.is_empty() {
+                println!("{n} paths identical on every brick compared");
+                Ok(0)
+            } else {
+                println!("{} differences", diffs.len());
+                Ok(1)
+            }
+        }
+        Cmd::Local { cmd } => match cmd {
+            LocalCmd::Up { dir, mount } => {
+                let l = local::Local::new(&dir)?;
+                let m = l.up(&mount)?;
+                println!("Mortar is running: volume {} mounted on {}", l.target(), m.display());
+                println!("  mortar status {}\n  mortar local down --dir {}", l.target(), l.dir.display());
+                Ok(0)
+            }
+            LocalCmd::Down { dir } => {
+                local::Local::new(&dir)?.down()?;
+                println!("stopped (data kept in {})", dir.display());
+                Ok(0)
+            }
+            LocalCmd::Status { dir } => {
+                print!("{}", local::Local::new(&dir)?.status());
+                Ok(0)
+            }
+        },
+    }
+}

@@ -1,0 +1,695 @@
+//! The FUSE file system: kernel requests become volume operations. Every request is handed
+//! to the async runtime at once, so a slow brick never stalls the kernel's request loop.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    TimeOrNow, WriteFlags,
+};
+use mortar_proto as pb;
+
+use crate::error::Error;
+use crate::gfid::Gfid;
+use crate::replicate::Volume;
+
+pub const MAX_WRITE: u32 = 1 << 20;
+const BLKSIZE: u32 = 128 * 1024;
+
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub attr: Duration,
+    pub entry: Duration,
+}
+
+enum Handle {
+    File { append: bool },
+    Dir { entries: Arc<Vec<pb::DirEntry>> },
+}
+
+struct Inner {
+    vol: Arc<Volume>,
+    inos: RwLock<HashMap<u64, Gfid>>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_fh: AtomicU64,
+    /// (inode, lock owner) pairs that took application locks: only those need an unlock
+    /// round trip when a file is closed.
+    lock_owners: Mutex<HashSet<(Gfid, u64)>>,
+    t: Timeouts,
+}
+
+pub struct MortarFs {
+    inner: Arc<Inner>,
+    rt: tokio::runtime::Handle,
+}
+
+fn errno(e: Error) -> Errno {
+    if matches!(e, Error::NoQuorum { .. } | Error::Transport { .. } | Error::NoGoodCopy) {
+        tracing::warn!("{e}");
+    }
+    Errno::from_i32(e.errno())
+}
+
+fn time(ns: i64) -> SystemTime {
+    if ns >= 0 { UNIX_EPOCH + Duration::from_nanos(ns as u64) } else { UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs()) }
+}
+
+fn ns_of(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as i64,
+        Err(e) => -(e.duration().as_nanos() as i64),
+    }
+}
+
+fn kind(k: pb::Kind) -> FileType {
+    match k {
+        pb::Kind::Dir => FileType::Directory,
+        pb::Kind::Symlink => FileType::Symlink,
+        pb::Kind::Fifo => FileType::NamedPipe,
+        pb::Kind::Socket => FileType::Socket,
+        pb::Kind::Char => FileType::CharDevice,
+        pb::Kind::Block => FileType::BlockDevice,
+        pb::Kind::File | pb::Kind::Unknown => FileType::RegularFile,
+    }
+}
+
+impl Inner {
+    fn gfid(&self, ino: INodeNo) -> Result<Gfid, Errno> {
+        if ino.0 == 1 {
+            return Ok(Gfid::ROOT);
+        }
+        self.inos.read().unwrap().get(&ino.0).copied().ok_or(Errno::ESTALE)
+    }
+
+    fn attr(&self, a: &pb::Attr) -> FileAttr {
+        let g = Gfid::from_bytes(&a.gfid).unwrap_or(Gfid::ROOT);
+        let ino = g.ino();
+        if ino != 1 {
+            self.inos.write().unwrap().insert(ino, g);
+        }
+        FileAttr {
+            ino: INodeNo(ino),
+            size: a.size,
+            blocks: a.blocks,
+            atime: time(a.atime_ns),
+            mtime: time(a.mtime_ns),
+            ctime: time(a.ctime_ns),
+            crtime: time(a.ctime_ns),
+            kind: kind(a.kind()),
+            perm: (a.mode & 0o7777) as u16,
+            nlink: a.nlink,
+            uid: a.uid,
+            gid: a.gid,
+            rdev: a.rdev as u32,
+            blksize: BLKSIZE,
+            flags: 0,
+        }
+    }
+
+    fn new_fh(&self, h: Handle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Relaxed);
+        self.handles.lock().unwrap().insert(fh, h);
+        fh
+    }
+
+    fn entry(&self, reply: ReplyEntry, r: Result<pb::Attr, Error>) {
+        match r {
+            Ok(a) => reply.entry(&self.t.entry, &self.attr(&a), Generation(0)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    async fn unlock_owner(&self, g: Gfid, owner: u64) {
+        if self.lock_owners.lock().unwrap().remove(&(g, owner)) {
+            if let Err(e) = self.vol.lk(g, owner, 0, libc::F_UNLCK as i32, 0, u64::MAX, false, false).await {
+                tracing::warn!(gfid = %g, "releasing locks on close: {e}");
+            }
+        }
+    }
+}
+
+impl MortarFs {
+    pub fn new(vol: Arc<Volume>, rt: tokio::runtime::Handle, t: Timeouts) -> MortarFs {
+        MortarFs {
+            inner: Arc::new(Inner {
+                vol,
+                inos: RwLock::default(),
+                handles: Mutex::default(),
+                next_fh: AtomicU64::new(1),
+                lock_owners: Mutex::default(),
+                t,
+            }),
+            rt,
+        }
+    }
+
+}
+
+/// Resolves `$ino` to a gfid and runs `$body` on the runtime, or answers the error at once.
+macro_rules! on_inode {
+    ($self:ident, $ino:expr, $reply:ident, |$inner:ident, $g:ident| $body:expr) => {
+        match $self.inner.gfid($ino) {
+            Ok($g) => {
+                let $inner = $self.inner.clone();
+                $self.rt.spawn(async move { $body });
+            }
+            Err(e) => $reply.error(e),
+        }
+    };
+}
+
+fn bytes(s: &OsStr) -> Vec<u8> {
+    s.as_bytes().to_vec()
+}
+
+impl Filesystem for MortarFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        for cap in [
+            InitFlags::FUSE_POSIX_LOCKS,
+            InitFlags::FUSE_FLOCK_LOCKS,
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_ATOMIC_O_TRUNC,
+        ] {
+            if config.add_capabilities(cap).is_err() {
+                tracing::debug!("kernel lacks {cap:?}");
+            }
+        }
+        let _ = config.set_max_write(MAX_WRITE);
+        let _ = config.set_max_readahead(MAX_WRITE);
+        let _ = config.set_max_background(64);
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        let vol = self.inner.vol.clone();
+        let _ = self.rt.block_on(async move { tokio::time::timeout(Duration::from_secs(5), vol.shutdown()).await });
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let name = bytes(name);
+        on_inode!(self, parent, reply, |inner, p| {
+            let r = inner.vol.lookup(p, &name).await;
+            inner.entry(reply, r);
+        });
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        on_inode!(self, ino, reply, |inner, g| match inner.vol.getattr(g).await {
+            Ok(a) => reply.attr(&inner.t.attr, &inner.attr(&a)),
+            Err(e) => reply.error(errno(e)),
+        });
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let t = |t: TimeOrNow| match t {
+            TimeOrNow::Now => ns_of(SystemTime::now()),
+            TimeOrNow::SpecificTime(s) => ns_of(s),
+        };
+        let (atime_ns, mtime_ns) = (atime.map(t), mtime.map(t));
+        on_inode!(self, ino, reply, |inner, g| {
+            let s = pb::Setattr {
+                gfid: g.to_vec(),
+                mode: mode.map(|m| m & 0o7777),
+                uid,
+                gid,
+                size,
+                atime_ns,
+                mtime_ns,
+            };
+            match inner.vol.setattr(s).await {
+                Ok(a) => reply.attr(&inner.t.attr, &inner.attr(&a)),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        on_inode!(self, ino, reply, |inner, g| {
+            match inner.vol.readlink(g).await {
+                Ok(t) => reply.data(&t),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, rdev: u32, reply: ReplyEntry) {
+        let k = match mode & libc::S_IFMT {
+            libc::S_IFREG | 0 => pb::Kind::File,
+            libc::S_IFIFO => pb::Kind::Fifo,
+            libc::S_IFSOCK => pb::Kind::Socket,
+            libc::S_IFCHR => pb::Kind::Char,
+            libc::S_IFBLK => pb::Kind::Block,
+            _ => return reply.error(Errno::EINVAL),
+        };
+        let (uid, gid, name) = (req.uid(), req.gid(), bytes(name));
+        on_inode!(self, parent, reply, |inner, p| {
+            let r = inner.vol.create(p, &name, k, mode & 0o7777, uid, gid, rdev as u64, b"").await;
+            inner.entry(reply, r);
+        });
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
+        let (uid, gid, name) = (req.uid(), req.gid(), bytes(name));
+        on_inode!(self, parent, reply, |inner, p| {
+            let r = inner.vol.create(p, &name, pb::Kind::Dir, mode & 0o7777, uid, gid, 0, b"").await;
+            inner.entry(reply, r);
+        });
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.remove(parent, name, false, reply);
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.remove(parent, name, true, reply);
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let (uid, gid, name, target) = (req.uid(), req.gid(), bytes(link_name), bytes(target.as_os_str()));
+        on_inode!(self, parent, reply, |inner, p| {
+            let r = inner.vol.create(p, &name, pb::Kind::Symlink, 0o777, uid, gid, 0, &target).await;
+            inner.entry(reply, r);
+        });
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let (p, np) = match (self.inner.gfid(parent), self.inner.gfid(newparent)) {
+            (Ok(p), Ok(np)) => (p, np),
+            (Err(e), _) | (_, Err(e)) => return reply.error(e),
+        };
+        let (name, newname) = (bytes(name), bytes(newname));
+        let inner = self.inner.clone();
+        self.rt.spawn(async move {
+            match inner.vol.rename(p, &name, np, &newname, flags.bits()).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        let (g, np) = match (self.inner.gfid(ino), self.inner.gfid(newparent)) {
+            (Ok(g), Ok(np)) => (g, np),
+            (Err(e), _) | (_, Err(e)) => return reply.error(e),
+        };
+        let newname = bytes(newname);
+        let inner = self.inner.clone();
+        self.rt.spawn(async move {
+            let r = inner.vol.link(g, np, &newname).await;
+            inner.entry(reply, r);
+        });
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        on_inode!(self, ino, reply, |inner, g| {
+            // Close-to-open: learn which copies are newest before reading.
+            match inner.vol.refresh(g).await {
+                Ok(a) if a.kind() == pb::Kind::Dir => reply.error(Errno::EISDIR),
+                Ok(_) => {
+                    let fh = inner.new_fh(Handle::File { append: flags.0 & libc::O_APPEND != 0 });
+                    reply.opened(FileHandle(fh), FopenFlags::empty());
+                }
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        on_inode!(self, ino, reply, |inner, g| {
+            match inner.vol.read(g, offset, size).await {
+                Ok(d) => reply.data(&d),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let append = matches!(self.inner.handles.lock().unwrap().get(&fh.0), Some(Handle::File { append: true }));
+        let data = data.to_vec();
+        on_inode!(self, ino, reply, |inner, g| {
+            match inner.vol.write(g, offset, data, append).await {
+                Ok(n) => reply.written(n as u32),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
+        // close() drops the POSIX locks the closing process holds on the file.
+        on_inode!(self, ino, reply, |inner, g| {
+            inner.unlock_owner(g, lock_owner.0).await;
+            reply.ok();
+        });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.inner.handles.lock().unwrap().remove(&fh.0);
+        match (self.inner.gfid(ino), lock_owner) {
+            (Ok(g), Some(owner)) => {
+                let inner = self.inner.clone();
+                self.rt.spawn(async move {
+                    inner.unlock_owner(g, owner.0).await;
+                    reply.ok();
+                });
+            }
+            _ => reply.ok(),
+        }
+    }
+
+    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        self.sync(ino, datasync, reply);
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        on_inode!(self, ino, reply, |inner, g| {
+            let r = async {
+                inner.vol.refresh(g).await?;
+                inner.vol.readdir(g).await
+            }
+            .await;
+            match r {
+                Ok(entries) => {
+                    let fh = inner.new_fh(Handle::Dir { entries: Arc::new(entries) });
+                    reply.opened(FileHandle(fh), FopenFlags::empty());
+                }
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let Some(entries) = self.dir_entries(fh) else { return reply.error(Errno::EBADF) };
+        let mut i = offset as usize;
+        while i < entries.len() + 2 {
+            let full = match i {
+                0 => reply.add(ino, 1, FileType::Directory, "."),
+                1 => reply.add(ino, 2, FileType::Directory, ".."),
+                _ => {
+                    let e = &entries[i - 2];
+                    let a = e.attr.clone().unwrap_or_default();
+                    let attr = self.inner.attr(&a);
+                    reply.add(attr.ino, i as u64 + 1, attr.kind, OsStr::from_bytes(&e.name))
+                }
+            };
+            if full {
+                break;
+            }
+            i += 1;
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let Some(entries) = self.dir_entries(fh) else { return reply.error(Errno::EBADF) };
+        let ttl = self.inner.t.entry;
+        let dot = FileAttr {
+            ino,
+            size: 0,
+            blocks: 0,
+            atime: UNIX_EPOCH,
+            mtime: UNIX_EPOCH,
+            ctime: UNIX_EPOCH,
+            crtime: UNIX_EPOCH,
+            kind: FileType::Directory,
+            perm: 0o755,
+            nlink: 2,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: BLKSIZE,
+            flags: 0,
+        };
+        let mut i = offset as usize;
+        while i < entries.len() + 2 {
+            let full = match i {
+                0 => reply.add(ino, 1, ".", &Duration::ZERO, &dot, Generation(0)),
+                1 => reply.add(ino, 2, "..", &Duration::ZERO, &dot, Generation(0)),
+                _ => {
+                    let e = &entries[i - 2];
+                    let attr = self.inner.attr(&e.attr.clone().unwrap_or_default());
+                    reply.add(attr.ino, i as u64 + 1, OsStr::from_bytes(&e.name), &ttl, &attr, Generation(0))
+                }
+            };
+            if full {
+                break;
+            }
+            i += 1;
+        }
+        reply.ok();
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.inner.handles.lock().unwrap().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        self.sync(ino, datasync, reply);
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let inner = self.inner.clone();
+        self.rt.spawn(async move {
+            match inner.vol.statfs().await {
+                Ok(s) => reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn setxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
+        if !name.as_bytes().starts_with(b"user.") {
+            return reply.error(Errno::from_i32(libc::EOPNOTSUPP));
+        }
+        let (name, value) = (bytes(name), value.to_vec());
+        on_inode!(self, ino, reply, |inner, g| {
+            match inner.vol.setxattr(g, &name, &value, flags).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        // Only user.* lives on the bricks. Answering the others here also spares the round
+        // trip the kernel makes for security.capability before every write.
+        if !name.as_bytes().starts_with(b"user.") {
+            return reply.error(Errno::from_i32(libc::ENODATA));
+        }
+        let name = bytes(name);
+        on_inode!(self, ino, reply, |inner, g| {
+            match inner.vol.getxattr(g, &name).await {
+                Ok(v) => xattr_reply(reply, size, &v),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        on_inode!(self, ino, reply, |inner, g| {
+            match inner.vol.listxattr(g).await {
+                Ok(names) => {
+                    let mut buf = Vec::new();
+                    for n in names {
+                        buf.extend_from_slice(&n);
+                        buf.push(0);
+                    }
+                    xattr_reply(reply, size, &buf)
+                }
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if !name.as_bytes().starts_with(b"user.") {
+            return reply.error(Errno::from_i32(libc::ENODATA));
+        }
+        let name = bytes(name);
+        on_inode!(self, ino, reply, |inner, g| {
+            match inner.vol.removexattr(g, &name).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // Permissions are checked by the kernel (default_permissions); existence here.
+        match self.inner.gfid(ino) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, flags: i32, reply: ReplyCreate) {
+        let (uid, gid, name) = (req.uid(), req.gid(), bytes(name));
+        on_inode!(self, parent, reply, |inner, p| {
+            match inner.vol.create(p, &name, pb::Kind::File, mode & 0o7777, uid, gid, 0, b"").await {
+                Ok(a) => {
+                    let fh = inner.new_fh(Handle::File { append: flags & libc::O_APPEND != 0 });
+                    let attr = inner.attr(&a);
+                    reply.created(&inner.t.entry, &attr, Generation(0), FileHandle(fh), FopenFlags::empty());
+                }
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        reply: ReplyLock,
+    ) {
+        on_inode!(self, ino, reply, |inner, g| {
+            match inner.vol.lk(g, lock_owner.0, pid, typ, start, end, false, true).await {
+                Ok(r) => reply.locked(r.start, r.end, r.typ, r.pid),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn setlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        on_inode!(self, ino, reply, |inner, g| {
+            if typ != libc::F_UNLCK as i32 {
+                inner.lock_owners.lock().unwrap().insert((g, lock_owner.0));
+            }
+            match inner.vol.lk(g, lock_owner.0, pid, typ, start, end, sleep, false).await {
+                Ok(_) => reply.ok(),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn fallocate(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+        on_inode!(self, ino, reply, |inner, g| {
+            match inner.vol.fallocate(g, mode, offset, length).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+}
+
+impl MortarFs {
+    fn remove(&self, parent: INodeNo, name: &OsStr, dir: bool, reply: ReplyEmpty) {
+        let name = bytes(name);
+        on_inode!(self, parent, reply, |inner, p| {
+            match inner.vol.remove(p, &name, dir).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn sync(&self, ino: INodeNo, datasync: bool, reply: ReplyEmpty) {
+        on_inode!(self, ino, reply, |inner, g| {
+            match inner.vol.fsync(g, datasync).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn dir_entries(&self, fh: FileHandle) -> Option<Arc<Vec<pb::DirEntry>>> {
+        match self.inner.handles.lock().unwrap().get(&fh.0) {
+            Some(Handle::Dir { entries }) => Some(entries.clone()),
+            _ => None,
+        }
+    }
+}
+
+fn xattr_reply(reply: ReplyXattr, size: u32, v: &[u8]) {
+    if size == 0 {
+        reply.size(v.len() as u32)
+    } else if v.len() > size as usize {
+        reply.error(Errno::from_i32(libc::ERANGE))
+    } else {
+        reply.data(v)
+    }
+}
