@@ -362,10 +362,9 @@ impl pb::brick_server::Brick for BrickService {
         .await?;
         match res {
             Ok((inodes, 0)) => Ok(Response::new(pb::LockReply { errno: 0, inodes, promised: 0 })),
-            Ok((_, promised)) => {
-                self.inode_locks.unlock(sid, &gfids);
-                Ok(Response::new(pb::LockReply { errno: libc::ESTALE, inodes: vec![], promised }))
-            }
+            // The lock stays granted: the client asks again, at once, with a higher term.
+            // Nobody else can raise the promise meanwhile, since that needs this lock.
+            Ok((_, promised)) => Ok(Response::new(pb::LockReply { errno: libc::ESTALE, inodes: vec![], promised })),
             Err(e) => {
                 self.inode_locks.unlock(sid, &gfids);
                 fail(errno(e))

@@ -69,7 +69,7 @@ struct Hold {
 
 #[derive(Default)]
 struct InodeTx {
-    hold: tokio::sync::Mutex<Option<Hold>>,
+    hold: Arc<tokio::sync::Mutex<Option<Hold>>>,
     contended: AtomicBool,
     last_used: Mutex<Option<Instant>>,
 }
@@ -285,66 +285,62 @@ impl Volume {
         let (quorum, total) = (self.quorum(), self.total());
         let raw: Vec<Vec<u8>> = gfids.iter().map(|g| g.to_vec()).collect();
         self.stats.lock_acquisitions.fetch_add(1, Relaxed);
-        for _ in 0..8 {
-            let term = self.next_term();
-            let mut granted: Vec<(pb::LockReply, Member)> = Vec::new();
-            let mut busy = false;
-            let mut promised = 0;
-            for r in join_all(bricks.iter().filter(|b| b.is_up()).map(|b| Self::lock_on(b, &raw, term, false))).await {
-                match r {
-                    Ok((r, m)) if r.errno == 0 => granted.push((r, m)),
-                    Ok((r, _)) if r.errno == libc::EAGAIN => busy = true,
-                    Ok((r, _)) if r.errno == libc::ESTALE => promised = promised.max(r.promised),
+        let mut term = self.next_term();
+        // Bricks that hold the lock for us, with their answer (ESTALE: our term is too low).
+        let mut held: Vec<(pb::LockReply, Member)> = Vec::new();
+        let mut busy = false;
+        for r in join_all(bricks.iter().filter(|b| b.is_up()).map(|b| Self::lock_on(b, &raw, term, false))).await {
+            match r {
+                Ok((r, m)) if r.errno == 0 || r.errno == libc::ESTALE => held.push((r, m)),
+                Ok((r, _)) if r.errno == libc::EAGAIN => busy = true,
+                Ok((r, m)) => tracing::debug!(brick = %m.brick.id, "lock refused: errno {}", r.errno),
+                Err(e) => tracing::debug!("lock: {e}"),
+            }
+        }
+        if busy {
+            let ms: Vec<Member> = held.drain(..).map(|(_, m)| m).collect();
+            Self::unlock_on(&ms, gfids, false).await;
+            for b in &bricks {
+                if !b.is_up() {
+                    continue;
+                }
+                match Self::lock_on(b, &raw, term, true).await {
+                    Ok((r, m)) if r.errno == 0 || r.errno == libc::ESTALE => held.push((r, m)),
                     Ok((r, m)) => tracing::debug!(brick = %m.brick.id, "lock refused: errno {}", r.errno),
                     Err(e) => tracing::debug!("lock: {e}"),
                 }
             }
-            if busy && promised == 0 {
-                let ms: Vec<Member> = granted.drain(..).map(|(_, m)| m).collect();
-                Self::unlock_on(&ms, gfids, false).await;
-                for b in &bricks {
-                    if !b.is_up() {
-                        continue;
-                    }
-                    match Self::lock_on(b, &raw, term, true).await {
-                        Ok((r, m)) if r.errno == 0 => granted.push((r, m)),
-                        Ok((r, _)) if r.errno == libc::ESTALE => {
-                            promised = r.promised;
-                            break;
-                        }
-                        Ok((r, m)) => tracing::debug!(brick = %m.brick.id, "lock refused: errno {}", r.errno),
-                        Err(e) => tracing::debug!("lock: {e}"),
-                    }
-                }
-            }
-            let members: Vec<Member> = granted.iter().map(|(_, m)| m.clone()).collect();
-            if promised > 0 {
-                // Another client used a higher term since: go above it and try again.
-                Self::unlock_on(&members, gfids, false).await;
-                self.term_clock.fetch_max(promised, Relaxed);
-                continue;
-            }
-            if granted.len() < quorum {
-                Self::unlock_on(&members, gfids, false).await;
-                return Err(Error::NoQuorum { have: granted.len(), need: quorum });
-            }
-            let mut holds = Vec::with_capacity(gfids.len());
-            for i in 0..gfids.len() {
-                let vers: Vec<(u64, u64)> = granted.iter().map(|(r, _)| ver_of(r.inodes.get(i).and_then(|x| x.ver))).collect();
-                let vmax = vers.iter().copied().max().unwrap_or((0, 0));
-                let fresh: Vec<Member> =
-                    granted.iter().zip(&vers).filter(|(_, v)| **v == vmax).map(|((_, m), _)| m.clone()).collect();
-                if fresh.len() < quorum {
-                    // Too few good copies to take a change safely: heal must run first.
-                    Self::unlock_on(&members, gfids, false).await;
-                    tracing::warn!(gfid = %gfids[i], fresh = fresh.len(), "too few up-to-date copies to write");
-                    return Err(Error::NoGoodCopy);
-                }
-                holds.push(Hold { term, ver: vmax, locked: members.clone(), missing: fresh.len() < total, members: fresh });
-            }
-            return Ok(holds);
         }
-        Err(Error::Transport { brick: "*".into(), msg: "could not settle a lock term".into() })
+        // Another client used a higher term since ours was chosen (typically while we
+        // waited): go above it on the bricks we hold, which nobody else can change now.
+        for _ in 0..4 {
+            let promised = held.iter().filter(|(r, _)| r.errno == libc::ESTALE).map(|(r, _)| r.promised).max();
+            let Some(promised) = promised else { break };
+            self.term_clock.fetch_max(promised, Relaxed);
+            term = self.next_term();
+            let again = join_all(held.iter().map(|(_, m)| Self::lock_on(&m.brick, &raw, term, false))).await;
+            held = again.into_iter().filter_map(|r| r.ok()).filter(|(r, _)| r.errno == 0 || r.errno == libc::ESTALE).collect();
+        }
+        let members: Vec<Member> = held.iter().map(|(_, m)| m.clone()).collect();
+        held.retain(|(r, _)| r.errno == 0);
+        if held.len() < quorum {
+            Self::unlock_on(&members, gfids, false).await;
+            return Err(Error::NoQuorum { have: held.len(), need: quorum });
+        }
+        let mut holds = Vec::with_capacity(gfids.len());
+        for i in 0..gfids.len() {
+            let vers: Vec<(u64, u64)> = held.iter().map(|(r, _)| ver_of(r.inodes.get(i).and_then(|x| x.ver))).collect();
+            let vmax = vers.iter().copied().max().unwrap_or((0, 0));
+            let fresh: Vec<Member> = held.iter().zip(&vers).filter(|(_, v)| **v == vmax).map(|((_, m), _)| m.clone()).collect();
+            if fresh.len() < quorum {
+                // Too few good copies to take a change safely: heal must run first.
+                Self::unlock_on(&members, gfids, false).await;
+                tracing::warn!(gfid = %gfids[i], fresh = fresh.len(), "too few up-to-date copies to write");
+                return Err(Error::NoGoodCopy);
+            }
+            holds.push(Hold { term, ver: vmax, locked: members.clone(), missing: fresh.len() < total, members: fresh });
+        }
+        Ok(holds)
     }
 
     /// Gives up idle or contended locks (all of them with `all`), batched per brick.
@@ -352,13 +348,16 @@ impl Volume {
         let idle = self.opts.lock_idle;
         let entries: Vec<(Gfid, Arc<InodeTx>)> = self.inodes.lock().unwrap().iter().map(|(g, t)| (*g, t.clone())).collect();
         let mut batches: HashMap<(String, u64, bool), (Member, Vec<Gfid>)> = HashMap::new();
+        // The inodes stay locked here until the bricks have unlocked them: were the inode
+        // taken again meanwhile, a late unlock would free the new lock of the same session.
+        let mut guards = Vec::new();
         for (g, tx) in entries {
             let used = *tx.last_used.lock().unwrap();
             let due = all || tx.contended.load(Relaxed) || used.is_none_or(|t| t.elapsed() >= idle);
             if !due {
                 continue;
             }
-            let Ok(mut guard) = tx.hold.try_lock() else { continue };
+            let Ok(mut guard) = tx.hold.clone().try_lock_owned() else { continue };
             tx.contended.store(false, Relaxed);
             if let Some(h) = guard.take() {
                 self.stats.lock_releases.fetch_add(1, Relaxed);
@@ -366,12 +365,14 @@ impl Volume {
                     let key = (m.brick.id.clone(), m.epoch, h.missing);
                     batches.entry(key).or_insert_with(|| (m.clone(), Vec::new())).1.push(g);
                 }
+                guards.push(guard);
             }
         }
         join_all(batches.into_iter().map(|((_, _, heal), (m, gfids))| async move {
             Self::unlock_on(&[m], &gfids, heal).await;
         }))
         .await;
+        drop(guards);
         // Forget inodes nobody uses and nothing is held on.
         self.inodes.lock().unwrap().retain(|_, tx| {
             Arc::strong_count(tx) > 1 || tx.hold.try_lock().map(|h| h.is_some()).unwrap_or(true)

@@ -1,0 +1,201 @@
+//! A harness for end-to-end tests: brick processes on their own loopback addresses and
+//! real FUSE mounts, torn down when dropped.
+//!
+//! Each test passes its own `net` byte, so tests run in parallel on 127.<net>.0.x without
+//! colliding. The binaries must be built first (`cargo build --workspace`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mortar_client::volfile::{BrickSpec, Volfile};
+
+pub fn bin(name: &str) -> PathBuf {
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let p = dir.join(name);
+    assert!(p.exists(), "{} missing: run `cargo build --workspace` before the tests", p.display());
+    p
+}
+
+pub struct Cluster {
+    pub dir: PathBuf,
+    tmp: Option<tempfile::TempDir>,
+    pub net: u8,
+    pub vol: Volfile,
+    bricks: Vec<Option<Child>>,
+}
+
+impl Cluster {
+    pub fn host(&self, i: usize) -> String {
+        format!("127.{}.0.{}", self.net, 11 + i)
+    }
+
+    pub fn addr(&self, i: usize) -> String {
+        format!("{}:24100", self.host(i))
+    }
+
+    pub fn target(&self) -> String {
+        format!("{}:/data", self.addr(0))
+    }
+
+    pub fn brick_dir(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("b{i}"))
+    }
+
+    pub fn volfile_path(&self) -> PathBuf {
+        self.dir.join("volfile.yaml")
+    }
+
+    /// Starts `n` bricks and waits until each answers.
+    pub fn start(net: u8, n: usize) -> Cluster {
+        let tmp = tempfile::Builder::new().prefix("mortar-e2e").tempdir().unwrap();
+        let mut c = Cluster { dir: tmp.path().to_path_buf(), tmp: Some(tmp), net, vol: Volfile { volume: "data".into(), generation: 1, bricks: vec![] }, bricks: vec![] };
+        c.vol.bricks = (0..n).map(|i| BrickSpec { id: format!("b{i}"), address: c.addr(i) }).collect();
+        std::fs::write(c.volfile_path(), c.vol.to_yaml()).unwrap();
+        for i in 0..n {
+            c.bricks.push(None);
+            c.restart(i);
+        }
+        c
+    }
+
+    /// (Re)starts brick `i` on its directory and waits until it answers.
+    pub fn restart(&mut self, i: usize) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("b{i}.log")))
+            .unwrap();
+        let child = Command::new(bin("mortar-brick"))
+            .args(["--id", &format!("b{i}"), "--listen", &self.addr(i), "--log-level", "info,mortar_brick=debug"])
+            .arg("--dir")
+            .arg(self.brick_dir(i))
+            .arg("--volfile")
+            .arg(self.volfile_path())
+            .args(["--session-timeout", "4"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.bricks[i] = Some(child);
+        let t = Instant::now();
+        let sa: std::net::SocketAddr = self.addr(i).parse().unwrap();
+        while std::net::TcpStream::connect_timeout(&sa, Duration::from_millis(500)).is_err() {
+            assert!(t.elapsed() < Duration::from_secs(20), "brick b{i} did not start; log:\n{}", self.log(i));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.dir.join(format!("b{i}.log"))).unwrap_or_default()
+    }
+
+    pub fn pid(&self, i: usize) -> i32 {
+        self.bricks[i].as_ref().expect("brick running").id() as i32
+    }
+
+    pub fn signal(&self, i: usize, sig: i32) {
+        // SAFETY: kill(2) on our own child.
+        assert_eq!(unsafe { libc::kill(self.pid(i), sig) }, 0);
+    }
+
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.bricks[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Mounts the volume (daemonised, as a user would) with extra `-o` options.
+    pub fn mount(&self, name: &str, opts: &str) -> Mount {
+        let path = self.dir.join(name);
+        std::fs::create_dir_all(&path).unwrap();
+        let mut cmd = Command::new(bin("mortar-mount"));
+        cmd.arg(self.target()).arg(&path).arg("--log-file").arg(self.dir.join(format!("{name}.log")));
+        let mut o = format!("ping-timeout=2,backup-volfile-servers={}:{}", self.host(1), self.host(2));
+        if !opts.is_empty() {
+            o = format!("{o},{opts}");
+        }
+        let out = cmd.arg("-o").arg(o).output().unwrap();
+        assert!(out.status.success(), "mortar-mount failed: {}", String::from_utf8_lossy(&out.stderr));
+        Mount { path }
+    }
+
+    /// Runs `mortar verify`; returns whether all copies agree, and what it printed.
+    pub fn verify(&self, up_only: bool) -> (bool, String) {
+        let mut cmd = Command::new(bin("mortar"));
+        cmd.args(["verify", &self.target()]);
+        if up_only {
+            cmd.arg("--up-only");
+        }
+        let out = cmd.output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    }
+
+    /// Connects a client library volume directly (for protocol-level tests).
+    pub async fn volume(&self) -> std::sync::Arc<mortar_client::replicate::Volume> {
+        let opts = mortar_client::replicate::Options { ping_timeout: Duration::from_secs(2), ..Default::default() };
+        mortar_client::replicate::Volume::connect(&[self.addr(0)], "data", opts).await.unwrap()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // Keep the bricks' data and every log for the post-mortem.
+            if let Some(t) = self.tmp.take() {
+                eprintln!("test failed: cluster files kept in {}", t.keep().display());
+            }
+        }
+        for i in 0..self.bricks.len() {
+            if let Some(c) = &self.bricks[i] {
+                // SAFETY: resume a stopped child so that it can be killed.
+                unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
+            }
+            self.kill(i);
+        }
+    }
+}
+
+pub struct Mount {
+    pub path: PathBuf,
+}
+
+impl Mount {
+    pub fn p(&self, rel: &str) -> PathBuf {
+        self.path.join(rel)
+    }
+
+    pub fn unmount(&self) -> bool {
+        Command::new("umount").arg(&self.path).status().map(|s| s.success()).unwrap_or(false)
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if is_mounted(&self.path) {
+            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        }
+    }
+}
+
+pub fn is_mounted(p: &Path) -> bool {
+    mortar_client::local::is_mounted(p)
+}
+
+/// Deterministic bytes for content checks.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}

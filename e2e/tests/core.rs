@@ -1,0 +1,421 @@
+//! The replicated volume core, end to end: real bricks, real FUSE mounts (root, /dev/fuse).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use mortar_client::gfid::Gfid;
+use mortar_e2e::{Cluster, pattern};
+use mortar_proto as pb;
+use sha2::{Digest, Sha256};
+
+/// What a path looks like through a mount, for comparing two views of one tree.
+#[derive(Debug, PartialEq, Eq)]
+struct Seen {
+    kind: &'static str,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    size: u64,
+    nlink: u64,
+    ino: u64,
+    sha: Vec<u8>,
+    target: String,
+    xattrs: Vec<(String, Vec<u8>)>,
+}
+
+fn walk(root: &Path) -> BTreeMap<String, Seen> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let md = fs::symlink_metadata(&p).unwrap();
+            let ft = md.file_type();
+            let kind = if ft.is_dir() {
+                stack.push(p.clone());
+                "dir"
+            } else if ft.is_symlink() {
+                "symlink"
+            } else if ft.is_file() {
+                "file"
+            } else {
+                "special"
+            };
+            let mut xattrs = Vec::new();
+            if !ft.is_symlink() {
+                let mut buf = vec![0u8; 4096];
+                let n = rustix::fs::listxattr(&p, &mut buf[..]).unwrap();
+                for name in buf[..n].split(|b| *b == 0).filter(|s| !s.is_empty()) {
+                    let name = String::from_utf8(name.to_vec()).unwrap();
+                    let mut v = vec![0u8; 4096];
+                    let k = rustix::fs::getxattr(&p, name.as_str(), &mut v[..]).unwrap();
+                    v.truncate(k);
+                    xattrs.push((name, v));
+                }
+                xattrs.sort();
+            }
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            out.insert(
+                rel,
+                Seen {
+                    kind,
+                    mode: md.mode() & 0o7777,
+                    uid: md.uid(),
+                    gid: md.gid(),
+                    size: if ft.is_dir() { 0 } else { md.len() },
+                    nlink: if ft.is_dir() { 0 } else { md.nlink() },
+                    ino: md.ino(),
+                    sha: if ft.is_file() { Sha256::digest(fs::read(&p).unwrap()).to_vec() } else { vec![] },
+                    target: if ft.is_symlink() { fs::read_link(&p).unwrap().to_string_lossy().into_owned() } else { String::new() },
+                    xattrs,
+                },
+            );
+        }
+    }
+    out
+}
+
+fn errno_of(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(0)
+}
+
+#[test]
+fn tree_reads_back_through_a_second_mount_and_copies_agree() {
+    let c = Cluster::start(21, 3);
+    let a = c.mount("a", "");
+    let b = c.mount("b", "");
+    // Hundreds of files and directories, with every kind of change.
+    for d in 0..20 {
+        let dir = a.p(&format!("d{d}/sub"));
+        fs::create_dir_all(&dir).unwrap();
+        for f in 0..15 {
+            fs::write(dir.join(format!("f{f}")), pattern(d * 100 + f, (f as usize) * 700)).unwrap();
+        }
+    }
+    for d in 0..20 {
+        let p = |s: &str| a.p(&format!("d{d}/{s}"));
+        std::os::unix::fs::symlink(format!("sub/f{}", d % 15), p("link")).unwrap();
+        fs::hard_link(p("sub/f1"), p("hard")).unwrap();
+        fs::rename(p("sub/f2"), p("renamed")).unwrap();
+        fs::rename(p("sub/f3"), a.p(&format!("d{}/moved-in", (d + 1) % 20))).unwrap();
+        fs::remove_file(p("sub/f4")).unwrap();
+        fs::set_permissions(p("sub/f5"), fs::Permissions::from_mode(0o640)).unwrap();
+        std::os::unix::fs::chown(p("sub/f6"), Some(1000 + d as u32), Some(2000)).unwrap();
+        rustix::fs::setxattr(p("sub/f7"), "user.tag", format!("v{d}").as_bytes(), rustix::fs::XattrFlags::empty()).unwrap();
+        fs::OpenOptions::new().write(true).open(p("sub/f8")).unwrap().set_len(123).unwrap();
+        fs::OpenOptions::new().write(true).open(p("sub/f9")).unwrap().set_len(20_000).unwrap();
+        // Replace an existing target.
+        fs::rename(p("sub/f10"), p("sub/f11")).unwrap();
+    }
+    fs::remove_dir_all(a.p("d19")).unwrap();
+    fs::create_dir(a.p("empty")).unwrap();
+    rustix::fs::mkfifoat(rustix::fs::CWD, a.p("fifo"), rustix::fs::Mode::from_raw_mode(0o644)).unwrap();
+
+    let via_a = walk(&a.path);
+    let via_b = walk(&b.path);
+    assert!(via_a.len() > 300, "only {} paths", via_a.len());
+    assert_eq!(via_a, via_b, "the second mount sees a different tree");
+    // Spot checks against what was written, not only between mounts.
+    assert_eq!(fs::read(b.p("d3/renamed")).unwrap(), pattern(302, 1400));
+    assert_eq!(fs::read(b.p("d4/moved-in")).unwrap(), pattern(303, 2100));
+    assert_eq!(fs::read(b.p("d3/sub/f11")).unwrap(), pattern(310, 7000));
+    assert!(!b.p("d3/sub/f10").exists() && !b.p("d3/sub/f4").exists() && !b.p("d19").exists());
+    assert_eq!(fs::read_link(b.p("d5/link")).unwrap().to_str().unwrap(), "sub/f5");
+    assert_eq!(fs::metadata(b.p("d5/hard")).unwrap().nlink(), 2);
+    assert_eq!(fs::metadata(b.p("d5/hard")).unwrap().ino(), fs::metadata(b.p("d5/sub/f1")).unwrap().ino());
+    assert_eq!(fs::metadata(b.p("d5/sub/f5")).unwrap().mode() & 0o777, 0o640);
+    assert_eq!(fs::metadata(b.p("d5/sub/f6")).unwrap().uid(), 1005);
+    assert_eq!(fs::metadata(b.p("d5/sub/f8")).unwrap().len(), 123);
+    assert_eq!(fs::read(b.p("d5/sub/f9")).unwrap()[9 * 700..], vec![0u8; 20_000 - 9 * 700][..]);
+    let (ok, out) = c.verify(false);
+    assert!(ok, "verify found differences:\n{out}");
+}
+
+#[test]
+fn errors_are_the_right_errno() {
+    let c = Cluster::start(22, 3);
+    let m = c.mount("m", "");
+    fs::create_dir(m.p("d")).unwrap();
+    fs::write(m.p("d/f"), b"x").unwrap();
+    fs::write(m.p("g"), b"y").unwrap();
+    let e = |r: std::io::Result<()>| errno_of(&r.unwrap_err());
+    assert_eq!(e(fs::create_dir(m.p("d"))), libc::EEXIST);
+    assert_eq!(e(fs::remove_dir(m.p("d"))), libc::ENOTEMPTY);
+    assert_eq!(e(fs::remove_file(m.p("nope"))), libc::ENOENT);
+    assert_eq!(e(fs::remove_file(m.p("d"))), libc::EISDIR);
+    assert_eq!(e(fs::remove_dir(m.p("g"))), libc::ENOTDIR);
+    assert_eq!(e(fs::write(m.p("g/x"), b"")), libc::ENOTDIR);
+    assert_eq!(e(fs::write(m.p(&"n".repeat(256)), b"")), libc::ENAMETOOLONG);
+    assert_eq!(e(fs::rename(m.p("d"), m.p("d/f/inside"))), libc::ENOTDIR);
+    assert_eq!(e(fs::rename(m.p("d"), m.p("d/inside"))), libc::EINVAL);
+    assert_eq!(e(fs::hard_link(m.p("d"), m.p("dl"))), libc::EPERM);
+    assert_eq!(e(fs::OpenOptions::new().write(true).create_new(true).open(m.p("g")).map(|_| ())), libc::EEXIST);
+    let r = rustix::fs::renameat_with(rustix::fs::CWD, m.p("g"), rustix::fs::CWD, m.p("d/f"), rustix::fs::RenameFlags::NOREPLACE);
+    assert_eq!(r.unwrap_err().raw_os_error(), libc::EEXIST);
+    // A non-root user is refused by permissions.
+    fs::set_permissions(m.p("d"), fs::Permissions::from_mode(0o700)).unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=1000", "--regid=1000", "--clear-groups", "ls"])
+        .arg(m.p("d"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("Permission denied"), "{out:?}");
+    // Cross-device rename out of the mount.
+    let outside = c.dir.join("outside");
+    assert_eq!(e(fs::rename(m.p("g"), &outside)), libc::EXDEV);
+    // statfs works and reports the bricks' file system.
+    let st = rustix::fs::statvfs(&m.path).unwrap();
+    assert!(st.f_blocks > 0 && st.f_namemax == 255);
+    // fallocate and fsync reach the bricks.
+    let f = fs::OpenOptions::new().write(true).open(m.p("g")).unwrap();
+    rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, 1 << 20).unwrap();
+    f.sync_all().unwrap();
+    assert_eq!(fs::metadata(m.p("g")).unwrap().len(), 1 << 20);
+    let (ok, out) = c.verify(false);
+    assert!(ok, "{out}");
+}
+
+#[test]
+fn large_write_survives_a_brick_killed_midway() {
+    let mut c = Cluster::start(23, 3);
+    let m = c.mount("m", "");
+    const MIB: usize = 1 << 20;
+    let mut f = fs::File::create(m.p("big")).unwrap();
+    let mut h = Sha256::new();
+    for i in 0..256 {
+        if i == 64 {
+            c.kill(1);
+        }
+        let chunk = pattern(i as u64, MIB);
+        h.update(&chunk);
+        f.write_all(&chunk).unwrap();
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    let want = h.finalize().to_vec();
+    let mut got = Sha256::new();
+    let mut r = fs::File::open(m.p("big")).unwrap();
+    let mut buf = vec![0u8; MIB];
+    loop {
+        let n = r.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        got.update(&buf[..n]);
+    }
+    assert_eq!(got.finalize().to_vec(), want, "content read back differs");
+    let (ok, out) = c.verify(true);
+    assert!(ok, "the survivors disagree:\n{out}");
+    let (ok, _) = c.verify(false);
+    assert!(!ok, "verify must report the dead brick");
+    let status = std::process::Command::new(mortar_e2e::bin("mortar")).args(["status", &c.target()]).output().unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("bricks up 2/3"), "{text}");
+}
+
+#[test]
+fn without_a_majority_writes_fail_fast_and_reads_go_on() {
+    let mut c = Cluster::start(24, 3);
+    let m = c.mount("m", "");
+    fs::write(m.p("f"), b"before").unwrap();
+    fs::create_dir(m.p("d")).unwrap();
+    // A hung brick (SIGSTOP) is dropped within the ping timeout (2 s here) and writes go on.
+    c.signal(2, libc::SIGSTOP);
+    let t = Instant::now();
+    fs::write(m.p("during-hang"), b"ok").unwrap();
+    assert!(t.elapsed() < Duration::from_secs(8), "write took {:?} with one brick hung", t.elapsed());
+    c.signal(2, libc::SIGCONT);
+
+    c.kill(1);
+    c.kill(2);
+    let t = Instant::now();
+    let err = fs::OpenOptions::new().write(true).open(m.p("f")).and_then(|mut f| f.write_all(b"after"));
+    let err = err.expect_err("a write without a majority must fail");
+    assert!([libc::EROFS, libc::ENOTCONN].contains(&errno_of(&err)), "got {err}");
+    assert!(t.elapsed() < Duration::from_secs(6), "failing took {:?}", t.elapsed());
+    let err = fs::write(m.p("new"), b"x").expect_err("create without a majority must fail");
+    assert!([libc::EROFS, libc::ENOTCONN].contains(&errno_of(&err)), "got {err}");
+    assert!(fs::create_dir(m.p("d2")).is_err());
+    // Reads of existing files still work, from the one brick left.
+    assert_eq!(fs::read(m.p("f")).unwrap(), b"before");
+    assert_eq!(fs::read(m.p("during-hang")).unwrap(), b"ok");
+    assert!(fs::read_dir(m.p("d")).is_ok());
+    // With a majority back, writes work again.
+    c.restart(1);
+    let t = Instant::now();
+    loop {
+        match fs::write(m.p("again"), b"y") {
+            Ok(()) => break,
+            Err(e) => assert!(t.elapsed() < Duration::from_secs(10), "no recovery: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn two_mounts_write_disjoint_ranges_of_one_file() {
+    let c = Cluster::start(25, 3);
+    let a = c.mount("a", "");
+    let b = c.mount("b", "");
+    const CHUNK: usize = 64 * 1024;
+    const N: usize = 96;
+    fs::File::create(a.p("shared")).unwrap().set_len((CHUNK * N) as u64).unwrap();
+    let writer = |path: std::path::PathBuf, parity: usize| {
+        std::thread::spawn(move || {
+            let f = fs::OpenOptions::new().write(true).open(path).unwrap();
+            for i in (parity..N).step_by(2) {
+                f.write_all_at(&pattern(i as u64, CHUNK), (i * CHUNK) as u64).unwrap();
+            }
+            f.sync_all().unwrap();
+        })
+    };
+    let (ta, tb) = (writer(a.p("shared"), 0), writer(b.p("shared"), 1));
+    ta.join().unwrap();
+    tb.join().unwrap();
+    let want: Vec<u8> = (0..N).flat_map(|i| pattern(i as u64, CHUNK)).collect();
+    for m in [&a, &b] {
+        let mut got = Vec::new();
+        let mut f = fs::File::open(m.p("shared")).unwrap();
+        f.seek(SeekFrom::Start(0)).unwrap();
+        f.read_to_end(&mut got).unwrap();
+        assert!(got == want, "content differs through {}", m.path.display());
+    }
+    let (ok, out) = c.verify(false);
+    assert!(ok, "replicas differ:\n{out}");
+}
+
+#[test]
+fn posix_and_bsd_locks_hold_across_mounts() {
+    let c = Cluster::start(26, 3);
+    let a = c.mount("a", "");
+    let b = c.mount("b", "");
+    fs::write(a.p("lockfile"), b"l").unwrap();
+    let fa = fs::OpenOptions::new().read(true).write(true).open(a.p("lockfile")).unwrap();
+    let fb = fs::OpenOptions::new().read(true).write(true).open(b.p("lockfile")).unwrap();
+    let lk = |f: &fs::File, typ: i32, cmd: i32| {
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = typ as i16;
+        fl.l_whence = libc::SEEK_SET as i16;
+        use std::os::fd::AsRawFd;
+        // SAFETY: fcntl with a valid flock struct.
+        let r = unsafe { libc::fcntl(f.as_raw_fd(), cmd, &mut fl) };
+        if r == 0 { Ok(fl) } else { Err(std::io::Error::last_os_error()) }
+    };
+    lk(&fa, libc::F_WRLCK, libc::F_SETLK).unwrap();
+    let e = lk(&fb, libc::F_WRLCK, libc::F_SETLK).unwrap_err();
+    assert!([libc::EAGAIN, libc::EACCES].contains(&errno_of(&e)), "{e}");
+    let seen = lk(&fb, libc::F_WRLCK, libc::F_GETLK).unwrap();
+    assert_eq!(seen.l_type as i32, libc::F_WRLCK, "F_GETLK must report A's lock");
+    // A blocking lock through B waits until A lets go.
+    let t = std::thread::spawn(move || {
+        let start = Instant::now();
+        lk(&fb, libc::F_WRLCK, libc::F_SETLKW).unwrap();
+        (start.elapsed(), fb)
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!t.is_finished(), "B got the lock while A held it");
+    drop(fa); // close() releases A's POSIX locks
+    let (waited, fb) = t.join().unwrap();
+    assert!(waited >= Duration::from_millis(1400));
+    // flock: exclusive through A blocks B's non-blocking attempt.
+    let ga = fs::File::open(a.p("lockfile")).unwrap();
+    let gb = fs::File::open(b.p("lockfile")).unwrap();
+    rustix::fs::flock(&ga, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap();
+    let e = rustix::fs::flock(&gb, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap_err();
+    assert_eq!(e, rustix::io::Errno::WOULDBLOCK);
+    rustix::fs::flock(&ga, rustix::fs::FlockOperation::Unlock).unwrap();
+    rustix::fs::flock(&gb, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap();
+    drop(fb);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_names_get_clear_errors_and_the_brick_keeps_serving() {
+    let c = Cluster::start(27, 3);
+    let v = c.volume().await;
+    let root = Gfid::ROOT;
+    let create = |name: Vec<u8>| {
+        let v = v.clone();
+        async move { v.create(root, &name, pb::Kind::File, 0o644, 0, 0, 0, b"").await.map(|_| ()) }
+    };
+    let errno = |r: Result<(), mortar_client::error::Error>| r.unwrap_err().errno();
+    assert_eq!(errno(create(b"a/b".to_vec()).await), libc::EINVAL);
+    assert_eq!(errno(create(b"..".to_vec()).await), libc::EINVAL);
+    assert_eq!(errno(create(b"../escape".to_vec()).await), libc::EINVAL);
+    assert_eq!(errno(create(b"/etc/passwd".to_vec()).await), libc::EINVAL);
+    assert_eq!(errno(create(b"a\0b".to_vec()).await), libc::EINVAL);
+    assert_eq!(errno(create(vec![b'x'; 256]).await), libc::ENAMETOOLONG);
+    assert_eq!(errno(create(b".mortar".to_vec()).await), libc::EPERM);
+    assert_eq!(v.lookup(root, b"..").await.unwrap_err().errno(), libc::EINVAL);
+    assert_eq!(v.lookup(root, b"x/../..").await.unwrap_err().errno(), libc::EINVAL);
+    assert_eq!(v.lookup(root, b".mortar").await.unwrap_err().errno(), libc::EPERM);
+    // A symlink made through the volume is never followed on the brick side.
+    let l = v.create(root, b"evil", pb::Kind::Symlink, 0o777, 0, 0, 0, b"/etc").await.unwrap();
+    let lg = Gfid::from_bytes(&l.gfid).unwrap();
+    assert_eq!(v.lookup(lg, b"passwd").await.unwrap_err().errno(), libc::ENOENT);
+    assert!(v.write(lg, 0, b"x".to_vec(), false).await.is_err());
+    // Nothing escaped the brick directories, and the bricks still serve.
+    assert!(!c.dir.join("escape").exists());
+    let f = v.create(root, b"fine", pb::Kind::File, 0o644, 0, 0, 0, b"").await.unwrap();
+    let g = Gfid::from_bytes(&f.gfid).unwrap();
+    assert_eq!(v.write(g, 0, b"still serving".to_vec(), false).await.unwrap(), 13);
+    assert_eq!(v.read(g, 0, 100).await.unwrap(), b"still serving");
+    // Malformed requests straight to a brick: a bad gfid is an error, not a crash.
+    let mut b = mortar_client::conn::connect_once(&c.addr(0), Duration::from_secs(2)).await.unwrap();
+    let r = b.getattr(pb::GfidReq { gfid: vec![1, 2, 3] }).await.unwrap().into_inner();
+    assert_eq!(r.errno, libc::EINVAL);
+    let r = b.read(pb::ReadReq { gfid: Gfid::random().to_vec(), offset: 0, size: 10 }).await.unwrap().into_inner();
+    assert_eq!(r.errno, libc::ENOENT);
+    let r = b.mutate(pb::MutateReq::default()).await;
+    assert!(r.is_err() || r.unwrap().into_inner().errno != 0);
+    assert!(mortar_client::admin::health(&c.addr(0), Duration::from_secs(2)).await.is_ok());
+}
+
+#[test]
+fn mount_helper_backup_servers_and_umount() {
+    let c = Cluster::start(28, 3);
+    let helper = Path::new("/sbin/mount.mortar");
+    if !helper.exists() {
+        std::os::unix::fs::symlink(mortar_e2e::bin("mortar-mount"), helper).unwrap();
+    }
+    let dir = c.dir.join("mnt");
+    fs::create_dir(&dir).unwrap();
+    // The first volfile server is not there: the backup ones serve the volfile.
+    let out = std::process::Command::new("mount")
+        .args(["-t", "mortar", &format!("127.28.0.99:/data"), dir.to_str().unwrap()])
+        .args(["-o", &format!("backup-volfile-servers={}:{},ping-timeout=1", c.host(1), c.host(2))])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "mount -t mortar failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(mortar_e2e::is_mounted(&dir));
+    fs::write(dir.join("hello"), b"world").unwrap();
+    assert_eq!(fs::read(dir.join("hello")).unwrap(), b"world");
+    // umount ends the daemon.
+    let daemons = || {
+        fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| fs::read(e.unwrap().path().join("cmdline")).ok())
+            .filter(|cmd| String::from_utf8_lossy(cmd).contains(dir.to_str().unwrap()))
+            .count()
+    };
+    assert_eq!(daemons(), 1);
+    assert!(std::process::Command::new("umount").arg(&dir).status().unwrap().success());
+    let t = Instant::now();
+    while daemons() > 0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "mount daemon still running after umount");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Bad arguments: a clear one-line reason and a non-zero exit.
+    let out = std::process::Command::new(mortar_e2e::bin("mortar-mount")).args(["nocolon", "/tmp"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("HOST[:PORT]:/VOLUME"));
+    let out = std::process::Command::new(mortar_e2e::bin("mortar-mount"))
+        .args([&format!("{}:/other", c.addr(0)), dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not \"other\""), "{}", String::from_utf8_lossy(&out.stderr));
+}
