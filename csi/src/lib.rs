@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod mounts;
 pub mod node;
 pub mod ops;
+pub mod ops_conformance;
 pub mod server;
 pub mod volume_id;
 
