@@ -56,7 +56,11 @@ impl InodeLocks {
     /// Frees everything a dead session held; returns what it held.
     pub fn release_session(&self, s: SessionId) -> Vec<Gfid> {
         let mut held = self.held.lock().unwrap();
-        let mine: Vec<Gfid> = held.iter().filter(|(_, h)| **h == s).map(|(g, _)| *g).collect();
+        let mine: Vec<Gfid> = held
+            .iter()
+            .filter(|(_, h)| **h == s)
+            .map(|(g, _)| *g)
+            .collect();
         for g in &mine {
             held.remove(g);
         }
@@ -102,7 +106,9 @@ impl RangeLocks {
         let map = self.by_inode.lock().unwrap();
         map.get(&g)?
             .iter()
-            .find(|l| !l.same_owner(want) && l.overlaps(want) && (l.typ == F_WRLCK || want.typ == F_WRLCK))
+            .find(|l| {
+                !l.same_owner(want) && l.overlaps(want) && (l.typ == F_WRLCK || want.typ == F_WRLCK)
+            })
             .copied()
     }
 
@@ -111,10 +117,11 @@ impl RangeLocks {
         let mut map = self.by_inode.lock().unwrap();
         let list = map.entry(g).or_default();
         if want.typ != F_UNLCK {
-            if let Some(c) = list
-                .iter()
-                .find(|l| !l.same_owner(&want) && l.overlaps(&want) && (l.typ == F_WRLCK || want.typ == F_WRLCK))
-            {
+            if let Some(c) = list.iter().find(|l| {
+                !l.same_owner(&want)
+                    && l.overlaps(&want)
+                    && (l.typ == F_WRLCK || want.typ == F_WRLCK)
+            }) {
                 return Err(*c);
             }
         }
@@ -125,10 +132,16 @@ impl RangeLocks {
                 continue;
             }
             if l.start < want.start {
-                out.push(RangeLock { end: want.start - 1, ..l });
+                out.push(RangeLock {
+                    end: want.start - 1,
+                    ..l
+                });
             }
             if l.end > want.end {
-                out.push(RangeLock { start: want.end + 1, ..l });
+                out.push(RangeLock {
+                    start: want.end + 1,
+                    ..l
+                });
             }
         }
         if want.typ != F_UNLCK {
@@ -160,7 +173,14 @@ mod tests {
     use super::*;
 
     fn lk(s: u8, owner: u64, typ: i32, start: u64, end: u64) -> RangeLock {
-        RangeLock { session: [s; 16], owner, pid: 1, typ, start, end }
+        RangeLock {
+            session: [s; 16],
+            owner,
+            pid: 1,
+            typ,
+            start,
+            end,
+        }
     }
 
     #[test]
@@ -169,7 +189,10 @@ mod tests {
         let (a, b) = ([1u8; 16], [2u8; 16]);
         let (g1, g2) = (Gfid::random(), Gfid::random());
         assert!(l.try_lock_all(a, &[g1]).is_ok());
-        assert!(l.try_lock_all(a, &[g1]).is_ok(), "re-entrant for the holder");
+        assert!(
+            l.try_lock_all(a, &[g1]).is_ok(),
+            "re-entrant for the holder"
+        );
         assert_eq!(l.try_lock_all(b, &[g2, g1]), Err((a, g1)));
         assert!(!l.holds(b, g2), "all or none");
         assert_eq!(l.release_session(a), vec![g1]);
@@ -187,7 +210,10 @@ mod tests {
         assert!(l.set(g, lk(1, 1, F_UNLCK, 40, 59)).is_ok());
         assert!(l.conflict(g, &lk(3, 1, F_WRLCK, 45, 50)).is_none());
         assert!(l.conflict(g, &lk(3, 1, F_WRLCK, 30, 45)).is_some());
-        assert!(l.conflict(g, &lk(3, 1, F_RDLCK, 150, 150)).is_none(), "readers share");
+        assert!(
+            l.conflict(g, &lk(3, 1, F_RDLCK, 150, 150)).is_none(),
+            "readers share"
+        );
         l.release_session([1; 16]);
         assert!(l.conflict(g, &lk(3, 1, F_WRLCK, 0, 99)).is_none());
     }

@@ -41,7 +41,8 @@ struct Args {
 }
 
 fn load_volfile(path: &PathBuf) -> anyhow::Result<VolfileState> {
-    let yaml = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("volfile {}: {e}", path.display()))?;
+    let yaml = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("volfile {}: {e}", path.display()))?;
     let vol = Volfile::parse(&yaml).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     Ok(VolfileState { yaml, vol })
 }
@@ -55,8 +56,16 @@ fn main() {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    telemetry::init_logging(&format!("brick={}", args.id), &args.log_level, args.log_file.as_deref(), false)?;
-    anyhow::ensure!(args.session_timeout > 0.0, "--session-timeout must be positive");
+    telemetry::init_logging(
+        &format!("brick={}", args.id),
+        &args.log_level,
+        args.log_file.as_deref(),
+        false,
+    )?;
+    anyhow::ensure!(
+        args.session_timeout > 0.0,
+        "--session-timeout must be positive"
+    );
     let vf = load_volfile(&args.volfile)?;
     if vf.vol.brick_index(&args.id).is_none() {
         tracing::warn!(volfile = %args.volfile.display(), "brick id {} is not in the volfile (yet)", args.id);
@@ -124,7 +133,11 @@ async fn follow_volfile(path: PathBuf, tx: watch::Sender<VolfileState>) {
         last = m;
         match load_volfile(&path) {
             Ok(v) if v.vol.generation > tx.borrow().vol.generation => {
-                tracing::info!(generation = v.vol.generation, bricks = v.vol.bricks.len(), "following new volfile");
+                tracing::info!(
+                    generation = v.vol.generation,
+                    bricks = v.vol.bricks.len(),
+                    "following new volfile"
+                );
                 let _ = tx.send(v);
             }
             Ok(_) => {}

@@ -20,7 +20,12 @@ pub struct Record {
 
 impl Record {
     pub fn new(gfid: Gfid, promised: u64, ctime_ns: i64) -> Record {
-        Record { gfid, promised, ver: (0, 0), ctime_ns }
+        Record {
+            gfid,
+            promised,
+            ver: (0, 0),
+            ctime_ns,
+        }
     }
 
     pub fn encode(&self) -> [u8; LEN] {
@@ -54,7 +59,12 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let r = Record { gfid: Gfid::random(), promised: 7, ver: (5, 9), ctime_ns: -3 };
+        let r = Record {
+            gfid: Gfid::random(),
+            promised: 7,
+            ver: (5, 9),
+            ctime_ns: -3,
+        };
         assert_eq!(Record::decode(&r.encode()), Some(r));
         assert_eq!(Record::decode(&[0u8; 3]), None);
     }

@@ -61,17 +61,25 @@ fn errno(e: Errno) -> i32 {
 }
 
 fn session_id(b: &[u8]) -> Result<SessionId, Status> {
-    b.try_into().map_err(|_| Status::invalid_argument("session id must be 16 bytes"))
+    b.try_into()
+        .map_err(|_| Status::invalid_argument("session id must be 16 bytes"))
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(e.to_string()))
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(e.to_string()))
 }
 
 type BoxStream<T> = Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send>>;
 
 impl BrickService {
-    pub fn new(id: String, store: Arc<Store>, volfile: watch::Receiver<VolfileState>, session_timeout: Duration) -> Self {
+    pub fn new(
+        id: String,
+        store: Arc<Store>,
+        volfile: watch::Receiver<VolfileState>,
+        session_timeout: Duration,
+    ) -> Self {
         BrickService {
             id,
             store,
@@ -94,7 +102,9 @@ impl BrickService {
 
     fn notify_contended(&self, holder: SessionId, g: Gfid) {
         if let Some(e) = self.sessions.lock().unwrap().get(&holder) {
-            let _ = e.tx.try_send(Ok(pb::SessionOut { msg: Some(pb::session_out::Msg::Contended(g.to_vec())) }));
+            let _ = e.tx.try_send(Ok(pb::SessionOut {
+                msg: Some(pb::session_out::Msg::Contended(g.to_vec())),
+            }));
         }
     }
 
@@ -121,9 +131,15 @@ impl BrickService {
 
 #[tonic::async_trait]
 impl pb::brick_server::Brick for BrickService {
-    async fn get_volfile(&self, _: Request<pb::Empty>) -> Result<Response<pb::VolfileReply>, Status> {
+    async fn get_volfile(
+        &self,
+        _: Request<pb::Empty>,
+    ) -> Result<Response<pb::VolfileReply>, Status> {
         let v = self.volfile.borrow().clone();
-        Ok(Response::new(pb::VolfileReply { yaml: v.yaml, generation: v.vol.generation }))
+        Ok(Response::new(pb::VolfileReply {
+            yaml: v.yaml,
+            generation: v.vol.generation,
+        }))
     }
 
     async fn health(&self, _: Request<pb::Empty>) -> Result<Response<pb::HealthReply>, Status> {
@@ -150,10 +166,15 @@ impl pb::brick_server::Brick for BrickService {
 
     type SessionStream = BoxStream<pb::SessionOut>;
 
-    async fn session(&self, req: Request<Streaming<pb::SessionIn>>) -> Result<Response<Self::SessionStream>, Status> {
+    async fn session(
+        &self,
+        req: Request<Streaming<pb::SessionIn>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
         let mut inbound = req.into_inner();
         let hello = match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {
-            Ok(Ok(Some(pb::SessionIn { msg: Some(pb::session_in::Msg::Hello(h)) }))) => h,
+            Ok(Ok(Some(pb::SessionIn {
+                msg: Some(pb::session_in::Msg::Hello(h)),
+            }))) => h,
             _ => return Err(Status::invalid_argument("a session starts with hello")),
         };
         let sid = session_id(&hello.session)?;
@@ -163,11 +184,21 @@ impl pb::brick_server::Brick for BrickService {
             if sessions.contains_key(&sid) {
                 return Err(Status::already_exists("session id in use"));
             }
-            sessions.insert(sid, SessionEntry { tx: tx.clone(), mutated: HashSet::new() });
+            sessions.insert(
+                sid,
+                SessionEntry {
+                    tx: tx.clone(),
+                    mutated: HashSet::new(),
+                },
+            );
         }
         tracing::info!(client = %hello.client, "session started");
-        let (sessions, inode_locks, range_locks, store) =
-            (self.sessions.clone(), self.inode_locks.clone(), self.range_locks.clone(), self.store.clone());
+        let (sessions, inode_locks, range_locks, store) = (
+            self.sessions.clone(),
+            self.inode_locks.clone(),
+            self.range_locks.clone(),
+            self.store.clone(),
+        );
         let timeout = self.session_timeout;
         let metrics = self.metrics.clone();
         let mut volfile = self.volfile.clone();
@@ -203,15 +234,29 @@ impl pb::brick_server::Brick for BrickService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn lookup(&self, req: Request<pb::LookupReq>) -> Result<Response<pb::LookupReply>, Status> {
+    async fn lookup(
+        &self,
+        req: Request<pb::LookupReq>,
+    ) -> Result<Response<pb::LookupReply>, Status> {
         let r = req.into_inner();
         let store = self.store.clone();
         let res = blocking(move || store.lookup(gfid(&r.parent)?, &r.name)).await?;
         self.metrics.reads.fetch_add(1, Relaxed);
         Ok(Response::new(match res {
-            Ok((p, Some(e))) => pb::LookupReply { errno: 0, parent: Some(p), entry: Some(e) },
-            Ok((p, None)) => pb::LookupReply { errno: libc::ENOENT, parent: Some(p), entry: None },
-            Err(e) => pb::LookupReply { errno: errno(e), ..Default::default() },
+            Ok((p, Some(e))) => pb::LookupReply {
+                errno: 0,
+                parent: Some(p),
+                entry: Some(e),
+            },
+            Ok((p, None)) => pb::LookupReply {
+                errno: libc::ENOENT,
+                parent: Some(p),
+                entry: None,
+            },
+            Err(e) => pb::LookupReply {
+                errno: errno(e),
+                ..Default::default()
+            },
         }))
     }
 
@@ -221,19 +266,36 @@ impl pb::brick_server::Brick for BrickService {
         let res = blocking(move || store.getattr(gfid(&r.gfid)?)).await?;
         self.metrics.reads.fetch_add(1, Relaxed);
         Ok(Response::new(match res {
-            Ok(a) => pb::AttrReply { errno: 0, attr: Some(a) },
-            Err(e) => pb::AttrReply { errno: errno(e), attr: None },
+            Ok(a) => pb::AttrReply {
+                errno: 0,
+                attr: Some(a),
+            },
+            Err(e) => pb::AttrReply {
+                errno: errno(e),
+                attr: None,
+            },
         }))
     }
 
-    async fn readdir(&self, req: Request<pb::ReaddirReq>) -> Result<Response<pb::ReaddirReply>, Status> {
+    async fn readdir(
+        &self,
+        req: Request<pb::ReaddirReq>,
+    ) -> Result<Response<pb::ReaddirReply>, Status> {
         let r = req.into_inner();
         let store = self.store.clone();
-        let res = blocking(move || store.readdir(gfid(&r.gfid)?, r.offset, r.max.min(4096))).await?;
+        let res =
+            blocking(move || store.readdir(gfid(&r.gfid)?, r.offset, r.max.min(4096))).await?;
         self.metrics.reads.fetch_add(1, Relaxed);
         Ok(Response::new(match res {
-            Ok((entries, eof)) => pb::ReaddirReply { errno: 0, entries, eof },
-            Err(e) => pb::ReaddirReply { errno: errno(e), ..Default::default() },
+            Ok((entries, eof)) => pb::ReaddirReply {
+                errno: 0,
+                entries,
+                eof,
+            },
+            Err(e) => pb::ReaddirReply {
+                errno: errno(e),
+                ..Default::default()
+            },
         }))
     }
 
@@ -244,40 +306,63 @@ impl pb::brick_server::Brick for BrickService {
         self.metrics.reads.fetch_add(1, Relaxed);
         Ok(Response::new(match res {
             Ok(data) => {
-                self.metrics.read_bytes.fetch_add(data.len() as u64, Relaxed);
+                self.metrics
+                    .read_bytes
+                    .fetch_add(data.len() as u64, Relaxed);
                 pb::ReadReply { errno: 0, data }
             }
-            Err(e) => pb::ReadReply { errno: errno(e), data: Vec::new() },
+            Err(e) => pb::ReadReply {
+                errno: errno(e),
+                data: Vec::new(),
+            },
         }))
     }
 
-    async fn readlink(&self, req: Request<pb::GfidReq>) -> Result<Response<pb::ReadlinkReply>, Status> {
+    async fn readlink(
+        &self,
+        req: Request<pb::GfidReq>,
+    ) -> Result<Response<pb::ReadlinkReply>, Status> {
         let r = req.into_inner();
         let store = self.store.clone();
         let res = blocking(move || store.readlink(gfid(&r.gfid)?)).await?;
         Ok(Response::new(match res {
             Ok(target) => pb::ReadlinkReply { errno: 0, target },
-            Err(e) => pb::ReadlinkReply { errno: errno(e), target: Vec::new() },
+            Err(e) => pb::ReadlinkReply {
+                errno: errno(e),
+                target: Vec::new(),
+            },
         }))
     }
 
-    async fn getxattr(&self, req: Request<pb::XattrReq>) -> Result<Response<pb::XattrReply>, Status> {
+    async fn getxattr(
+        &self,
+        req: Request<pb::XattrReq>,
+    ) -> Result<Response<pb::XattrReply>, Status> {
         let r = req.into_inner();
         let store = self.store.clone();
         let res = blocking(move || store.getxattr(gfid(&r.gfid)?, &r.name)).await?;
         Ok(Response::new(match res {
             Ok(value) => pb::XattrReply { errno: 0, value },
-            Err(e) => pb::XattrReply { errno: errno(e), value: Vec::new() },
+            Err(e) => pb::XattrReply {
+                errno: errno(e),
+                value: Vec::new(),
+            },
         }))
     }
 
-    async fn listxattr(&self, req: Request<pb::GfidReq>) -> Result<Response<pb::ListxattrReply>, Status> {
+    async fn listxattr(
+        &self,
+        req: Request<pb::GfidReq>,
+    ) -> Result<Response<pb::ListxattrReply>, Status> {
         let r = req.into_inner();
         let store = self.store.clone();
         let res = blocking(move || store.listxattr(gfid(&r.gfid)?)).await?;
         Ok(Response::new(match res {
             Ok(names) => pb::ListxattrReply { errno: 0, names },
-            Err(e) => pb::ListxattrReply { errno: errno(e), names: Vec::new() },
+            Err(e) => pb::ListxattrReply {
+                errno: errno(e),
+                names: Vec::new(),
+            },
         }))
     }
 
@@ -296,7 +381,10 @@ impl pb::brick_server::Brick for BrickService {
                 namelen: 255,
                 frsize: s.f_frsize as u32,
             },
-            Err(e) => pb::StatfsReply { errno: errno(e), ..Default::default() },
+            Err(e) => pb::StatfsReply {
+                errno: errno(e),
+                ..Default::default()
+            },
         }))
     }
 
@@ -304,17 +392,29 @@ impl pb::brick_server::Brick for BrickService {
         let r = req.into_inner();
         let store = self.store.clone();
         let res = blocking(move || store.fsync(gfid(&r.gfid)?, r.datasync)).await?;
-        Ok(Response::new(pb::ErrnoReply { errno: res.err().map(errno).unwrap_or(0) }))
+        Ok(Response::new(pb::ErrnoReply {
+            errno: res.err().map(errno).unwrap_or(0),
+        }))
     }
 
     async fn lock(&self, req: Request<pb::LockReq>) -> Result<Response<pb::LockReply>, Status> {
         let r = req.into_inner();
         let sid = session_id(&r.session)?;
-        let fail = |e: i32| Ok(Response::new(pb::LockReply { errno: e, ..Default::default() }));
+        let fail = |e: i32| {
+            Ok(Response::new(pb::LockReply {
+                errno: e,
+                ..Default::default()
+            }))
+        };
         if !self.live(&sid) {
             return fail(libc::ENOTCONN);
         }
-        let Ok(gfids) = r.gfids.iter().map(|g| gfid(g)).collect::<Result<Vec<_>, _>>() else {
+        let Ok(gfids) = r
+            .gfids
+            .iter()
+            .map(|g| gfid(g))
+            .collect::<Result<Vec<_>, _>>()
+        else {
             return fail(libc::EINVAL);
         };
         let deadline = tokio::time::Instant::now() + LOCK_WAIT;
@@ -351,7 +451,10 @@ impl pb::brick_server::Brick for BrickService {
                 match store.promise(g, term)? {
                     Ok(rec) => out.push(pb::LockedInode {
                         gfid: g.to_vec(),
-                        ver: Some(pb::Version { term: rec.ver.0, seq: rec.ver.1 }),
+                        ver: Some(pb::Version {
+                            term: rec.ver.0,
+                            seq: rec.ver.1,
+                        }),
                         promised: rec.promised,
                     }),
                     Err(p) => refused = refused.max(p),
@@ -361,10 +464,18 @@ impl pb::brick_server::Brick for BrickService {
         })
         .await?;
         match res {
-            Ok((inodes, 0)) => Ok(Response::new(pb::LockReply { errno: 0, inodes, promised: 0 })),
+            Ok((inodes, 0)) => Ok(Response::new(pb::LockReply {
+                errno: 0,
+                inodes,
+                promised: 0,
+            })),
             // The lock stays granted: the client asks again, at once, with a higher term.
             // Nobody else can raise the promise meanwhile, since that needs this lock.
-            Ok((_, promised)) => Ok(Response::new(pb::LockReply { errno: libc::ESTALE, inodes: vec![], promised })),
+            Ok((_, promised)) => Ok(Response::new(pb::LockReply {
+                errno: libc::ESTALE,
+                inodes: vec![],
+                promised,
+            })),
             Err(e) => {
                 self.inode_locks.unlock(sid, &gfids);
                 fail(errno(e))
@@ -372,7 +483,10 @@ impl pb::brick_server::Brick for BrickService {
         }
     }
 
-    async fn unlock(&self, req: Request<pb::UnlockReq>) -> Result<Response<pb::ErrnoReply>, Status> {
+    async fn unlock(
+        &self,
+        req: Request<pb::UnlockReq>,
+    ) -> Result<Response<pb::ErrnoReply>, Status> {
         let r = req.into_inner();
         let sid = session_id(&r.session)?;
         let gfids: Vec<Gfid> = r.gfids.iter().filter_map(|g| Gfid::from_bytes(g)).collect();
@@ -390,12 +504,27 @@ impl pb::brick_server::Brick for BrickService {
         Ok(Response::new(pb::ErrnoReply { errno: 0 }))
     }
 
-    async fn mutate(&self, req: Request<pb::MutateReq>) -> Result<Response<pb::MutateReply>, Status> {
+    async fn mutate(
+        &self,
+        req: Request<pb::MutateReq>,
+    ) -> Result<Response<pb::MutateReply>, Status> {
         let r = req.into_inner();
         let sid = session_id(&r.session)?;
-        let fail = |e: i32| Ok(Response::new(pb::MutateReply { errno: e, ..Default::default() }));
-        let Some(op) = r.op else { return fail(libc::EINVAL) };
-        let Ok(gfids) = r.updates.iter().map(|u| gfid(&u.gfid)).collect::<Result<Vec<_>, _>>() else {
+        let fail = |e: i32| {
+            Ok(Response::new(pb::MutateReply {
+                errno: e,
+                ..Default::default()
+            }))
+        };
+        let Some(op) = r.op else {
+            return fail(libc::EINVAL);
+        };
+        let Ok(gfids) = r
+            .updates
+            .iter()
+            .map(|u| gfid(&u.gfid))
+            .collect::<Result<Vec<_>, _>>()
+        else {
             return fail(libc::EINVAL);
         };
         // Fencing: only the session holding every lock may change these inodes.
@@ -404,7 +533,9 @@ impl pb::brick_server::Brick for BrickService {
         }
         self.metrics.mutations.fetch_add(1, Relaxed);
         if let pb::mutate_req::Op::Write(w) = &op {
-            self.metrics.written_bytes.fetch_add(w.data.len() as u64, Relaxed);
+            self.metrics
+                .written_bytes
+                .fetch_add(w.data.len() as u64, Relaxed);
         }
         let store = self.store.clone();
         let created = match &op {
@@ -428,12 +559,21 @@ impl pb::brick_server::Brick for BrickService {
         })
         .await?;
         let reply = match res {
-            Err(e) => pb::MutateReply { errno: errno(e), ..Default::default() },
+            Err(e) => pb::MutateReply {
+                errno: errno(e),
+                ..Default::default()
+            },
             Ok(None) => {
                 self.metrics.stale.fetch_add(1, Relaxed);
-                pb::MutateReply { stale: true, ..Default::default() }
+                pb::MutateReply {
+                    stale: true,
+                    ..Default::default()
+                }
             }
-            Ok(Some(Err(e))) => pb::MutateReply { errno: errno(e), ..Default::default() },
+            Ok(Some(Err(e))) => pb::MutateReply {
+                errno: errno(e),
+                ..Default::default()
+            },
             Ok(Some(Ok((attr, written)))) => {
                 if let Some(g) = created {
                     self.inode_locks.grant_new(sid, g);
@@ -442,7 +582,12 @@ impl pb::brick_server::Brick for BrickService {
                     e.mutated.extend(changed);
                     e.mutated.extend(created);
                 }
-                pb::MutateReply { errno: 0, stale: false, attr: Some(attr), written }
+                pb::MutateReply {
+                    errno: 0,
+                    stale: false,
+                    attr: Some(attr),
+                    written,
+                }
             }
         };
         Ok(Response::new(reply))
@@ -451,20 +596,46 @@ impl pb::brick_server::Brick for BrickService {
     async fn lk(&self, req: Request<pb::LkReq>) -> Result<Response<pb::LkReply>, Status> {
         let r = req.into_inner();
         let sid = session_id(&r.session)?;
-        let fail = |e: i32| Ok(Response::new(pb::LkReply { errno: e, ..Default::default() }));
-        let Ok(g) = gfid(&r.gfid) else { return fail(libc::EINVAL) };
-        if ![crate::locks::F_RDLCK, crate::locks::F_WRLCK, F_UNLCK].contains(&r.typ) || r.end < r.start {
+        let fail = |e: i32| {
+            Ok(Response::new(pb::LkReply {
+                errno: e,
+                ..Default::default()
+            }))
+        };
+        let Ok(g) = gfid(&r.gfid) else {
+            return fail(libc::EINVAL);
+        };
+        if ![crate::locks::F_RDLCK, crate::locks::F_WRLCK, F_UNLCK].contains(&r.typ)
+            || r.end < r.start
+        {
             return fail(libc::EINVAL);
         }
         if !self.live(&sid) {
             return fail(libc::ENOTCONN);
         }
-        let want = RangeLock { session: sid, owner: r.owner, pid: r.pid, typ: r.typ, start: r.start, end: r.end };
+        let want = RangeLock {
+            session: sid,
+            owner: r.owner,
+            pid: r.pid,
+            typ: r.typ,
+            start: r.start,
+            end: r.end,
+        };
         if r.test {
             let c = self.range_locks.conflict(g, &want);
             return Ok(Response::new(match c {
-                Some(c) => pb::LkReply { errno: 0, typ: c.typ, start: c.start, end: c.end, pid: c.pid },
-                None => pb::LkReply { errno: 0, typ: F_UNLCK, ..Default::default() },
+                Some(c) => pb::LkReply {
+                    errno: 0,
+                    typ: c.typ,
+                    start: c.start,
+                    end: c.end,
+                    pid: c.pid,
+                },
+                None => pb::LkReply {
+                    errno: 0,
+                    typ: F_UNLCK,
+                    ..Default::default()
+                },
             }));
         }
         loop {
@@ -486,7 +657,10 @@ impl pb::brick_server::Brick for BrickService {
 
     type ManifestStream = BoxStream<pb::ManifestEntry>;
 
-    async fn manifest(&self, _: Request<pb::Empty>) -> Result<Response<Self::ManifestStream>, Status> {
+    async fn manifest(
+        &self,
+        _: Request<pb::Empty>,
+    ) -> Result<Response<Self::ManifestStream>, Status> {
         let (tx, rx) = mpsc::channel(256);
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || {

@@ -51,7 +51,8 @@ pub fn io_errno(e: &std::io::Error) -> Errno {
 /// A name as one path component: not empty, no `/` or NUL, not `.`/`..`, at most 255 bytes,
 /// and never Mortar's own directory at the root.
 pub fn check_name(name: &[u8], parent: Gfid) -> R<&OsStr> {
-    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
+    {
         return Err(Errno::INVAL);
     }
     if name.len() > 255 {
@@ -68,10 +69,16 @@ pub fn gfid(b: &[u8]) -> R<Gfid> {
 }
 
 fn ts(ns: i64) -> Timespec {
-    Timespec { tv_sec: ns.div_euclid(1_000_000_000), tv_nsec: ns.rem_euclid(1_000_000_000) as _ }
+    Timespec {
+        tv_sec: ns.div_euclid(1_000_000_000),
+        tv_nsec: ns.rem_euclid(1_000_000_000) as _,
+    }
 }
 
-const OMIT: Timespec = Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_OMIT as _ };
+const OMIT: Timespec = Timespec {
+    tv_sec: 0,
+    tv_nsec: rustix::fs::UTIME_OMIT as _,
+};
 
 fn kind_of(mode: u32) -> pb::Kind {
     match FileType::from_raw_mode(mode) {
@@ -88,9 +95,8 @@ fn kind_of(mode: u32) -> pb::Kind {
 
 pub fn read_rec(path: &Path) -> R<Record> {
     let mut buf = [0u8; 64];
-    let n = rfs::lgetxattr(path, record::XATTR, &mut buf[..]).map_err(|e| {
-        if e == Errno::NODATA { Errno::IO } else { e }
-    })?;
+    let n = rfs::lgetxattr(path, record::XATTR, &mut buf[..])
+        .map_err(|e| if e == Errno::NODATA { Errno::IO } else { e })?;
     Record::decode(&buf[..n]).ok_or(Errno::IO)
 }
 
@@ -102,7 +108,11 @@ fn attr_of(st: &rfs::Stat, rec: &Record) -> pb::Attr {
     let mode = st.st_mode as u32;
     let kind = kind_of(mode);
     // The gfid index holds one extra link to every non-directory: hide it.
-    let nlink = if kind == pb::Kind::Dir { st.st_nlink as u32 } else { (st.st_nlink as u32).saturating_sub(1).max(1) };
+    let nlink = if kind == pb::Kind::Dir {
+        st.st_nlink as u32
+    } else {
+        (st.st_nlink as u32).saturating_sub(1).max(1)
+    };
     pb::Attr {
         gfid: rec.gfid.to_vec(),
         kind: kind as i32,
@@ -116,7 +126,10 @@ fn attr_of(st: &rfs::Stat, rec: &Record) -> pb::Attr {
         mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec as i64,
         ctime_ns: rec.ctime_ns,
         blocks: st.st_blocks as u64,
-        ver: Some(pb::Version { term: rec.ver.0, seq: rec.ver.1 }),
+        ver: Some(pb::Version {
+            term: rec.ver.0,
+            seq: rec.ver.1,
+        }),
     }
 }
 
@@ -132,13 +145,19 @@ impl Store {
     pub fn open(root: &Path) -> anyhow::Result<Store> {
         use std::os::unix::fs::DirBuilderExt;
         let fresh = !root.exists();
-        std::fs::DirBuilder::new().recursive(true).mode(0o755).create(root)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(root)?;
         let root = root.canonicalize()?;
         let meta = root.join(META);
         let index = meta.join("gfid");
         let heal_dir = meta.join("heal");
         for d in [&meta, &index, &heal_dir] {
-            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(d)?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(d)?;
         }
         if fresh {
             // A new volume's root is open to its owner and readable by all, like mkfs makes it.
@@ -149,11 +168,19 @@ impl Store {
         }
         match read_rec(&root) {
             Ok(r) if r.gfid == Gfid::ROOT => {}
-            Ok(r) => anyhow::bail!("{} is the root of another volume (gfid {})", root.display(), r.gfid),
+            Ok(r) => anyhow::bail!(
+                "{} is the root of another volume (gfid {})",
+                root.display(),
+                r.gfid
+            ),
             Err(_) => {
                 let now = now_ns();
-                write_rec(&root, &Record::new(Gfid::ROOT, 0, now))
-                    .map_err(|e| anyhow::anyhow!("cannot set trusted xattrs on {} (need root and xattr support): {e}", root.display()))?;
+                write_rec(&root, &Record::new(Gfid::ROOT, 0, now)).map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot set trusted xattrs on {} (need root and xattr support): {e}",
+                        root.display()
+                    )
+                })?;
             }
         }
         let store = Store {
@@ -194,10 +221,18 @@ impl Store {
                 let p = e.path();
                 match read_rec(&p) {
                     Ok(rec) => {
-                        dirs.insert(rec.gfid, DirNode { parent: g, name: e.file_name() });
+                        dirs.insert(
+                            rec.gfid,
+                            DirNode {
+                                parent: g,
+                                name: e.file_name(),
+                            },
+                        );
                         stack.push((rec.gfid, p));
                     }
-                    Err(_) => tracing::warn!(path = %p.display(), "directory without a Mortar record; not served"),
+                    Err(_) => {
+                        tracing::warn!(path = %p.display(), "directory without a Mortar record; not served")
+                    }
                 }
             }
         }
@@ -237,7 +272,11 @@ impl Store {
 
     /// The backend path that reaches inode `g` (the gfid link for non-directories).
     pub fn path_of(&self, g: Gfid) -> R<PathBuf> {
-        if self.is_dir(g) { self.dir_path(g) } else { Ok(self.index_path(g)) }
+        if self.is_dir(g) {
+            self.dir_path(g)
+        } else {
+            Ok(self.index_path(g))
+        }
     }
 
     pub fn record(&self, g: Gfid) -> R<Record> {
@@ -256,7 +295,11 @@ impl Store {
         if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
             return Err(Errno::INVAL);
         }
-        let fd = Arc::new(rfs::open(&path, OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOATIME, Mode::empty())?);
+        let fd = Arc::new(rfs::open(
+            &path,
+            OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOATIME,
+            Mode::empty(),
+        )?);
         let mut fds = self.fds.lock().unwrap();
         if fds.len() >= MAX_FDS {
             // Cheap eviction: open files are re-opened on demand.
@@ -306,9 +349,14 @@ impl Store {
         let mut out = Vec::with_capacity(end - start);
         for n in &names[start..end] {
             match stat_path(&path.join(n)) {
-                Ok(attr) => out.push(pb::DirEntry { name: n.as_bytes().to_vec(), attr: Some(attr) }),
+                Ok(attr) => out.push(pb::DirEntry {
+                    name: n.as_bytes().to_vec(),
+                    attr: Some(attr),
+                }),
                 Err(Errno::NOENT) => {}
-                Err(e) => tracing::warn!(path = %path.join(n).display(), "unreadable entry skipped: {e}"),
+                Err(e) => {
+                    tracing::warn!(path = %path.join(n).display(), "unreadable entry skipped: {e}")
+                }
             }
         }
         Ok((out, end == names.len()))
@@ -353,7 +401,11 @@ impl Store {
 
     pub fn fsync(&self, g: Gfid, datasync: bool) -> R<()> {
         if self.is_dir(g) {
-            let fd = rfs::open(self.dir_path(g)?, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+            let fd = rfs::open(
+                self.dir_path(g)?,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
             return rfs::fsync(fd);
         }
         match self.file(g) {
@@ -433,7 +485,10 @@ impl Store {
     }
 
     fn touch_dir(&self, path: &Path, now: i64) {
-        let t = Timestamps { last_access: OMIT, last_modification: ts(now) };
+        let t = Timestamps {
+            last_access: OMIT,
+            last_modification: ts(now),
+        };
         let _ = rfs::utimensat(CWD, path, &t, AtFlags::SYMLINK_NOFOLLOW);
     }
 
@@ -449,11 +504,25 @@ impl Store {
         let mode = Mode::from_raw_mode(c.mode & 0o7777);
         let kind = pb::Kind::try_from(c.kind).unwrap_or(pb::Kind::Unknown);
         let rec = Record::new(g, c.term, now);
-        let owner = (Some(rfs::Uid::from_raw(c.uid)), Some(rfs::Gid::from_raw(c.gid)));
-        let times = Timestamps { last_access: ts(now), last_modification: ts(now) };
+        let owner = (
+            Some(rfs::Uid::from_raw(c.uid)),
+            Some(rfs::Gid::from_raw(c.gid)),
+        );
+        let times = Timestamps {
+            last_access: ts(now),
+            last_modification: ts(now),
+        };
         match kind {
             pb::Kind::File => {
-                let fd = rfs::open(&path, OFlags::CREATE | OFlags::EXCL | OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC, mode)?;
+                let fd = rfs::open(
+                    &path,
+                    OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::RDWR
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
+                    mode,
+                )?;
                 let done = (|| {
                     rfs::fchown(&fd, owner.0, owner.1)?;
                     rfs::fchmod(&fd, mode)?;
@@ -479,9 +548,19 @@ impl Store {
                     let _ = rfs::rmdir(&path);
                     return Err(e);
                 }
-                self.dirs.write().unwrap().insert(g, DirNode { parent, name: name.to_owned() });
+                self.dirs.write().unwrap().insert(
+                    g,
+                    DirNode {
+                        parent,
+                        name: name.to_owned(),
+                    },
+                );
             }
-            pb::Kind::Symlink | pb::Kind::Fifo | pb::Kind::Socket | pb::Kind::Char | pb::Kind::Block => {
+            pb::Kind::Symlink
+            | pb::Kind::Fifo
+            | pb::Kind::Socket
+            | pb::Kind::Char
+            | pb::Kind::Block => {
                 match kind {
                     pb::Kind::Symlink => {
                         if c.target.is_empty() || c.target.len() > 4095 || c.target.contains(&0) {
@@ -573,7 +652,10 @@ impl Store {
             return stat_path(&src);
         }
         let flags = rfs::RenameFlags::from_bits(r.flags).ok_or(Errno::INVAL)?;
-        if src_dir && !flags.contains(rfs::RenameFlags::EXCHANGE) && self.is_ancestor(src_rec.gfid, np) {
+        if src_dir
+            && !flags.contains(rfs::RenameFlags::EXCHANGE)
+            && self.is_ancestor(src_rec.gfid, np)
+        {
             return Err(Errno::INVAL);
         }
         rfs::renameat_with(CWD, &src, CWD, &dst, flags)?;
@@ -582,14 +664,20 @@ impl Store {
             if flags.contains(rfs::RenameFlags::EXCHANGE) {
                 if let Some(d) = dst_rec {
                     if let Some(node) = dirs.get_mut(&d.gfid) {
-                        *node = DirNode { parent: p, name: name.to_owned() };
+                        *node = DirNode {
+                            parent: p,
+                            name: name.to_owned(),
+                        };
                     }
                 }
             } else if let Some(d) = dst_rec {
                 dirs.remove(&d.gfid);
             }
             if let Some(node) = dirs.get_mut(&src_rec.gfid) {
-                *node = DirNode { parent: np, name: newname.to_owned() };
+                *node = DirNode {
+                    parent: np,
+                    name: newname.to_owned(),
+                };
             }
         }
         if let Some(d) = dst_rec {
@@ -642,7 +730,13 @@ impl Store {
             }
         }
         if s.uid.is_some() || s.gid.is_some() {
-            rfs::chownat(CWD, &path, s.uid.map(rfs::Uid::from_raw), s.gid.map(rfs::Gid::from_raw), AtFlags::SYMLINK_NOFOLLOW)?;
+            rfs::chownat(
+                CWD,
+                &path,
+                s.uid.map(rfs::Uid::from_raw),
+                s.gid.map(rfs::Gid::from_raw),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )?;
         }
         // After chown, which clears set-id bits, so an explicit mode wins.
         if let Some(mode) = s.mode {
@@ -664,7 +758,11 @@ impl Store {
     fn write(&self, w: &pb::Write, now: i64) -> R<(pb::Attr, u64)> {
         let g = gfid(&w.gfid)?;
         let fd = self.file(g)?;
-        let mut off = if w.append { rfs::fstat(&*fd)?.st_size as u64 } else { w.offset };
+        let mut off = if w.append {
+            rfs::fstat(&*fd)?.st_size as u64
+        } else {
+            w.offset
+        };
         let mut data = &w.data[..];
         while !data.is_empty() {
             match rustix::io::pwrite(&*fd, data, off) {
@@ -676,7 +774,13 @@ impl Store {
                 Err(e) => return Err(e),
             }
         }
-        rfs::futimens(&*fd, &Timestamps { last_access: OMIT, last_modification: ts(now) })?;
+        rfs::futimens(
+            &*fd,
+            &Timestamps {
+                last_access: OMIT,
+                last_modification: ts(now),
+            },
+        )?;
         Ok((self.fd_attr(&fd, g)?, w.data.len() as u64))
     }
 
@@ -692,8 +796,19 @@ impl Store {
     fn fallocate(&self, f: &pb::Fallocate, now: i64) -> R<pb::Attr> {
         let g = gfid(&f.gfid)?;
         let fd = self.file(g)?;
-        rfs::fallocate(&*fd, rfs::FallocateFlags::from_bits_retain(f.mode as u32), f.offset, f.length)?;
-        rfs::futimens(&*fd, &Timestamps { last_access: OMIT, last_modification: ts(now) })?;
+        rfs::fallocate(
+            &*fd,
+            rfs::FallocateFlags::from_bits_retain(f.mode as u32),
+            f.offset,
+            f.length,
+        )?;
+        rfs::futimens(
+            &*fd,
+            &Timestamps {
+                last_access: OMIT,
+                last_modification: ts(now),
+            },
+        )?;
         self.fd_attr(&fd, g)
     }
 
@@ -744,10 +859,16 @@ impl Store {
                     }
                 };
                 let kind = attr.kind();
-                let mut entry = pb::ManifestEntry { path: child.clone(), attr: Some(attr), ..Default::default() };
+                let mut entry = pb::ManifestEntry {
+                    path: child.clone(),
+                    attr: Some(attr),
+                    ..Default::default()
+                };
                 match kind {
                     pb::Kind::File => entry.sha256 = hash_file(&path)?,
-                    pb::Kind::Symlink => entry.target = rfs::readlink(&path, Vec::new())?.into_bytes(),
+                    pb::Kind::Symlink => {
+                        entry.target = rfs::readlink(&path, Vec::new())?.into_bytes()
+                    }
                     pb::Kind::Dir => subdirs.push((child, path.clone())),
                     _ => {}
                 }
@@ -798,7 +919,10 @@ fn list_user_xattrs(path: &Path) -> R<Vec<Vec<u8>>> {
 }
 
 pub fn now_ns() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -47,7 +47,9 @@ pub async fn volfile(target: &str, timeout: Duration) -> Result<Volfile> {
 }
 
 pub async fn health(addr: &str, timeout: Duration) -> std::result::Result<pb::HealthReply, String> {
-    let mut c = connect_once(addr, timeout).await.map_err(|e| e.to_string())?;
+    let mut c = connect_once(addr, timeout)
+        .await
+        .map_err(|e| e.to_string())?;
     match tokio::time::timeout(timeout, c.health(pb::Empty {})).await {
         Ok(Ok(r)) => Ok(r.into_inner()),
         Ok(Err(e)) => Err(e.message().to_string()),
@@ -98,9 +100,18 @@ pub async fn status(target: &str, timeout: Duration) -> Result<VolumeStatus> {
 }
 
 /// One brick's view of the volume, path → entry.
-async fn manifest(addr: &str, timeout: Duration) -> std::result::Result<BTreeMap<String, pb::ManifestEntry>, String> {
-    let mut c = connect_once(addr, timeout).await.map_err(|e| e.to_string())?;
-    let mut s = c.manifest(pb::Empty {}).await.map_err(|e| e.message().to_string())?.into_inner();
+async fn manifest(
+    addr: &str,
+    timeout: Duration,
+) -> std::result::Result<BTreeMap<String, pb::ManifestEntry>, String> {
+    let mut c = connect_once(addr, timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut s = c
+        .manifest(pb::Empty {})
+        .await
+        .map_err(|e| e.message().to_string())?
+        .into_inner();
     let mut out = BTreeMap::new();
     while let Some(e) = s.next().await {
         let e = e.map_err(|e| e.message().to_string())?;
@@ -117,7 +128,14 @@ fn describe(e: &pb::ManifestEntry) -> Vec<(&'static str, String)> {
         ("gfid", hex(&a.gfid)),
         ("mode", format!("{:o}", a.mode)),
         ("owner", format!("{}:{}", a.uid, a.gid)),
-        ("xattrs", e.xattrs.iter().map(|x| format!("{}={}", String::from_utf8_lossy(&x.name), hex(&x.value))).collect::<Vec<_>>().join(",")),
+        (
+            "xattrs",
+            e.xattrs
+                .iter()
+                .map(|x| format!("{}={}", String::from_utf8_lossy(&x.name), hex(&x.value)))
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
     ];
     match a.kind() {
         pb::Kind::File => {
@@ -134,9 +152,14 @@ fn describe(e: &pb::ManifestEntry) -> Vec<(&'static str, String)> {
 }
 
 /// Compares every brick's copy; returns the differences found (empty: all identical).
-pub async fn verify(target: &str, timeout: Duration, up_only: bool) -> Result<(usize, Vec<String>)> {
+pub async fn verify(
+    target: &str,
+    timeout: Duration,
+    up_only: bool,
+) -> Result<(usize, Vec<String>)> {
     let vf = volfile(target, timeout).await?;
-    let ms = futures::future::join_all(vf.bricks.iter().map(|b| manifest(&b.address, timeout))).await;
+    let ms =
+        futures::future::join_all(vf.bricks.iter().map(|b| manifest(&b.address, timeout))).await;
     let mut diffs = Vec::new();
     let mut copies = Vec::new();
     for (b, m) in vf.bricks.iter().zip(ms) {
@@ -164,7 +187,9 @@ pub async fn verify(target: &str, timeout: Duration, up_only: bool) -> Result<(u
                 (Some(a), Some(b)) => {
                     for ((k, va), (_, vb)) in a.iter().zip(b.iter()) {
                         if va != vb {
-                            diffs.push(format!("{p}: {k} differs: {ref_id} has {va}, {id} has {vb}"));
+                            diffs.push(format!(
+                                "{p}: {k} differs: {ref_id} has {va}, {id} has {vb}"
+                            ));
                         }
                     }
                     if a.len() != b.len() && a[0] == b[0] {

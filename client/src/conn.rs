@@ -61,7 +61,9 @@ pub fn endpoint(addr: &str, timeout: Duration) -> Result<Endpoint> {
 }
 
 pub fn client(ch: Channel) -> BrickClient<Channel> {
-    BrickClient::new(ch).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE)
+    BrickClient::new(ch)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE)
 }
 
 /// A one-off connection (for tools): fails within `timeout` if the brick is not there.
@@ -69,7 +71,10 @@ pub async fn connect_once(addr: &str, timeout: Duration) -> Result<BrickClient<C
     let ch = endpoint(addr, timeout)?
         .connect()
         .await
-        .map_err(|e| Error::Transport { brick: addr.to_string(), msg: e.to_string() })?;
+        .map_err(|e| Error::Transport {
+            brick: addr.to_string(),
+            msg: e.to_string(),
+        })?;
     Ok(client(ch))
 }
 
@@ -83,7 +88,14 @@ impl Brick {
         events: mpsc::UnboundedSender<Event>,
     ) -> Arc<Brick> {
         let (state, _) = watch::channel(ConnState::Down("connecting".into()));
-        let b = Arc::new(Brick { id, addr, state, ping_timeout, epochs: AtomicU64::new(0), stopped: AtomicBool::new(false) });
+        let b = Arc::new(Brick {
+            id,
+            addr,
+            state,
+            ping_timeout,
+            epochs: AtomicU64::new(0),
+            stopped: AtomicBool::new(false),
+        });
         let weak = Arc::downgrade(&b);
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
@@ -95,7 +107,9 @@ impl Brick {
                 let why = b.run_session(&client_name, &events).await;
                 if b.state.send_replace(ConnState::Down(why.clone())).is_up() {
                     tracing::warn!(brick = %b.id, addr = %b.addr, "brick down: {why}");
-                    let _ = events.send(Event::Down { brick: b.id.clone() });
+                    let _ = events.send(Event::Down {
+                        brick: b.id.clone(),
+                    });
                     backoff = Duration::from_millis(100);
                 }
                 drop(b);
@@ -113,7 +127,11 @@ impl Brick {
     }
 
     /// One connection's life: connect, say hello, ping until it fails.
-    async fn run_session(&self, client_name: &str, events: &mpsc::UnboundedSender<Event>) -> String {
+    async fn run_session(
+        &self,
+        client_name: &str,
+        events: &mpsc::UnboundedSender<Event>,
+    ) -> String {
         let pt = self.ping_timeout;
         let ch = match endpoint(&self.addr, pt) {
             Ok(e) => match e.connect().await {
@@ -125,9 +143,20 @@ impl Brick {
         let mut c = client(ch);
         let session = *uuid::Uuid::new_v4().as_bytes();
         let (tx, rx) = mpsc::channel(16);
-        let hello = pb::Hello { session: session.to_vec(), client: client_name.to_string() };
-        let _ = tx.send(pb::SessionIn { msg: Some(pb::session_in::Msg::Hello(hello)) }).await;
-        let _ = tx.send(pb::SessionIn { msg: Some(pb::session_in::Msg::Ping(0)) }).await;
+        let hello = pb::Hello {
+            session: session.to_vec(),
+            client: client_name.to_string(),
+        };
+        let _ = tx
+            .send(pb::SessionIn {
+                msg: Some(pb::session_in::Msg::Hello(hello)),
+            })
+            .await;
+        let _ = tx
+            .send(pb::SessionIn {
+                msg: Some(pb::session_in::Msg::Ping(0)),
+            })
+            .await;
         let mut inbound = match tokio::time::timeout(pt, c.session(ReceiverStream::new(rx))).await {
             Ok(Ok(r)) => r.into_inner(),
             Ok(Err(e)) => return format!("session: {}", e.message()),
@@ -141,9 +170,15 @@ impl Brick {
         if self.stopped.load(Relaxed) {
             return "stopped".into();
         }
-        self.state.send_replace(ConnState::Up(Up { client: c, session, epoch }));
+        self.state.send_replace(ConnState::Up(Up {
+            client: c,
+            session,
+            epoch,
+        }));
         tracing::info!(brick = %self.id, addr = %self.addr, "brick up");
-        let _ = events.send(Event::Up { brick: self.id.clone() });
+        let _ = events.send(Event::Up {
+            brick: self.id.clone(),
+        });
         let interval = (pt / 4).max(Duration::from_millis(100));
         let mut ping = tokio::time::interval(interval);
         let mut last_pong = tokio::time::Instant::now();
@@ -215,11 +250,16 @@ impl Brick {
     /// Waits until the brick is up, at most `d`.
     pub async fn wait_up(&self, d: Duration) -> bool {
         let mut rx = self.state.subscribe();
-        tokio::time::timeout(d, rx.wait_for(|s| s.is_up())).await.is_ok_and(|r| r.is_ok())
+        tokio::time::timeout(d, rx.wait_for(|s| s.is_up()))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     fn transport(&self, msg: impl Into<String>) -> Error {
-        Error::Transport { brick: self.id.clone(), msg: msg.into() }
+        Error::Transport {
+            brick: self.id.clone(),
+            msg: msg.into(),
+        }
     }
 
     /// Runs one request on the live connection, bounded by the ping timeout; a request that

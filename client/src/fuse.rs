@@ -10,10 +10,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
-    TimeOrNow, WriteFlags,
+    AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use mortar_proto as pb;
 
@@ -52,14 +52,21 @@ pub struct MortarFs {
 }
 
 fn errno(e: Error) -> Errno {
-    if matches!(e, Error::NoQuorum { .. } | Error::Transport { .. } | Error::NoGoodCopy) {
+    if matches!(
+        e,
+        Error::NoQuorum { .. } | Error::Transport { .. } | Error::NoGoodCopy
+    ) {
         tracing::warn!("{e}");
     }
     Errno::from_i32(e.errno())
 }
 
 fn time(ns: i64) -> SystemTime {
-    if ns >= 0 { UNIX_EPOCH + Duration::from_nanos(ns as u64) } else { UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs()) }
+    if ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
+    }
 }
 
 fn ns_of(t: SystemTime) -> i64 {
@@ -86,7 +93,12 @@ impl Inner {
         if ino.0 == 1 {
             return Ok(Gfid::ROOT);
         }
-        self.inos.read().unwrap().get(&ino.0).copied().ok_or(Errno::ESTALE)
+        self.inos
+            .read()
+            .unwrap()
+            .get(&ino.0)
+            .copied()
+            .ok_or(Errno::ESTALE)
     }
 
     fn attr(&self, a: &pb::Attr) -> FileAttr {
@@ -129,7 +141,11 @@ impl Inner {
 
     async fn unlock_owner(&self, g: Gfid, owner: u64) {
         if self.lock_owners.lock().unwrap().remove(&(g, owner)) {
-            if let Err(e) = self.vol.lk(g, owner, 0, libc::F_UNLCK as i32, 0, u64::MAX, false, false).await {
+            if let Err(e) = self
+                .vol
+                .lk(g, owner, 0, libc::F_UNLCK as i32, 0, u64::MAX, false, false)
+                .await
+            {
                 tracing::warn!(gfid = %g, "releasing locks on close: {e}");
             }
         }
@@ -150,7 +166,6 @@ impl MortarFs {
             rt,
         }
     }
-
 }
 
 /// Resolves `$ino` to a gfid and runs `$body` on the runtime, or answers the error at once.
@@ -192,7 +207,9 @@ impl Filesystem for MortarFs {
 
     fn destroy(&mut self) {
         let vol = self.inner.vol.clone();
-        let _ = self.rt.block_on(async move { tokio::time::timeout(Duration::from_secs(5), vol.shutdown()).await });
+        let _ = self.rt.block_on(async move {
+            tokio::time::timeout(Duration::from_secs(5), vol.shutdown()).await
+        });
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
@@ -204,10 +221,15 @@ impl Filesystem for MortarFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        on_inode!(self, ino, reply, |inner, g| match inner.vol.getattr(g).await {
-            Ok(a) => reply.attr(&inner.t.attr, &inner.attr(&a)),
-            Err(e) => reply.error(errno(e)),
-        });
+        on_inode!(
+            self,
+            ino,
+            reply,
+            |inner, g| match inner.vol.getattr(g).await {
+                Ok(a) => reply.attr(&inner.t.attr, &inner.attr(&a)),
+                Err(e) => reply.error(errno(e)),
+            }
+        );
     }
 
     fn setattr(
@@ -259,7 +281,16 @@ impl Filesystem for MortarFs {
         });
     }
 
-    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, rdev: u32, reply: ReplyEntry) {
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
         let k = match mode & libc::S_IFMT {
             libc::S_IFREG | 0 => pb::Kind::File,
             libc::S_IFIFO => pb::Kind::Fifo,
@@ -270,15 +301,29 @@ impl Filesystem for MortarFs {
         };
         let (uid, gid, name) = (req.uid(), req.gid(), bytes(name));
         on_inode!(self, parent, reply, |inner, p| {
-            let r = inner.vol.create(p, &name, k, mode & 0o7777, uid, gid, rdev as u64, b"").await;
+            let r = inner
+                .vol
+                .create(p, &name, k, mode & 0o7777, uid, gid, rdev as u64, b"")
+                .await;
             inner.entry(reply, r);
         });
     }
 
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
         let (uid, gid, name) = (req.uid(), req.gid(), bytes(name));
         on_inode!(self, parent, reply, |inner, p| {
-            let r = inner.vol.create(p, &name, pb::Kind::Dir, mode & 0o7777, uid, gid, 0, b"").await;
+            let r = inner
+                .vol
+                .create(p, &name, pb::Kind::Dir, mode & 0o7777, uid, gid, 0, b"")
+                .await;
             inner.entry(reply, r);
         });
     }
@@ -291,10 +336,25 @@ impl Filesystem for MortarFs {
         self.remove(parent, name, true, reply);
     }
 
-    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
-        let (uid, gid, name, target) = (req.uid(), req.gid(), bytes(link_name), bytes(target.as_os_str()));
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let (uid, gid, name, target) = (
+            req.uid(),
+            req.gid(),
+            bytes(link_name),
+            bytes(target.as_os_str()),
+        );
         on_inode!(self, parent, reply, |inner, p| {
-            let r = inner.vol.create(p, &name, pb::Kind::Symlink, 0o777, uid, gid, 0, &target).await;
+            let r = inner
+                .vol
+                .create(p, &name, pb::Kind::Symlink, 0o777, uid, gid, 0, &target)
+                .await;
             inner.entry(reply, r);
         });
     }
@@ -323,7 +383,14 @@ impl Filesystem for MortarFs {
         });
     }
 
-    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
         let (g, np) = match (self.inner.gfid(ino), self.inner.gfid(newparent)) {
             (Ok(g), Ok(np)) => (g, np),
             (Err(e), _) | (_, Err(e)) => return reply.error(e),
@@ -342,7 +409,9 @@ impl Filesystem for MortarFs {
             match inner.vol.refresh(g).await {
                 Ok(a) if a.kind() == pb::Kind::Dir => reply.error(Errno::EISDIR),
                 Ok(_) => {
-                    let fh = inner.new_fh(Handle::File { append: flags.0 & libc::O_APPEND != 0 });
+                    let fh = inner.new_fh(Handle::File {
+                        append: flags.0 & libc::O_APPEND != 0,
+                    });
                     reply.opened(FileHandle(fh), FopenFlags::empty());
                 }
                 Err(e) => reply.error(errno(e)),
@@ -381,7 +450,10 @@ impl Filesystem for MortarFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let append = matches!(self.inner.handles.lock().unwrap().get(&fh.0), Some(Handle::File { append: true }));
+        let append = matches!(
+            self.inner.handles.lock().unwrap().get(&fh.0),
+            Some(Handle::File { append: true })
+        );
         let data = data.to_vec();
         on_inode!(self, ino, reply, |inner, g| {
             match inner.vol.write(g, offset, data, append).await {
@@ -391,7 +463,14 @@ impl Filesystem for MortarFs {
         });
     }
 
-    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         // close() drops the POSIX locks the closing process holds on the file.
         on_inode!(self, ino, reply, |inner, g| {
             inner.unlock_owner(g, lock_owner.0).await;
@@ -422,7 +501,14 @@ impl Filesystem for MortarFs {
         }
     }
 
-    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         self.sync(ino, datasync, reply);
     }
 
@@ -435,7 +521,9 @@ impl Filesystem for MortarFs {
             .await;
             match r {
                 Ok(entries) => {
-                    let fh = inner.new_fh(Handle::Dir { entries: Arc::new(entries) });
+                    let fh = inner.new_fh(Handle::Dir {
+                        entries: Arc::new(entries),
+                    });
                     reply.opened(FileHandle(fh), FopenFlags::empty());
                 }
                 Err(e) => reply.error(errno(e)),
@@ -443,8 +531,17 @@ impl Filesystem for MortarFs {
         });
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let Some(entries) = self.dir_entries(fh) else { return reply.error(Errno::EBADF) };
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(entries) = self.dir_entries(fh) else {
+            return reply.error(Errno::EBADF);
+        };
         let mut i = offset as usize;
         while i < entries.len() + 2 {
             let full = match i {
@@ -454,7 +551,12 @@ impl Filesystem for MortarFs {
                     let e = &entries[i - 2];
                     let a = e.attr.clone().unwrap_or_default();
                     let attr = self.inner.attr(&a);
-                    reply.add(attr.ino, i as u64 + 1, attr.kind, OsStr::from_bytes(&e.name))
+                    reply.add(
+                        attr.ino,
+                        i as u64 + 1,
+                        attr.kind,
+                        OsStr::from_bytes(&e.name),
+                    )
                 }
             };
             if full {
@@ -465,8 +567,17 @@ impl Filesystem for MortarFs {
         reply.ok();
     }
 
-    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
-        let Some(entries) = self.dir_entries(fh) else { return reply.error(Errno::EBADF) };
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(entries) = self.dir_entries(fh) else {
+            return reply.error(Errno::EBADF);
+        };
         let ttl = self.inner.t.entry;
         let dot = FileAttr {
             ino,
@@ -493,7 +604,14 @@ impl Filesystem for MortarFs {
                 _ => {
                     let e = &entries[i - 2];
                     let attr = self.inner.attr(&e.attr.clone().unwrap_or_default());
-                    reply.add(attr.ino, i as u64 + 1, OsStr::from_bytes(&e.name), &ttl, &attr, Generation(0))
+                    reply.add(
+                        attr.ino,
+                        i as u64 + 1,
+                        OsStr::from_bytes(&e.name),
+                        &ttl,
+                        &attr,
+                        Generation(0),
+                    )
                 }
             };
             if full {
@@ -504,12 +622,26 @@ impl Filesystem for MortarFs {
         reply.ok();
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
         self.inner.handles.lock().unwrap().remove(&fh.0);
         reply.ok();
     }
 
-    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         self.sync(ino, datasync, reply);
     }
 
@@ -517,13 +649,24 @@ impl Filesystem for MortarFs {
         let inner = self.inner.clone();
         self.rt.spawn(async move {
             match inner.vol.statfs().await {
-                Ok(s) => reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize),
+                Ok(s) => reply.statfs(
+                    s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
+                ),
                 Err(e) => reply.error(errno(e)),
             }
         });
     }
 
-    fn setxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
         if !name.as_bytes().starts_with(b"user.") {
             return reply.error(Errno::from_i32(libc::EOPNOTSUPP));
         }
@@ -588,14 +731,35 @@ impl Filesystem for MortarFs {
         }
     }
 
-    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, flags: i32, reply: ReplyCreate) {
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
         let (uid, gid, name) = (req.uid(), req.gid(), bytes(name));
         on_inode!(self, parent, reply, |inner, p| {
-            match inner.vol.create(p, &name, pb::Kind::File, mode & 0o7777, uid, gid, 0, b"").await {
+            match inner
+                .vol
+                .create(p, &name, pb::Kind::File, mode & 0o7777, uid, gid, 0, b"")
+                .await
+            {
                 Ok(a) => {
-                    let fh = inner.new_fh(Handle::File { append: flags & libc::O_APPEND != 0 });
+                    let fh = inner.new_fh(Handle::File {
+                        append: flags & libc::O_APPEND != 0,
+                    });
                     let attr = inner.attr(&a);
-                    reply.created(&inner.t.entry, &attr, Generation(0), FileHandle(fh), FopenFlags::empty());
+                    reply.created(
+                        &inner.t.entry,
+                        &attr,
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::empty(),
+                    );
                 }
                 Err(e) => reply.error(errno(e)),
             }
@@ -615,7 +779,11 @@ impl Filesystem for MortarFs {
         reply: ReplyLock,
     ) {
         on_inode!(self, ino, reply, |inner, g| {
-            match inner.vol.lk(g, lock_owner.0, pid, typ, start, end, false, true).await {
+            match inner
+                .vol
+                .lk(g, lock_owner.0, pid, typ, start, end, false, true)
+                .await
+            {
                 Ok(r) => reply.locked(r.start, r.end, r.typ, r.pid),
                 Err(e) => reply.error(errno(e)),
             }
@@ -639,14 +807,27 @@ impl Filesystem for MortarFs {
             if typ != libc::F_UNLCK as i32 {
                 inner.lock_owners.lock().unwrap().insert((g, lock_owner.0));
             }
-            match inner.vol.lk(g, lock_owner.0, pid, typ, start, end, sleep, false).await {
+            match inner
+                .vol
+                .lk(g, lock_owner.0, pid, typ, start, end, sleep, false)
+                .await
+            {
                 Ok(_) => reply.ok(),
                 Err(e) => reply.error(errno(e)),
             }
         });
     }
 
-    fn fallocate(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
         on_inode!(self, ino, reply, |inner, g| {
             match inner.vol.fallocate(g, mode, offset, length).await {
                 Ok(()) => reply.ok(),

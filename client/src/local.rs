@@ -1,8 +1,8 @@
 //! `mortar local`: a three-brick cluster of local processes plus a mount, for trying Mortar
 //! without Kubernetes. Bricks listen on 127.0.0.11-13, as pods would on their own IPs.
 
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -37,8 +37,12 @@ fn read_pid(path: &Path) -> Option<i32> {
 }
 
 pub fn is_mounted(mnt: &Path) -> bool {
-    let Ok(canon) = mnt.canonicalize() else { return false };
-    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else { return false };
+    let Ok(canon) = mnt.canonicalize() else {
+        return false;
+    };
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return false;
+    };
     mounts.lines().any(|l| {
         let mut f = l.split(' ');
         let (_, target, fstype) = (f.next(), f.next(), f.next());
@@ -54,7 +58,9 @@ pub struct Local {
 impl Local {
     pub fn new(dir: &Path) -> anyhow::Result<Local> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(Local { dir: dir.canonicalize()? })
+        Ok(Local {
+            dir: dir.canonicalize()?,
+        })
     }
 
     fn volfile_path(&self) -> PathBuf {
@@ -80,7 +86,12 @@ impl Local {
             let vf = Volfile {
                 volume: "data".into(),
                 generation: 1,
-                bricks: (0..BRICKS).map(|i| BrickSpec { id: format!("b{i}"), address: brick_addr(i) }).collect(),
+                bricks: (0..BRICKS)
+                    .map(|i| BrickSpec {
+                        id: format!("b{i}"),
+                        address: brick_addr(i),
+                    })
+                    .collect(),
             };
             std::fs::write(self.volfile_path(), vf.to_yaml())?;
         }
@@ -104,15 +115,23 @@ impl Local {
                 .with_context(|| format!("starting {}", brick_bin.display()))?;
             std::fs::write(self.pid_path(i), child.id().to_string())?;
         }
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         let deadline = Instant::now() + Duration::from_secs(15);
         for i in 0..BRICKS {
             loop {
-                if rt.block_on(admin::health(&brick_addr(i), Duration::from_secs(1))).is_ok() {
+                if rt
+                    .block_on(admin::health(&brick_addr(i), Duration::from_secs(1)))
+                    .is_ok()
+                {
                     break;
                 }
                 if !read_pid(&self.pid_path(i)).is_some_and(pid_alive) {
-                    bail!("brick b{i} exited; see {}", self.dir.join("logs").join(format!("b{i}.log")).display());
+                    bail!(
+                        "brick b{i} exited; see {}",
+                        self.dir.join("logs").join(format!("b{i}.log")).display()
+                    );
                 }
                 if Instant::now() > deadline {
                     bail!("brick b{i} did not come up within 15 s");
@@ -170,10 +189,16 @@ impl Local {
         let mut out = String::new();
         for i in 0..BRICKS {
             let alive = read_pid(&self.pid_path(i)).is_some_and(pid_alive);
-            out += &format!("brick b{i} {} {}\n", brick_addr(i), if alive { "running" } else { "stopped" });
+            out += &format!(
+                "brick b{i} {} {}\n",
+                brick_addr(i),
+                if alive { "running" } else { "stopped" }
+            );
         }
         match std::fs::read_to_string(self.mount_record()) {
-            Ok(m) if is_mounted(Path::new(m.trim())) => out += &format!("mount {} mounted\n", m.trim()),
+            Ok(m) if is_mounted(Path::new(m.trim())) => {
+                out += &format!("mount {} mounted\n", m.trim())
+            }
             Ok(m) => out += &format!("mount {} not mounted\n", m.trim()),
             Err(_) => out += "mount none\n",
         }

@@ -26,7 +26,10 @@ pub struct MountArgs {
 }
 
 /// Options that mount(8) and fstab pass along and that mean nothing more to us.
-const IGNORED: &[&str] = &["rw", "defaults", "auto", "noauto", "_netdev", "nofail", "user", "nouser", "exec", "noexec", "suid", "nosuid", "dev", "nodev", "async", "relatime", "noatime"];
+const IGNORED: &[&str] = &[
+    "rw", "defaults", "auto", "noauto", "_netdev", "nofail", "user", "nouser", "exec", "noexec",
+    "suid", "nosuid", "dev", "nodev", "async", "relatime", "noatime",
+];
 
 /// `HOST[:PORT]:/VOLUME` → (server, volume).
 pub fn parse_spec(spec: &str) -> Result<(String, String), String> {
@@ -40,7 +43,12 @@ pub fn parse_spec(spec: &str) -> Result<(String, String), String> {
 }
 
 impl MountArgs {
-    pub fn parse(spec: &str, mountpoint: &Path, opts: &[String], foreground: bool) -> Result<MountArgs, String> {
+    pub fn parse(
+        spec: &str,
+        mountpoint: &Path,
+        opts: &[String],
+        foreground: bool,
+    ) -> Result<MountArgs, String> {
         let (server, volume) = parse_spec(spec)?;
         let mut a = MountArgs {
             servers: vec![server],
@@ -48,23 +56,34 @@ impl MountArgs {
             mountpoint: mountpoint.to_path_buf(),
             foreground,
             ping_timeout: Duration::from_secs(5),
-            timeouts: Timeouts { attr: Duration::from_secs(1), entry: Duration::from_secs(1) },
+            timeouts: Timeouts {
+                attr: Duration::from_secs(1),
+                entry: Duration::from_secs(1),
+            },
             log_level: "info".into(),
             log_file: None,
             metrics: None,
             read_only: false,
         };
         let secs = |k: &str, v: &str| -> Result<Duration, String> {
-            let f: f64 = v.parse().map_err(|_| format!("-o {k}={v}: not a number of seconds"))?;
+            let f: f64 = v
+                .parse()
+                .map_err(|_| format!("-o {k}={v}: not a number of seconds"))?;
             if !(0.0..=3600.0).contains(&f) {
                 return Err(format!("-o {k}={v}: out of range"));
             }
             Ok(Duration::from_secs_f64(f))
         };
-        for o in opts.iter().flat_map(|o| o.split(',')).filter(|o| !o.is_empty()) {
+        for o in opts
+            .iter()
+            .flat_map(|o| o.split(','))
+            .filter(|o| !o.is_empty())
+        {
             let (k, v) = o.split_once('=').unwrap_or((o, ""));
             match k {
-                "backup-volfile-servers" => a.servers.extend(v.split(':').filter(|s| !s.is_empty()).map(String::from)),
+                "backup-volfile-servers" => a
+                    .servers
+                    .extend(v.split(':').filter(|s| !s.is_empty()).map(String::from)),
                 "ping-timeout" => {
                     a.ping_timeout = secs(k, v)?;
                     if a.ping_timeout.is_zero() {
@@ -75,7 +94,12 @@ impl MountArgs {
                 "entry-timeout" => a.timeouts.entry = secs(k, v)?,
                 "log-level" => a.log_level = v.to_string(),
                 "log-file" => a.log_file = Some(PathBuf::from(v)),
-                "metrics" => a.metrics = Some(v.parse().map_err(|_| format!("-o metrics={v}: not HOST:PORT"))?),
+                "metrics" => {
+                    a.metrics = Some(
+                        v.parse()
+                            .map_err(|_| format!("-o metrics={v}: not HOST:PORT"))?,
+                    )
+                }
                 "ro" => a.read_only = true,
                 _ if IGNORED.contains(&k) => {}
                 _ => return Err(format!("unknown mount option {o:?}")),
@@ -90,13 +114,22 @@ impl MountArgs {
 pub fn run(args: MountArgs) -> anyhow::Result<()> {
     let md = std::fs::metadata(&args.mountpoint)
         .map_err(|e| anyhow::anyhow!("mount point {}: {e}", args.mountpoint.display()))?;
-    anyhow::ensure!(md.is_dir(), "mount point {} is not a directory", args.mountpoint.display());
+    anyhow::ensure!(
+        md.is_dir(),
+        "mount point {} is not a directory",
+        args.mountpoint.display()
+    );
     let mountpoint = args.mountpoint.canonicalize()?;
-    let ready = if args.foreground { None } else { Some(daemonise()?) };
-    let log_file = args
-        .log_file
-        .clone()
-        .or_else(|| ready.as_ref().map(|_| telemetry::default_log_file("mount", &mountpoint.to_string_lossy())));
+    let ready = if args.foreground {
+        None
+    } else {
+        Some(daemonise()?)
+    };
+    let log_file = args.log_file.clone().or_else(|| {
+        ready
+            .as_ref()
+            .map(|_| telemetry::default_log_file("mount", &mountpoint.to_string_lossy()))
+    });
     let result = serve(&args, &mountpoint, log_file.as_deref(), ready);
     if let Err(e) = &result {
         tracing::error!("{e:#}");
@@ -108,7 +141,10 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
 fn daemonise() -> anyhow::Result<OwnedFd> {
     let mut fds = [0i32; 2];
     // SAFETY: plain pipe(2)/fork(2) before any thread exists.
-    anyhow::ensure!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } == 0, "pipe failed");
+    anyhow::ensure!(
+        unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } == 0,
+        "pipe failed"
+    );
     let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     match unsafe { libc::fork() } {
         -1 => anyhow::bail!("fork failed: {}", std::io::Error::last_os_error()),
@@ -125,7 +161,14 @@ fn daemonise() -> anyhow::Result<OwnedFd> {
                 Some(_) => std::process::exit(0),
                 None => {
                     let why = msg.trim();
-                    eprintln!("mortar-mount: {}", if why.is_empty() { "the mount process died" } else { why });
+                    eprintln!(
+                        "mortar-mount: {}",
+                        if why.is_empty() {
+                            "the mount process died"
+                        } else {
+                            why
+                        }
+                    );
                     std::process::exit(1);
                 }
             }
@@ -139,10 +182,23 @@ fn tell(ready: &mut Option<OwnedFd>, msg: &str) {
     }
 }
 
-fn serve(args: &MountArgs, mountpoint: &Path, log_file: Option<&Path>, mut ready: Option<OwnedFd>) -> anyhow::Result<()> {
+fn serve(
+    args: &MountArgs,
+    mountpoint: &Path,
+    log_file: Option<&Path>,
+    mut ready: Option<OwnedFd>,
+) -> anyhow::Result<()> {
     let r = (|| {
-        telemetry::init_logging(&format!("mount={}", mountpoint.display()), &args.log_level, log_file, ready.is_some())?;
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build()?;
+        telemetry::init_logging(
+            &format!("mount={}", mountpoint.display()),
+            &args.log_level,
+            log_file,
+            ready.is_some(),
+        )?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .enable_all()
+            .build()?;
         let opts = Options {
             ping_timeout: args.ping_timeout,
             client_name: format!("{}:{}", hostname(), mountpoint.display()),
@@ -153,7 +209,10 @@ fn serve(args: &MountArgs, mountpoint: &Path, log_file: Option<&Path>, mut ready
             .map_err(|e| anyhow::anyhow!("{}:/{}: {e}", args.servers[0], args.volume))?;
         if let Some(addr) = args.metrics {
             let v = vol.clone();
-            rt.block_on(telemetry::serve_metrics(addr, Arc::new(move || metrics(&v))))?;
+            rt.block_on(telemetry::serve_metrics(
+                addr,
+                Arc::new(move || metrics(&v)),
+            ))?;
         }
         let fs = MortarFs::new(vol.clone(), rt.handle().clone(), args.timeouts);
         let mut config = fuser::Config::default();
@@ -162,7 +221,11 @@ fn serve(args: &MountArgs, mountpoint: &Path, log_file: Option<&Path>, mut ready
             fuser::MountOption::Subtype("mortar".into()),
             fuser::MountOption::DefaultPermissions,
             fuser::MountOption::NoAtime,
-            if args.read_only { fuser::MountOption::RO } else { fuser::MountOption::RW },
+            if args.read_only {
+                fuser::MountOption::RO
+            } else {
+                fuser::MountOption::RW
+            },
         ];
         config.acl = fuser::SessionACL::All;
         config.n_threads = Some(2);
@@ -186,21 +249,28 @@ fn serve(args: &MountArgs, mountpoint: &Path, log_file: Option<&Path>, mut ready
     // SIGTERM/SIGINT unmount cleanly; the session loop then ends by itself.
     let mut unmounter = session.unmount_callable();
     rt.spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
         tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
         tracing::info!("signal: unmounting");
         if let Err(e) = unmounter.unmount() {
             tracing::warn!("unmount: {e}");
         }
     });
-    session.run().map_err(|e| anyhow::anyhow!("FUSE session: {e}"))?;
+    session
+        .run()
+        .map_err(|e| anyhow::anyhow!("FUSE session: {e}"))?;
     tracing::info!("unmounted");
     rt.shutdown_timeout(Duration::from_secs(2));
     Ok(())
 }
 
 fn redirect_stdio() {
-    if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
         use std::os::fd::AsRawFd;
         for fd in 0..3 {
             // SAFETY: dup2 onto the standard descriptors.
@@ -210,19 +280,64 @@ fn redirect_stdio() {
 }
 
 fn hostname() -> String {
-    rustix::system::uname().nodename().to_string_lossy().into_owned()
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
 }
 
 fn metrics(v: &Volume) -> String {
     let mut out = String::new();
     let s = &v.stats;
-    telemetry::metric(&mut out, "mortar_client_mutations_total", "counter", "Replicated changes", s.mutations.load(Relaxed));
-    telemetry::metric(&mut out, "mortar_client_reads_total", "counter", "Reads served from one copy", s.reads.load(Relaxed));
-    telemetry::metric(&mut out, "mortar_client_read_failovers_total", "counter", "Reads retried on another brick", s.failovers.load(Relaxed));
-    telemetry::metric(&mut out, "mortar_client_lock_acquisitions_total", "counter", "Inode lock acquisitions", s.lock_acquisitions.load(Relaxed));
-    telemetry::metric(&mut out, "mortar_client_lock_releases_total", "counter", "Inode lock releases", s.lock_releases.load(Relaxed));
-    telemetry::metric(&mut out, "mortar_client_bricks_up", "gauge", "Bricks connected", v.up_count());
-    telemetry::metric(&mut out, "mortar_client_bricks", "gauge", "Bricks in the volfile", v.volfile().bricks.len());
+    telemetry::metric(
+        &mut out,
+        "mortar_client_mutations_total",
+        "counter",
+        "Replicated changes",
+        s.mutations.load(Relaxed),
+    );
+    telemetry::metric(
+        &mut out,
+        "mortar_client_reads_total",
+        "counter",
+        "Reads served from one copy",
+        s.reads.load(Relaxed),
+    );
+    telemetry::metric(
+        &mut out,
+        "mortar_client_read_failovers_total",
+        "counter",
+        "Reads retried on another brick",
+        s.failovers.load(Relaxed),
+    );
+    telemetry::metric(
+        &mut out,
+        "mortar_client_lock_acquisitions_total",
+        "counter",
+        "Inode lock acquisitions",
+        s.lock_acquisitions.load(Relaxed),
+    );
+    telemetry::metric(
+        &mut out,
+        "mortar_client_lock_releases_total",
+        "counter",
+        "Inode lock releases",
+        s.lock_releases.load(Relaxed),
+    );
+    telemetry::metric(
+        &mut out,
+        "mortar_client_bricks_up",
+        "gauge",
+        "Bricks connected",
+        v.up_count(),
+    );
+    telemetry::metric(
+        &mut out,
+        "mortar_client_bricks",
+        "gauge",
+        "Bricks in the volfile",
+        v.volfile().bricks.len(),
+    );
     out
 }
 
@@ -233,14 +348,30 @@ mod tests {
     #[test]
     fn specs_and_options() {
         assert_eq!(parse_spec("h:/data").unwrap(), ("h".into(), "data".into()));
-        assert_eq!(parse_spec("127.0.0.11:24100:/data").unwrap(), ("127.0.0.11:24100".into(), "data".into()));
+        assert_eq!(
+            parse_spec("127.0.0.11:24100:/data").unwrap(),
+            ("127.0.0.11:24100".into(), "data".into())
+        );
         assert!(parse_spec("h:data").is_err());
         assert!(parse_spec(":/data").is_err());
-        let a = MountArgs::parse("h:/data", Path::new("/mnt"), &["backup-volfile-servers=h2:h3,ping-timeout=2,_netdev".into()], true)
-            .unwrap();
+        let a = MountArgs::parse(
+            "h:/data",
+            Path::new("/mnt"),
+            &["backup-volfile-servers=h2:h3,ping-timeout=2,_netdev".into()],
+            true,
+        )
+        .unwrap();
         assert_eq!(a.servers, vec!["h", "h2", "h3"]);
         assert_eq!(a.ping_timeout, Duration::from_secs(2));
         assert!(MountArgs::parse("h:/data", Path::new("/mnt"), &["bogus".into()], true).is_err());
-        assert!(MountArgs::parse("h:/data", Path::new("/mnt"), &["ping-timeout=x".into()], true).is_err());
+        assert!(
+            MountArgs::parse(
+                "h:/data",
+                Path::new("/mnt"),
+                &["ping-timeout=x".into()],
+                true
+            )
+            .is_err()
+        );
     }
 }

@@ -98,7 +98,10 @@ pub struct Volume {
 }
 
 fn now_ns() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
 }
 
 fn ver_of(v: Option<pb::Version>) -> (u64, u64) {
@@ -106,7 +109,10 @@ fn ver_of(v: Option<pb::Version>) -> (u64, u64) {
 }
 
 fn pver(v: (u64, u64)) -> Option<pb::Version> {
-    Some(pb::Version { term: v.0, seq: v.1 })
+    Some(pb::Version {
+        term: v.0,
+        seq: v.1,
+    })
 }
 
 /// Fetches the volfile from the first server that answers.
@@ -117,9 +123,13 @@ pub async fn fetch_volfile(servers: &[String], volume: &str, timeout: Duration) 
         match conn::connect_once(&addr, timeout).await {
             Ok(mut c) => match tokio::time::timeout(timeout, c.get_volfile(pb::Empty {})).await {
                 Ok(Ok(r)) => {
-                    let v = Volfile::parse(&r.into_inner().yaml).map_err(|e| Error::Volfile(format!("from {addr}: {e}")))?;
+                    let v = Volfile::parse(&r.into_inner().yaml)
+                        .map_err(|e| Error::Volfile(format!("from {addr}: {e}")))?;
                     if v.volume != volume {
-                        return Err(Error::Volfile(format!("{addr} serves volume {:?}, not {volume:?}", v.volume)));
+                        return Err(Error::Volfile(format!(
+                            "{addr} serves volume {:?}, not {volume:?}",
+                            v.volume
+                        )));
                     }
                     return Ok(v);
                 }
@@ -129,7 +139,10 @@ pub async fn fetch_volfile(servers: &[String], volume: &str, timeout: Duration) 
             Err(e) => errors.push(e.to_string()),
         }
     }
-    Err(Error::Volfile(format!("no volfile server answered ({})", errors.join("; "))))
+    Err(Error::Volfile(format!(
+        "no volfile server answered ({})",
+        errors.join("; ")
+    )))
 }
 
 impl Volume {
@@ -140,7 +153,15 @@ impl Volume {
         let bricks = vf
             .bricks
             .iter()
-            .map(|b| Brick::start(b.id.clone(), b.address.clone(), opts.ping_timeout, opts.client_name.clone(), tx.clone()))
+            .map(|b| {
+                Brick::start(
+                    b.id.clone(),
+                    b.address.clone(),
+                    opts.ping_timeout,
+                    opts.client_name.clone(),
+                    tx.clone(),
+                )
+            })
             .collect();
         let v = Arc::new(Volume {
             name: volume.to_string(),
@@ -160,7 +181,10 @@ impl Volume {
         let bricks = v.bricks();
         join_all(bricks.iter().map(|b| b.wait_up(v.opts.ping_timeout))).await;
         if !bricks.iter().any(|b| b.is_up()) {
-            return Err(Error::NoQuorum { have: 0, need: v.quorum() });
+            return Err(Error::NoQuorum {
+                have: 0,
+                need: v.quorum(),
+            });
         }
         Ok(v)
     }
@@ -208,7 +232,11 @@ impl Volume {
 
     /// Adopts a newer volfile: connects to added bricks, drops removed ones.
     async fn follow_volfile(&self, from: &str) {
-        let addr = self.bricks().iter().find(|b| b.id == from).map(|b| b.addr.clone());
+        let addr = self
+            .bricks()
+            .iter()
+            .find(|b| b.id == from)
+            .map(|b| b.addr.clone());
         let Some(addr) = addr else { return };
         let vf = match fetch_volfile(&[addr], &self.name, self.opts.ping_timeout).await {
             Ok(vf) => vf,
@@ -221,7 +249,10 @@ impl Volume {
         let mut bricks = self.bricks.write().unwrap();
         let mut next = Vec::new();
         for spec in &vf.bricks {
-            match bricks.iter().find(|b| b.id == spec.id && b.addr == spec.address) {
+            match bricks
+                .iter()
+                .find(|b| b.id == spec.id && b.addr == spec.address)
+            {
                 Some(b) => next.push(b.clone()),
                 None => next.push(Brick::start(
                     spec.id.clone(),
@@ -237,7 +268,11 @@ impl Volume {
                 b.stop();
             }
         }
-        tracing::info!(generation = vf.generation, bricks = vf.bricks.len(), "following new volfile");
+        tracing::info!(
+            generation = vf.generation,
+            bricks = vf.bricks.len(),
+            "following new volfile"
+        );
         *bricks = next;
         *cur = vf;
     }
@@ -251,7 +286,10 @@ impl Volume {
         let mut cur = self.term_clock.load(Relaxed);
         loop {
             let next = now.max(cur + 1);
-            match self.term_clock.compare_exchange(cur, next, Relaxed, Relaxed) {
+            match self
+                .term_clock
+                .compare_exchange(cur, next, Relaxed, Relaxed)
+            {
                 Ok(_) => return next,
                 Err(c) => cur = c,
             }
@@ -260,20 +298,47 @@ impl Volume {
 
     // ---- locks ----
 
-    async fn lock_on(b: &Arc<Brick>, gfids: &[Vec<u8>], term: u64, wait: bool) -> Result<(pb::LockReply, Member)> {
+    async fn lock_on(
+        b: &Arc<Brick>,
+        gfids: &[Vec<u8>],
+        term: u64,
+        wait: bool,
+    ) -> Result<(pb::LockReply, Member)> {
         let gfids = gfids.to_vec();
         let f = |mut c: mortar_proto::brick_client::BrickClient<_>, up: conn::Up| async move {
-            c.lock(pb::LockReq { session: up.session.to_vec(), gfids, term, wait }).await
+            c.lock(pb::LockReq {
+                session: up.session.to_vec(),
+                gfids,
+                term,
+                wait,
+            })
+            .await
         };
-        let (r, up) = if wait { b.call_waiting(f).await? } else { b.call(f).await? };
-        Ok((r, Member { brick: b.clone(), epoch: up.epoch, session: up.session }))
+        let (r, up) = if wait {
+            b.call_waiting(f).await?
+        } else {
+            b.call(f).await?
+        };
+        Ok((
+            r,
+            Member {
+                brick: b.clone(),
+                epoch: up.epoch,
+                session: up.session,
+            },
+        ))
     }
 
     async fn unlock_on(members: &[Member], gfids: &[Gfid], needs_heal: bool) {
         let raw: Vec<Vec<u8>> = gfids.iter().map(|g| g.to_vec()).collect();
         join_all(members.iter().filter(|m| m.current()).map(|m| {
-            let req = pb::UnlockReq { session: m.session.to_vec(), gfids: raw.clone(), needs_heal };
-            m.brick.call(move |mut c, _| async move { c.unlock(req).await })
+            let req = pb::UnlockReq {
+                session: m.session.to_vec(),
+                gfids: raw.clone(),
+                needs_heal,
+            };
+            m.brick
+                .call(move |mut c, _| async move { c.unlock(req).await })
         }))
         .await;
     }
@@ -289,11 +354,20 @@ impl Volume {
         // Bricks that hold the lock for us, with their answer (ESTALE: our term is too low).
         let mut held: Vec<(pb::LockReply, Member)> = Vec::new();
         let mut busy = false;
-        for r in join_all(bricks.iter().filter(|b| b.is_up()).map(|b| Self::lock_on(b, &raw, term, false))).await {
+        for r in join_all(
+            bricks
+                .iter()
+                .filter(|b| b.is_up())
+                .map(|b| Self::lock_on(b, &raw, term, false)),
+        )
+        .await
+        {
             match r {
                 Ok((r, m)) if r.errno == 0 || r.errno == libc::ESTALE => held.push((r, m)),
                 Ok((r, _)) if r.errno == libc::EAGAIN => busy = true,
-                Ok((r, m)) => tracing::debug!(brick = %m.brick.id, "lock refused: errno {}", r.errno),
+                Ok((r, m)) => {
+                    tracing::debug!(brick = %m.brick.id, "lock refused: errno {}", r.errno)
+                }
                 Err(e) => tracing::debug!("lock: {e}"),
             }
         }
@@ -306,7 +380,9 @@ impl Volume {
                 }
                 match Self::lock_on(b, &raw, term, true).await {
                     Ok((r, m)) if r.errno == 0 || r.errno == libc::ESTALE => held.push((r, m)),
-                    Ok((r, m)) => tracing::debug!(brick = %m.brick.id, "lock refused: errno {}", r.errno),
+                    Ok((r, m)) => {
+                        tracing::debug!(brick = %m.brick.id, "lock refused: errno {}", r.errno)
+                    }
                     Err(e) => tracing::debug!("lock: {e}"),
                 }
             }
@@ -314,31 +390,60 @@ impl Volume {
         // Another client used a higher term since ours was chosen (typically while we
         // waited): go above it on the bricks we hold, which nobody else can change now.
         for _ in 0..4 {
-            let promised = held.iter().filter(|(r, _)| r.errno == libc::ESTALE).map(|(r, _)| r.promised).max();
+            let promised = held
+                .iter()
+                .filter(|(r, _)| r.errno == libc::ESTALE)
+                .map(|(r, _)| r.promised)
+                .max();
             let Some(promised) = promised else { break };
             self.term_clock.fetch_max(promised, Relaxed);
             term = self.next_term();
-            let again = join_all(held.iter().map(|(_, m)| Self::lock_on(&m.brick, &raw, term, false))).await;
-            held = again.into_iter().filter_map(|r| r.ok()).filter(|(r, _)| r.errno == 0 || r.errno == libc::ESTALE).collect();
+            let again = join_all(
+                held.iter()
+                    .map(|(_, m)| Self::lock_on(&m.brick, &raw, term, false)),
+            )
+            .await;
+            held = again
+                .into_iter()
+                .filter_map(|r| r.ok())
+                .filter(|(r, _)| r.errno == 0 || r.errno == libc::ESTALE)
+                .collect();
         }
         let members: Vec<Member> = held.iter().map(|(_, m)| m.clone()).collect();
         held.retain(|(r, _)| r.errno == 0);
         if held.len() < quorum {
             Self::unlock_on(&members, gfids, false).await;
-            return Err(Error::NoQuorum { have: held.len(), need: quorum });
+            return Err(Error::NoQuorum {
+                have: held.len(),
+                need: quorum,
+            });
         }
         let mut holds = Vec::with_capacity(gfids.len());
         for i in 0..gfids.len() {
-            let vers: Vec<(u64, u64)> = held.iter().map(|(r, _)| ver_of(r.inodes.get(i).and_then(|x| x.ver))).collect();
+            let vers: Vec<(u64, u64)> = held
+                .iter()
+                .map(|(r, _)| ver_of(r.inodes.get(i).and_then(|x| x.ver)))
+                .collect();
             let vmax = vers.iter().copied().max().unwrap_or((0, 0));
-            let fresh: Vec<Member> = held.iter().zip(&vers).filter(|(_, v)| **v == vmax).map(|((_, m), _)| m.clone()).collect();
+            let fresh: Vec<Member> = held
+                .iter()
+                .zip(&vers)
+                .filter(|(_, v)| **v == vmax)
+                .map(|((_, m), _)| m.clone())
+                .collect();
             if fresh.len() < quorum {
                 // Too few good copies to take a change safely: heal must run first.
                 Self::unlock_on(&members, gfids, false).await;
                 tracing::warn!(gfid = %gfids[i], fresh = fresh.len(), "too few up-to-date copies to write");
                 return Err(Error::NoGoodCopy);
             }
-            holds.push(Hold { term, ver: vmax, locked: members.clone(), missing: fresh.len() < total, members: fresh });
+            holds.push(Hold {
+                term,
+                ver: vmax,
+                locked: members.clone(),
+                missing: fresh.len() < total,
+                members: fresh,
+            });
         }
         Ok(holds)
     }
@@ -346,7 +451,13 @@ impl Volume {
     /// Gives up idle or contended locks (all of them with `all`), batched per brick.
     async fn release(&self, all: bool) {
         let idle = self.opts.lock_idle;
-        let entries: Vec<(Gfid, Arc<InodeTx>)> = self.inodes.lock().unwrap().iter().map(|(g, t)| (*g, t.clone())).collect();
+        let entries: Vec<(Gfid, Arc<InodeTx>)> = self
+            .inodes
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(g, t)| (*g, t.clone()))
+            .collect();
         let mut batches: HashMap<(String, u64, bool), (Member, Vec<Gfid>)> = HashMap::new();
         // The inodes stay locked here until the bricks have unlocked them: were the inode
         // taken again meanwhile, a late unlock would free the new lock of the same session.
@@ -357,20 +468,30 @@ impl Volume {
             if !due {
                 continue;
             }
-            let Ok(mut guard) = tx.hold.clone().try_lock_owned() else { continue };
+            let Ok(mut guard) = tx.hold.clone().try_lock_owned() else {
+                continue;
+            };
             tx.contended.store(false, Relaxed);
             if let Some(h) = guard.take() {
                 self.stats.lock_releases.fetch_add(1, Relaxed);
                 for m in h.locked {
                     let key = (m.brick.id.clone(), m.epoch, h.missing);
-                    batches.entry(key).or_insert_with(|| (m.clone(), Vec::new())).1.push(g);
+                    batches
+                        .entry(key)
+                        .or_insert_with(|| (m.clone(), Vec::new()))
+                        .1
+                        .push(g);
                 }
                 guards.push(guard);
             }
         }
-        join_all(batches.into_iter().map(|((_, _, heal), (m, gfids))| async move {
-            Self::unlock_on(&[m], &gfids, heal).await;
-        }))
+        join_all(
+            batches
+                .into_iter()
+                .map(|((_, _, heal), (m, gfids))| async move {
+                    Self::unlock_on(&[m], &gfids, heal).await;
+                }),
+        )
         .await;
         drop(guards);
         // Forget inodes nobody uses and nothing is held on.
@@ -439,7 +560,10 @@ impl Volume {
             targets.retain(|t| ms.iter().any(|m| m.brick.id == t.brick.id));
         }
         if targets.len() < quorum {
-            return Err(Error::NoQuorum { have: targets.len(), need: quorum });
+            return Err(Error::NoQuorum {
+                have: targets.len(),
+                need: quorum,
+            });
         }
         let first = guards[0].as_ref().unwrap();
         let term = first.term;
@@ -451,9 +575,17 @@ impl Volume {
         let mut needs_heal = targets.len() < total;
         for (g, guard) in gfids.iter().zip(&guards) {
             let h = guard.as_ref().unwrap();
-            let new = if h.ver.0 == h.term { (h.term, h.ver.1 + 1) } else { (h.term, 1) };
+            let new = if h.ver.0 == h.term {
+                (h.term, h.ver.1 + 1)
+            } else {
+                (h.term, 1)
+            };
             needs_heal |= h.missing;
-            updates.push(pb::VerUpdate { gfid: g.to_vec(), expect: pver(h.ver), new: pver(new) });
+            updates.push(pb::VerUpdate {
+                gfid: g.to_vec(),
+                expect: pver(h.ver),
+                new: pver(new),
+            });
             new_vers.push(new);
         }
         let now = now_ns();
@@ -488,16 +620,28 @@ impl Volume {
         }
         let (result, members, advanced) = if ok.len() >= quorum {
             let rep = ok[0].1.clone();
-            (Ok(rep), ok.into_iter().map(|(m, _)| m).collect::<Vec<_>>(), true)
+            (
+                Ok(rep),
+                ok.into_iter().map(|(m, _)| m).collect::<Vec<_>>(),
+                true,
+            )
         } else if let Some((e, ms)) = refused.iter().find(|(_, ms)| ms.len() >= quorum) {
             (Err(Error::Os(*e)), ms.clone(), false)
         } else if !ok.is_empty() {
             // A minority applied it: they are ahead, the change failed; heal sorts it out.
             let have = ok.len();
-            (Err(Error::NoQuorum { have, need: quorum }), ok.into_iter().map(|(m, _)| m).collect(), true)
+            (
+                Err(Error::NoQuorum { have, need: quorum }),
+                ok.into_iter().map(|(m, _)| m).collect(),
+                true,
+            )
         } else {
             let have = refused.values().map(|v| v.len()).max().unwrap_or(0);
-            (Err(Error::NoQuorum { have, need: quorum }), Vec::new(), false)
+            (
+                Err(Error::NoQuorum { have, need: quorum }),
+                Vec::new(),
+                false,
+            )
         };
         for (guard, new) in guards.iter_mut().zip(&new_vers) {
             let h = guard.as_mut().unwrap();
@@ -565,11 +709,22 @@ impl Volume {
     }
 
     pub async fn remove(&self, parent: Gfid, name: &[u8], dir: bool) -> Result<()> {
-        let op = pb::mutate_req::Op::Remove(pb::Remove { parent: parent.to_vec(), name: name.to_vec(), dir });
+        let op = pb::mutate_req::Op::Remove(pb::Remove {
+            parent: parent.to_vec(),
+            name: name.to_vec(),
+            dir,
+        });
         self.mutate(&[parent], op).await.map(|_| ())
     }
 
-    pub async fn rename(&self, parent: Gfid, name: &[u8], newparent: Gfid, newname: &[u8], flags: u32) -> Result<()> {
+    pub async fn rename(
+        &self,
+        parent: Gfid,
+        name: &[u8],
+        newparent: Gfid,
+        newname: &[u8],
+        flags: u32,
+    ) -> Result<()> {
         let op = pb::mutate_req::Op::Rename(pb::Rename {
             parent: parent.to_vec(),
             name: name.to_vec(),
@@ -581,7 +736,11 @@ impl Volume {
     }
 
     pub async fn link(&self, g: Gfid, newparent: Gfid, newname: &[u8]) -> Result<pb::Attr> {
-        let op = pb::mutate_req::Op::Link(pb::Link { gfid: g.to_vec(), newparent: newparent.to_vec(), newname: newname.to_vec() });
+        let op = pb::mutate_req::Op::Link(pb::Link {
+            gfid: g.to_vec(),
+            newparent: newparent.to_vec(),
+            newname: newname.to_vec(),
+        });
         let r = self.mutate(&[newparent], op).await?;
         r.attr.ok_or(Error::Os(libc::EIO))
     }
@@ -593,23 +752,40 @@ impl Volume {
     }
 
     pub async fn write(&self, g: Gfid, offset: u64, data: Vec<u8>, append: bool) -> Result<u64> {
-        let op = pb::mutate_req::Op::Write(pb::Write { gfid: g.to_vec(), offset, data, append });
+        let op = pb::mutate_req::Op::Write(pb::Write {
+            gfid: g.to_vec(),
+            offset,
+            data,
+            append,
+        });
         Ok(self.mutate(&[g], op).await?.written)
     }
 
     pub async fn fallocate(&self, g: Gfid, mode: i32, offset: u64, length: u64) -> Result<()> {
-        let op = pb::mutate_req::Op::Fallocate(pb::Fallocate { gfid: g.to_vec(), mode, offset, length });
+        let op = pb::mutate_req::Op::Fallocate(pb::Fallocate {
+            gfid: g.to_vec(),
+            mode,
+            offset,
+            length,
+        });
         self.mutate(&[g], op).await.map(|_| ())
     }
 
     pub async fn setxattr(&self, g: Gfid, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
-        let op =
-            pb::mutate_req::Op::Setxattr(pb::Setxattr { gfid: g.to_vec(), name: name.to_vec(), value: value.to_vec(), flags });
+        let op = pb::mutate_req::Op::Setxattr(pb::Setxattr {
+            gfid: g.to_vec(),
+            name: name.to_vec(),
+            value: value.to_vec(),
+            flags,
+        });
         self.mutate(&[g], op).await.map(|_| ())
     }
 
     pub async fn removexattr(&self, g: Gfid, name: &[u8]) -> Result<()> {
-        let op = pb::mutate_req::Op::Removexattr(pb::Removexattr { gfid: g.to_vec(), name: name.to_vec() });
+        let op = pb::mutate_req::Op::Removexattr(pb::Removexattr {
+            gfid: g.to_vec(),
+            name: name.to_vec(),
+        });
         self.mutate(&[g], op).await.map(|_| ())
     }
 
@@ -618,17 +794,29 @@ impl Volume {
         let quorum = self.quorum();
         let targets = self.readable_bricks(g).await?;
         let rs = join_all(targets.iter().map(|b| {
-            b.call(move |mut c, _| async move { c.fsync(pb::FsyncReq { gfid: g.to_vec(), datasync }).await })
+            b.call(move |mut c, _| async move {
+                c.fsync(pb::FsyncReq {
+                    gfid: g.to_vec(),
+                    datasync,
+                })
+                .await
+            })
         }))
         .await;
-        let good = rs.iter().filter(|r| matches!(r, Ok((e, _)) if e.errno == 0)).count();
+        let good = rs
+            .iter()
+            .filter(|r| matches!(r, Ok((e, _)) if e.errno == 0))
+            .count();
         if good >= quorum {
             return Ok(());
         }
         if let Some(Ok((e, _))) = rs.iter().find(|r| matches!(r, Ok((e, _)) if e.errno != 0)) {
             return Err(Error::Os(e.errno));
         }
-        Err(Error::NoQuorum { have: good, need: quorum })
+        Err(Error::NoQuorum {
+            have: good,
+            need: quorum,
+        })
     }
 
     // ---- reads ----
@@ -645,18 +833,28 @@ impl Volume {
     pub async fn getattr(&self, g: Gfid) -> Result<pb::Attr> {
         let bricks: Vec<Arc<Brick>> = self.bricks().into_iter().filter(|b| b.is_up()).collect();
         if bricks.is_empty() {
-            return Err(Error::Transport { brick: "*".into(), msg: "no brick reachable".into() });
+            return Err(Error::Transport {
+                brick: "*".into(),
+                msg: "no brick reachable".into(),
+            });
         }
-        let rs = join_all(bricks.iter().map(|b| {
-            b.call(move |mut c, _| async move { c.getattr(pb::GfidReq { gfid: g.to_vec() }).await })
-        }))
-        .await;
+        let rs =
+            join_all(
+                bricks.iter().map(|b| {
+                    b.call(move |mut c, _| async move {
+                        c.getattr(pb::GfidReq { gfid: g.to_vec() }).await
+                    })
+                }),
+            )
+            .await;
         let mut found: Vec<(&Arc<Brick>, pb::Attr)> = Vec::new();
         let mut errno = None;
         let mut transport = None;
         for (b, r) in bricks.iter().zip(rs) {
             match r {
-                Ok((rep, _)) if rep.errno == 0 && rep.attr.is_some() => found.push((b, rep.attr.unwrap())),
+                Ok((rep, _)) if rep.errno == 0 && rep.attr.is_some() => {
+                    found.push((b, rep.attr.unwrap()))
+                }
                 Ok((rep, _)) => errno = Some(rep.errno),
                 Err(e) => transport = Some(e),
             }
@@ -669,9 +867,17 @@ impl Volume {
             });
         }
         let vmax = found.iter().map(|(_, a)| ver_of(a.ver)).max().unwrap();
-        let ids: Vec<String> = found.iter().filter(|(_, a)| ver_of(a.ver) == vmax).map(|(b, _)| b.id.clone()).collect();
+        let ids: Vec<String> = found
+            .iter()
+            .filter(|(_, a)| ver_of(a.ver) == vmax)
+            .map(|(b, _)| b.id.clone())
+            .collect();
         self.remember_readable(g, ids);
-        Ok(found.into_iter().find(|(_, a)| ver_of(a.ver) == vmax).unwrap().1)
+        Ok(found
+            .into_iter()
+            .find(|(_, a)| ver_of(a.ver) == vmax)
+            .unwrap()
+            .1)
     }
 
     /// Looks a name up on every brick; the answer comes from the bricks with the newest copy
@@ -679,10 +885,16 @@ impl Volume {
     pub async fn lookup(&self, parent: Gfid, name: &[u8]) -> Result<pb::Attr> {
         let bricks: Vec<Arc<Brick>> = self.bricks().into_iter().filter(|b| b.is_up()).collect();
         if bricks.is_empty() {
-            return Err(Error::Transport { brick: "*".into(), msg: "no brick reachable".into() });
+            return Err(Error::Transport {
+                brick: "*".into(),
+                msg: "no brick reachable".into(),
+            });
         }
         let rs = join_all(bricks.iter().map(|b| {
-            let req = pb::LookupReq { parent: parent.to_vec(), name: name.to_vec() };
+            let req = pb::LookupReq {
+                parent: parent.to_vec(),
+                name: name.to_vec(),
+            };
             b.call(move |mut c, _| async move { c.lookup(req).await })
         }))
         .await;
@@ -694,22 +906,36 @@ impl Volume {
                 Err(e) => last_err = Some(e),
             }
         }
-        let with_parent: Vec<&(&Arc<Brick>, pb::LookupReply)> = replies.iter().filter(|(_, r)| r.parent.is_some()).collect();
+        let with_parent: Vec<&(&Arc<Brick>, pb::LookupReply)> =
+            replies.iter().filter(|(_, r)| r.parent.is_some()).collect();
         if with_parent.is_empty() {
             if let Some((_, r)) = replies.first() {
                 return Err(Error::Os(if r.errno == 0 { libc::EIO } else { r.errno }));
             }
             return Err(last_err.unwrap_or(Error::Os(libc::EIO)));
         }
-        let pmax = with_parent.iter().map(|(_, r)| ver_of(r.parent.as_ref().unwrap().ver)).max().unwrap();
-        let auth: Vec<&&(&Arc<Brick>, pb::LookupReply)> =
-            with_parent.iter().filter(|(_, r)| ver_of(r.parent.as_ref().unwrap().ver) == pmax).collect();
-        let best = auth.iter().filter_map(|(b, r)| r.entry.as_ref().map(|e| (b, e))).max_by_key(|(_, e)| ver_of(e.ver));
+        let pmax = with_parent
+            .iter()
+            .map(|(_, r)| ver_of(r.parent.as_ref().unwrap().ver))
+            .max()
+            .unwrap();
+        let auth: Vec<&&(&Arc<Brick>, pb::LookupReply)> = with_parent
+            .iter()
+            .filter(|(_, r)| ver_of(r.parent.as_ref().unwrap().ver) == pmax)
+            .collect();
+        let best = auth
+            .iter()
+            .filter_map(|(b, r)| r.entry.as_ref().map(|e| (b, e)))
+            .max_by_key(|(_, e)| ver_of(e.ver));
         match best {
             Some((_, e)) => {
                 let ids = auth
                     .iter()
-                    .filter(|(_, r)| r.entry.as_ref().is_some_and(|x| x.gfid == e.gfid && x.ver == e.ver))
+                    .filter(|(_, r)| {
+                        r.entry
+                            .as_ref()
+                            .is_some_and(|x| x.gfid == e.gfid && x.ver == e.ver)
+                    })
                     .map(|(b, _)| b.id.clone())
                     .collect();
                 if let Some(g) = Gfid::from_bytes(&e.gfid) {
@@ -717,7 +943,11 @@ impl Volume {
                 }
                 Ok(e.clone())
             }
-            None => Err(Error::Os(if auth[0].1.errno == 0 { libc::EIO } else { auth[0].1.errno })),
+            None => Err(Error::Os(if auth[0].1.errno == 0 {
+                libc::EIO
+            } else {
+                auth[0].1.errno
+            })),
         }
     }
 
@@ -726,7 +956,12 @@ impl Volume {
         if let Some(tx) = self.inodes.lock().unwrap().get(&g).cloned() {
             if let Ok(h) = tx.hold.try_lock() {
                 if let Some(h) = h.as_ref() {
-                    let ms: Vec<Arc<Brick>> = h.members.iter().filter(|m| m.current()).map(|m| m.brick.clone()).collect();
+                    let ms: Vec<Arc<Brick>> = h
+                        .members
+                        .iter()
+                        .filter(|m| m.current())
+                        .map(|m| m.brick.clone())
+                        .collect();
                     if !ms.is_empty() {
                         return Ok(ms);
                     }
@@ -738,11 +973,19 @@ impl Volume {
             Some(ids) => ids,
             None => {
                 self.getattr(g).await?;
-                self.readable.lock().unwrap().get(&g).cloned().unwrap_or_default()
+                self.readable
+                    .lock()
+                    .unwrap()
+                    .get(&g)
+                    .cloned()
+                    .unwrap_or_default()
             }
         };
         let all = self.bricks();
-        let mut out: Vec<Arc<Brick>> = all.into_iter().filter(|b| ids.contains(&b.id) && b.is_up()).collect();
+        let mut out: Vec<Arc<Brick>> = all
+            .into_iter()
+            .filter(|b| ids.contains(&b.id) && b.is_up())
+            .collect();
         if out.is_empty() {
             return Err(Error::NoGoodCopy);
         }
@@ -781,14 +1024,25 @@ impl Volume {
 
     pub async fn read(&self, g: Gfid, offset: u64, size: u32) -> Result<Vec<u8>> {
         let r = self
-            .read_one(g, move |mut c| async move { c.read(pb::ReadReq { gfid: g.to_vec(), offset, size }).await })
+            .read_one(g, move |mut c| async move {
+                c.read(pb::ReadReq {
+                    gfid: g.to_vec(),
+                    offset,
+                    size,
+                })
+                .await
+            })
             .await?;
         Error::from_errno(r.errno)?;
         Ok(r.data)
     }
 
     pub async fn readlink(&self, g: Gfid) -> Result<Vec<u8>> {
-        let r = self.read_one(g, move |mut c| async move { c.readlink(pb::GfidReq { gfid: g.to_vec() }).await }).await?;
+        let r = self
+            .read_one(g, move |mut c| async move {
+                c.readlink(pb::GfidReq { gfid: g.to_vec() }).await
+            })
+            .await?;
         Error::from_errno(r.errno)?;
         Ok(r.target)
     }
@@ -798,7 +1052,13 @@ impl Volume {
         let r = self
             .read_one(g, move |mut c| {
                 let name = name.clone();
-                async move { c.getxattr(pb::XattrReq { gfid: g.to_vec(), name }).await }
+                async move {
+                    c.getxattr(pb::XattrReq {
+                        gfid: g.to_vec(),
+                        name,
+                    })
+                    .await
+                }
             })
             .await?;
         Error::from_errno(r.errno)?;
@@ -806,7 +1066,11 @@ impl Volume {
     }
 
     pub async fn listxattr(&self, g: Gfid) -> Result<Vec<Vec<u8>>> {
-        let r = self.read_one(g, move |mut c| async move { c.listxattr(pb::GfidReq { gfid: g.to_vec() }).await }).await?;
+        let r = self
+            .read_one(g, move |mut c| async move {
+                c.listxattr(pb::GfidReq { gfid: g.to_vec() }).await
+            })
+            .await?;
         Error::from_errno(r.errno)?;
         Ok(r.names)
     }
@@ -820,7 +1084,12 @@ impl Volume {
                 let offset = out.len() as u64;
                 let r = b
                     .call(move |mut c, _| async move {
-                        c.readdir(pb::ReaddirReq { gfid: g.to_vec(), offset, max: 1024 }).await
+                        c.readdir(pb::ReaddirReq {
+                            gfid: g.to_vec(),
+                            offset,
+                            max: 1024,
+                        })
+                        .await
                     })
                     .await;
                 match r {
@@ -843,9 +1112,15 @@ impl Volume {
     }
 
     pub async fn statfs(&self) -> Result<pb::StatfsReply> {
-        let mut last = Error::Transport { brick: "*".into(), msg: "no brick reachable".into() };
+        let mut last = Error::Transport {
+            brick: "*".into(),
+            msg: "no brick reachable".into(),
+        };
         for b in self.bricks().into_iter().filter(|b| b.is_up()) {
-            match b.call(|mut c, _| async move { c.statfs(pb::Empty {}).await }).await {
+            match b
+                .call(|mut c, _| async move { c.statfs(pb::Empty {}).await })
+                .await
+            {
                 Ok((r, _)) => {
                     Error::from_errno(r.errno)?;
                     return Ok(r);
@@ -861,7 +1136,17 @@ impl Volume {
     /// POSIX/BSD byte-range lock on a majority; blocking requests go brick by brick in
     /// volfile order so that two clients cannot deadlock.
     #[allow(clippy::too_many_arguments)]
-    pub async fn lk(&self, g: Gfid, owner: u64, pid: u32, typ: i32, start: u64, end: u64, wait: bool, test: bool) -> Result<pb::LkReply> {
+    pub async fn lk(
+        &self,
+        g: Gfid,
+        owner: u64,
+        pid: u32,
+        typ: i32,
+        start: u64,
+        end: u64,
+        wait: bool,
+        test: bool,
+    ) -> Result<pb::LkReply> {
         let quorum = self.quorum();
         let bricks: Vec<Arc<Brick>> = self.bricks().into_iter().filter(|b| b.is_up()).collect();
         let req = |session: [u8; 16], typ: i32, wait: bool| pb::LkReq {
@@ -881,7 +1166,11 @@ impl Volume {
                 let f = move |mut c: mortar_proto::brick_client::BrickClient<_>, up: conn::Up| async move {
                     c.lk(req(up.session, typ, wait)).await
                 };
-                let r = if wait { b.call_waiting(f).await } else { b.call(f).await };
+                let r = if wait {
+                    b.call_waiting(f).await
+                } else {
+                    b.call(f).await
+                };
                 (b, r.map(|(r, _)| r))
             }
         };
@@ -898,9 +1187,15 @@ impl Volume {
                 }
             }
             if ok == 0 {
-                return Err(Error::NoQuorum { have: 0, need: quorum });
+                return Err(Error::NoQuorum {
+                    have: 0,
+                    need: quorum,
+                });
             }
-            return Ok(pb::LkReply { typ: libc::F_UNLCK as i32, ..Default::default() });
+            return Ok(pb::LkReply {
+                typ: libc::F_UNLCK as i32,
+                ..Default::default()
+            });
         }
         let mut granted = Vec::new();
         let mut refused = None;
@@ -931,7 +1226,10 @@ impl Volume {
         join_all(granted.iter().map(|b| send(b, libc::F_UNLCK as i32, false))).await;
         match refused {
             Some(e) => Err(Error::Os(e)),
-            None => Err(Error::NoQuorum { have: granted.len(), need: quorum }),
+            None => Err(Error::NoQuorum {
+                have: granted.len(),
+                need: quorum,
+            }),
         }
     }
 }

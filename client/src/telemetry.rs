@@ -25,7 +25,12 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
-    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut w: Writer<'_>, event: &Event<'_>) -> fmt::Result {
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut w: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
         SystemTime.format_time(&mut w)?;
         let meta = event.metadata();
         write!(w, " {:5} [{}] {}: ", meta.level(), self.tag, meta.target())?;
@@ -39,26 +44,42 @@ pub fn default_log_file(kind: &str, name: &str) -> PathBuf {
     let clean: String = name
         .trim_matches('/')
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
     Path::new(LOG_DIR).join(format!("{kind}-{clean}.log"))
 }
 
 /// Logs to stderr and, if given, appended to `file` (only there when `quiet`: a daemon's
 /// stderr is gone once it detaches).
-pub fn init_logging(tag: &str, level: &str, file: Option<&Path>, quiet: bool) -> anyhow::Result<()> {
+pub fn init_logging(
+    tag: &str,
+    level: &str,
+    file: Option<&Path>,
+    quiet: bool,
+) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(level)
         .map_err(|e| anyhow::anyhow!("--log-level {level:?}: {e}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(false)
-        .event_format(Tagged { tag: tag.to_string() });
+        .event_format(Tagged {
+            tag: tag.to_string(),
+        });
     match file {
         Some(path) => {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir)?;
             }
-            let f = std::fs::OpenOptions::new().create(true).append(true).open(path)
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
                 .map_err(|e| anyhow::anyhow!("log file {}: {e}", path.display()))?;
             let f = std::sync::Mutex::new(f);
             if quiet {
@@ -80,7 +101,9 @@ pub async fn serve_metrics(
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tokio::spawn(async move {
         loop {
-            let Ok((mut sock, _)) = listener.accept().await else { continue };
+            let Ok((mut sock, _)) = listener.accept().await else {
+                continue;
+            };
             let render = render.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 4096];
@@ -115,5 +138,8 @@ pub async fn serve_metrics(
 /// Formats one Prometheus sample line with its HELP/TYPE header.
 pub fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: impl fmt::Display) {
     use std::fmt::Write;
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+    );
 }

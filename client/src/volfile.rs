@@ -38,8 +38,16 @@ impl Volfile {
 
     fn validate(&self) -> Result<(), VolfileError> {
         let bad = |m: String| Err(VolfileError::Invalid(m));
-        if self.volume.is_empty() || !self.volume.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-            return bad(format!("volume name {:?} must be letters, digits, '-' or '_'", self.volume));
+        if self.volume.is_empty()
+            || !self
+                .volume
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return bad(format!(
+                "volume name {:?} must be letters, digits, '-' or '_'",
+                self.volume
+            ));
         }
         if self.bricks.is_empty() {
             return bad("no bricks".into());
@@ -52,8 +60,15 @@ impl Volfile {
             if !ids.insert(&b.id) {
                 return bad(format!("brick id {:?} appears twice", b.id));
             }
-            if b.address.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
-                return bad(format!("brick {} address {:?} must be HOST:PORT", b.id, b.address));
+            if b.address
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_none()
+            {
+                return bad(format!(
+                    "brick {} address {:?} must be HOST:PORT",
+                    b.id, b.address
+                ));
             }
         }
         Ok(())
@@ -71,7 +86,11 @@ impl Volfile {
 
 /// `host`, `host:port` → `host:port` with the default brick port.
 pub fn with_default_port(host: &str) -> String {
-    if host.starts_with('[') || host.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+    if host.starts_with('[')
+        || host
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
         host.to_string()
     } else {
         format!("{host}:{DEFAULT_PORT}")
@@ -96,12 +115,18 @@ mod tests {
     #[test]
     fn rejects_bad_volfiles() {
         assert!(Volfile::parse("volume: data\ngeneration: 1\nbricks: []\n").is_err());
-        assert!(Volfile::parse("volume: data\ngeneration: 1\nbricks:\n  - {id: b0, address: x}\n").is_err());
+        assert!(
+            Volfile::parse("volume: data\ngeneration: 1\nbricks:\n  - {id: b0, address: x}\n")
+                .is_err()
+        );
         assert!(
             Volfile::parse("volume: data\ngeneration: 1\nbricks:\n  - {id: b0, address: 'a:1'}\n  - {id: b0, address: 'b:1'}\n")
                 .is_err()
         );
-        assert!(Volfile::parse("volume: 'a/b'\ngeneration: 1\nbricks:\n  - {id: b0, address: 'a:1'}\n").is_err());
+        assert!(
+            Volfile::parse("volume: 'a/b'\ngeneration: 1\nbricks:\n  - {id: b0, address: 'a:1'}\n")
+                .is_err()
+        );
     }
 
     #[test]

@@ -15,7 +15,11 @@ pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap();
     let p = dir.join(name);
-    assert!(p.exists(), "{} missing: run `cargo build --workspace` before the tests", p.display());
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo build --workspace` before the tests",
+        p.display()
+    );
     p
 }
 
@@ -50,9 +54,27 @@ impl Cluster {
 
     /// Starts `n` bricks and waits until each answers.
     pub fn start(net: u8, n: usize) -> Cluster {
-        let tmp = tempfile::Builder::new().prefix("mortar-e2e").tempdir().unwrap();
-        let mut c = Cluster { dir: tmp.path().to_path_buf(), tmp: Some(tmp), net, vol: Volfile { volume: "data".into(), generation: 1, bricks: vec![] }, bricks: vec![] };
-        c.vol.bricks = (0..n).map(|i| BrickSpec { id: format!("b{i}"), address: c.addr(i) }).collect();
+        let tmp = tempfile::Builder::new()
+            .prefix("mortar-e2e")
+            .tempdir()
+            .unwrap();
+        let mut c = Cluster {
+            dir: tmp.path().to_path_buf(),
+            tmp: Some(tmp),
+            net,
+            vol: Volfile {
+                volume: "data".into(),
+                generation: 1,
+                bricks: vec![],
+            },
+            bricks: vec![],
+        };
+        c.vol.bricks = (0..n)
+            .map(|i| BrickSpec {
+                id: format!("b{i}"),
+                address: c.addr(i),
+            })
+            .collect();
         std::fs::write(c.volfile_path(), c.vol.to_yaml()).unwrap();
         for i in 0..n {
             c.bricks.push(None);
@@ -69,7 +91,14 @@ impl Cluster {
             .open(self.dir.join(format!("b{i}.log")))
             .unwrap();
         let child = Command::new(bin("mortar-brick"))
-            .args(["--id", &format!("b{i}"), "--listen", &self.addr(i), "--log-level", "info,mortar_brick=debug"])
+            .args([
+                "--id",
+                &format!("b{i}"),
+                "--listen",
+                &self.addr(i),
+                "--log-level",
+                "info,mortar_brick=debug",
+            ])
             .arg("--dir")
             .arg(self.brick_dir(i))
             .arg("--volfile")
@@ -84,7 +113,11 @@ impl Cluster {
         let t = Instant::now();
         let sa: std::net::SocketAddr = self.addr(i).parse().unwrap();
         while std::net::TcpStream::connect_timeout(&sa, Duration::from_millis(500)).is_err() {
-            assert!(t.elapsed() < Duration::from_secs(20), "brick b{i} did not start; log:\n{}", self.log(i));
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "brick b{i} did not start; log:\n{}",
+                self.log(i)
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -114,13 +147,24 @@ impl Cluster {
         let path = self.dir.join(name);
         std::fs::create_dir_all(&path).unwrap();
         let mut cmd = Command::new(bin("mortar-mount"));
-        cmd.arg(self.target()).arg(&path).arg("--log-file").arg(self.dir.join(format!("{name}.log")));
-        let mut o = format!("ping-timeout=2,backup-volfile-servers={}:{}", self.host(1), self.host(2));
+        cmd.arg(self.target())
+            .arg(&path)
+            .arg("--log-file")
+            .arg(self.dir.join(format!("{name}.log")));
+        let mut o = format!(
+            "ping-timeout=2,backup-volfile-servers={}:{}",
+            self.host(1),
+            self.host(2)
+        );
         if !opts.is_empty() {
             o = format!("{o},{opts}");
         }
         let out = cmd.arg("-o").arg(o).output().unwrap();
-        assert!(out.status.success(), "mortar-mount failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "mortar-mount failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Mount { path }
     }
 
@@ -132,14 +176,23 @@ impl Cluster {
             cmd.arg("--up-only");
         }
         let out = cmd.output().unwrap();
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         (out.status.success(), text)
     }
 
     /// Connects a client library volume directly (for protocol-level tests).
     pub async fn volume(&self) -> std::sync::Arc<mortar_client::replicate::Volume> {
-        let opts = mortar_client::replicate::Options { ping_timeout: Duration::from_secs(2), ..Default::default() };
-        mortar_client::replicate::Volume::connect(&[self.addr(0)], "data", opts).await.unwrap()
+        let opts = mortar_client::replicate::Options {
+            ping_timeout: Duration::from_secs(2),
+            ..Default::default()
+        };
+        mortar_client::replicate::Volume::connect(&[self.addr(0)], "data", opts)
+            .await
+            .unwrap()
     }
 }
 
@@ -171,7 +224,11 @@ impl Mount {
     }
 
     pub fn unmount(&self) -> bool {
-        Command::new("umount").arg(&self.path).status().map(|s| s.success()).unwrap_or(false)
+        Command::new("umount")
+            .arg(&self.path)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
     }
 }
 

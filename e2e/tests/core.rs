@@ -69,8 +69,16 @@ fn walk(root: &Path) -> BTreeMap<String, Seen> {
                     size: if ft.is_dir() { 0 } else { md.len() },
                     nlink: if ft.is_dir() { 0 } else { md.nlink() },
                     ino: md.ino(),
-                    sha: if ft.is_file() { Sha256::digest(fs::read(&p).unwrap()).to_vec() } else { vec![] },
-                    target: if ft.is_symlink() { fs::read_link(&p).unwrap().to_string_lossy().into_owned() } else { String::new() },
+                    sha: if ft.is_file() {
+                        Sha256::digest(fs::read(&p).unwrap()).to_vec()
+                    } else {
+                        vec![]
+                    },
+                    target: if ft.is_symlink() {
+                        fs::read_link(&p).unwrap().to_string_lossy().into_owned()
+                    } else {
+                        String::new()
+                    },
                     xattrs,
                 },
             );
@@ -93,7 +101,11 @@ fn tree_reads_back_through_a_second_mount_and_copies_agree() {
         let dir = a.p(&format!("d{d}/sub"));
         fs::create_dir_all(&dir).unwrap();
         for f in 0..15 {
-            fs::write(dir.join(format!("f{f}")), pattern(d * 100 + f, (f as usize) * 700)).unwrap();
+            fs::write(
+                dir.join(format!("f{f}")),
+                pattern(d * 100 + f, (f as usize) * 700),
+            )
+            .unwrap();
         }
     }
     for d in 0..20 {
@@ -105,15 +117,36 @@ fn tree_reads_back_through_a_second_mount_and_copies_agree() {
         fs::remove_file(p("sub/f4")).unwrap();
         fs::set_permissions(p("sub/f5"), fs::Permissions::from_mode(0o640)).unwrap();
         std::os::unix::fs::chown(p("sub/f6"), Some(1000 + d as u32), Some(2000)).unwrap();
-        rustix::fs::setxattr(p("sub/f7"), "user.tag", format!("v{d}").as_bytes(), rustix::fs::XattrFlags::empty()).unwrap();
-        fs::OpenOptions::new().write(true).open(p("sub/f8")).unwrap().set_len(123).unwrap();
-        fs::OpenOptions::new().write(true).open(p("sub/f9")).unwrap().set_len(20_000).unwrap();
+        rustix::fs::setxattr(
+            p("sub/f7"),
+            "user.tag",
+            format!("v{d}").as_bytes(),
+            rustix::fs::XattrFlags::empty(),
+        )
+        .unwrap();
+        fs::OpenOptions::new()
+            .write(true)
+            .open(p("sub/f8"))
+            .unwrap()
+            .set_len(123)
+            .unwrap();
+        fs::OpenOptions::new()
+            .write(true)
+            .open(p("sub/f9"))
+            .unwrap()
+            .set_len(20_000)
+            .unwrap();
         // Replace an existing target.
         fs::rename(p("sub/f10"), p("sub/f11")).unwrap();
     }
     fs::remove_dir_all(a.p("d19")).unwrap();
     fs::create_dir(a.p("empty")).unwrap();
-    rustix::fs::mkfifoat(rustix::fs::CWD, a.p("fifo"), rustix::fs::Mode::from_raw_mode(0o644)).unwrap();
+    rustix::fs::mkfifoat(
+        rustix::fs::CWD,
+        a.p("fifo"),
+        rustix::fs::Mode::from_raw_mode(0o644),
+    )
+    .unwrap();
 
     let via_a = walk(&a.path);
     let via_b = walk(&b.path);
@@ -124,13 +157,25 @@ fn tree_reads_back_through_a_second_mount_and_copies_agree() {
     assert_eq!(fs::read(b.p("d4/moved-in")).unwrap(), pattern(303, 2100));
     assert_eq!(fs::read(b.p("d3/sub/f11")).unwrap(), pattern(310, 7000));
     assert!(!b.p("d3/sub/f10").exists() && !b.p("d3/sub/f4").exists() && !b.p("d19").exists());
-    assert_eq!(fs::read_link(b.p("d5/link")).unwrap().to_str().unwrap(), "sub/f5");
+    assert_eq!(
+        fs::read_link(b.p("d5/link")).unwrap().to_str().unwrap(),
+        "sub/f5"
+    );
     assert_eq!(fs::metadata(b.p("d5/hard")).unwrap().nlink(), 2);
-    assert_eq!(fs::metadata(b.p("d5/hard")).unwrap().ino(), fs::metadata(b.p("d5/sub/f1")).unwrap().ino());
-    assert_eq!(fs::metadata(b.p("d5/sub/f5")).unwrap().mode() & 0o777, 0o640);
+    assert_eq!(
+        fs::metadata(b.p("d5/hard")).unwrap().ino(),
+        fs::metadata(b.p("d5/sub/f1")).unwrap().ino()
+    );
+    assert_eq!(
+        fs::metadata(b.p("d5/sub/f5")).unwrap().mode() & 0o777,
+        0o640
+    );
     assert_eq!(fs::metadata(b.p("d5/sub/f6")).unwrap().uid(), 1005);
     assert_eq!(fs::metadata(b.p("d5/sub/f8")).unwrap().len(), 123);
-    assert_eq!(fs::read(b.p("d5/sub/f9")).unwrap()[9 * 700..], vec![0u8; 20_000 - 9 * 700][..]);
+    assert_eq!(
+        fs::read(b.p("d5/sub/f9")).unwrap()[9 * 700..],
+        vec![0u8; 20_000 - 9 * 700][..]
+    );
     let (ok, out) = c.verify(false);
     assert!(ok, "verify found differences:\n{out}");
 }
@@ -153,8 +198,21 @@ fn errors_are_the_right_errno() {
     assert_eq!(e(fs::rename(m.p("d"), m.p("d/f/inside"))), libc::ENOTDIR);
     assert_eq!(e(fs::rename(m.p("d"), m.p("d/inside"))), libc::EINVAL);
     assert_eq!(e(fs::hard_link(m.p("d"), m.p("dl"))), libc::EPERM);
-    assert_eq!(e(fs::OpenOptions::new().write(true).create_new(true).open(m.p("g")).map(|_| ())), libc::EEXIST);
-    let r = rustix::fs::renameat_with(rustix::fs::CWD, m.p("g"), rustix::fs::CWD, m.p("d/f"), rustix::fs::RenameFlags::NOREPLACE);
+    assert_eq!(
+        e(fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(m.p("g"))
+            .map(|_| ())),
+        libc::EEXIST
+    );
+    let r = rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        m.p("g"),
+        rustix::fs::CWD,
+        m.p("d/f"),
+        rustix::fs::RenameFlags::NOREPLACE,
+    );
     assert_eq!(r.unwrap_err().raw_os_error(), libc::EEXIST);
     // A non-root user is refused by permissions.
     fs::set_permissions(m.p("d"), fs::Permissions::from_mode(0o700)).unwrap();
@@ -163,7 +221,10 @@ fn errors_are_the_right_errno() {
         .arg(m.p("d"))
         .output()
         .unwrap();
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("Permission denied"), "{out:?}");
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "{out:?}"
+    );
     // Cross-device rename out of the mount.
     let outside = c.dir.join("outside");
     assert_eq!(e(fs::rename(m.p("g"), &outside)), libc::EXDEV);
@@ -212,7 +273,10 @@ fn large_write_survives_a_brick_killed_midway() {
     assert!(ok, "the survivors disagree:\n{out}");
     let (ok, _) = c.verify(false);
     assert!(!ok, "verify must report the dead brick");
-    let status = std::process::Command::new(mortar_e2e::bin("mortar")).args(["status", &c.target()]).output().unwrap();
+    let status = std::process::Command::new(mortar_e2e::bin("mortar"))
+        .args(["status", &c.target()])
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(text.contains("bricks up 2/3"), "{text}");
 }
@@ -227,18 +291,35 @@ fn without_a_majority_writes_fail_fast_and_reads_go_on() {
     c.signal(2, libc::SIGSTOP);
     let t = Instant::now();
     fs::write(m.p("during-hang"), b"ok").unwrap();
-    assert!(t.elapsed() < Duration::from_secs(8), "write took {:?} with one brick hung", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "write took {:?} with one brick hung",
+        t.elapsed()
+    );
     c.signal(2, libc::SIGCONT);
 
     c.kill(1);
     c.kill(2);
     let t = Instant::now();
-    let err = fs::OpenOptions::new().write(true).open(m.p("f")).and_then(|mut f| f.write_all(b"after"));
+    let err = fs::OpenOptions::new()
+        .write(true)
+        .open(m.p("f"))
+        .and_then(|mut f| f.write_all(b"after"));
     let err = err.expect_err("a write without a majority must fail");
-    assert!([libc::EROFS, libc::ENOTCONN].contains(&errno_of(&err)), "got {err}");
-    assert!(t.elapsed() < Duration::from_secs(6), "failing took {:?}", t.elapsed());
+    assert!(
+        [libc::EROFS, libc::ENOTCONN].contains(&errno_of(&err)),
+        "got {err}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(6),
+        "failing took {:?}",
+        t.elapsed()
+    );
     let err = fs::write(m.p("new"), b"x").expect_err("create without a majority must fail");
-    assert!([libc::EROFS, libc::ENOTCONN].contains(&errno_of(&err)), "got {err}");
+    assert!(
+        [libc::EROFS, libc::ENOTCONN].contains(&errno_of(&err)),
+        "got {err}"
+    );
     assert!(fs::create_dir(m.p("d2")).is_err());
     // Reads of existing files still work, from the one brick left.
     assert_eq!(fs::read(m.p("f")).unwrap(), b"before");
@@ -263,12 +344,16 @@ fn two_mounts_write_disjoint_ranges_of_one_file() {
     let b = c.mount("b", "");
     const CHUNK: usize = 64 * 1024;
     const N: usize = 96;
-    fs::File::create(a.p("shared")).unwrap().set_len((CHUNK * N) as u64).unwrap();
+    fs::File::create(a.p("shared"))
+        .unwrap()
+        .set_len((CHUNK * N) as u64)
+        .unwrap();
     let writer = |path: std::path::PathBuf, parity: usize| {
         std::thread::spawn(move || {
             let f = fs::OpenOptions::new().write(true).open(path).unwrap();
             for i in (parity..N).step_by(2) {
-                f.write_all_at(&pattern(i as u64, CHUNK), (i * CHUNK) as u64).unwrap();
+                f.write_all_at(&pattern(i as u64, CHUNK), (i * CHUNK) as u64)
+                    .unwrap();
             }
             f.sync_all().unwrap();
         })
@@ -294,8 +379,16 @@ fn posix_and_bsd_locks_hold_across_mounts() {
     let a = c.mount("a", "");
     let b = c.mount("b", "");
     fs::write(a.p("lockfile"), b"l").unwrap();
-    let fa = fs::OpenOptions::new().read(true).write(true).open(a.p("lockfile")).unwrap();
-    let fb = fs::OpenOptions::new().read(true).write(true).open(b.p("lockfile")).unwrap();
+    let fa = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(a.p("lockfile"))
+        .unwrap();
+    let fb = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(b.p("lockfile"))
+        .unwrap();
     let lk = |f: &fs::File, typ: i32, cmd: i32| {
         let mut fl: libc::flock = unsafe { std::mem::zeroed() };
         fl.l_type = typ as i16;
@@ -303,13 +396,21 @@ fn posix_and_bsd_locks_hold_across_mounts() {
         use std::os::fd::AsRawFd;
         // SAFETY: fcntl with a valid flock struct.
         let r = unsafe { libc::fcntl(f.as_raw_fd(), cmd, &mut fl) };
-        if r == 0 { Ok(fl) } else { Err(std::io::Error::last_os_error()) }
+        if r == 0 {
+            Ok(fl)
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
     };
     lk(&fa, libc::F_WRLCK, libc::F_SETLK).unwrap();
     let e = lk(&fb, libc::F_WRLCK, libc::F_SETLK).unwrap_err();
     assert!([libc::EAGAIN, libc::EACCES].contains(&errno_of(&e)), "{e}");
     let seen = lk(&fb, libc::F_WRLCK, libc::F_GETLK).unwrap();
-    assert_eq!(seen.l_type as i32, libc::F_WRLCK, "F_GETLK must report A's lock");
+    assert_eq!(
+        seen.l_type as i32,
+        libc::F_WRLCK,
+        "F_GETLK must report A's lock"
+    );
     // A blocking lock through B waits until A lets go.
     let t = std::thread::spawn(move || {
         let start = Instant::now();
@@ -321,15 +422,18 @@ fn posix_and_bsd_locks_hold_across_mounts() {
     drop(fa); // close() releases A's POSIX locks
     let (waited, fb) = t.join().unwrap();
     assert!(waited >= Duration::from_millis(1400));
+    // As on NFS, flock() is carried as a whole-file lock in the same table as fcntl locks
+    // (FUSE does not tell them apart), so B's fcntl lock goes first.
+    drop(fb);
     // flock: exclusive through A blocks B's non-blocking attempt.
     let ga = fs::File::open(a.p("lockfile")).unwrap();
     let gb = fs::File::open(b.p("lockfile")).unwrap();
     rustix::fs::flock(&ga, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap();
-    let e = rustix::fs::flock(&gb, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap_err();
+    let e =
+        rustix::fs::flock(&gb, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap_err();
     assert_eq!(e, rustix::io::Errno::WOULDBLOCK);
     rustix::fs::flock(&ga, rustix::fs::FlockOperation::Unlock).unwrap();
     rustix::fs::flock(&gb, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap();
-    drop(fb);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -339,7 +443,11 @@ async fn hostile_names_get_clear_errors_and_the_brick_keeps_serving() {
     let root = Gfid::ROOT;
     let create = |name: Vec<u8>| {
         let v = v.clone();
-        async move { v.create(root, &name, pb::Kind::File, 0o644, 0, 0, 0, b"").await.map(|_| ()) }
+        async move {
+            v.create(root, &name, pb::Kind::File, 0o644, 0, 0, 0, b"")
+                .await
+                .map(|_| ())
+        }
     };
     let errno = |r: Result<(), mortar_client::error::Error>| r.unwrap_err().errno();
     assert_eq!(errno(create(b"a/b".to_vec()).await), libc::EINVAL);
@@ -349,29 +457,72 @@ async fn hostile_names_get_clear_errors_and_the_brick_keeps_serving() {
     assert_eq!(errno(create(b"a\0b".to_vec()).await), libc::EINVAL);
     assert_eq!(errno(create(vec![b'x'; 256]).await), libc::ENAMETOOLONG);
     assert_eq!(errno(create(b".mortar".to_vec()).await), libc::EPERM);
-    assert_eq!(v.lookup(root, b"..").await.unwrap_err().errno(), libc::EINVAL);
-    assert_eq!(v.lookup(root, b"x/../..").await.unwrap_err().errno(), libc::EINVAL);
-    assert_eq!(v.lookup(root, b".mortar").await.unwrap_err().errno(), libc::EPERM);
+    assert_eq!(
+        v.lookup(root, b"..").await.unwrap_err().errno(),
+        libc::EINVAL
+    );
+    assert_eq!(
+        v.lookup(root, b"x/../..").await.unwrap_err().errno(),
+        libc::EINVAL
+    );
+    assert_eq!(
+        v.lookup(root, b".mortar").await.unwrap_err().errno(),
+        libc::EPERM
+    );
     // A symlink made through the volume is never followed on the brick side.
-    let l = v.create(root, b"evil", pb::Kind::Symlink, 0o777, 0, 0, 0, b"/etc").await.unwrap();
+    let l = v
+        .create(root, b"evil", pb::Kind::Symlink, 0o777, 0, 0, 0, b"/etc")
+        .await
+        .unwrap();
     let lg = Gfid::from_bytes(&l.gfid).unwrap();
-    assert_eq!(v.lookup(lg, b"passwd").await.unwrap_err().errno(), libc::ENOENT);
+    assert_eq!(
+        v.lookup(lg, b"passwd").await.unwrap_err().errno(),
+        libc::ENOENT
+    );
     assert!(v.write(lg, 0, b"x".to_vec(), false).await.is_err());
     // Nothing escaped the brick directories, and the bricks still serve.
     assert!(!c.dir.join("escape").exists());
-    let f = v.create(root, b"fine", pb::Kind::File, 0o644, 0, 0, 0, b"").await.unwrap();
+    let f = v
+        .create(root, b"fine", pb::Kind::File, 0o644, 0, 0, 0, b"")
+        .await
+        .unwrap();
     let g = Gfid::from_bytes(&f.gfid).unwrap();
-    assert_eq!(v.write(g, 0, b"still serving".to_vec(), false).await.unwrap(), 13);
+    assert_eq!(
+        v.write(g, 0, b"still serving".to_vec(), false)
+            .await
+            .unwrap(),
+        13
+    );
     assert_eq!(v.read(g, 0, 100).await.unwrap(), b"still serving");
     // Malformed requests straight to a brick: a bad gfid is an error, not a crash.
-    let mut b = mortar_client::conn::connect_once(&c.addr(0), Duration::from_secs(2)).await.unwrap();
-    let r = b.getattr(pb::GfidReq { gfid: vec![1, 2, 3] }).await.unwrap().into_inner();
+    let mut b = mortar_client::conn::connect_once(&c.addr(0), Duration::from_secs(2))
+        .await
+        .unwrap();
+    let r = b
+        .getattr(pb::GfidReq {
+            gfid: vec![1, 2, 3],
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.errno, libc::EINVAL);
-    let r = b.read(pb::ReadReq { gfid: Gfid::random().to_vec(), offset: 0, size: 10 }).await.unwrap().into_inner();
+    let r = b
+        .read(pb::ReadReq {
+            gfid: Gfid::random().to_vec(),
+            offset: 0,
+            size: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.errno, libc::ENOENT);
     let r = b.mutate(pb::MutateReq::default()).await;
     assert!(r.is_err() || r.unwrap().into_inner().errno != 0);
-    assert!(mortar_client::admin::health(&c.addr(0), Duration::from_secs(2)).await.is_ok());
+    assert!(
+        mortar_client::admin::health(&c.addr(0), Duration::from_secs(2))
+            .await
+            .is_ok()
+    );
 }
 
 #[test]
@@ -385,11 +536,27 @@ fn mount_helper_backup_servers_and_umount() {
     fs::create_dir(&dir).unwrap();
     // The first volfile server is not there: the backup ones serve the volfile.
     let out = std::process::Command::new("mount")
-        .args(["-t", "mortar", &format!("127.28.0.99:/data"), dir.to_str().unwrap()])
-        .args(["-o", &format!("backup-volfile-servers={}:{},ping-timeout=1", c.host(1), c.host(2))])
+        .args([
+            "-t",
+            "mortar",
+            &format!("127.28.0.99:/data"),
+            dir.to_str().unwrap(),
+        ])
+        .args([
+            "-o",
+            &format!(
+                "backup-volfile-servers={}:{},ping-timeout=1",
+                c.host(1),
+                c.host(2)
+            ),
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "mount -t mortar failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "mount -t mortar failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(mortar_e2e::is_mounted(&dir));
     fs::write(dir.join("hello"), b"world").unwrap();
     assert_eq!(fs::read(dir.join("hello")).unwrap(), b"world");
@@ -402,14 +569,26 @@ fn mount_helper_backup_servers_and_umount() {
             .count()
     };
     assert_eq!(daemons(), 1);
-    assert!(std::process::Command::new("umount").arg(&dir).status().unwrap().success());
+    assert!(
+        std::process::Command::new("umount")
+            .arg(&dir)
+            .status()
+            .unwrap()
+            .success()
+    );
     let t = Instant::now();
     while daemons() > 0 {
-        assert!(t.elapsed() < Duration::from_secs(10), "mount daemon still running after umount");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "mount daemon still running after umount"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     // Bad arguments: a clear one-line reason and a non-zero exit.
-    let out = std::process::Command::new(mortar_e2e::bin("mortar-mount")).args(["nocolon", "/tmp"]).output().unwrap();
+    let out = std::process::Command::new(mortar_e2e::bin("mortar-mount"))
+        .args(["nocolon", "/tmp"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("HOST[:PORT]:/VOLUME"));
     let out = std::process::Command::new(mortar_e2e::bin("mortar-mount"))
@@ -417,5 +596,9 @@ fn mount_helper_backup_servers_and_umount() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not \"other\""), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not \"other\""),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -5,7 +5,10 @@ use mortar_client::mount::{self, MountArgs};
 
 /// Mounts a Mortar volume with FUSE.
 #[derive(Parser)]
-#[command(version, after_help = "Mount options (-o): backup-volfile-servers=H2:H3, ping-timeout=SECS, attribute-timeout=SECS, entry-timeout=SECS, log-level=LEVEL, log-file=PATH, metrics=HOST:PORT, ro")]
+#[command(
+    version,
+    after_help = "Mount options (-o): backup-volfile-servers=H2:H3, ping-timeout=SECS, attribute-timeout=SECS, entry-timeout=SECS, log-level=LEVEL, log-file=PATH, metrics=HOST:PORT, ro"
+)]
 struct Args {
     /// HOST[:PORT]:/VOLUME — any brick of the volume serves its description.
     spec: String,

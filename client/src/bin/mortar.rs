@@ -100,15 +100,30 @@ fn main() {
 fn run(cli: Cli) -> anyhow::Result<i32> {
     anyhow::ensure!(cli.timeout > 0.0, "--timeout must be positive");
     let timeout = Duration::from_secs_f64(cli.timeout);
-    let rt = || tokio::runtime::Builder::new_current_thread().enable_all().build();
+    let rt = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    };
     match cli.cmd {
         Cmd::Status { target, json } => {
             let s = rt()?.block_on(admin::status(&target, timeout))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
-                println!("Volume {}  generation {}  bricks up {}/{} (quorum {})  heal pending {}", s.volume, s.generation, s.bricks_up, s.bricks.len(), s.quorum, s.heal_pending);
-                println!("{:<6} {:<24} {:<5} {:>8} {:>12} {:>12}", "BRICK", "ADDRESS", "UP", "HEAL", "CAPACITY", "FREE");
+                println!(
+                    "Volume {}  generation {}  bricks up {}/{} (quorum {})  heal pending {}",
+                    s.volume,
+                    s.generation,
+                    s.bricks_up,
+                    s.bricks.len(),
+                    s.quorum,
+                    s.heal_pending
+                );
+                println!(
+                    "{:<6} {:<24} {:<5} {:>8} {:>12} {:>12}",
+                    "BRICK", "ADDRESS", "UP", "HEAL", "CAPACITY", "FREE"
+                );
                 for b in &s.bricks {
                     println!(
                         "{:<6} {:<24} {:<5} {:>8} {:>12} {:>12}{}",
@@ -118,13 +133,18 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                         b.heal_pending,
                         human(b.capacity_bytes),
                         human(b.free_bytes),
-                        b.error.as_ref().map(|e| format!("  ({e})")).unwrap_or_default()
+                        b.error
+                            .as_ref()
+                            .map(|e| format!("  ({e})"))
+                            .unwrap_or_default()
                     );
                 }
             }
             Ok(if s.bricks_up >= s.quorum { 0 } else { 2 })
         }
-        Cmd::Heal { cmd: HealCmd::Info { target, json } } => {
+        Cmd::Heal {
+            cmd: HealCmd::Info { target, json },
+        } => {
             let s = rt()?.block_on(admin::status(&target, timeout))?;
             if json {
                 let v: Vec<_> = s.bricks.iter().map(|b| serde_json::json!({"brick": b.id, "up": b.up, "pending": b.heal_pending})).collect();
@@ -132,8 +152,18 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             } else {
                 for b in &s.bricks {
                     println!("Brick {} ({})", b.id, b.address);
-                    println!("Status: {}", if b.up { "Connected" } else { "Not connected" });
-                    println!("Number of entries: {}\n", if b.up { b.heal_pending.to_string() } else { "-".into() });
+                    println!(
+                        "Status: {}",
+                        if b.up { "Connected" } else { "Not connected" }
+                    );
+                    println!(
+                        "Number of entries: {}\n",
+                        if b.up {
+                            b.heal_pending.to_string()
+                        } else {
+                            "-".into()
+                        }
+                    );
                 }
             }
             Ok(0)
@@ -155,8 +185,16 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             LocalCmd::Up { dir, mount } => {
                 let l = local::Local::new(&dir)?;
                 let m = l.up(&mount)?;
-                println!("Mortar is running: volume {} mounted on {}", l.target(), m.display());
-                println!("  mortar status {}\n  mortar local down --dir {}", l.target(), l.dir.display());
+                println!(
+                    "Mortar is running: volume {} mounted on {}",
+                    l.target(),
+                    m.display()
+                );
+                println!(
+                    "  mortar status {}\n  mortar local down --dir {}",
+                    l.target(),
+                    l.dir.display()
+                );
                 Ok(0)
             }
             LocalCmd::Down { dir } => {
