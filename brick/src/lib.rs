@@ -1,6 +1,8 @@
 //! mortar-brick: a storage server holding one full copy of a Mortar volume.
 
+pub mod heal;
 pub mod locks;
 pub mod record;
+pub mod repair;
 pub mod service;
 pub mod store;

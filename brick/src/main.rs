@@ -33,6 +33,13 @@ struct Args {
     /// A client session without a ping for this long is ended and its locks freed.
     #[arg(long, default_value_t = 10.0)]
     session_timeout: f64,
+    /// Seconds between self-heal passes over the heal index (it also runs when a brick
+    /// comes back and when a client queues a heal).
+    #[arg(long, default_value_t = 10.0)]
+    heal_interval: f64,
+    /// Self-heal copies at most this many MiB per second (0: no limit).
+    #[arg(long, default_value_t = 256)]
+    heal_rate_mib: u64,
     #[arg(long, default_value = "info")]
     log_level: String,
     /// Also log to this file (e.g. under /var/log/mortar).
@@ -66,6 +73,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         args.session_timeout > 0.0,
         "--session-timeout must be positive"
     );
+    anyhow::ensure!(args.heal_interval > 0.0, "--heal-interval must be positive");
     let vf = load_volfile(&args.volfile)?;
     if vf.vol.brick_index(&args.id).is_none() {
         tracing::warn!(volfile = %args.volfile.display(), "brick id {} is not in the volfile (yet)", args.id);
@@ -83,6 +91,20 @@ fn run(args: Args) -> anyhow::Result<()> {
             a.set_port(a.port().saturating_add(1000));
             a
         });
+        let heal_metrics = Arc::new(mortar_brick::heal::HealMetrics::default());
+        tokio::spawn(
+            mortar_brick::heal::Worker {
+                store: store.clone(),
+                brick_id: args.id.clone(),
+                volfile: svc.volfile.clone(),
+                wake: svc.heal_wake.clone(),
+                interval: Duration::from_secs_f64(args.heal_interval),
+                rate: args.heal_rate_mib << 20,
+                metrics: heal_metrics.clone(),
+            }
+            .run(),
+        );
+        let hm = heal_metrics.clone();
         let m = svc.metrics.clone();
         let st = store.clone();
         let id = args.id.clone();
@@ -98,7 +120,10 @@ fn run(args: Args) -> anyhow::Result<()> {
                 telemetry::metric(&mut out, &l("mortar_brick_stale_total"), "counter", "Mutations refused because this copy was behind", m.stale.load(Relaxed));
                 telemetry::metric(&mut out, &l("mortar_brick_lock_waits_total"), "counter", "Lock requests that had to wait", m.lock_waits.load(Relaxed));
                 telemetry::metric(&mut out, &l("mortar_brick_sessions_ended_total"), "counter", "Client sessions ended", m.sessions_ended.load(Relaxed));
-                telemetry::metric(&mut out, &l("mortar_brick_heal_pending"), "gauge", "Inodes in the heal index", st.heal_pending().len());
+                telemetry::metric(&mut out, &l("mortar_brick_heal_pending"), "gauge", "Inodes in the heal index", st.heal_count());
+                telemetry::metric(&mut out, &l("mortar_brick_healed_total"), "counter", "Inodes healed by this brick's worker", hm.healed.load(Relaxed));
+                telemetry::metric(&mut out, &l("mortar_brick_healed_bytes_total"), "counter", "Bytes copied by self-heal", hm.bytes.load(Relaxed));
+                telemetry::metric(&mut out, &l("mortar_brick_heal_failures_total"), "counter", "Heals deferred after an error", hm.failures.load(Relaxed));
                 out
             }),
         )

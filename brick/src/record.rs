@@ -4,16 +4,16 @@
 use mortar_client::gfid::Gfid;
 
 pub const XATTR: &str = "trusted.mortar.rec";
-const FORMAT: u8 = 1;
-const LEN: usize = 1 + 16 + 8 * 4;
+const FORMAT: u8 = 2;
+const LEN: usize = 1 + 16 + 8 * 5;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Record {
     pub gfid: Gfid,
     /// Highest lock term granted on this inode: changes made under a lower term are refused.
     pub promised: u64,
-    /// Version of the content: (term, seq).
-    pub ver: (u64, u64),
+    /// Version of the content: (term, seq, change id).
+    pub ver: (u64, u64, u64),
     /// Change time stamped by the client, so that every copy reports the same ctime.
     pub ctime_ns: i64,
 }
@@ -23,7 +23,7 @@ impl Record {
         Record {
             gfid,
             promised,
-            ver: (0, 0),
+            ver: (0, 0, 0),
             ctime_ns,
         }
     }
@@ -35,7 +35,8 @@ impl Record {
         b[17..25].copy_from_slice(&self.promised.to_le_bytes());
         b[25..33].copy_from_slice(&self.ver.0.to_le_bytes());
         b[33..41].copy_from_slice(&self.ver.1.to_le_bytes());
-        b[41..49].copy_from_slice(&self.ctime_ns.to_le_bytes());
+        b[41..49].copy_from_slice(&self.ver.2.to_le_bytes());
+        b[49..57].copy_from_slice(&self.ctime_ns.to_le_bytes());
         b
     }
 
@@ -47,8 +48,8 @@ impl Record {
         Some(Record {
             gfid: Gfid::from_bytes(&b[1..17])?,
             promised: u(17..25),
-            ver: (u(25..33), u(33..41)),
-            ctime_ns: u(41..49) as i64,
+            ver: (u(25..33), u(33..41), u(41..49)),
+            ctime_ns: u(49..57) as i64,
         })
     }
 }

@@ -51,6 +51,8 @@ pub struct BrickService {
     pub volfile: watch::Receiver<VolfileState>,
     pub session_timeout: Duration,
     pub metrics: Arc<Metrics>,
+    /// Wakes the self-heal worker (something was queued for heal).
+    pub heal_wake: Arc<tokio::sync::Notify>,
     inode_locks: Arc<InodeLocks>,
     range_locks: Arc<RangeLocks>,
     sessions: Arc<Mutex<HashMap<SessionId, SessionEntry>>>,
@@ -86,6 +88,7 @@ impl BrickService {
             volfile,
             session_timeout,
             metrics: Arc::default(),
+            heal_wake: Arc::default(),
             inode_locks: Arc::default(),
             range_locks: Arc::default(),
             sessions: Arc::default(),
@@ -144,7 +147,7 @@ impl pb::brick_server::Brick for BrickService {
 
     async fn health(&self, _: Request<pb::Empty>) -> Result<Response<pb::HealthReply>, Status> {
         let store = self.store.clone();
-        let (fs, pending) = blocking(move || (store.statfs(), store.heal_pending().len())).await?;
+        let (fs, pending) = blocking(move || (store.statfs(), store.heal_count())).await?;
         let v = self.volfile.borrow().clone();
         let mut r = pb::HealthReply {
             brick_id: self.id.clone(),
@@ -454,6 +457,7 @@ impl pb::brick_server::Brick for BrickService {
                         ver: Some(pb::Version {
                             term: rec.ver.0,
                             seq: rec.ver.1,
+                            id: rec.ver.2,
                         }),
                         promised: rec.promised,
                     }),
@@ -653,6 +657,62 @@ impl pb::brick_server::Brick for BrickService {
                 }
             }
         }
+    }
+
+    async fn heal(&self, req: Request<pb::HealReq>) -> Result<Response<pb::MutateReply>, Status> {
+        let r = req.into_inner();
+        let sid = session_id(&r.session)?;
+        let fail = |e: i32| Ok(Response::new(pb::MutateReply { errno: e, ..Default::default() }));
+        let (Ok(g), Some(op)) = (gfid(&r.gfid), r.op) else { return fail(libc::EINVAL) };
+        if !self.live(&sid) || !self.inode_locks.holds(sid, g) {
+            return fail(libc::ENOLCK);
+        }
+        let store = self.store.clone();
+        let res = blocking(move || store.heal_step(g, &op, r.ctime_ns)).await?;
+        Ok(Response::new(match res {
+            Ok(attr) => pb::MutateReply { attr: Some(attr), ..Default::default() },
+            Err(e) => pb::MutateReply { errno: errno(e), ..Default::default() },
+        }))
+    }
+
+    async fn checksums(&self, req: Request<pb::ChecksumReq>) -> Result<Response<pb::ChecksumReply>, Status> {
+        let r = req.into_inner();
+        let store = self.store.clone();
+        let res = blocking(move || store.checksums(gfid(&r.gfid)?, r.block)).await?;
+        Ok(Response::new(match res {
+            Ok((size, sums)) => pb::ChecksumReply { errno: 0, size, sums },
+            Err(e) => pb::ChecksumReply { errno: errno(e), ..Default::default() },
+        }))
+    }
+
+    async fn heal_index(&self, req: Request<pb::HealIndexReq>) -> Result<Response<pb::HealIndexReply>, Status> {
+        let r = req.into_inner();
+        let store = self.store.clone();
+        let wake = self.heal_wake.clone();
+        let entries = blocking(move || {
+            let parse = |v: &Vec<Vec<u8>>| v.iter().filter_map(|g| Gfid::from_bytes(g)).collect::<Vec<_>>();
+            let added = parse(&r.add);
+            for g in &added {
+                store.mark_heal(*g);
+            }
+            for g in parse(&r.split_brain) {
+                store.mark_split(g);
+            }
+            for g in parse(&r.remove) {
+                store.heal_done(g);
+            }
+            if !added.is_empty() {
+                wake.notify_one();
+            }
+            let mut pending = store.heal_pending();
+            pending.sort();
+            pending
+                .into_iter()
+                .map(|g| pb::HealIndexEntry { gfid: g.to_vec(), path: store.describe(g), split_brain: store.is_split(g) })
+                .collect::<Vec<_>>()
+        })
+        .await?;
+        Ok(Response::new(pb::HealIndexReply { entries }))
     }
 
     type ManifestStream = BoxStream<pb::ManifestEntry>;

@@ -30,18 +30,19 @@ const META: &str = ".mortar";
 const MAX_FDS: usize = 4096;
 const MAX_XATTR: usize = 64 * 1024;
 
-struct DirNode {
-    parent: Gfid,
-    name: OsString,
+pub(crate) struct DirNode {
+    pub(crate) parent: Gfid,
+    pub(crate) name: OsString,
 }
 
 pub struct Store {
     root: PathBuf,
     index: PathBuf,
     heal_dir: PathBuf,
-    dirs: RwLock<HashMap<Gfid, DirNode>>,
+    pub(crate) dirs: RwLock<HashMap<Gfid, DirNode>>,
     fds: Mutex<HashMap<Gfid, Arc<OwnedFd>>>,
     heal: Mutex<HashSet<Gfid>>,
+    split: Mutex<HashSet<Gfid>>,
 }
 
 pub fn io_errno(e: &std::io::Error) -> Errno {
@@ -68,14 +69,14 @@ pub fn gfid(b: &[u8]) -> R<Gfid> {
     Gfid::from_bytes(b).ok_or(Errno::INVAL)
 }
 
-fn ts(ns: i64) -> Timespec {
+pub(crate) fn ts(ns: i64) -> Timespec {
     Timespec {
         tv_sec: ns.div_euclid(1_000_000_000),
         tv_nsec: ns.rem_euclid(1_000_000_000) as _,
     }
 }
 
-const OMIT: Timespec = Timespec {
+pub(crate) const OMIT: Timespec = Timespec {
     tv_sec: 0,
     tv_nsec: rustix::fs::UTIME_OMIT as _,
 };
@@ -100,7 +101,7 @@ pub fn read_rec(path: &Path) -> R<Record> {
     Record::decode(&buf[..n]).ok_or(Errno::IO)
 }
 
-fn write_rec(path: &Path, rec: &Record) -> R<()> {
+pub(crate) fn write_rec(path: &Path, rec: &Record) -> R<()> {
     rfs::lsetxattr(path, record::XATTR, &rec.encode(), rfs::XattrFlags::empty())
 }
 
@@ -129,6 +130,7 @@ fn attr_of(st: &rfs::Stat, rec: &Record) -> pb::Attr {
         ver: Some(pb::Version {
             term: rec.ver.0,
             seq: rec.ver.1,
+            id: rec.ver.2,
         }),
     }
 }
@@ -153,7 +155,7 @@ impl Store {
         let meta = root.join(META);
         let index = meta.join("gfid");
         let heal_dir = meta.join("heal");
-        for d in [&meta, &index, &heal_dir] {
+        for d in [&meta, &index, &heal_dir, &meta.join("split")] {
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
@@ -166,6 +168,7 @@ impl Store {
         for i in 0..=255u8 {
             std::fs::create_dir_all(index.join(format!("{i:02x}")))?;
         }
+        let mut full_heal = false;
         match read_rec(&root) {
             Ok(r) if r.gfid == Gfid::ROOT => {}
             Ok(r) => anyhow::bail!(
@@ -175,6 +178,7 @@ impl Store {
             ),
             Err(_) => {
                 let now = now_ns();
+                full_heal = true;
                 write_rec(&root, &Record::new(Gfid::ROOT, 0, now)).map_err(|e| {
                     anyhow::anyhow!(
                         "cannot set trusted xattrs on {} (need root and xattr support): {e}",
@@ -190,6 +194,7 @@ impl Store {
             dirs: RwLock::new(HashMap::new()),
             fds: Mutex::new(HashMap::new()),
             heal: Mutex::new(HashSet::new()),
+            split: Mutex::new(HashSet::new()),
         };
         store.scan_dirs()?;
         let mut heal = store.heal.lock().unwrap();
@@ -199,6 +204,17 @@ impl Store {
             }
         }
         drop(heal);
+        for e in std::fs::read_dir(store.split_dir())? {
+            if let Some(g) = e?.file_name().to_str().and_then(Gfid::parse_hex) {
+                store.split.lock().unwrap().insert(g);
+            }
+        }
+        if full_heal {
+            // A new or wiped brick: healing the root from the others copies the whole tree,
+            // and until then its versions keep it from serving reads.
+            tracing::info!("new brick directory: a full heal will fill it");
+            store.mark_heal(Gfid::ROOT);
+        }
         Ok(store)
     }
 
@@ -239,7 +255,7 @@ impl Store {
         Ok(())
     }
 
-    fn dir_path(&self, g: Gfid) -> R<PathBuf> {
+    pub(crate) fn dir_path(&self, g: Gfid) -> R<PathBuf> {
         if g == Gfid::ROOT {
             return Ok(self.root.clone());
         }
@@ -261,12 +277,12 @@ impl Store {
         Ok(p)
     }
 
-    fn index_path(&self, g: Gfid) -> PathBuf {
+    pub(crate) fn index_path(&self, g: Gfid) -> PathBuf {
         let hex = g.hex();
         self.index.join(&hex[..2]).join(hex)
     }
 
-    fn is_dir(&self, g: Gfid) -> bool {
+    pub(crate) fn is_dir(&self, g: Gfid) -> bool {
         g == Gfid::ROOT || self.dirs.read().unwrap().contains_key(&g)
     }
 
@@ -283,7 +299,7 @@ impl Store {
         read_rec(&self.path_of(g)?)
     }
 
-    fn file(&self, g: Gfid) -> R<Arc<OwnedFd>> {
+    pub(crate) fn file(&self, g: Gfid) -> R<Arc<OwnedFd>> {
         if let Some(fd) = self.fds.lock().unwrap().get(&g) {
             return Ok(fd.clone());
         }
@@ -312,7 +328,7 @@ impl Store {
         Ok(fd)
     }
 
-    fn forget_fd(&self, g: Gfid) {
+    pub(crate) fn forget_fd(&self, g: Gfid) {
         self.fds.lock().unwrap().remove(&g);
     }
 
@@ -436,7 +452,7 @@ impl Store {
         for u in updates {
             let rec = self.record(gfid(&u.gfid)?)?;
             let exp = u.expect.unwrap_or_default();
-            if rec.ver != (exp.term, exp.seq) {
+            if rec.ver != (exp.term, exp.seq, exp.id) {
                 return Ok(false);
             }
         }
@@ -448,7 +464,7 @@ impl Store {
             let path = self.path_of(gfid(&u.gfid)?)?;
             let mut rec = read_rec(&path)?;
             let new = u.new.unwrap_or_default();
-            rec.ver = (new.term, new.seq);
+            rec.ver = (new.term, new.seq, new.id);
             rec.ctime_ns = now;
             write_rec(&path, &rec)?;
         }
@@ -465,6 +481,46 @@ impl Store {
 
     pub fn heal_pending(&self) -> Vec<Gfid> {
         self.heal.lock().unwrap().iter().copied().collect()
+    }
+
+    pub fn heal_count(&self) -> usize {
+        self.heal.lock().unwrap().len()
+    }
+
+    fn split_dir(&self) -> PathBuf {
+        self.heal_dir.with_file_name("split")
+    }
+
+    /// Takes an inode off the heal index (its copies agree again), and off the split-brain list.
+    pub fn heal_done(&self, g: Gfid) {
+        if self.heal.lock().unwrap().remove(&g) {
+            let _ = std::fs::remove_file(self.heal_dir.join(g.hex()));
+        }
+        if self.split.lock().unwrap().remove(&g) {
+            let _ = std::fs::remove_file(self.split_dir().join(g.hex()));
+        }
+    }
+
+    pub fn mark_split(&self, g: Gfid) {
+        self.mark_heal(g);
+        if self.split.lock().unwrap().insert(g) {
+            let _ = std::fs::File::create(self.split_dir().join(g.hex()));
+        }
+    }
+
+    pub fn is_split(&self, g: Gfid) -> bool {
+        self.split.lock().unwrap().contains(&g)
+    }
+
+    /// Where an inode is, for people: a path for directories, else `<gfid:HEX>`.
+    pub fn describe(&self, g: Gfid) -> String {
+        match self.dir_path(g) {
+            Ok(p) if self.is_dir(g) => {
+                let rel = p.strip_prefix(&self.root).unwrap_or(&p).to_string_lossy().into_owned();
+                format!("/{rel}")
+            }
+            _ => format!("<gfid:{}>", g.hex()),
+        }
     }
 
     // ---- mutations ----
@@ -484,7 +540,7 @@ impl Store {
         }
     }
 
-    fn touch_dir(&self, path: &Path, now: i64) {
+    pub(crate) fn touch_dir(&self, path: &Path, now: i64) {
         let t = Timestamps {
             last_access: OMIT,
             last_modification: ts(now),
@@ -596,7 +652,7 @@ impl Store {
     }
 
     /// Drops the gfid link of a non-directory once its last visible name is gone.
-    fn drop_if_unlinked(&self, g: Gfid) {
+    pub(crate) fn drop_if_unlinked(&self, g: Gfid) {
         let idx = self.index_path(g);
         if let Ok(st) = rfs::lstat(&idx) {
             if st.st_nlink <= 1 {
@@ -906,7 +962,7 @@ fn check_user_xattr(name: &[u8]) -> R<()> {
     Ok(())
 }
 
-fn list_user_xattrs(path: &Path) -> R<Vec<Vec<u8>>> {
+pub(crate) fn list_user_xattrs(path: &Path) -> R<Vec<Vec<u8>>> {
     let mut buf = vec![0u8; MAX_XATTR];
     let n = rfs::llistxattr(path, &mut buf[..])?;
     let mut names: Vec<Vec<u8>> = buf[..n]

@@ -202,3 +202,66 @@ pub async fn verify(
     }
     Ok((paths.len(), diffs))
 }
+
+#[derive(Debug, Serialize)]
+pub struct BrickHeal {
+    pub brick: String,
+    pub address: String,
+    pub connected: bool,
+    pub entries: Vec<HealEntry>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HealEntry {
+    pub gfid: String,
+    pub path: String,
+    pub split_brain: bool,
+}
+
+/// Pending heals per brick, as each brick's index lists them.
+pub async fn heal_info(target: &str, timeout: Duration) -> Result<Vec<BrickHeal>> {
+    let vf = volfile(target, timeout).await?;
+    let rs = futures::future::join_all(vf.bricks.iter().map(|b| async move {
+        let mut c = connect_once(&b.address, timeout).await.map_err(|e| e.to_string())?;
+        match tokio::time::timeout(timeout, c.heal_index(pb::HealIndexReq::default())).await {
+            Ok(Ok(r)) => Ok(r.into_inner().entries),
+            Ok(Err(e)) => Err(e.message().to_string()),
+            Err(_) => Err("timed out".to_string()),
+        }
+    }))
+    .await;
+    Ok(vf
+        .bricks
+        .iter()
+        .zip(rs)
+        .map(|(b, r)| BrickHeal {
+            brick: b.id.clone(),
+            address: b.address.clone(),
+            connected: r.is_ok(),
+            entries: r
+                .unwrap_or_default()
+                .into_iter()
+                .map(|e| HealEntry {
+                    gfid: crate::gfid::Gfid::from_bytes(&e.gfid).map(|g| g.hex()).unwrap_or_default(),
+                    path: e.path,
+                    split_brain: e.split_brain,
+                })
+                .collect(),
+        })
+        .collect())
+}
+
+/// Settles a split-brain file (or heals any path) with the given source.
+pub async fn heal_resolve(target: &str, path: &str, source: crate::heal::Source, timeout: Duration) -> Result<crate::heal::HealStats> {
+    let (servers, vol) = parse_target(target)?;
+    let opts = crate::replicate::Options { ping_timeout: timeout, client_name: "mortar heal resolve".into(), ..Default::default() };
+    let v = crate::replicate::Volume::connect(&servers, &vol, opts).await?;
+    let mut g = crate::gfid::Gfid::ROOT;
+    for part in path.split('/').filter(|p| !p.is_empty()) {
+        let a = v.lookup(g, part.as_bytes()).await?;
+        g = crate::gfid::Gfid::from_bytes(&a.gfid).ok_or(Error::Os(libc::EIO))?;
+    }
+    let r = v.heal(g, source).await;
+    v.shutdown().await;
+    r
+}

@@ -51,6 +51,11 @@ impl Gfid {
     }
 }
 
+/// A random 64-bit value (change ids).
+pub fn rand_u64() -> u64 {
+    u64::from_le_bytes(uuid::Uuid::new_v4().as_bytes()[..8].try_into().unwrap())
+}
+
 impl fmt::Debug for Gfid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.hex())

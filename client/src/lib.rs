@@ -10,3 +10,4 @@ pub mod mount;
 pub mod replicate;
 pub mod telemetry;
 pub mod volfile;
+pub mod heal;

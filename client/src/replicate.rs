@@ -43,10 +43,10 @@ impl Default for Options {
 }
 
 #[derive(Clone)]
-struct Member {
-    brick: Arc<Brick>,
-    epoch: u64,
-    session: [u8; 16],
+pub(crate) struct Member {
+    pub(crate) brick: Arc<Brick>,
+    pub(crate) epoch: u64,
+    pub(crate) session: [u8; 16],
 }
 
 impl Member {
@@ -58,7 +58,7 @@ impl Member {
 /// Locks held on one inode and what we know of its copies while we hold them.
 struct Hold {
     term: u64,
-    ver: (u64, u64),
+    ver: Ver,
     /// Bricks that granted the lock (to unlock later).
     locked: Vec<Member>,
     /// Bricks with an up-to-date copy that take the changes.
@@ -90,11 +90,14 @@ pub struct Volume {
     inodes: Mutex<HashMap<Gfid, Arc<InodeTx>>>,
     /// Bricks last seen holding the newest copy of an inode.
     readable: Mutex<HashMap<Gfid, Vec<String>>>,
+    heal_queued: Mutex<HashMap<Gfid, Instant>>,
     term_clock: AtomicU64,
     opts: Options,
     wake_releaser: Notify,
     events: mpsc::UnboundedSender<Event>,
     pub stats: Stats,
+    /// Fires whenever a brick (re)connects: a brick back from away may need healing.
+    pub brick_up: Notify,
 }
 
 fn now_ns() -> i64 {
@@ -104,15 +107,38 @@ fn now_ns() -> i64 {
         .unwrap_or(0)
 }
 
-fn ver_of(v: Option<pb::Version>) -> (u64, u64) {
-    v.map(|v| (v.term, v.seq)).unwrap_or((0, 0))
+/// An inode version as the bricks store it. Versions are ordered by (term, seq) alone;
+/// two copies with the same (term, seq) but different change ids contradict each other.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ver {
+    pub term: u64,
+    pub seq: u64,
+    pub id: u64,
 }
 
-fn pver(v: (u64, u64)) -> Option<pb::Version> {
-    Some(pb::Version {
-        term: v.0,
-        seq: v.1,
-    })
+impl Ver {
+    pub fn key(&self) -> (u64, u64) {
+        (self.term, self.seq)
+    }
+
+    /// The newest of `vs`, or `Err` if copies at that version contradict each other.
+    pub fn newest<'a>(vs: impl IntoIterator<Item = &'a Ver> + Clone) -> Result<Ver> {
+        let Some(max) = vs.clone().into_iter().max_by_key(|v| v.key()).copied() else {
+            return Ok(Ver::default());
+        };
+        if vs.into_iter().any(|v| v.key() == max.key() && v.id != max.id) {
+            return Err(Error::SplitBrain);
+        }
+        Ok(max)
+    }
+}
+
+pub fn ver_of(v: Option<pb::Version>) -> Ver {
+    v.map(|v| Ver { term: v.term, seq: v.seq, id: v.id }).unwrap_or_default()
+}
+
+pub fn pver(v: Ver) -> Option<pb::Version> {
+    Some(pb::Version { term: v.term, seq: v.seq, id: v.id })
 }
 
 /// Fetches the volfile from the first server that answers.
@@ -169,11 +195,13 @@ impl Volume {
             bricks: RwLock::new(bricks),
             inodes: Mutex::default(),
             readable: Mutex::default(),
+            heal_queued: Mutex::default(),
             term_clock: AtomicU64::new(0),
             opts,
             wake_releaser: Notify::new(),
             events: tx,
             stats: Stats::default(),
+            brick_up: Notify::new(),
         });
         tokio::spawn(Self::handle_events(Arc::downgrade(&v), rx));
         tokio::spawn(Self::releaser(Arc::downgrade(&v)));
@@ -197,11 +225,11 @@ impl Volume {
         self.bricks.read().unwrap().clone()
     }
 
-    fn quorum(&self) -> usize {
+    pub(crate) fn quorum(&self) -> usize {
         self.vol.read().unwrap().quorum()
     }
 
-    fn total(&self) -> usize {
+    pub(crate) fn total(&self) -> usize {
         self.vol.read().unwrap().bricks.len()
     }
 
@@ -225,7 +253,11 @@ impl Volume {
                         tokio::spawn(async move { v2.follow_volfile(&brick).await });
                     }
                 }
-                Event::Down { .. } | Event::Up { .. } => v.readable.lock().unwrap().clear(),
+                Event::Up { .. } => {
+                    v.readable.lock().unwrap().clear();
+                    v.brick_up.notify_waiters();
+                }
+                Event::Down { .. } => v.readable.lock().unwrap().clear(),
             }
         }
     }
@@ -329,7 +361,7 @@ impl Volume {
         ))
     }
 
-    async fn unlock_on(members: &[Member], gfids: &[Gfid], needs_heal: bool) {
+    pub(crate) async fn unlock_on(members: &[Member], gfids: &[Gfid], needs_heal: bool) {
         let raw: Vec<Vec<u8>> = gfids.iter().map(|g| g.to_vec()).collect();
         join_all(members.iter().filter(|m| m.current()).map(|m| {
             let req = pb::UnlockReq {
@@ -343,11 +375,53 @@ impl Volume {
         .await;
     }
 
-    /// Takes the locks of `gfids` on a majority: in parallel when nobody contends, else one
-    /// brick after another in volfile order, so that two clients cannot deadlock.
+    /// Takes the locks of `gfids` and picks, per inode, the bricks with the newest copy.
     async fn acquire(&self, gfids: &[Gfid]) -> Result<Vec<Hold>> {
-        let bricks = self.bricks();
         let (quorum, total) = (self.quorum(), self.total());
+        let (term, held) = self.lock_raw(gfids).await?;
+        let members: Vec<Member> = held.iter().map(|(_, m)| m.clone()).collect();
+        let mut holds = Vec::with_capacity(gfids.len());
+        for i in 0..gfids.len() {
+            let vers: Vec<Ver> = held
+                .iter()
+                .map(|(r, _)| ver_of(r.inodes.get(i).and_then(|x| x.ver)))
+                .collect();
+            let vmax = match Ver::newest(&vers) {
+                Ok(v) => v,
+                Err(e) => {
+                    Self::unlock_on(&members, gfids, false).await;
+                    self.queue_heal(gfids[i]).await;
+                    return Err(e);
+                }
+            };
+            let fresh: Vec<Member> = held
+                .iter()
+                .zip(&vers)
+                .filter(|(_, v)| **v == vmax)
+                .map(|((_, m), _)| m.clone())
+                .collect();
+            if fresh.len() < quorum {
+                // Too few good copies to take a change safely: heal must run first.
+                Self::unlock_on(&members, gfids, false).await;
+                tracing::warn!(gfid = %gfids[i], fresh = fresh.len(), "too few up-to-date copies to write");
+                return Err(Error::NoGoodCopy);
+            }
+            holds.push(Hold {
+                term,
+                ver: vmax,
+                locked: members.clone(),
+                missing: fresh.len() < total,
+                members: fresh,
+            });
+        }
+        Ok(holds)
+    }
+
+    /// Takes the locks of `gfids` on every reachable brick that grants them, a majority at
+    /// least: in parallel when nobody contends, else one brick after another in volfile
+    /// order, so that two clients cannot deadlock.
+    pub(crate) async fn lock_raw(&self, gfids: &[Gfid]) -> Result<(u64, Vec<(pb::LockReply, Member)>)> {
+        let bricks = self.bricks();
         let raw: Vec<Vec<u8>> = gfids.iter().map(|g| g.to_vec()).collect();
         self.stats.lock_acquisitions.fetch_add(1, Relaxed);
         let mut term = self.next_term();
@@ -411,41 +485,14 @@ impl Volume {
         }
         let members: Vec<Member> = held.iter().map(|(_, m)| m.clone()).collect();
         held.retain(|(r, _)| r.errno == 0);
-        if held.len() < quorum {
+        if held.len() < self.quorum() {
             Self::unlock_on(&members, gfids, false).await;
             return Err(Error::NoQuorum {
                 have: held.len(),
-                need: quorum,
+                need: self.quorum(),
             });
         }
-        let mut holds = Vec::with_capacity(gfids.len());
-        for i in 0..gfids.len() {
-            let vers: Vec<(u64, u64)> = held
-                .iter()
-                .map(|(r, _)| ver_of(r.inodes.get(i).and_then(|x| x.ver)))
-                .collect();
-            let vmax = vers.iter().copied().max().unwrap_or((0, 0));
-            let fresh: Vec<Member> = held
-                .iter()
-                .zip(&vers)
-                .filter(|(_, v)| **v == vmax)
-                .map(|((_, m), _)| m.clone())
-                .collect();
-            if fresh.len() < quorum {
-                // Too few good copies to take a change safely: heal must run first.
-                Self::unlock_on(&members, gfids, false).await;
-                tracing::warn!(gfid = %gfids[i], fresh = fresh.len(), "too few up-to-date copies to write");
-                return Err(Error::NoGoodCopy);
-            }
-            holds.push(Hold {
-                term,
-                ver: vmax,
-                locked: members.clone(),
-                missing: fresh.len() < total,
-                members: fresh,
-            });
-        }
-        Ok(holds)
+        Ok((term, held))
     }
 
     /// Gives up idle or contended locks (all of them with `all`), batched per brick.
@@ -548,7 +595,18 @@ impl Volume {
         let need: Vec<usize> = (0..gfids.len()).filter(|i| guards[*i].is_none()).collect();
         if !need.is_empty() {
             let want: Vec<Gfid> = need.iter().map(|i| gfids[*i]).collect();
-            let holds = self.acquire(&want).await?;
+            let holds = match self.acquire(&want).await {
+                // Too few good copies: heal them now (a brick just back, say), then go on.
+                Err(Error::NoGoodCopy) => {
+                    for g in &want {
+                        if let Err(e) = self.heal(*g, crate::heal::Source::Newest).await {
+                            tracing::warn!(gfid = %g, "heal before write: {e}");
+                        }
+                    }
+                    self.acquire(&want).await?
+                }
+                r => r?,
+            };
             for (i, h) in need.into_iter().zip(holds) {
                 *guards[i] = Some(h);
             }
@@ -575,11 +633,8 @@ impl Volume {
         let mut needs_heal = targets.len() < total;
         for (g, guard) in gfids.iter().zip(&guards) {
             let h = guard.as_ref().unwrap();
-            let new = if h.ver.0 == h.term {
-                (h.term, h.ver.1 + 1)
-            } else {
-                (h.term, 1)
-            };
+            let seq = if h.ver.term == h.term { h.ver.seq + 1 } else { 1 };
+            let new = Ver { term: h.term, seq, id: crate::gfid::rand_u64() };
             needs_heal |= h.missing;
             updates.push(pb::VerUpdate {
                 gfid: g.to_vec(),
@@ -658,7 +713,7 @@ impl Volume {
                 if let Ok(mut h) = tx.hold.try_lock() {
                     *h = Some(Hold {
                         term,
-                        ver: (0, 0),
+                        ver: Ver::default(),
                         locked: members.clone(),
                         missing: members.len() < total,
                         members: members.clone(),
@@ -866,7 +921,18 @@ impl Volume {
                 (None, None) => Error::Os(libc::EIO),
             });
         }
-        let vmax = found.iter().map(|(_, a)| ver_of(a.ver)).max().unwrap();
+        let vers: Vec<Ver> = found.iter().map(|(_, a)| ver_of(a.ver)).collect();
+        let vmax = match Ver::newest(&vers) {
+            Ok(v) => v,
+            Err(e) => {
+                self.queue_heal(g).await;
+                return Err(e);
+            }
+        };
+        if vers.iter().any(|v| *v != vmax) {
+            // Heal on access: the good copy answers now, the stale ones get healed.
+            self.queue_heal(g).await;
+        }
         let ids: Vec<String> = found
             .iter()
             .filter(|(_, a)| ver_of(a.ver) == vmax)
@@ -914,19 +980,19 @@ impl Volume {
             }
             return Err(last_err.unwrap_or(Error::Os(libc::EIO)));
         }
-        let pmax = with_parent
-            .iter()
-            .map(|(_, r)| ver_of(r.parent.as_ref().unwrap().ver))
-            .max()
-            .unwrap();
+        let pvers: Vec<Ver> = with_parent.iter().map(|(_, r)| ver_of(r.parent.as_ref().unwrap().ver)).collect();
+        let pmax = pvers.iter().max_by_key(|v| v.key()).copied().unwrap_or_default();
+        if pvers.iter().any(|v| *v != pmax) || with_parent.len() < bricks.len() {
+            self.queue_heal(parent).await;
+        }
         let auth: Vec<&&(&Arc<Brick>, pb::LookupReply)> = with_parent
             .iter()
-            .filter(|(_, r)| ver_of(r.parent.as_ref().unwrap().ver) == pmax)
+            .filter(|(_, r)| ver_of(r.parent.as_ref().unwrap().ver).key() == pmax.key())
             .collect();
         let best = auth
             .iter()
             .filter_map(|(b, r)| r.entry.as_ref().map(|e| (b, e)))
-            .max_by_key(|(_, e)| ver_of(e.ver));
+            .max_by_key(|(_, e)| ver_of(e.ver).key());
         match best {
             Some((_, e)) => {
                 let ids = auth
@@ -949,6 +1015,29 @@ impl Volume {
                 auth[0].1.errno
             })),
         }
+    }
+
+    /// Asks a brick's self-heal worker to look at `g` (at most every few seconds per inode).
+    pub async fn queue_heal(&self, g: Gfid) {
+        {
+            let mut q = self.heal_queued.lock().unwrap();
+            if q.get(&g).is_some_and(|t| t.elapsed() < Duration::from_secs(5)) {
+                return;
+            }
+            if q.len() > 10_000 {
+                q.clear();
+            }
+            q.insert(g, Instant::now());
+        }
+        let bricks: Vec<Arc<Brick>> = self.bricks().into_iter().filter(|b| b.is_up()).collect();
+        tokio::spawn(async move {
+            for b in bricks {
+                let req = pb::HealIndexReq { add: vec![g.to_vec()], ..Default::default() };
+                if b.call(move |mut c, _| async move { c.heal_index(req).await }).await.is_ok() {
+                    return;
+                }
+            }
+        });
     }
 
     /// Bricks that hold the newest copy of `g`, best first.

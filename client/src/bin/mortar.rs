@@ -46,11 +46,25 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum HealCmd {
+    /// Entries each brick's self-heal still has to do (split brain marked).
     Info {
         /// HOST[:PORT]:/VOLUME
         target: String,
         #[arg(long)]
         json: bool,
+    },
+    /// Settles a split-brain file: one copy wins and is copied over the others.
+    Resolve {
+        /// HOST[:PORT]:/VOLUME
+        target: String,
+        /// Path inside the volume, e.g. /dir/file
+        path: String,
+        /// The brick whose copy wins.
+        #[arg(long, conflicts_with = "policy", required_unless_present = "policy")]
+        source: Option<String>,
+        /// Or: the copy with the latest mtime, or the largest.
+        #[arg(long, value_parser = ["mtime", "size"])]
+        policy: Option<String>,
     },
 }
 
@@ -142,30 +156,37 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(if s.bricks_up >= s.quorum { 0 } else { 2 })
         }
-        Cmd::Heal {
-            cmd: HealCmd::Info { target, json },
-        } => {
-            let s = rt()?.block_on(admin::status(&target, timeout))?;
+        Cmd::Heal { cmd: HealCmd::Info { target, json } } => {
+            let info = rt()?.block_on(admin::heal_info(&target, timeout))?;
             if json {
-                let v: Vec<_> = s.bricks.iter().map(|b| serde_json::json!({"brick": b.id, "up": b.up, "pending": b.heal_pending})).collect();
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                println!("{}", serde_json::to_string_pretty(&info)?);
             } else {
-                for b in &s.bricks {
-                    println!("Brick {} ({})", b.id, b.address);
-                    println!(
-                        "Status: {}",
-                        if b.up { "Connected" } else { "Not connected" }
-                    );
-                    println!(
-                        "Number of entries: {}\n",
-                        if b.up {
-                            b.heal_pending.to_string()
-                        } else {
-                            "-".into()
-                        }
-                    );
+                for b in &info {
+                    println!("Brick {} ({})", b.brick, b.address);
+                    println!("Status: {}", if b.connected { "Connected" } else { "Not connected" });
+                    for e in &b.entries {
+                        println!("{}{}", e.path, if e.split_brain { " - Is in split-brain" } else { "" });
+                    }
+                    let n = if b.connected { b.entries.len().to_string() } else { "-".into() };
+                    println!("Number of entries: {n}\n");
                 }
             }
+            Ok(0)
+        }
+        Cmd::Heal { cmd: HealCmd::Resolve { target, path, source, policy } } => {
+            let src = match (source, policy.as_deref()) {
+                (Some(b), _) => mortar_client::heal::Source::Brick(b),
+                (None, Some("mtime")) => mortar_client::heal::Source::Mtime,
+                (None, _) => mortar_client::heal::Source::Size,
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            let s = rt.block_on(admin::heal_resolve(&target, &path, src, timeout))?;
+            println!(
+                "{path}: healed {} inode(s), {} bytes copied{}",
+                s.healed,
+                s.bytes,
+                if s.complete { "" } else { " (some bricks still to heal)" }
+            );
             Ok(0)
         }
         Cmd::Verify { target, up_only } => {

@@ -1,0 +1,108 @@
+//! The brick's self-heal worker: works through this brick's heal index, healing each inode
+//! across all bricks with the client library (as any client would, under inode locks).
+//! It runs when something is queued, when a brick (re)connects, and every `interval`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use mortar_client::heal::Source;
+use mortar_client::replicate::{Options, Volume};
+use tokio::sync::{Notify, watch};
+
+use crate::service::VolfileState;
+use crate::store::Store;
+
+#[derive(Default)]
+pub struct HealMetrics {
+    pub healed: AtomicU64,
+    pub bytes: AtomicU64,
+    pub failures: AtomicU64,
+    pub passes: AtomicU64,
+}
+
+pub struct Worker {
+    pub store: Arc<Store>,
+    pub brick_id: String,
+    pub volfile: watch::Receiver<VolfileState>,
+    pub wake: Arc<Notify>,
+    pub interval: Duration,
+    /// Copy at most this many bytes per second, so client I/O keeps flowing.
+    pub rate: u64,
+    pub metrics: Arc<HealMetrics>,
+}
+
+impl Worker {
+    pub async fn run(self) {
+        let vol = loop {
+            let vf = self.volfile.borrow().vol.clone();
+            let servers: Vec<String> = vf.bricks.iter().map(|b| b.address.clone()).collect();
+            let opts = Options { client_name: format!("self-heal@{}", self.brick_id), ..Options::default() };
+            match Volume::connect(&servers, &vf.volume, opts).await {
+                Ok(v) => break v,
+                Err(e) => {
+                    tracing::debug!("self-heal waits for the volume: {e}");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+            }
+        };
+        loop {
+            let up = vol.brick_up.notified();
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = up => {}
+                _ = tokio::time::sleep(self.interval) => {}
+            }
+            self.pass(&vol).await;
+        }
+    }
+
+    /// One walk through the heal index.
+    async fn pass(&self, vol: &Volume) {
+        let mut pending = self.store.heal_pending();
+        if pending.is_empty() {
+            return;
+        }
+        pending.sort();
+        self.metrics.passes.fetch_add(1, Relaxed);
+        let start = Instant::now();
+        let (mut healed, mut bytes, mut left) = (0u64, 0u64, 0usize);
+        for g in pending {
+            // Split brain waits for `mortar heal resolve`.
+            if self.store.is_split(g) {
+                left += 1;
+                continue;
+            }
+            match vol.heal(g, Source::Newest).await {
+                Ok(s) => {
+                    healed += s.healed;
+                    bytes += s.bytes;
+                    if !s.complete {
+                        left += 1;
+                    }
+                    if self.rate > 0 && s.bytes > 0 {
+                        tokio::time::sleep(Duration::from_secs_f64(s.bytes as f64 / self.rate as f64)).await;
+                    }
+                }
+                Err(e) => {
+                    left += 1;
+                    self.metrics.failures.fetch_add(1, Relaxed);
+                    tracing::debug!(gfid = %g, "heal deferred: {e}");
+                }
+            }
+        }
+        self.metrics.healed.fetch_add(healed, Relaxed);
+        self.metrics.bytes.fetch_add(bytes, Relaxed);
+        if healed > 0 {
+            let secs = start.elapsed().as_secs_f64();
+            tracing::info!(
+                inodes = healed,
+                bytes,
+                left,
+                seconds = format!("{secs:.2}"),
+                mib_per_s = format!("{:.1}", bytes as f64 / 1048576.0 / secs.max(1e-6)),
+                "self-heal pass"
+            );
+        }
+    }
+}
