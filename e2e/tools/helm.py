@@ -24,8 +24,9 @@ def merged_values(args):
         with open(path) as f:
             doc = yaml.safe_load(f) or {}
         values = deep_merge(values, doc)
-    for expr in args.set or []:
-        values = deep_merge(values, helm.parse_set_string(expr))
+    if args.set:
+        # One expression, as `helm --set a[0].x=1 --set a[0].y=2` builds one list entry.
+        values = deep_merge(values, helm.parse_set_string(",".join(args.set)))
     return values
 
 

@@ -1,0 +1,195 @@
+//! Helpers for the packaging tests: where the repository, the built binaries and the external
+//! tools are, and how to render the chart and validate manifests.
+//!
+//! The tools come from `.ci/run`: a Python virtualenv (default `/opt/mortar-tools`, override
+//! with `MORTAR_TOOLS_VENV`) with PyPI's `helm-python-sdk` (real Helm as a library) and
+//! `kubernetes-validate`; Debian's `podman` and `shellcheck`. A test whose tool is missing
+//! fails when `CI` is set and is skipped with a message otherwise.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+/// The Kubernetes versions manifests are validated against: the chart's minimum
+/// (`kubeVersion` in Chart.yaml; the pod-index label) and the API the operator is built for.
+pub const KUBE_VERSIONS: &[&str] = &["1.28.0", "1.33.0"];
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// A binary of the workspace, built by `cargo build --workspace` next to the test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo build --workspace` before the tests",
+        p.display()
+    );
+    p
+}
+
+/// The directory holding the workspace's binaries (target/debug or target/release).
+pub fn bin_dir() -> PathBuf {
+    bin("mortar").parent().unwrap().to_path_buf()
+}
+
+pub fn in_ci() -> bool {
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false")
+}
+
+/// `Some(x)` when the tool is there; otherwise panics in CI and returns `None` (after saying
+/// why the test is skipped) elsewhere.
+pub fn need<T>(what: &str, found: Option<T>) -> Option<T> {
+    match found {
+        Some(t) => Some(t),
+        None if in_ci() => panic!("{what} is missing: .ci/run installs it"),
+        None => {
+            eprintln!("SKIP: {what} is missing (.ci/run installs it); set CI=1 to make this fatal");
+            None
+        }
+    }
+}
+
+fn venv() -> PathBuf {
+    std::env::var_os("MORTAR_TOOLS_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/opt/mortar-tools"))
+}
+
+fn runs(cmd: &mut Command) -> bool {
+    cmd.output().is_ok_and(|o| o.status.success())
+}
+
+fn on_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+/// A Python that imports `helm_python` and `yaml`.
+pub fn python_with_helm() -> Option<PathBuf> {
+    let candidates = [venv().join("bin/python3"), PathBuf::from("python3")];
+    candidates.into_iter().find(|py| {
+        runs(Command::new(py).args(["-c", "import helm_python, yaml, jsonschema"]))
+    })
+}
+
+pub fn kubernetes_validate() -> Option<PathBuf> {
+    let p = venv().join("bin/kubernetes-validate");
+    if p.is_file() {
+        return Some(p);
+    }
+    on_path("kubernetes-validate")
+}
+
+pub fn podman() -> Option<PathBuf> {
+    on_path("podman").filter(|p| runs(Command::new(p).arg("--version")))
+}
+
+pub fn shellcheck() -> Option<PathBuf> {
+    on_path("shellcheck")
+}
+
+/// Runs a command and returns its output; panics with stdout and stderr when it fails.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: cannot run: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// `helm template` of charts/mortar (with its CRDs) through e2e/tools/helm.py.
+pub fn render(py: &Path, namespace: &str, values: &[&Path], sets: &[&str]) -> Result<String, String> {
+    let mut cmd = Command::new(py);
+    cmd.arg(repo().join("e2e/tools/helm.py"))
+        .arg("template")
+        .arg(repo().join("charts/mortar"))
+        .args(["--name", "mortar", "--namespace", namespace, "--include-crds"]);
+    for v in values {
+        cmd.arg("-f").arg(v);
+    }
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let out = cmd.output().map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8(out.stdout).unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// Every non-empty document of a YAML stream.
+pub fn docs(yaml: &str) -> Vec<Value> {
+    use serde::Deserialize;
+    serde_norway::Deserializer::from_str(yaml)
+        .map(|d| Value::deserialize(d).expect("rendered YAML parses"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// The one document of this kind and name.
+pub fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    let found: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .collect();
+    assert_eq!(found.len(), 1, "expected one {kind} {name}, found {}", found.len());
+    found[0]
+}
+
+/// Validates a file of manifests against the Kubernetes schemas (strict: unknown fields are
+/// errors) for every version in [`KUBE_VERSIONS`]. Custom resources are skipped by
+/// kubernetes-validate; `validate_custom` checks them.
+pub fn validate(kv: &Path, file: &Path) {
+    for v in KUBE_VERSIONS {
+        let out = run_ok(
+            Command::new(kv)
+                .args(["--strict", "--quiet", "-k", v])
+                .arg(file)
+                .current_dir(std::env::temp_dir()),
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        for line in text.lines() {
+            // Only custom resources may lack a schema.
+            assert!(
+                !line.contains("ERROR") && !line.contains("failed"),
+                "{}: {line}",
+                file.display()
+            );
+            if line.contains("Couldn't find schema") {
+                assert!(
+                    line.contains("mortar.dev/"),
+                    "{}: no schema for a built-in kind: {line}",
+                    file.display()
+                );
+            }
+        }
+    }
+}
+
+/// Validates the custom resources in `file` against the CRDs in crds/.
+pub fn validate_custom(py: &Path, file: &Path) -> String {
+    let out = run_ok(
+        Command::new(py)
+            .arg(repo().join("e2e/tools/validate_cr.py"))
+            .arg("--crd")
+            .arg(repo().join("crds"))
+            .arg(file),
+    );
+    String::from_utf8(out.stdout).unwrap()
+}

@@ -1,0 +1,299 @@
+//! The Helm chart: lint, render with several value sets, validate every manifest against the
+//! Kubernetes schemas, and check that what it deploys fits the binaries and the operator.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+
+use mortar_packaging::*;
+use serde_json::{Value, json};
+
+fn python() -> Option<std::path::PathBuf> {
+    need("python with helm-python-sdk (helm_python), PyYAML, jsonschema", python_with_helm())
+}
+
+/// The value sets CI renders: defaults, the kind run's, and everything switched on.
+fn scenarios() -> Vec<(&'static str, Vec<&'static Path>, Vec<&'static str>)> {
+    let kind: &'static Path = Box::leak(repo().join("e2e/kind/values.yaml").into_boxed_path());
+    vec![
+        ("defaults", vec![], vec![]),
+        ("kind", vec![kind], vec![]),
+        (
+            "everything",
+            vec![],
+            vec![
+                "operator.replicas=2",
+                "operator.watchNamespace=storage",
+                "operator.brickImage=registry.example/mortar:9",
+                "imagePullSecrets[0].name=pull",
+                "storageClass.create=true",
+                "storageClass.isDefault=true",
+                "storageClass.reclaim=archive",
+                "csi.controller.replicas=2",
+                "csi.controller.clusters[0].name=shared",
+                "csi.controller.clusters[0].namespace=storage",
+                "csi.controller.clusters[1].name=other",
+                "csi.controller.clusters[1].namespace=team-a",
+                "csi.controller.clusters[1].volume=data",
+                "operator.nodeSelector.kubernetes\\.io/os=linux",
+                "csi.node.nodeSelector.kubernetes\\.io/os=linux",
+            ],
+        ),
+        ("no-leader-election", vec![], vec!["operator.leaderElection=false"]),
+    ]
+}
+
+#[test]
+fn chart_lints_strictly() {
+    let Some(py) = python() else { return };
+    for (name, values, sets) in scenarios() {
+        let mut cmd = Command::new(&py);
+        cmd.arg(repo().join("e2e/tools/helm.py"))
+            .arg("lint")
+            .arg(repo().join("charts/mortar"))
+            .args(["--strict", "--namespace", "mortar-system"]);
+        for v in values {
+            cmd.arg("-f").arg(v);
+        }
+        for s in sets {
+            cmd.args(["--set", s]);
+        }
+        let out = run_ok(&mut cmd);
+        println!("{name}: {}", String::from_utf8_lossy(&out.stdout).trim());
+    }
+}
+
+#[test]
+fn rendered_manifests_are_valid_kubernetes() {
+    let Some(py) = python() else { return };
+    let Some(kv) = need("kubernetes-validate", kubernetes_validate()) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    for (name, values, sets) in scenarios() {
+        let yaml = render(&py, "mortar-system", &values, &sets)
+            .unwrap_or_else(|e| panic!("{name}: render failed: {e}"));
+        let file = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&file, &yaml).unwrap();
+        validate(&kv, &file);
+        let docs = mortar_packaging::docs(&yaml);
+        let kinds: BTreeSet<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+        for k in ["CustomResourceDefinition", "Deployment", "DaemonSet", "CSIDriver"] {
+            assert!(kinds.contains(k), "{name}: no {k} rendered");
+        }
+    }
+}
+
+#[test]
+fn chart_crds_are_the_repositorys_crds() {
+    let list = |d: &Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    let ours = repo().join("charts/mortar/crds");
+    let theirs = repo().join("crds");
+    assert_eq!(list(&ours), list(&theirs), "charts/mortar/crds/ and crds/ hold different files");
+    for f in list(&theirs) {
+        assert_eq!(
+            std::fs::read(ours.join(&f)).unwrap(),
+            std::fs::read(theirs.join(&f)).unwrap(),
+            "charts/mortar/crds/{f} differs from crds/{f}: cp crds/*.yaml charts/mortar/crds/"
+        );
+    }
+}
+
+/// The rules of the YAML block under "RBAC summary" in operator/API-CALLS.md, split into the
+/// cluster-wide ones and the leader-election ones.
+fn documented_rbac() -> (Vec<Value>, Vec<Value>) {
+    let md = std::fs::read_to_string(repo().join("operator/API-CALLS.md")).unwrap();
+    let section = md.split("## RBAC summary").nth(1).expect("RBAC summary section");
+    let block = section
+        .split("```yaml")
+        .nth(1)
+        .and_then(|s| s.split("```").next())
+        .expect("yaml block in the RBAC summary");
+    let rules: Vec<Value> = serde_norway::from_str(block).unwrap();
+    rules
+        .into_iter()
+        .partition(|r| r["apiGroups"] != json!(["coordination.k8s.io"]))
+}
+
+#[test]
+fn operator_rbac_is_exactly_api_calls_md() {
+    let Some(py) = python() else { return };
+    let (cluster, leader) = documented_rbac();
+    assert!(!cluster.is_empty() && !leader.is_empty());
+
+    let docs = mortar_packaging::docs(&render(&py, "mortar-system", &[], &[]).unwrap());
+    assert_eq!(find(&docs, "ClusterRole", "mortar-operator")["rules"], json!(cluster));
+    let role = find(&docs, "Role", "mortar-operator-leader-election");
+    assert_eq!(role["metadata"]["namespace"], "mortar-system");
+    assert_eq!(role["rules"], json!(leader));
+    let binding = find(&docs, "ClusterRoleBinding", "mortar-operator");
+    assert_eq!(binding["subjects"][0]["name"], "mortar-operator");
+    assert_eq!(binding["subjects"][0]["namespace"], "mortar-system");
+
+    // Restricted to one namespace: a Role there instead of the ClusterRole.
+    let docs = mortar_packaging::docs(&render(&py, "mortar-system", &[], &["operator.watchNamespace=storage"]).unwrap());
+    assert!(!docs.iter().any(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == "mortar-operator"));
+    let role = find(&docs, "Role", "mortar-operator");
+    assert_eq!(role["metadata"]["namespace"], "storage");
+    assert_eq!(role["rules"], json!(cluster));
+    let dep = find(&docs, "Deployment", "mortar-operator");
+    let args = args_of(&dep["spec"]["template"]["spec"]["containers"][0]);
+    assert!(args.contains(&"--watch-namespace=storage".to_string()), "{args:?}");
+
+    // Without leader election: no lease rights, the flag, one replica only.
+    let docs = mortar_packaging::docs(&render(&py, "mortar-system", &[], &["operator.leaderElection=false"]).unwrap());
+    assert!(!docs.iter().any(|d| d["metadata"]["name"] == "mortar-operator-leader-election"));
+    let dep = find(&docs, "Deployment", "mortar-operator");
+    assert!(args_of(&dep["spec"]["template"]["spec"]["containers"][0]).contains(&"--disable-leader-election".to_string()));
+    let err = render(&py, "mortar-system", &[], &["operator.leaderElection=false", "operator.replicas=2"])
+        .expect_err("two replicas without leader election must be refused");
+    assert!(err.contains("leaderElection"), "{err}");
+}
+
+fn args_of(container: &Value) -> Vec<String> {
+    container["args"]
+        .as_array()
+        .map(|a| a.iter().map(|v| v.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default()
+}
+
+fn containers(doc: &Value) -> Vec<&Value> {
+    doc["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .collect()
+}
+
+#[test]
+fn values_schema_rejects_mistakes() {
+    let Some(py) = python() else { return };
+    for (set, why) in [
+        ("bogus=1", "additional properties"),
+        ("operator.replica=2", "additional properties"),
+        ("storageClass.reclaim=shred", "reclaim"),
+        ("image.pullPolicy=Sometimes", "pullPolicy"),
+        ("csi.kubeletDir=var/lib/kubelet", "kubeletDir"),
+        ("csi.controller.clusters[0].name=Shared", "name"),
+    ] {
+        let err = render(&py, "mortar-system", &[], &[set])
+            .expect_err(&format!("--set {set} must be refused"));
+        assert!(err.contains(why), "--set {set}: {err}");
+    }
+}
+
+/// Every flag the chart passes to a Mortar binary is one that binary accepts, the CSI driver
+/// name and socket paths agree, and the node plugin has what FUSE mounts need.
+#[test]
+fn chart_fits_the_binaries() {
+    let Some(py) = python() else { return };
+    let sets = [
+        "csi.controller.clusters[0].name=shared",
+        "csi.controller.clusters[0].namespace=storage",
+        "storageClass.create=true",
+    ];
+    let docs = mortar_packaging::docs(&render(&py, "mortar-system", &[], &sets).unwrap());
+    let image = "mortar:0.1.0";
+
+    let mut checked = 0;
+    for d in docs.iter().filter(|d| d["spec"]["template"]["spec"]["containers"].is_array()) {
+        for c in containers(d) {
+            if c["image"] != image {
+                continue;
+            }
+            let cmd = c["command"][0].as_str().unwrap();
+            let (binary, help_args): (&str, Vec<&str>) = match cmd {
+                "mortar-operator" => ("mortar-operator", vec!["--help"]),
+                "mortar-csi" => ("mortar-csi", vec!["--help"]),
+                // The controller's mount containers: sh -c '... mortar-mount -f ...'.
+                "/bin/sh" => ("mortar-mount", vec!["--help"]),
+                other => panic!("unexpected command {other} in {}", c["name"]),
+            };
+            let help = String::from_utf8(run_ok(Command::new(bin(binary)).args(&help_args)).stdout).unwrap();
+            let words: Vec<String> = if cmd == "/bin/sh" {
+                c["command"][2].as_str().unwrap().split_whitespace().map(str::to_string).collect()
+            } else {
+                args_of(c)
+            };
+            for w in words.iter().filter(|w| w.starts_with("--")) {
+                let flag = w.split('=').next().unwrap();
+                assert!(
+                    help.contains(&format!("{flag} ")) || help.contains(&format!("{flag}\n")),
+                    "{} passes {flag}, which `{binary} --help` does not list",
+                    c["name"]
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 15, "only {checked} flags checked");
+
+    // The driver name everywhere is the binary's.
+    let csi_help = String::from_utf8(run_ok(Command::new(bin("mortar-csi")).arg("--help")).stdout).unwrap();
+    let driver = find(&docs, "CSIDriver", "mortar.csi.mortar.dev");
+    assert!(csi_help.contains("(mortar.csi.mortar.dev)"));
+    assert_eq!(driver["spec"]["attachRequired"], false);
+    assert_eq!(find(&docs, "StorageClass", "mortar")["provisioner"], "mortar.csi.mortar.dev");
+
+    // The operator's default brick image is the chart's image.
+    let op_help = String::from_utf8(run_ok(Command::new(bin("mortar-operator")).arg("--help")).stdout).unwrap();
+    assert!(op_help.contains(&format!("[default: {image}]")), "operator default brick image is not {image}");
+    let op = find(&docs, "Deployment", "mortar-operator");
+    assert!(args_of(containers(op)[0]).contains(&format!("--brick-image={image}")));
+
+    // Node plugin: privileged, kubelet dir with Bidirectional propagation, /dev/fuse, and the
+    // registrar pointing the kubelet at the socket mortar-csi serves.
+    let ds = find(&docs, "DaemonSet", "mortar-csi-node");
+    let cs = containers(ds);
+    let names: Vec<&str> = cs.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["mortar-csi", "node-driver-registrar", "liveness-probe"]);
+    let plugin = cs[0];
+    assert_eq!(plugin["securityContext"]["privileged"], true);
+    let mounts = plugin["volumeMounts"].as_array().unwrap();
+    assert!(mounts.iter().any(|m| m["mountPath"] == "/var/lib/kubelet" && m["mountPropagation"] == "Bidirectional"));
+    assert!(mounts.iter().any(|m| m["mountPath"] == "/dev/fuse"));
+    let vols = ds["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
+    assert!(vols.iter().any(|v| v["hostPath"]["path"] == "/dev/fuse" && v["hostPath"]["type"] == "CharDevice"));
+    let endpoint = args_of(plugin).into_iter().find_map(|a| a.strip_prefix("--endpoint=unix://").map(str::to_string)).unwrap();
+    assert!(args_of(cs[1]).contains(&format!("--kubelet-registration-path={endpoint}")));
+    assert_eq!(endpoint, "/var/lib/kubelet/plugins/mortar.csi.mortar.dev/csi.sock");
+
+    // Controller: the three standard sidecars next to mortar-csi, one mount container per
+    // listed cluster, its volume where --local-root expects it.
+    let ctl = find(&docs, "Deployment", "mortar-csi-controller");
+    let names: Vec<&str> = containers(ctl).iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["csi-provisioner", "csi-resizer", "liveness-probe", "mortar-csi", "mount-storage-shared"]);
+    let mount = containers(ctl)[4];
+    assert_eq!(mount["command"][3], "/var/lib/mortar-csi/volumes/storage/shared/data");
+    assert_eq!(mount["command"][4], "shared.storage.svc:/data");
+}
+
+/// The node plugin and the controller's mounts reach a named cluster through the Service the
+/// operator creates for clients.
+#[test]
+fn volfile_server_is_the_operators_client_service() {
+    use mortar_operator::crd::{SharedStorageCluster, SharedStorageClusterSpec};
+    let Some(py) = python() else { return };
+    let docs = mortar_packaging::docs(&render(&py, "mortar-system", &[], &[]).unwrap());
+    let ds = find(&docs, "DaemonSet", "mortar-csi-node");
+    let template = args_of(containers(ds)[0])
+        .into_iter()
+        .find_map(|a| a.strip_prefix("--volfile-server-template=").map(str::to_string))
+        .expect("the chart passes --volfile-server-template");
+
+    let mut ssc = SharedStorageCluster::new("shared", SharedStorageClusterSpec::default());
+    ssc.metadata.namespace = Some("storage".into());
+    let svc = serde_json::to_value(mortar_operator::resources::client_service(&ssc)).unwrap();
+    let host = template.replace("{cluster}", "shared").replace("{namespace}", "storage");
+    assert_eq!(
+        host,
+        format!("{}.{}.svc", svc["metadata"]["name"].as_str().unwrap(), svc["metadata"]["namespace"].as_str().unwrap())
+    );
+    // No port in the template: the client's default, which must be the Service's.
+    assert_eq!(svc["spec"]["ports"][0]["port"], 24100);
+}
