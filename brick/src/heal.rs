@@ -37,7 +37,10 @@ impl Worker {
         let vol = loop {
             let vf = self.volfile.borrow().vol.clone();
             let servers: Vec<String> = vf.bricks.iter().map(|b| b.address.clone()).collect();
-            let opts = Options { client_name: format!("self-heal@{}", self.brick_id), ..Options::default() };
+            let opts = Options {
+                client_name: format!("self-heal@{}", self.brick_id),
+                ..Options::default()
+            };
             match Volume::connect(&servers, &vf.volume, opts).await {
                 Ok(v) => break v,
                 Err(e) => {
@@ -81,13 +84,16 @@ impl Worker {
                         left += 1;
                     }
                     if self.rate > 0 && s.bytes > 0 {
-                        tokio::time::sleep(Duration::from_secs_f64(s.bytes as f64 / self.rate as f64)).await;
+                        tokio::time::sleep(Duration::from_secs_f64(
+                            s.bytes as f64 / self.rate as f64,
+                        ))
+                        .await;
                     }
                 }
                 Err(e) => {
                     left += 1;
                     self.metrics.failures.fetch_add(1, Relaxed);
-                    tracing::debug!(gfid = %g, "heal deferred: {e}");
+                    tracing::info!(gfid = %g, "heal deferred: {e}");
                 }
             }
         }

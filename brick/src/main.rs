@@ -139,6 +139,12 @@ fn run(args: Args) -> anyhow::Result<()> {
                 let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
                 tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
                 tracing::info!("stopping");
+                // Client sessions are long-lived streams: give requests in flight a moment,
+                // then go, rather than wait for every client to hang up.
+                tokio::spawn(async {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    std::process::exit(0);
+                });
             })
             .await
             .map_err(|e| anyhow::anyhow!("serving on {}: {e}", args.listen))?;

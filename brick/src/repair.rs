@@ -59,18 +59,35 @@ impl Store {
         let path = self.path_of(g)?;
         let st = rfs::lstat(&path)?;
         let is_link = FileType::from_raw_mode(st.st_mode) == FileType::Symlink;
-        rfs::chownat(CWD, &path, Some(rfs::Uid::from_raw(m.uid)), Some(rfs::Gid::from_raw(m.gid)), AtFlags::SYMLINK_NOFOLLOW)?;
+        rfs::chownat(
+            CWD,
+            &path,
+            Some(rfs::Uid::from_raw(m.uid)),
+            Some(rfs::Gid::from_raw(m.gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )?;
         if !is_link {
             rfs::chmod(&path, Mode::from_raw_mode(m.mode & 0o7777))?;
             let have = store::list_user_xattrs(&path)?;
-            for name in have.iter().filter(|n| !m.xattrs.iter().any(|x| &x.name == *n)) {
+            for name in have
+                .iter()
+                .filter(|n| !m.xattrs.iter().any(|x| &x.name == *n))
+            {
                 rfs::lremovexattr(&path, OsStr::from_bytes(name))?;
             }
             for x in &m.xattrs {
-                rfs::lsetxattr(&path, OsStr::from_bytes(&x.name), &x.value, rfs::XattrFlags::empty())?;
+                rfs::lsetxattr(
+                    &path,
+                    OsStr::from_bytes(&x.name),
+                    &x.value,
+                    rfs::XattrFlags::empty(),
+                )?;
             }
         }
-        let t = Timestamps { last_access: ts(m.atime_ns), last_modification: ts(m.mtime_ns) };
+        let t = Timestamps {
+            last_access: ts(m.atime_ns),
+            last_modification: ts(m.mtime_ns),
+        };
         rfs::utimensat(CWD, &path, &t, AtFlags::SYMLINK_NOFOLLOW)?;
         stat_path(&path)
     }
@@ -95,7 +112,13 @@ impl Store {
             if self.is_dir(g) {
                 let old = self.dir_path(g)?;
                 rfs::rename(&old, &path)?;
-                self.dirs.write().unwrap().insert(g, DirNode { parent, name: name.to_owned() });
+                self.dirs.write().unwrap().insert(
+                    g,
+                    DirNode {
+                        parent,
+                        name: name.to_owned(),
+                    },
+                );
                 return stat_path(&path);
             }
         } else if rfs::lstat(self.index_path(g)).is_ok() {
@@ -103,11 +126,18 @@ impl Store {
             return stat_path(&path);
         }
         let rec = Record::new(g, 0, attr.ctime_ns);
-        let owner = (Some(rfs::Uid::from_raw(attr.uid)), Some(rfs::Gid::from_raw(attr.gid)));
+        let owner = (
+            Some(rfs::Uid::from_raw(attr.uid)),
+            Some(rfs::Gid::from_raw(attr.gid)),
+        );
         let mode = Mode::from_raw_mode(attr.mode & 0o7777);
         match kind {
             pb::Kind::Dir => rfs::mkdir(&path, mode)?,
-            pb::Kind::File => drop(rfs::open(&path, OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, mode)?),
+            pb::Kind::File => drop(rfs::open(
+                &path,
+                OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                mode,
+            )?),
             pb::Kind::Symlink => {
                 if e.target.is_empty() || e.target.contains(&0) {
                     return Err(Errno::INVAL);
@@ -136,7 +166,13 @@ impl Store {
             return Err(err);
         }
         if kind == pb::Kind::Dir {
-            self.dirs.write().unwrap().insert(g, DirNode { parent, name: name.to_owned() });
+            self.dirs.write().unwrap().insert(
+                g,
+                DirNode {
+                    parent,
+                    name: name.to_owned(),
+                },
+            );
         }
         stat_path(&path)
     }

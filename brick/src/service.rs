@@ -451,7 +451,20 @@ impl pb::brick_server::Brick for BrickService {
             let mut out = Vec::new();
             let mut refused = 0u64;
             for g in gf {
-                match store.promise(g, term)? {
+                let promised = match store.promise(g, term) {
+                    // No copy here (deleted, or missed its create): the lock still orders
+                    // whoever heals or recreates it.
+                    Err(Errno::NOENT) => {
+                        out.push(pb::LockedInode {
+                            gfid: g.to_vec(),
+                            ver: None,
+                            promised: 0,
+                        });
+                        continue;
+                    }
+                    r => r?,
+                };
+                match promised {
                     Ok(rec) => out.push(pb::LockedInode {
                         gfid: g.to_vec(),
                         ver: Some(pb::Version {
@@ -662,35 +675,65 @@ impl pb::brick_server::Brick for BrickService {
     async fn heal(&self, req: Request<pb::HealReq>) -> Result<Response<pb::MutateReply>, Status> {
         let r = req.into_inner();
         let sid = session_id(&r.session)?;
-        let fail = |e: i32| Ok(Response::new(pb::MutateReply { errno: e, ..Default::default() }));
-        let (Ok(g), Some(op)) = (gfid(&r.gfid), r.op) else { return fail(libc::EINVAL) };
+        let fail = |e: i32| {
+            Ok(Response::new(pb::MutateReply {
+                errno: e,
+                ..Default::default()
+            }))
+        };
+        let (Ok(g), Some(op)) = (gfid(&r.gfid), r.op) else {
+            return fail(libc::EINVAL);
+        };
         if !self.live(&sid) || !self.inode_locks.holds(sid, g) {
             return fail(libc::ENOLCK);
         }
         let store = self.store.clone();
         let res = blocking(move || store.heal_step(g, &op, r.ctime_ns)).await?;
         Ok(Response::new(match res {
-            Ok(attr) => pb::MutateReply { attr: Some(attr), ..Default::default() },
-            Err(e) => pb::MutateReply { errno: errno(e), ..Default::default() },
+            Ok(attr) => pb::MutateReply {
+                attr: Some(attr),
+                ..Default::default()
+            },
+            Err(e) => pb::MutateReply {
+                errno: errno(e),
+                ..Default::default()
+            },
         }))
     }
 
-    async fn checksums(&self, req: Request<pb::ChecksumReq>) -> Result<Response<pb::ChecksumReply>, Status> {
+    async fn checksums(
+        &self,
+        req: Request<pb::ChecksumReq>,
+    ) -> Result<Response<pb::ChecksumReply>, Status> {
         let r = req.into_inner();
         let store = self.store.clone();
         let res = blocking(move || store.checksums(gfid(&r.gfid)?, r.block)).await?;
         Ok(Response::new(match res {
-            Ok((size, sums)) => pb::ChecksumReply { errno: 0, size, sums },
-            Err(e) => pb::ChecksumReply { errno: errno(e), ..Default::default() },
+            Ok((size, sums)) => pb::ChecksumReply {
+                errno: 0,
+                size,
+                sums,
+            },
+            Err(e) => pb::ChecksumReply {
+                errno: errno(e),
+                ..Default::default()
+            },
         }))
     }
 
-    async fn heal_index(&self, req: Request<pb::HealIndexReq>) -> Result<Response<pb::HealIndexReply>, Status> {
+    async fn heal_index(
+        &self,
+        req: Request<pb::HealIndexReq>,
+    ) -> Result<Response<pb::HealIndexReply>, Status> {
         let r = req.into_inner();
         let store = self.store.clone();
         let wake = self.heal_wake.clone();
         let entries = blocking(move || {
-            let parse = |v: &Vec<Vec<u8>>| v.iter().filter_map(|g| Gfid::from_bytes(g)).collect::<Vec<_>>();
+            let parse = |v: &Vec<Vec<u8>>| {
+                v.iter()
+                    .filter_map(|g| Gfid::from_bytes(g))
+                    .collect::<Vec<_>>()
+            };
             let added = parse(&r.add);
             for g in &added {
                 store.mark_heal(*g);
@@ -708,7 +751,11 @@ impl pb::brick_server::Brick for BrickService {
             pending.sort();
             pending
                 .into_iter()
-                .map(|g| pb::HealIndexEntry { gfid: g.to_vec(), path: store.describe(g), split_brain: store.is_split(g) })
+                .map(|g| pb::HealIndexEntry {
+                    gfid: g.to_vec(),
+                    path: store.describe(g),
+                    split_brain: store.is_split(g),
+                })
                 .collect::<Vec<_>>()
         })
         .await?;

@@ -516,7 +516,11 @@ impl Store {
     pub fn describe(&self, g: Gfid) -> String {
         match self.dir_path(g) {
             Ok(p) if self.is_dir(g) => {
-                let rel = p.strip_prefix(&self.root).unwrap_or(&p).to_string_lossy().into_owned();
+                let rel = p
+                    .strip_prefix(&self.root)
+                    .unwrap_or(&p)
+                    .to_string_lossy()
+                    .into_owned();
                 format!("/{rel}")
             }
             _ => format!("<gfid:{}>", g.hex()),

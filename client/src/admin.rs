@@ -222,7 +222,9 @@ pub struct HealEntry {
 pub async fn heal_info(target: &str, timeout: Duration) -> Result<Vec<BrickHeal>> {
     let vf = volfile(target, timeout).await?;
     let rs = futures::future::join_all(vf.bricks.iter().map(|b| async move {
-        let mut c = connect_once(&b.address, timeout).await.map_err(|e| e.to_string())?;
+        let mut c = connect_once(&b.address, timeout)
+            .await
+            .map_err(|e| e.to_string())?;
         match tokio::time::timeout(timeout, c.heal_index(pb::HealIndexReq::default())).await {
             Ok(Ok(r)) => Ok(r.into_inner().entries),
             Ok(Err(e)) => Err(e.message().to_string()),
@@ -242,7 +244,9 @@ pub async fn heal_info(target: &str, timeout: Duration) -> Result<Vec<BrickHeal>
                 .unwrap_or_default()
                 .into_iter()
                 .map(|e| HealEntry {
-                    gfid: crate::gfid::Gfid::from_bytes(&e.gfid).map(|g| g.hex()).unwrap_or_default(),
+                    gfid: crate::gfid::Gfid::from_bytes(&e.gfid)
+                        .map(|g| g.hex())
+                        .unwrap_or_default(),
                     path: e.path,
                     split_brain: e.split_brain,
                 })
@@ -252,9 +256,18 @@ pub async fn heal_info(target: &str, timeout: Duration) -> Result<Vec<BrickHeal>
 }
 
 /// Settles a split-brain file (or heals any path) with the given source.
-pub async fn heal_resolve(target: &str, path: &str, source: crate::heal::Source, timeout: Duration) -> Result<crate::heal::HealStats> {
+pub async fn heal_resolve(
+    target: &str,
+    path: &str,
+    source: crate::heal::Source,
+    timeout: Duration,
+) -> Result<crate::heal::HealStats> {
     let (servers, vol) = parse_target(target)?;
-    let opts = crate::replicate::Options { ping_timeout: timeout, client_name: "mortar heal resolve".into(), ..Default::default() };
+    let opts = crate::replicate::Options {
+        ping_timeout: timeout,
+        client_name: "mortar heal resolve".into(),
+        ..Default::default()
+    };
     let v = crate::replicate::Volume::connect(&servers, &vol, opts).await?;
     let mut g = crate::gfid::Gfid::ROOT;
     for part in path.split('/').filter(|p| !p.is_empty()) {

@@ -45,17 +45,31 @@ pub struct HealStats {
 }
 
 fn transport(m: &Member, msg: &str) -> Error {
-    Error::Transport { brick: m.brick.id.clone(), msg: msg.to_string() }
+    Error::Transport {
+        brick: m.brick.id.clone(),
+        msg: msg.to_string(),
+    }
 }
 
 fn errno_result(errno: i32) -> Result<()> {
     Error::from_errno(errno)
 }
 
+/// Whether a copy needs healing from `src`: another version, or (for copies a heal has just
+/// created, which start at the source's initial version) other attributes.
+fn differs(a: &pb::Attr, src: &pb::Attr) -> bool {
+    ver_of(a.ver) != ver_of(src.ver)
+        || (a.mode, a.uid, a.gid, a.mtime_ns) != (src.mode, src.uid, src.gid, src.mtime_ns)
+        || (a.kind() == pb::Kind::File && a.size != src.size)
+}
+
 /// Requests to one brick inside a heal, on the session that holds the lock.
 impl Member {
     async fn attr(&self, g: Gfid) -> Result<Option<pb::Attr>> {
-        let (r, _) = self.brick.call(move |mut c, _| async move { c.getattr(pb::GfidReq { gfid: g.to_vec() }).await }).await?;
+        let (r, _) = self
+            .brick
+            .call(move |mut c, _| async move { c.getattr(pb::GfidReq { gfid: g.to_vec() }).await })
+            .await?;
         match r.errno {
             0 => Ok(r.attr),
             libc::ENOENT => Ok(None),
@@ -69,7 +83,14 @@ impl Member {
             let offset = out.len() as u64;
             let (r, _) = self
                 .brick
-                .call(move |mut c, _| async move { c.readdir(pb::ReaddirReq { gfid: g.to_vec(), offset, max: 1024 }).await })
+                .call(move |mut c, _| async move {
+                    c.readdir(pb::ReaddirReq {
+                        gfid: g.to_vec(),
+                        offset,
+                        max: 1024,
+                    })
+                    .await
+                })
                 .await?;
             errno_result(r.errno)?;
             let n = r.entries.len();
@@ -83,30 +104,54 @@ impl Member {
     async fn read(&self, g: Gfid, offset: u64, size: u32) -> Result<Vec<u8>> {
         let (r, _) = self
             .brick
-            .call(move |mut c, _| async move { c.read(pb::ReadReq { gfid: g.to_vec(), offset, size }).await })
+            .call(move |mut c, _| async move {
+                c.read(pb::ReadReq {
+                    gfid: g.to_vec(),
+                    offset,
+                    size,
+                })
+                .await
+            })
             .await?;
         errno_result(r.errno)?;
         Ok(r.data)
     }
 
     async fn readlink(&self, g: Gfid) -> Result<Vec<u8>> {
-        let (r, _) = self.brick.call(move |mut c, _| async move { c.readlink(pb::GfidReq { gfid: g.to_vec() }).await }).await?;
+        let (r, _) = self
+            .brick
+            .call(move |mut c, _| async move { c.readlink(pb::GfidReq { gfid: g.to_vec() }).await })
+            .await?;
         errno_result(r.errno)?;
         Ok(r.target)
     }
 
     async fn xattrs(&self, g: Gfid) -> Result<Vec<pb::XattrPair>> {
-        let (r, _) = self.brick.call(move |mut c, _| async move { c.listxattr(pb::GfidReq { gfid: g.to_vec() }).await }).await?;
+        let (r, _) = self
+            .brick
+            .call(
+                move |mut c, _| async move { c.listxattr(pb::GfidReq { gfid: g.to_vec() }).await },
+            )
+            .await?;
         errno_result(r.errno)?;
         let mut out = Vec::new();
         for name in r.names {
             let n = name.clone();
             let (v, _) = self
                 .brick
-                .call(move |mut c, _| async move { c.getxattr(pb::XattrReq { gfid: g.to_vec(), name: n }).await })
+                .call(move |mut c, _| async move {
+                    c.getxattr(pb::XattrReq {
+                        gfid: g.to_vec(),
+                        name: n,
+                    })
+                    .await
+                })
                 .await?;
             if v.errno == 0 {
-                out.push(pb::XattrPair { name, value: v.value });
+                out.push(pb::XattrPair {
+                    name,
+                    value: v.value,
+                });
             }
         }
         Ok(out)
@@ -115,14 +160,25 @@ impl Member {
     async fn checksums(&self, g: Gfid) -> Result<(u64, Vec<u64>)> {
         let (r, _) = self
             .brick
-            .call(move |mut c, _| async move { c.checksums(pb::ChecksumReq { gfid: g.to_vec(), block: BLOCK }).await })
+            .call(move |mut c, _| async move {
+                c.checksums(pb::ChecksumReq {
+                    gfid: g.to_vec(),
+                    block: BLOCK,
+                })
+                .await
+            })
             .await?;
         errno_result(r.errno)?;
         Ok((r.size, r.sums))
     }
 
     async fn step(&self, g: Gfid, ctime_ns: i64, op: pb::heal_req::Op) -> Result<pb::Attr> {
-        let req = pb::HealReq { session: self.session.to_vec(), gfid: g.to_vec(), ctime_ns, op: Some(op) };
+        let req = pb::HealReq {
+            session: self.session.to_vec(),
+            gfid: g.to_vec(),
+            ctime_ns,
+            op: Some(op),
+        };
         let epoch = self.epoch;
         let (r, _) = self
             .brick
@@ -138,7 +194,10 @@ impl Member {
     }
 
     async fn index(&self, req: pb::HealIndexReq) -> Result<Vec<pb::HealIndexEntry>> {
-        let (r, _) = self.brick.call(move |mut c, _| async move { c.heal_index(req).await }).await?;
+        let (r, _) = self
+            .brick
+            .call(move |mut c, _| async move { c.heal_index(req).await })
+            .await?;
         Ok(r.entries)
     }
 }
@@ -147,7 +206,10 @@ impl Volume {
     /// Heals `g` and, for directories, whatever below it differs. `source` decides the
     /// winner for `g` itself; everything below follows the newest copy.
     pub async fn heal(&self, g: Gfid, source: Source) -> Result<HealStats> {
-        let mut stats = HealStats { complete: true, ..Default::default() };
+        let mut stats = HealStats {
+            complete: true,
+            ..Default::default()
+        };
         let mut work = vec![(g, source)];
         let mut seen = HashSet::new();
         while let Some((g, source)) = work.pop() {
@@ -160,7 +222,12 @@ impl Volume {
         Ok(stats)
     }
 
-    async fn heal_inode(&self, g: Gfid, source: &Source, stats: &mut HealStats) -> Result<Vec<Gfid>> {
+    async fn heal_inode(
+        &self,
+        g: Gfid,
+        source: &Source,
+        stats: &mut HealStats,
+    ) -> Result<Vec<Gfid>> {
         let (term, held) = self.lock_raw(&[g]).await?;
         let members: Vec<Member> = held.into_iter().map(|(_, m)| m).collect();
         let r = self.heal_locked(g, term, &members, source, stats).await;
@@ -168,7 +235,14 @@ impl Volume {
         r
     }
 
-    async fn heal_locked(&self, g: Gfid, term: u64, members: &[Member], source: &Source, stats: &mut HealStats) -> Result<Vec<Gfid>> {
+    async fn heal_locked(
+        &self,
+        g: Gfid,
+        term: u64,
+        members: &[Member],
+        source: &Source,
+        stats: &mut HealStats,
+    ) -> Result<Vec<Gfid>> {
         stats.checked += 1;
         let attrs = join_all(members.iter().map(|m| m.attr(g))).await;
         let mut present: Vec<(&Member, pb::Attr)> = Vec::new();
@@ -192,26 +266,42 @@ impl Volume {
         let forced = *source != Source::Newest;
         let src = match source {
             Source::Newest => match Ver::newest(&vers) {
-                Ok(v) => present.iter().position(|(_, a)| ver_of(a.ver) == v).unwrap(),
+                Ok(v) => present
+                    .iter()
+                    .position(|(_, a)| ver_of(a.ver) == v)
+                    .unwrap(),
                 Err(e) => {
                     tracing::error!(gfid = %g, "split brain: copies at the same version differ");
-                    join_all(members.iter().map(|m| m.index(pb::HealIndexReq { split_brain: vec![g.to_vec()], ..Default::default() })))
-                        .await;
+                    join_all(members.iter().map(|m| {
+                        m.index(pb::HealIndexReq {
+                            split_brain: vec![g.to_vec()],
+                            ..Default::default()
+                        })
+                    }))
+                    .await;
                     return Err(e);
                 }
             },
             Source::Brick(id) => present
                 .iter()
                 .position(|(m, _)| &m.brick.id == id)
-                .ok_or_else(|| Error::Volfile(format!("brick {id} has no copy of this file, or is not reachable")))?,
-            Source::Mtime => (0..present.len()).max_by_key(|i| present[*i].1.mtime_ns).unwrap(),
-            Source::Size => (0..present.len()).max_by_key(|i| present[*i].1.size).unwrap(),
+                .ok_or_else(|| {
+                    Error::Volfile(format!(
+                        "brick {id} has no copy of this file, or is not reachable"
+                    ))
+                })?,
+            Source::Mtime => (0..present.len())
+                .max_by_key(|i| present[*i].1.mtime_ns)
+                .unwrap(),
+            Source::Size => (0..present.len())
+                .max_by_key(|i| present[*i].1.size)
+                .unwrap(),
         };
         let (src_m, src_a) = (present[src].0, present[src].1.clone());
         let sinks: Vec<&Member> = present
             .iter()
             .enumerate()
-            .filter(|(i, (_, a))| *i != src && (forced || ver_of(a.ver) != ver_of(src_a.ver)))
+            .filter(|(i, (_, a))| *i != src && (forced || differs(a, &src_a)))
             .map(|(_, (m, _))| *m)
             .collect();
         let mut children = Vec::new();
@@ -227,9 +317,18 @@ impl Volume {
         // The version goes last: a heal cut short leaves the sink visibly stale.
         let ver = if forced {
             // Settling a split brain: one new version, above both, on every copy.
-            let v = Ver { term, seq: 1, id: rand_u64() };
+            let v = Ver {
+                term,
+                seq: 1,
+                id: rand_u64(),
+            };
             for (m, _) in &present {
-                m.step(g, src_a.ctime_ns, pb::heal_req::Op::SetVersion(pver(v).unwrap())).await?;
+                m.step(
+                    g,
+                    src_a.ctime_ns,
+                    pb::heal_req::Op::SetVersion(pver(v).unwrap()),
+                )
+                .await?;
             }
             v
         } else {
@@ -237,7 +336,12 @@ impl Volume {
         };
         for sink in &sinks {
             if !forced {
-                sink.step(g, src_a.ctime_ns, pb::heal_req::Op::SetVersion(pver(ver).unwrap())).await?;
+                sink.step(
+                    g,
+                    src_a.ctime_ns,
+                    pb::heal_req::Op::SetVersion(pver(ver).unwrap()),
+                )
+                .await?;
             }
         }
         complete &= present.len() == members.len();
@@ -249,23 +353,40 @@ impl Volume {
     /// Takes `g` off every heal index once all bricks have an identical copy.
     async fn heal_done(&self, members: &[Member], g: Gfid, complete: bool) {
         if complete {
-            join_all(members.iter().map(|m| m.index(pb::HealIndexReq { remove: vec![g.to_vec()], ..Default::default() }))).await;
+            join_all(members.iter().map(|m| {
+                m.index(pb::HealIndexReq {
+                    remove: vec![g.to_vec()],
+                    ..Default::default()
+                })
+            }))
+            .await;
         }
     }
 
     /// Makes `sink`'s copy of `g` like `src`'s. Returns the children to heal next, and
     /// whether nothing had to be left for later.
-    async fn heal_copy(&self, src: &Member, sink: &Member, g: Gfid, a: &pb::Attr, stats: &mut HealStats) -> Result<(Vec<Gfid>, bool)> {
+    async fn heal_copy(
+        &self,
+        src: &Member,
+        sink: &Member,
+        g: Gfid,
+        a: &pb::Attr,
+        stats: &mut HealStats,
+    ) -> Result<(Vec<Gfid>, bool)> {
         let mut children = Vec::new();
         let mut done = true;
         match a.kind() {
             pb::Kind::Dir => {
                 let (from, to) = futures::join!(src.readdir(g), sink.readdir(g));
                 let (from, to) = (from?, to?);
-                let src_names: HashMap<&[u8], &pb::Attr> =
-                    from.iter().filter_map(|e| e.attr.as_ref().map(|a| (e.name.as_slice(), a))).collect();
-                let sink_names: HashMap<&[u8], &pb::Attr> =
-                    to.iter().filter_map(|e| e.attr.as_ref().map(|a| (e.name.as_slice(), a))).collect();
+                let src_names: HashMap<&[u8], &pb::Attr> = from
+                    .iter()
+                    .filter_map(|e| e.attr.as_ref().map(|a| (e.name.as_slice(), a)))
+                    .collect();
+                let sink_names: HashMap<&[u8], &pb::Attr> = to
+                    .iter()
+                    .filter_map(|e| e.attr.as_ref().map(|a| (e.name.as_slice(), a)))
+                    .collect();
                 // Creations first, so that a renamed or hard-linked inode is linked or moved
                 // into its new name before its old name goes.
                 for (name, ca) in &src_names {
@@ -277,9 +398,18 @@ impl Volume {
                             }
                         }
                         _ => {
-                            let target = if ca.kind() == pb::Kind::Symlink { src.readlink(cg).await? } else { vec![] };
-                            let entry = pb::HealEntry { name: name.to_vec(), attr: Some((*ca).clone()), target };
-                            sink.step(g, a.ctime_ns, pb::heal_req::Op::Entry(entry)).await?;
+                            let target = if ca.kind() == pb::Kind::Symlink {
+                                src.readlink(cg).await?
+                            } else {
+                                vec![]
+                            };
+                            let entry = pb::HealEntry {
+                                name: name.to_vec(),
+                                attr: Some((*ca).clone()),
+                                target,
+                            };
+                            sink.step(g, a.ctime_ns, pb::heal_req::Op::Entry(entry))
+                                .await?;
                             children.push(cg);
                         }
                     }
@@ -293,11 +423,15 @@ impl Volume {
                     // removing it would throw away what that heal can simply move: wait.
                     let sg = Gfid::from_bytes(&sa.gfid).ok_or(Error::Os(libc::EIO))?;
                     let only_name = sa.kind() == pb::Kind::Dir || sa.nlink <= 1;
-                    if only_name && src_names.values().all(|ca| ca.gfid != sa.gfid) && src.attr(sg).await?.is_some() {
+                    if only_name
+                        && src_names.values().all(|ca| ca.gfid != sa.gfid)
+                        && src.attr(sg).await?.is_some()
+                    {
                         done = false;
                         continue;
                     }
-                    sink.step(g, a.ctime_ns, pb::heal_req::Op::Remove(name.to_vec())).await?;
+                    sink.step(g, a.ctime_ns, pb::heal_req::Op::Remove(name.to_vec()))
+                        .await?;
                 }
             }
             pb::Kind::File => {
@@ -310,28 +444,58 @@ impl Volume {
                     let off = i as u64 * BLOCK as u64;
                     let data = src.read(g, off, BLOCK).await?;
                     stats.bytes += data.len() as u64;
-                    sink.step(g, a.ctime_ns, pb::heal_req::Op::Write(pb::HealWrite { offset: off, data })).await?;
+                    sink.step(
+                        g,
+                        a.ctime_ns,
+                        pb::heal_req::Op::Write(pb::HealWrite { offset: off, data }),
+                    )
+                    .await?;
                 }
-                if ksums.len() != ssums.len() || sink.attr(g).await?.is_some_and(|k| k.size != size) {
-                    sink.step(g, a.ctime_ns, pb::heal_req::Op::Truncate(size)).await?;
+                if ksums.len() != ssums.len() || sink.attr(g).await?.is_some_and(|k| k.size != size)
+                {
+                    sink.step(g, a.ctime_ns, pb::heal_req::Op::Truncate(size))
+                        .await?;
                 }
             }
             _ => {}
         }
-        let xattrs = if a.kind() == pb::Kind::Symlink { vec![] } else { src.xattrs(g).await? };
-        let meta = pb::HealMeta { mode: a.mode, uid: a.uid, gid: a.gid, atime_ns: a.atime_ns, mtime_ns: a.mtime_ns, xattrs };
+        let xattrs = if a.kind() == pb::Kind::Symlink {
+            vec![]
+        } else {
+            src.xattrs(g).await?
+        };
+        let meta = pb::HealMeta {
+            mode: a.mode,
+            uid: a.uid,
+            gid: a.gid,
+            atime_ns: a.atime_ns,
+            mtime_ns: a.mtime_ns,
+            xattrs,
+        };
         // Metadata after data and entries: both change times the source has right.
-        let fresh = src.attr(g).await?.ok_or_else(|| transport(src, "source copy vanished"))?;
-        let meta = pb::HealMeta { atime_ns: fresh.atime_ns, mtime_ns: fresh.mtime_ns, ..meta };
-        sink.step(g, a.ctime_ns, pb::heal_req::Op::Meta(meta)).await?;
+        let fresh = src
+            .attr(g)
+            .await?
+            .ok_or_else(|| transport(src, "source copy vanished"))?;
+        let meta = pb::HealMeta {
+            atime_ns: fresh.atime_ns,
+            mtime_ns: fresh.mtime_ns,
+            ..meta
+        };
+        sink.step(g, a.ctime_ns, pb::heal_req::Op::Meta(meta))
+            .await?;
         Ok((children, done))
     }
 
     /// Every brick's pending heals (for `mortar heal info`).
-    pub async fn heal_info(&self) -> Vec<(Arc<crate::conn::Brick>, Result<Vec<pb::HealIndexEntry>>)> {
+    pub async fn heal_info(
+        &self,
+    ) -> Vec<(Arc<crate::conn::Brick>, Result<Vec<pb::HealIndexEntry>>)> {
         let bricks = self.bricks();
         let rs = join_all(bricks.iter().map(|b| async move {
-            b.call(|mut c, _| async move { c.heal_index(pb::HealIndexReq::default()).await }).await.map(|(r, _)| r.entries)
+            b.call(|mut c, _| async move { c.heal_index(pb::HealIndexReq::default()).await })
+                .await
+                .map(|(r, _)| r.entries)
         }))
         .await;
         bricks.into_iter().zip(rs).collect()

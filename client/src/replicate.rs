@@ -126,7 +126,10 @@ impl Ver {
         let Some(max) = vs.clone().into_iter().max_by_key(|v| v.key()).copied() else {
             return Ok(Ver::default());
         };
-        if vs.into_iter().any(|v| v.key() == max.key() && v.id != max.id) {
+        if vs
+            .into_iter()
+            .any(|v| v.key() == max.key() && v.id != max.id)
+        {
             return Err(Error::SplitBrain);
         }
         Ok(max)
@@ -134,11 +137,20 @@ impl Ver {
 }
 
 pub fn ver_of(v: Option<pb::Version>) -> Ver {
-    v.map(|v| Ver { term: v.term, seq: v.seq, id: v.id }).unwrap_or_default()
+    v.map(|v| Ver {
+        term: v.term,
+        seq: v.seq,
+        id: v.id,
+    })
+    .unwrap_or_default()
 }
 
 pub fn pver(v: Ver) -> Option<pb::Version> {
-    Some(pb::Version { term: v.term, seq: v.seq, id: v.id })
+    Some(pb::Version {
+        term: v.term,
+        seq: v.seq,
+        id: v.id,
+    })
 }
 
 /// Fetches the volfile from the first server that answers.
@@ -420,7 +432,10 @@ impl Volume {
     /// Takes the locks of `gfids` on every reachable brick that grants them, a majority at
     /// least: in parallel when nobody contends, else one brick after another in volfile
     /// order, so that two clients cannot deadlock.
-    pub(crate) async fn lock_raw(&self, gfids: &[Gfid]) -> Result<(u64, Vec<(pb::LockReply, Member)>)> {
+    pub(crate) async fn lock_raw(
+        &self,
+        gfids: &[Gfid],
+    ) -> Result<(u64, Vec<(pb::LockReply, Member)>)> {
         let bricks = self.bricks();
         let raw: Vec<Vec<u8>> = gfids.iter().map(|g| g.to_vec()).collect();
         self.stats.lock_acquisitions.fetch_add(1, Relaxed);
@@ -633,8 +648,16 @@ impl Volume {
         let mut needs_heal = targets.len() < total;
         for (g, guard) in gfids.iter().zip(&guards) {
             let h = guard.as_ref().unwrap();
-            let seq = if h.ver.term == h.term { h.ver.seq + 1 } else { 1 };
-            let new = Ver { term: h.term, seq, id: crate::gfid::rand_u64() };
+            let seq = if h.ver.term == h.term {
+                h.ver.seq + 1
+            } else {
+                1
+            };
+            let new = Ver {
+                term: h.term,
+                seq,
+                id: crate::gfid::rand_u64(),
+            };
             needs_heal |= h.missing;
             updates.push(pb::VerUpdate {
                 gfid: g.to_vec(),
@@ -893,15 +916,10 @@ impl Volume {
                 msg: "no brick reachable".into(),
             });
         }
-        let rs =
-            join_all(
-                bricks.iter().map(|b| {
-                    b.call(move |mut c, _| async move {
-                        c.getattr(pb::GfidReq { gfid: g.to_vec() }).await
-                    })
-                }),
-            )
-            .await;
+        let rs = join_all(bricks.iter().map(|b| {
+            b.call(move |mut c, _| async move { c.getattr(pb::GfidReq { gfid: g.to_vec() }).await })
+        }))
+        .await;
         let mut found: Vec<(&Arc<Brick>, pb::Attr)> = Vec::new();
         let mut errno = None;
         let mut transport = None;
@@ -980,8 +998,15 @@ impl Volume {
             }
             return Err(last_err.unwrap_or(Error::Os(libc::EIO)));
         }
-        let pvers: Vec<Ver> = with_parent.iter().map(|(_, r)| ver_of(r.parent.as_ref().unwrap().ver)).collect();
-        let pmax = pvers.iter().max_by_key(|v| v.key()).copied().unwrap_or_default();
+        let pvers: Vec<Ver> = with_parent
+            .iter()
+            .map(|(_, r)| ver_of(r.parent.as_ref().unwrap().ver))
+            .collect();
+        let pmax = pvers
+            .iter()
+            .max_by_key(|v| v.key())
+            .copied()
+            .unwrap_or_default();
         if pvers.iter().any(|v| *v != pmax) || with_parent.len() < bricks.len() {
             self.queue_heal(parent).await;
         }
@@ -1021,7 +1046,9 @@ impl Volume {
     pub async fn queue_heal(&self, g: Gfid) {
         {
             let mut q = self.heal_queued.lock().unwrap();
-            if q.get(&g).is_some_and(|t| t.elapsed() < Duration::from_secs(5)) {
+            if q.get(&g)
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(5))
+            {
                 return;
             }
             if q.len() > 10_000 {
@@ -1032,8 +1059,14 @@ impl Volume {
         let bricks: Vec<Arc<Brick>> = self.bricks().into_iter().filter(|b| b.is_up()).collect();
         tokio::spawn(async move {
             for b in bricks {
-                let req = pb::HealIndexReq { add: vec![g.to_vec()], ..Default::default() };
-                if b.call(move |mut c, _| async move { c.heal_index(req).await }).await.is_ok() {
+                let req = pb::HealIndexReq {
+                    add: vec![g.to_vec()],
+                    ..Default::default()
+                };
+                if b.call(move |mut c, _| async move { c.heal_index(req).await })
+                    .await
+                    .is_ok()
+                {
                     return;
                 }
             }

@@ -40,8 +40,9 @@ impl Cluster {
         format!("{}:24100", self.host(i))
     }
 
+    /// `HOST:PORT:/data` of the first brick in the current volfile.
     pub fn target(&self) -> String {
-        format!("{}:/data", self.addr(0))
+        format!("{}:/data", self.vol.bricks[0].address)
     }
 
     pub fn brick_dir(&self, i: usize) -> PathBuf {
@@ -103,7 +104,7 @@ impl Cluster {
             .arg(self.brick_dir(i))
             .arg("--volfile")
             .arg(self.volfile_path())
-            .args(["--session-timeout", "4"])
+            .args(["--session-timeout", "4", "--heal-interval", "1"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -184,6 +185,72 @@ impl Cluster {
         (out.status.success(), text)
     }
 
+    /// Waits until no brick has heal entries left and every copy agrees; returns how long
+    /// that took. Panics with the differences after `limit`.
+    pub fn wait_healed(&self, limit: Duration) -> Duration {
+        let t = Instant::now();
+        loop {
+            let pending = self.heal_pending();
+            if pending == 0 {
+                let (ok, out) = self.verify(false);
+                if ok {
+                    return t.elapsed();
+                }
+                if t.elapsed() > limit {
+                    panic!("heal done but copies differ:\n{out}");
+                }
+            }
+            if t.elapsed() > limit {
+                let (_, out) = self.verify(false);
+                panic!(
+                    "heal not done after {limit:?}: {pending} entries pending\n{out}\n{}",
+                    self.heal_info()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// `mortar heal info` output.
+    pub fn heal_info(&self) -> String {
+        let out = Command::new(bin("mortar"))
+            .args(["heal", "info", &self.target()])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Entries pending heal over all bricks (a brick that does not answer counts as one).
+    pub fn heal_pending(&self) -> usize {
+        let out = Command::new(bin("mortar"))
+            .args(["heal", "info", "--json", &self.target()])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            return usize::MAX;
+        }
+        text.matches("\"gfid\"").count() + text.matches("\"connected\": false").count()
+    }
+
+    /// Writes a new volfile generation with these bricks (ids b0.., addresses on our net).
+    pub fn set_bricks(&mut self, ids: &[usize]) {
+        self.vol.generation += 1;
+        self.vol.bricks = ids
+            .iter()
+            .map(|i| BrickSpec {
+                id: format!("b{i}"),
+                address: self.addr(*i),
+            })
+            .collect();
+        let tmp = self.dir.join("volfile.yaml.new");
+        std::fs::write(&tmp, self.vol.to_yaml()).unwrap();
+        std::fs::rename(tmp, self.volfile_path()).unwrap();
+        while self.bricks.len() < ids.iter().max().unwrap() + 1 {
+            self.bricks.push(None);
+        }
+    }
+
     /// Connects a client library volume directly (for protocol-level tests).
     pub async fn volume(&self) -> std::sync::Arc<mortar_client::replicate::Volume> {
         let opts = mortar_client::replicate::Options {
@@ -219,6 +286,23 @@ pub struct Mount {
 }
 
 impl Mount {
+    /// The pid of the FUSE daemon serving this mount.
+    pub fn daemon_pid(&self) -> Option<i32> {
+        let me = self.path.to_string_lossy().into_owned();
+        std::fs::read_dir("/proc")
+            .ok()?
+            .filter_map(|e| e.ok())
+            .find_map(|e| {
+                let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+                let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+                let args: Vec<String> = cmd
+                    .split(|b| *b == 0)
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect();
+                (args.first()?.ends_with("mortar-mount") && args.contains(&me)).then_some(pid)
+            })
+    }
+
     pub fn p(&self, rel: &str) -> PathBuf {
         self.path.join(rel)
     }

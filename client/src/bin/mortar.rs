@@ -156,36 +156,72 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(if s.bricks_up >= s.quorum { 0 } else { 2 })
         }
-        Cmd::Heal { cmd: HealCmd::Info { target, json } } => {
+        Cmd::Heal {
+            cmd: HealCmd::Info { target, json },
+        } => {
             let info = rt()?.block_on(admin::heal_info(&target, timeout))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&info)?);
             } else {
                 for b in &info {
                     println!("Brick {} ({})", b.brick, b.address);
-                    println!("Status: {}", if b.connected { "Connected" } else { "Not connected" });
+                    println!(
+                        "Status: {}",
+                        if b.connected {
+                            "Connected"
+                        } else {
+                            "Not connected"
+                        }
+                    );
                     for e in &b.entries {
-                        println!("{}{}", e.path, if e.split_brain { " - Is in split-brain" } else { "" });
+                        println!(
+                            "{}{}",
+                            e.path,
+                            if e.split_brain {
+                                " - Is in split-brain"
+                            } else {
+                                ""
+                            }
+                        );
                     }
-                    let n = if b.connected { b.entries.len().to_string() } else { "-".into() };
+                    let n = if b.connected {
+                        b.entries.len().to_string()
+                    } else {
+                        "-".into()
+                    };
                     println!("Number of entries: {n}\n");
                 }
             }
             Ok(0)
         }
-        Cmd::Heal { cmd: HealCmd::Resolve { target, path, source, policy } } => {
+        Cmd::Heal {
+            cmd:
+                HealCmd::Resolve {
+                    target,
+                    path,
+                    source,
+                    policy,
+                },
+        } => {
             let src = match (source, policy.as_deref()) {
                 (Some(b), _) => mortar_client::heal::Source::Brick(b),
                 (None, Some("mtime")) => mortar_client::heal::Source::Mtime,
                 (None, _) => mortar_client::heal::Source::Size,
             };
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
             let s = rt.block_on(admin::heal_resolve(&target, &path, src, timeout))?;
             println!(
                 "{path}: healed {} inode(s), {} bytes copied{}",
                 s.healed,
                 s.bytes,
-                if s.complete { "" } else { " (some bricks still to heal)" }
+                if s.complete {
+                    ""
+                } else {
+                    " (some bricks still to heal)"
+                }
             );
             Ok(0)
         }

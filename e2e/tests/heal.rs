@@ -1,0 +1,252 @@
+//! Self-heal and failure handling, proven by fault injection on real bricks and mounts.
+
+use std::fs;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::time::{Duration, Instant};
+
+use mortar_e2e::{Cluster, pattern};
+
+const MIB: usize = 1 << 20;
+
+fn heal_report(what: &str, took: Duration) {
+    // Shown with `cargo nextest run --no-capture`; the closing note quotes these.
+    eprintln!("HEAL {what}: {:.2} s", took.as_secs_f64());
+}
+
+#[test]
+fn a_brick_away_during_many_changes_is_healed_by_itself() {
+    let mut c = Cluster::start(31, 3);
+    let m = c.mount("m", "");
+    fs::create_dir_all(m.p("tree/a/b/c")).unwrap();
+    for i in 0..20 {
+        fs::write(m.p(&format!("tree/a/b/c/f{i}")), b"doomed").unwrap();
+    }
+    fs::create_dir(m.p("keep")).unwrap();
+    for i in 0..200 {
+        fs::write(m.p(&format!("keep/k{i}")), pattern(i, 100)).unwrap();
+    }
+    let big: Vec<u8> = pattern(7, 32 * MIB);
+    fs::write(m.p("big"), &big).unwrap();
+
+    c.kill(2);
+    for d in 0..10 {
+        fs::create_dir(m.p(&format!("new{d}"))).unwrap();
+        for f in 0..100 {
+            fs::write(
+                m.p(&format!("new{d}/f{f}")),
+                pattern(d * 1000 + f, 64 + f as usize),
+            )
+            .unwrap();
+        }
+    }
+    for i in 0..100 {
+        fs::remove_file(m.p(&format!("keep/k{i}"))).unwrap();
+    }
+    for i in 100..150 {
+        fs::rename(m.p(&format!("keep/k{i}")), m.p(&format!("new0/renamed{i}"))).unwrap();
+    }
+    fs::rename(m.p("new9"), m.p("keep/moved-dir")).unwrap();
+    fs::remove_dir_all(m.p("tree")).unwrap();
+    let f = fs::OpenOptions::new().write(true).open(m.p("big")).unwrap();
+    f.write_all_at(&pattern(8, MIB), 16 * MIB as u64).unwrap();
+    drop(f);
+    fs::set_permissions(m.p("keep/k150"), fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::chown(m.p("keep/k151"), Some(4242), Some(4343)).unwrap();
+    rustix::fs::setxattr(
+        m.p("keep/k152"),
+        "user.color",
+        b"blue",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    fs::hard_link(m.p("keep/k153"), m.p("new1/hardlink")).unwrap();
+    std::os::unix::fs::symlink("../keep/k154", m.p("new1/symlink")).unwrap();
+    assert!(
+        c.heal_pending() > 0,
+        "the survivors must know what b2 missed"
+    );
+
+    c.restart(2);
+    let took = c.wait_healed(Duration::from_secs(120));
+    heal_report(
+        "brick back after 1000 creates, 100 deletes, 50 renames, tree removed, 1 MiB overwrite",
+        took,
+    );
+    // The healed brick serves good data: stop another so it must answer.
+    c.kill(0);
+    let mut want = big.clone();
+    want[16 * MIB..17 * MIB].copy_from_slice(&pattern(8, MIB));
+    assert!(fs::read(m.p("big")).unwrap() == want);
+    assert_eq!(fs::read(m.p("new3/f7")).unwrap(), pattern(3007, 71));
+    assert_eq!(
+        fs::read(m.p("keep/moved-dir/f1")).unwrap(),
+        pattern(9001, 65)
+    );
+}
+
+#[test]
+fn a_hung_brick_is_dropped_within_the_ping_timeout_and_healed_after() {
+    let c = Cluster::start(32, 3);
+    let m = c.mount("m", "");
+    fs::create_dir(m.p("d")).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (path, stop) = (m.p("d"), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            let mut slowest = Duration::ZERO;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                fs::write(path.join(format!("w{n}")), pattern(n, 4096)).expect("write during hang");
+                slowest = slowest.max(t.elapsed());
+                n += 1;
+            }
+            (n, slowest)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    c.signal(1, libc::SIGSTOP);
+    std::thread::sleep(Duration::from_secs(4));
+    c.signal(1, libc::SIGCONT);
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (n, slowest) = writer.join().unwrap();
+    // The ping timeout is 2 s: no write waits much beyond it.
+    assert!(slowest < Duration::from_secs(5), "a write took {slowest:?}");
+    assert!(n > 10);
+    let took = c.wait_healed(Duration::from_secs(60));
+    heal_report("after SIGSTOP/SIGCONT", took);
+    for i in 0..n {
+        assert_eq!(fs::read(m.p(&format!("d/w{i}"))).unwrap(), pattern(i, 4096));
+    }
+}
+
+#[test]
+fn a_wiped_brick_gets_a_full_heal_before_serving() {
+    let mut c = Cluster::start(33, 3);
+    let m = c.mount("m", "");
+    for d in 0..5 {
+        fs::create_dir_all(m.p(&format!("d{d}/sub"))).unwrap();
+        for f in 0..40 {
+            fs::write(
+                m.p(&format!("d{d}/sub/f{f}")),
+                pattern(d * 100 + f, 1000 * f as usize),
+            )
+            .unwrap();
+        }
+    }
+    fs::write(m.p("big"), pattern(1, 16 * MIB)).unwrap();
+    c.kill(1);
+    fs::remove_dir_all(c.brick_dir(1)).unwrap();
+    c.restart(1);
+    let took = c.wait_healed(Duration::from_secs(120));
+    heal_report("full heal of a wiped brick (200 files, 16 MiB)", took);
+    c.kill(0);
+    c.kill(2);
+    // Only the healed brick is left: reads must come from it and be right.
+    assert_eq!(fs::read(m.p("d4/sub/f39")).unwrap(), pattern(439, 39_000));
+    assert!(fs::read(m.p("big")).unwrap() == pattern(1, 16 * MIB));
+}
+
+#[test]
+fn a_client_killed_midway_leaves_marks_that_heal_resolves() {
+    let c = Cluster::start(34, 3);
+    let m = c.mount("m", "");
+    let victim = c.mount("victim", "");
+    let pid = victim.daemon_pid().expect("mount daemon");
+    let path = victim.p("file");
+    let writer = std::thread::spawn(move || {
+        let f = fs::File::create(path).unwrap();
+        for i in 0..10_000u64 {
+            if f.write_all_at(&pattern(i, 64 * 1024), i * 64 * 1024)
+                .is_err()
+            {
+                return i;
+            }
+        }
+        10_000
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    // SAFETY: kill(2) of the mount daemon under test.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let written = writer.join().unwrap();
+    assert!(written < 10_000, "the writer should have been cut off");
+    // The bricks ended the dead session and indexed what it was changing; heal settles it.
+    let took = c.wait_healed(Duration::from_secs(60));
+    heal_report("after a client was SIGKILLed mid-write", took);
+    let data = fs::read(m.p("file")).unwrap();
+    assert!(data.len() as u64 >= written.saturating_sub(1) * 64 * 1024);
+}
+
+#[test]
+fn split_brain_is_reported_gives_eio_and_is_resolved() {
+    let c = Cluster::start(35, 3);
+    let m = c.mount("m", "attribute-timeout=0,entry-timeout=0");
+    fs::write(m.p("sb"), b"original").unwrap();
+    drop(m);
+    std::thread::sleep(Duration::from_millis(300));
+    // Edit b0's copy by hand: other content, same version, another change id.
+    let p0 = c.brick_dir(0).join("sb");
+    fs::write(&p0, b"edited on b0").unwrap();
+    let mut buf = [0u8; 128];
+    let n = rustix::fs::getxattr(&p0, mortar_brick::record::XATTR, &mut buf[..]).unwrap();
+    let mut rec = mortar_brick::record::Record::decode(&buf[..n]).unwrap();
+    rec.ver.2 ^= 0xdead_beef;
+    rustix::fs::setxattr(
+        &p0,
+        mortar_brick::record::XATTR,
+        &rec.encode(),
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+
+    let m = c.mount("m2", "attribute-timeout=0,entry-timeout=0");
+    let err = fs::read(m.p("sb")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    let t = Instant::now();
+    while !c.heal_info().contains("Is in split-brain") {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "not reported:\n{}",
+            c.heal_info()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = std::process::Command::new(mortar_e2e::bin("mortar"))
+        .args(["heal", "resolve", &c.target(), "/sb", "--source", "b1"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(fs::read(m.p("sb")).unwrap(), b"original");
+    c.wait_healed(Duration::from_secs(30));
+}
+
+#[test]
+fn bricks_join_and_leave_while_mounted() {
+    let mut c = Cluster::start(36, 3);
+    let m = c.mount("m", "");
+    for i in 0..50 {
+        fs::write(m.p(&format!("f{i}")), pattern(i, 5000)).unwrap();
+    }
+    // A fourth brick: its empty directory is filled by a full heal; nobody remounts.
+    c.set_bricks(&[0, 1, 2, 3]);
+    c.restart(3);
+    let took = c.wait_healed(Duration::from_secs(60));
+    heal_report("new 4th brick filled", took);
+    fs::write(m.p("after-join"), b"4 bricks").unwrap();
+    assert!(c.verify(false).0);
+    // Take b0 out: the others keep every copy, writes go on with the new majority.
+    c.set_bricks(&[1, 2, 3]);
+    std::thread::sleep(Duration::from_millis(2500));
+    c.kill(0);
+    fs::write(m.p("after-leave"), b"3 bricks").unwrap();
+    for i in 0..50 {
+        assert_eq!(fs::read(m.p(&format!("f{i}"))).unwrap(), pattern(i, 5000));
+    }
+    let (ok, out) = c.verify(false);
+    assert!(ok, "{out}");
+}
