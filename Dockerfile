@@ -6,7 +6,8 @@
 #                                                       # copies CONTEXT/prebuilt/* instead
 #
 # e2e/local/build-image.sh prepares such a context from target/release (or target/debug);
-# CI builds that way so the Rust workspace is compiled once, on the host.
+# CI builds that way so the Rust workspace is compiled once, on the host. The unused
+# binaries-* stage is skipped by BuildKit and buildah/podman (kaniko: --skip-unused-stages).
 
 ARG BASE_IMAGE=docker.io/library/debian:bookworm-slim
 ARG RUST_IMAGE=docker.io/library/rust:1-bookworm
