@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use mortar_client::heal::Source;
 use mortar_client::replicate::{Options, Volume};
 use tokio::sync::{Notify, watch};
@@ -20,6 +21,9 @@ pub struct HealMetrics {
     pub failures: AtomicU64,
     pub passes: AtomicU64,
 }
+
+/// Heal index entries worked on at once.
+const PARALLEL: usize = 8;
 
 pub struct Worker {
     pub store: Arc<Store>,
@@ -70,13 +74,14 @@ impl Worker {
         self.metrics.passes.fetch_add(1, Relaxed);
         let start = Instant::now();
         let (mut healed, mut bytes, mut left) = (0u64, 0u64, 0usize);
-        for g in pending {
-            // Split brain waits for `mortar heal resolve`.
-            if self.store.is_split(g) {
-                left += 1;
-                continue;
-            }
-            match vol.heal(g, Source::Newest).await {
+        pending.retain(|g| !self.store.is_split(*g));
+        // Split brain waits for `mortar heal resolve`.
+        left += self.store.heal_count() - pending.len();
+        let mut results = futures::stream::iter(pending)
+            .map(|g| async move { (g, vol.heal(g, Source::Newest).await) })
+            .buffer_unordered(PARALLEL);
+        while let Some((g, r)) = results.next().await {
+            match r {
                 Ok(s) => {
                     healed += s.healed;
                     bytes += s.bytes;
@@ -90,6 +95,7 @@ impl Worker {
                         .await;
                     }
                 }
+                Err(mortar_client::error::Error::Busy) => left += 1,
                 Err(e) => {
                     left += 1;
                     self.metrics.failures.fetch_add(1, Relaxed);

@@ -125,6 +125,9 @@ impl Store {
             rfs::linkat(CWD, self.index_path(g), CWD, &path, AtFlags::empty())?;
             return stat_path(&path);
         }
+        // Until healed, the new copy is empty: if this heal stops midway, the index brings
+        // it back to a later one.
+        self.mark_heal(g);
         let rec = Record::new(g, 0, attr.ctime_ns);
         let owner = (
             Some(rfs::Uid::from_raw(attr.uid)),

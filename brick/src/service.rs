@@ -428,11 +428,12 @@ impl pb::brick_server::Brick for BrickService {
             match self.inode_locks.try_lock_all(sid, &gfids) {
                 Ok(()) => break,
                 Err((holder, g)) => {
+                    // Whether or not we wait, the holder should let go soon.
+                    self.notify_contended(holder, g);
                     if !r.wait {
                         return fail(libc::EAGAIN);
                     }
                     self.metrics.lock_waits.fetch_add(1, Relaxed);
-                    self.notify_contended(holder, g);
                     // Wake up now and then: a holder may have died without a notification.
                     let _ = tokio::time::timeout(Duration::from_millis(500), released).await;
                     if tokio::time::Instant::now() > deadline {

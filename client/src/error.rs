@@ -14,6 +14,9 @@ pub enum Error {
     /// The copies disagree in a way the records cannot settle.
     #[error("copies disagree (split brain)")]
     SplitBrain,
+    /// Another client or healer holds the lock (and was asked to let go).
+    #[error("inode busy")]
+    Busy,
     #[error("brick {brick}: {msg}")]
     Transport { brick: String, msg: String },
     #[error("volfile: {0}")]
@@ -28,6 +31,7 @@ impl Error {
             Error::Os(e) => *e,
             Error::NoQuorum { .. } => libc::EROFS,
             Error::NoGoodCopy | Error::SplitBrain => libc::EIO,
+            Error::Busy => libc::EAGAIN,
             Error::Transport { .. } => libc::ENOTCONN,
             Error::Volfile(_) => libc::EINVAL,
         }

@@ -20,6 +20,9 @@ use crate::replicate::{Member, Ver, Volume, pver, ver_of};
 /// Size of the blocks compared during data heal (the brick's checksum unit).
 pub const BLOCK: u32 = 128 * 1024;
 
+/// Inodes healed at once below the one asked for.
+const PARALLEL: usize = 16;
+
 /// Which copy wins.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Source {
@@ -42,13 +45,6 @@ pub struct HealStats {
     pub bytes: u64,
     /// Every brick of the volume took part and agrees now.
     pub complete: bool,
-}
-
-fn transport(m: &Member, msg: &str) -> Error {
-    Error::Transport {
-        brick: m.brick.id.clone(),
-        msg: msg.to_string(),
-    }
 }
 
 fn errno_result(errno: i32) -> Result<()> {
@@ -206,18 +202,55 @@ impl Volume {
     /// Heals `g` and, for directories, whatever below it differs. `source` decides the
     /// winner for `g` itself; everything below follows the newest copy.
     pub async fn heal(&self, g: Gfid, source: Source) -> Result<HealStats> {
-        let mut stats = HealStats {
-            complete: true,
-            ..Default::default()
+        let one = |g: Gfid, source: Source| async move {
+            let mut st = HealStats {
+                complete: true,
+                ..Default::default()
+            };
+            let r = self.heal_inode(g, &source, &mut st).await;
+            (g, r, st)
         };
-        let mut work = vec![(g, source)];
-        let mut seen = HashSet::new();
-        while let Some((g, source)) = work.pop() {
-            if !seen.insert(g) {
-                continue;
+        // The inode asked for first, alone: its failure is the caller's error. If busy, its
+        // holder was told to let go: give it a moment.
+        let mut tries = 0;
+        let (_, r, mut stats) = loop {
+            let out = one(g, source.clone()).await;
+            tries += 1;
+            if !matches!(out.1, Err(Error::Busy)) || tries == 10 {
+                break out;
             }
-            let children = self.heal_inode(g, &source, &mut stats).await?;
-            work.extend(children.into_iter().map(|c| (c, Source::Newest)));
+            tokio::time::sleep(std::time::Duration::from_millis(100 * tries)).await;
+        };
+        let mut pending = r?;
+        let mut seen: HashSet<Gfid> = HashSet::from([g]);
+        // Then what it leads to, several inodes at a time: round trips, not bandwidth, bound
+        // the heal of many small files.
+        let mut running = futures::stream::FuturesUnordered::new();
+        loop {
+            while running.len() < PARALLEL {
+                let Some(c) = pending.pop() else { break };
+                if seen.insert(c) {
+                    running.push(one(c, Source::Newest));
+                }
+            }
+            let Some((c, r, st)) = futures::StreamExt::next(&mut running).await else {
+                break;
+            };
+            stats.healed += st.healed;
+            stats.checked += st.checked;
+            stats.bytes += st.bytes;
+            stats.complete &= st.complete;
+            match r {
+                Ok(children) => pending.extend(children),
+                Err(e) => {
+                    // Left for a later pass: make sure one will look at it.
+                    if !matches!(e, Error::Busy) {
+                        tracing::warn!(gfid = %c, "heal: {e}");
+                    }
+                    stats.complete = false;
+                    self.queue_heal(c).await;
+                }
+            }
         }
         Ok(stats)
     }
@@ -228,7 +261,16 @@ impl Volume {
         source: &Source,
         stats: &mut HealStats,
     ) -> Result<Vec<Gfid>> {
-        let (term, held) = self.lock_raw(&[g]).await?;
+        // One transaction per inode in this client, heals included: our own eager lock
+        // goes first (the heal takes the inode's locks itself).
+        let tx = self.tx(g);
+        let mut guard = tx.hold.lock().await;
+        if let Some(h) = guard.take() {
+            Self::unlock_on(&h.locked, &[g], h.missing).await;
+        }
+        // A heal never queues behind other clients: the holder is told to let go, and a
+        // later pass (or the other healer already at it) does the work.
+        let (term, held) = self.lock_raw(&[g], false).await?;
         let members: Vec<Member> = held.into_iter().map(|(_, m)| m).collect();
         let r = self.heal_locked(g, term, &members, source, stats).await;
         Self::unlock_on(&members, &[g], false).await;
@@ -309,13 +351,16 @@ impl Volume {
             tracing::info!(gfid = %g, source = %src_m.brick.id, sinks = ?sinks.iter().map(|m| &m.brick.id).collect::<Vec<_>>(), "healing");
             stats.healed += 1;
         }
+        let mut finished = Vec::with_capacity(sinks.len());
         for sink in &sinks {
             let (kids, done) = self.heal_copy(src_m, sink, g, &src_a, stats).await?;
             children.extend(kids);
             complete &= done;
+            finished.push(done);
         }
-        // The version goes last: a heal cut short leaves the sink visibly stale.
-        let ver = if forced {
+        // The version goes last: a heal cut short, or one that had to leave something for
+        // later, leaves the sink visibly stale, so that it is taken up again.
+        if forced {
             // Settling a split brain: one new version, above both, on every copy.
             let v = Ver {
                 term,
@@ -330,18 +375,13 @@ impl Volume {
                 )
                 .await?;
             }
-            v
         } else {
-            ver_of(src_a.ver)
-        };
-        for sink in &sinks {
-            if !forced {
-                sink.step(
-                    g,
-                    src_a.ctime_ns,
-                    pb::heal_req::Op::SetVersion(pver(ver).unwrap()),
-                )
-                .await?;
+            let ver = pver(ver_of(src_a.ver)).unwrap();
+            for (sink, done) in sinks.iter().zip(finished) {
+                if done {
+                    sink.step(g, src_a.ctime_ns, pb::heal_req::Op::SetVersion(ver))
+                        .await?;
+                }
             }
         }
         complete &= present.len() == members.len();
@@ -436,7 +476,7 @@ impl Volume {
             }
             pb::Kind::File => {
                 let (s, k) = futures::join!(src.checksums(g), sink.checksums(g));
-                let ((size, ssums), (_, ksums)) = (s?, k?);
+                let ((size, ssums), (ksize, ksums)) = (s?, k?);
                 for (i, sum) in ssums.iter().enumerate() {
                     if ksums.get(i) == Some(sum) {
                         continue;
@@ -451,8 +491,7 @@ impl Volume {
                     )
                     .await?;
                 }
-                if ksums.len() != ssums.len() || sink.attr(g).await?.is_some_and(|k| k.size != size)
-                {
+                if ksize != size {
                     sink.step(g, a.ctime_ns, pb::heal_req::Op::Truncate(size))
                         .await?;
                 }
@@ -472,16 +511,8 @@ impl Volume {
             mtime_ns: a.mtime_ns,
             xattrs,
         };
-        // Metadata after data and entries: both change times the source has right.
-        let fresh = src
-            .attr(g)
-            .await?
-            .ok_or_else(|| transport(src, "source copy vanished"))?;
-        let meta = pb::HealMeta {
-            atime_ns: fresh.atime_ns,
-            mtime_ns: fresh.mtime_ns,
-            ..meta
-        };
+        // Metadata after data and entries, which change the sink's times. The source's
+        // attributes were read under the lock, so they still hold.
         sink.step(g, a.ctime_ns, pb::heal_req::Op::Meta(meta))
             .await?;
         Ok((children, done))

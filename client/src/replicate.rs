@@ -56,20 +56,20 @@ impl Member {
 }
 
 /// Locks held on one inode and what we know of its copies while we hold them.
-struct Hold {
+pub(crate) struct Hold {
     term: u64,
     ver: Ver,
     /// Bricks that granted the lock (to unlock later).
-    locked: Vec<Member>,
+    pub(crate) locked: Vec<Member>,
     /// Bricks with an up-to-date copy that take the changes.
     members: Vec<Member>,
     /// Some brick of the volume is not among the members.
-    missing: bool,
+    pub(crate) missing: bool,
 }
 
 #[derive(Default)]
-struct InodeTx {
-    hold: Arc<tokio::sync::Mutex<Option<Hold>>>,
+pub(crate) struct InodeTx {
+    pub(crate) hold: Arc<tokio::sync::Mutex<Option<Hold>>>,
     contended: AtomicBool,
     last_used: Mutex<Option<Instant>>,
 }
@@ -321,7 +321,7 @@ impl Volume {
         *cur = vf;
     }
 
-    fn tx(&self, g: Gfid) -> Arc<InodeTx> {
+    pub(crate) fn tx(&self, g: Gfid) -> Arc<InodeTx> {
         self.inodes.lock().unwrap().entry(g).or_default().clone()
     }
 
@@ -390,7 +390,7 @@ impl Volume {
     /// Takes the locks of `gfids` and picks, per inode, the bricks with the newest copy.
     async fn acquire(&self, gfids: &[Gfid]) -> Result<Vec<Hold>> {
         let (quorum, total) = (self.quorum(), self.total());
-        let (term, held) = self.lock_raw(gfids).await?;
+        let (term, held) = self.lock_raw(gfids, true).await?;
         let members: Vec<Member> = held.iter().map(|(_, m)| m.clone()).collect();
         let mut holds = Vec::with_capacity(gfids.len());
         for i in 0..gfids.len() {
@@ -435,6 +435,7 @@ impl Volume {
     pub(crate) async fn lock_raw(
         &self,
         gfids: &[Gfid],
+        wait: bool,
     ) -> Result<(u64, Vec<(pb::LockReply, Member)>)> {
         let bricks = self.bricks();
         let raw: Vec<Vec<u8>> = gfids.iter().map(|g| g.to_vec()).collect();
@@ -459,6 +460,11 @@ impl Volume {
                 }
                 Err(e) => tracing::debug!("lock: {e}"),
             }
+        }
+        if busy && !wait {
+            let ms: Vec<Member> = held.drain(..).map(|(_, m)| m).collect();
+            Self::unlock_on(&ms, gfids, false).await;
+            return Err(Error::Busy);
         }
         if busy {
             let ms: Vec<Member> = held.drain(..).map(|(_, m)| m).collect();
@@ -585,7 +591,26 @@ impl Volume {
     // ---- mutations ----
 
     /// Runs one change of `gfids` (the inodes whose version it changes) on the bricks.
-    async fn mutate(&self, gfids: &[Gfid], mut op: pb::mutate_req::Op) -> Result<pb::MutateReply> {
+    async fn mutate(&self, gfids: &[Gfid], op: pb::mutate_req::Op) -> Result<pb::MutateReply> {
+        match self.mutate_once(gfids, op.clone()).await {
+            // Too few good copies: heal them now (a brick just back, say), then go on.
+            Err(Error::NoGoodCopy) => {
+                for g in gfids {
+                    if let Err(e) = self.heal(*g, crate::heal::Source::Newest).await {
+                        tracing::warn!(gfid = %g, "heal before write: {e}");
+                    }
+                }
+                self.mutate_once(gfids, op).await
+            }
+            r => r,
+        }
+    }
+
+    async fn mutate_once(
+        &self,
+        gfids: &[Gfid],
+        mut op: pb::mutate_req::Op,
+    ) -> Result<pb::MutateReply> {
         let mut gfids = gfids.to_vec();
         gfids.sort();
         gfids.dedup();
@@ -610,18 +635,7 @@ impl Volume {
         let need: Vec<usize> = (0..gfids.len()).filter(|i| guards[*i].is_none()).collect();
         if !need.is_empty() {
             let want: Vec<Gfid> = need.iter().map(|i| gfids[*i]).collect();
-            let holds = match self.acquire(&want).await {
-                // Too few good copies: heal them now (a brick just back, say), then go on.
-                Err(Error::NoGoodCopy) => {
-                    for g in &want {
-                        if let Err(e) = self.heal(*g, crate::heal::Source::Newest).await {
-                            tracing::warn!(gfid = %g, "heal before write: {e}");
-                        }
-                    }
-                    self.acquire(&want).await?
-                }
-                r => r?,
-            };
+            let holds = self.acquire(&want).await?;
             for (i, h) in need.into_iter().zip(holds) {
                 *guards[i] = Some(h);
             }
@@ -916,10 +930,15 @@ impl Volume {
                 msg: "no brick reachable".into(),
             });
         }
-        let rs = join_all(bricks.iter().map(|b| {
-            b.call(move |mut c, _| async move { c.getattr(pb::GfidReq { gfid: g.to_vec() }).await })
-        }))
-        .await;
+        let rs =
+            join_all(
+                bricks.iter().map(|b| {
+                    b.call(move |mut c, _| async move {
+                        c.getattr(pb::GfidReq { gfid: g.to_vec() }).await
+                    })
+                }),
+            )
+            .await;
         let mut found: Vec<(&Arc<Brick>, pb::Attr)> = Vec::new();
         let mut errno = None;
         let mut transport = None;

@@ -265,7 +265,7 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("MORTAR_E2E_KEEP").is_some() {
             // Keep the bricks' data and every log for the post-mortem.
             if let Some(t) = self.tmp.take() {
                 eprintln!("test failed: cluster files kept in {}", t.keep().display());

@@ -127,8 +127,8 @@ impl Drop for Net {
             let _ = Command::new("ip").args(["netns", "del", &ns(h)]).output();
         }
         let _ = Command::new("ip").args(["link", "del", BRIDGE]).output();
-        if std::thread::panicking() {
-            eprintln!("test failed: files in {}", self.dir.display());
+        if std::thread::panicking() || std::env::var_os("MORTAR_E2E_KEEP").is_some() {
+            eprintln!("files kept in {}", self.dir.display());
         } else {
             let _ = fs::remove_dir_all(&self.dir);
         }
