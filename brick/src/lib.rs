@@ -2,6 +2,7 @@
 
 pub mod heal;
 pub mod locks;
+pub mod quota;
 pub mod record;
 pub mod repair;
 pub mod service;

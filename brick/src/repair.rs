@@ -19,6 +19,26 @@ pub const BLOCK: u32 = 128 * 1024;
 
 impl Store {
     pub fn heal_step(&self, g: Gfid, op: &pb::heal_req::Op, ctime: i64) -> R<pb::Attr> {
+        let out = self.heal_step_inner(g, op, ctime);
+        // A heal brings usage level with the source's; count the tree again once an inode
+        // is done (or its entries changed) rather than at every block.
+        let settles = matches!(
+            op,
+            pb::heal_req::Op::SetVersion(_)
+                | pb::heal_req::Op::Entry(_)
+                | pb::heal_req::Op::Remove(_)
+        );
+        if settles && self.has_quotas() {
+            match self.quota_of(g) {
+                Some((root, _)) => self.quota_recount(&[root]),
+                None if self.is_dir(g) => self.quota_recount(&[g]),
+                None => {}
+            }
+        }
+        out
+    }
+
+    fn heal_step_inner(&self, g: Gfid, op: &pb::heal_req::Op, ctime: i64) -> R<pb::Attr> {
         use pb::heal_req::Op;
         match op {
             Op::Write(w) => {

@@ -369,22 +369,71 @@ impl pb::brick_server::Brick for BrickService {
         }))
     }
 
-    async fn statfs(&self, _: Request<pb::Empty>) -> Result<Response<pb::StatfsReply>, Status> {
+    async fn statfs(&self, req: Request<pb::GfidReq>) -> Result<Response<pb::StatfsReply>, Status> {
+        let r = req.into_inner();
         let store = self.store.clone();
-        let res = blocking(move || store.statfs()).await?;
+        let res = blocking(move || {
+            let fs = store.statfs()?;
+            let quota = if r.gfid.is_empty() {
+                None
+            } else {
+                store.quota_of(gfid(&r.gfid)?)
+            };
+            Ok::<_, Errno>((fs, quota))
+        })
+        .await?;
         Ok(Response::new(match res {
-            Ok(s) => pb::StatfsReply {
-                errno: 0,
-                blocks: s.f_blocks,
-                bfree: s.f_bfree,
-                bavail: s.f_bavail,
-                files: s.f_files,
-                ffree: s.f_ffree,
-                bsize: s.f_bsize as u32,
-                namelen: 255,
-                frsize: s.f_frsize as u32,
-            },
+            Ok((s, quota)) => {
+                let mut reply = pb::StatfsReply {
+                    errno: 0,
+                    blocks: s.f_blocks,
+                    bfree: s.f_bfree,
+                    bavail: s.f_bavail,
+                    files: s.f_files,
+                    ffree: s.f_ffree,
+                    bsize: s.f_bsize as u32,
+                    namelen: 255,
+                    frsize: s.f_frsize as u32,
+                };
+                // Inside a quota tree (a PVC), df shows the quota, not the whole volume.
+                if let Some((_, u)) = quota {
+                    let unit = 4096u64;
+                    let free = u.limit.saturating_sub(u.used) / unit;
+                    reply.blocks = u.limit.div_ceil(unit);
+                    reply.bfree = free.min(s.f_bavail * s.f_frsize / unit);
+                    reply.bavail = reply.bfree;
+                    reply.bsize = unit as u32;
+                    reply.frsize = unit as u32;
+                }
+                reply
+            }
             Err(e) => pb::StatfsReply {
+                errno: errno(e),
+                ..Default::default()
+            },
+        }))
+    }
+
+    async fn quota(&self, req: Request<pb::GfidReq>) -> Result<Response<pb::QuotaReply>, Status> {
+        let r = req.into_inner();
+        let store = self.store.clone();
+        let res = blocking(move || {
+            let g = gfid(&r.gfid)?;
+            store.getattr(g)?;
+            Ok::<_, Errno>(store.quota_of(g).filter(|(root, _)| *root == g))
+        })
+        .await?;
+        Ok(Response::new(match res {
+            Ok(Some((_, u))) => pb::QuotaReply {
+                errno: 0,
+                limit: u.limit,
+                used: u.used,
+            },
+            Ok(None) => pb::QuotaReply {
+                errno: libc::ENODATA,
+                ..Default::default()
+            },
+            Err(e) => pb::QuotaReply {
                 errno: errno(e),
                 ..Default::default()
             },

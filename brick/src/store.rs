@@ -43,6 +43,7 @@ pub struct Store {
     fds: Mutex<HashMap<Gfid, Arc<OwnedFd>>>,
     heal: Mutex<HashSet<Gfid>>,
     split: Mutex<HashSet<Gfid>>,
+    pub(crate) quotas: crate::quota::QuotaTable,
 }
 
 pub fn io_errno(e: &std::io::Error) -> Errno {
@@ -195,8 +196,10 @@ impl Store {
             fds: Mutex::new(HashMap::new()),
             heal: Mutex::new(HashSet::new()),
             split: Mutex::new(HashSet::new()),
+            quotas: Default::default(),
         };
         store.scan_dirs()?;
+        store.load_quotas()?;
         let mut heal = store.heal.lock().unwrap();
         for e in std::fs::read_dir(&store.heal_dir)? {
             if let Some(g) = e?.file_name().to_str().and_then(Gfid::parse_hex) {
@@ -541,6 +544,11 @@ impl Store {
             Op::Fallocate(f) => self.fallocate(f, now).map(|a| (a, 0)),
             Op::Setxattr(s) => self.setxattr(s).map(|a| (a, 0)),
             Op::Removexattr(r) => self.removexattr(r).map(|a| (a, 0)),
+            Op::SetQuota(q) => {
+                let g = gfid(&q.gfid)?;
+                self.set_quota(g, q.limit)?;
+                self.getattr(g).map(|a| (a, 0))
+            }
         }
     }
 
@@ -595,6 +603,7 @@ impl Store {
                     return Err(e);
                 }
                 self.fds.lock().unwrap().insert(g, Arc::new(fd));
+                self.quota_new_file(parent, g);
             }
             pb::Kind::Dir => {
                 rfs::mkdir(&path, mode)?;
@@ -662,6 +671,7 @@ impl Store {
             if st.st_nlink <= 1 {
                 let _ = rfs::unlink(&idx);
                 self.forget_fd(g);
+                self.quota_forget(g, st.st_size as u64);
             }
         }
     }
@@ -745,6 +755,9 @@ impl Store {
                 self.drop_if_unlinked(d.gfid);
             }
         }
+        if p != np && self.has_quotas() {
+            self.quota_recount(&[p, np]);
+        }
         self.touch_dir(&pdir, now);
         self.touch_dir(&npdir, now);
         stat_path(&dst)
@@ -785,7 +798,10 @@ impl Store {
         if let Some(size) = s.size {
             match ft {
                 FileType::Directory => return Err(Errno::ISDIR),
-                FileType::RegularFile => rfs::ftruncate(&*self.file(g)?, size)?,
+                FileType::RegularFile => {
+                    self.quota_grow(g, st.st_size as u64, size)?;
+                    rfs::ftruncate(&*self.file(g)?, size)?
+                }
                 _ => return Err(Errno::INVAL),
             }
         }
@@ -818,11 +834,10 @@ impl Store {
     fn write(&self, w: &pb::Write, now: i64) -> R<(pb::Attr, u64)> {
         let g = gfid(&w.gfid)?;
         let fd = self.file(g)?;
-        let mut off = if w.append {
-            rfs::fstat(&*fd)?.st_size as u64
-        } else {
-            w.offset
-        };
+        let size = rfs::fstat(&*fd)?.st_size as u64;
+        let mut off = if w.append { size } else { w.offset };
+        // Refused before anything is written, the same way on every brick.
+        self.quota_grow(g, size, size.max(off + w.data.len() as u64))?;
         let mut data = &w.data[..];
         while !data.is_empty() {
             match rustix::io::pwrite(&*fd, data, off) {
@@ -856,6 +871,11 @@ impl Store {
     fn fallocate(&self, f: &pb::Fallocate, now: i64) -> R<pb::Attr> {
         let g = gfid(&f.gfid)?;
         let fd = self.file(g)?;
+        const KEEP_SIZE: i32 = 1;
+        if f.mode & KEEP_SIZE == 0 {
+            let size = rfs::fstat(&*fd)?.st_size as u64;
+            self.quota_grow(g, size, size.max(f.offset + f.length))?;
+        }
         rfs::fallocate(
             &*fd,
             rfs::FallocateFlags::from_bits_retain(f.mode as u32),

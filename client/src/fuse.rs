@@ -645,16 +645,19 @@ impl Filesystem for MortarFs {
         self.sync(ino, datasync, reply);
     }
 
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let inner = self.inner.clone();
-        self.rt.spawn(async move {
-            match inner.vol.statfs().await {
+    fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        // Per inode: inside a PVC's directory, df shows the PVC's quota.
+        on_inode!(
+            self,
+            ino,
+            reply,
+            |inner, g| match inner.vol.statfs(g).await {
                 Ok(s) => reply.statfs(
-                    s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
+                    s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize
                 ),
                 Err(e) => reply.error(errno(e)),
             }
-        });
+        );
     }
 
     fn setxattr(

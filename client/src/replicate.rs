@@ -930,15 +930,10 @@ impl Volume {
                 msg: "no brick reachable".into(),
             });
         }
-        let rs =
-            join_all(
-                bricks.iter().map(|b| {
-                    b.call(move |mut c, _| async move {
-                        c.getattr(pb::GfidReq { gfid: g.to_vec() }).await
-                    })
-                }),
-            )
-            .await;
+        let rs = join_all(bricks.iter().map(|b| {
+            b.call(move |mut c, _| async move { c.getattr(pb::GfidReq { gfid: g.to_vec() }).await })
+        }))
+        .await;
         let mut found: Vec<(&Arc<Brick>, pb::Attr)> = Vec::new();
         let mut errno = None;
         let mut transport = None;
@@ -1252,24 +1247,39 @@ impl Volume {
         Err(last)
     }
 
-    pub async fn statfs(&self) -> Result<pb::StatfsReply> {
-        let mut last = Error::Transport {
-            brick: "*".into(),
-            msg: "no brick reachable".into(),
-        };
-        for b in self.bricks().into_iter().filter(|b| b.is_up()) {
-            match b
-                .call(|mut c, _| async move { c.statfs(pb::Empty {}).await })
-                .await
-            {
-                Ok((r, _)) => {
-                    Error::from_errno(r.errno)?;
-                    return Ok(r);
-                }
-                Err(e) => last = e,
-            }
+    /// File system statistics as seen from `g`: the whole volume, or inside a directory
+    /// with a quota, that quota's size and usage.
+    pub async fn statfs(&self, g: Gfid) -> Result<pb::StatfsReply> {
+        let r = self
+            .read_one(g, move |mut c| async move {
+                c.statfs(pb::GfidReq { gfid: g.to_vec() }).await
+            })
+            .await?;
+        Error::from_errno(r.errno)?;
+        Ok(r)
+    }
+
+    /// Limits the apparent size of the tree under directory `dir` (0: no limit).
+    pub async fn set_quota(&self, dir: Gfid, limit_bytes: u64) -> Result<()> {
+        let op = pb::mutate_req::Op::SetQuota(pb::SetQuota {
+            gfid: dir.to_vec(),
+            limit: limit_bytes,
+        });
+        self.mutate(&[dir], op).await.map(|_| ())
+    }
+
+    /// The quota on directory `dir`, if it has one: (limit, used) in bytes.
+    pub async fn quota(&self, dir: Gfid) -> Result<Option<(u64, u64)>> {
+        let r = self
+            .read_one(dir, move |mut c| async move {
+                c.quota(pb::GfidReq { gfid: dir.to_vec() }).await
+            })
+            .await?;
+        match r.errno {
+            0 => Ok(Some((r.limit, r.used))),
+            libc::ENODATA => Ok(None),
+            e => Err(Error::Os(e)),
         }
-        Err(last)
     }
 
     // ---- application locks ----

@@ -6,10 +6,11 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
 use k8s_openapi::api::core::v1::{
-    Affinity, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm,
-    PodAntiAffinity, PodSpec, PodTemplateSpec, Probe, Service, ServicePort, ServiceSpec,
-    TCPSocketAction, Volume, VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
+    Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar,
+    EnvVarSource, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PodAffinityTerm, PodAntiAffinity, PodSpec, PodTemplateSpec, Probe, SecurityContext, Service,
+    ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount, VolumeResourceRequirements,
+    WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -330,6 +331,17 @@ fn brick_container(ssc: &SharedStorageCluster, plan: &Plan) -> Container {
         ]),
         readiness_probe: Some(tcp_probe(ping, 5, 2)),
         liveness_probe: Some(tcp_probe(ping, 10, 6)),
+        // A brick keeps files of every owner and its own records in trusted.* xattrs: it
+        // needs root with CAP_CHOWN/CAP_FOWNER (default) and CAP_SYS_ADMIN (trusted.*).
+        security_context: Some(SecurityContext {
+            run_as_user: Some(0),
+            run_as_non_root: Some(false),
+            capabilities: Some(Capabilities {
+                add: Some(vec!["SYS_ADMIN".into()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
         resources: ssc.spec.resources.clone(),
         volume_mounts: Some(vec![
             VolumeMount {

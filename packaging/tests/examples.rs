@@ -141,7 +141,6 @@ fn storage_examples_fit_the_csi_driver() {
 /// The podman story runs bricks with `--user 0 --cap-add SYS_ADMIN`; a brick without them
 /// exits with "cannot set trusted xattrs".
 #[test]
-#[ignore = "operator: brick StatefulSet has no securityContext (runAsUser 0, CAP_SYS_ADMIN) yet"]
 fn brick_pods_get_the_privileges_bricks_need() {
     let (_, ssc) = example_cluster();
     let plan = Plan { bricks: 3, volfile_generation: 1, image: "mortar:0.1.0".into() };

@@ -1,0 +1,202 @@
+//! Directory quotas (one per PVC): a limit on the apparent size (sum of file sizes) of a
+//! directory tree. Every brick applies the same changes in the same order, so every brick
+//! reaches the same verdict and a write over the limit fails with EDQUOT on all of them.
+//!
+//! The limit lives in the directory's `trusted.mortar.quota` xattr; the usage is counted in
+//! memory (walked once when the brick starts or the limit is set, then kept up to date), and
+//! so is which quota tree each file belongs to, since files are addressed by gfid alone.
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::Mutex;
+
+use mortar_client::gfid::Gfid;
+use rustix::fs as rfs;
+use rustix::io::Errno;
+
+use crate::store::{R, Store, read_rec};
+
+pub const XATTR: &str = "trusted.mortar.quota";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub limit: u64,
+    pub used: u64,
+}
+
+#[derive(Default)]
+pub struct Quotas {
+    roots: HashMap<Gfid, Usage>,
+    /// Regular file → the quota tree it is counted in.
+    files: HashMap<Gfid, Gfid>,
+}
+
+pub type QuotaTable = Mutex<Quotas>;
+
+fn read_limit(path: &Path) -> Option<u64> {
+    let mut buf = [0u8; 8];
+    match rfs::lgetxattr(path, XATTR, &mut buf[..]) {
+        Ok(8) => Some(u64::from_le_bytes(buf)),
+        _ => None,
+    }
+}
+
+impl Store {
+    /// Finds the quota trees at start (called with the directory map built).
+    pub(crate) fn load_quotas(&self) -> anyhow::Result<()> {
+        let dirs: Vec<Gfid> = self.dirs.read().unwrap().keys().copied().collect();
+        for g in dirs {
+            let path = self.dir_path(g).map_err(|e| anyhow::anyhow!("{e}"))?;
+            if let Some(limit) = read_limit(&path) {
+                self.count_tree(g, limit).map_err(|e| {
+                    anyhow::anyhow!("counting quota usage of {}: {e}", path.display())
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// (Re)counts a quota tree's usage and which files it holds.
+    fn count_tree(&self, root: Gfid, limit: u64) -> R<()> {
+        let mut files = Vec::new();
+        let mut used = 0u64;
+        let mut stack = vec![self.dir_path(root)?];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).map_err(|e| crate::store::io_errno(&e))? {
+                let e = e.map_err(|e| crate::store::io_errno(&e))?;
+                let md = e.metadata().map_err(|e| crate::store::io_errno(&e))?;
+                if md.is_dir() {
+                    stack.push(e.path());
+                } else if md.is_file() {
+                    if let Ok(rec) = read_rec(&e.path()) {
+                        // A file with several names is counted once.
+                        if !files.contains(&rec.gfid) {
+                            used += md.size();
+                            files.push(rec.gfid);
+                        }
+                    }
+                }
+            }
+        }
+        let mut q = self.quotas.lock().unwrap();
+        q.files.retain(|_, r| *r != root);
+        for f in files {
+            q.files.insert(f, root);
+        }
+        q.roots.insert(root, Usage { limit, used });
+        Ok(())
+    }
+
+    pub fn set_quota(&self, dir: Gfid, limit: u64) -> R<()> {
+        if !self.is_dir(dir) {
+            return Err(Errno::NOTDIR);
+        }
+        let path = self.dir_path(dir)?;
+        if limit == 0 {
+            match rfs::lremovexattr(&path, XATTR) {
+                Ok(()) | Err(Errno::NODATA) => {}
+                Err(e) => return Err(e),
+            }
+            let mut q = self.quotas.lock().unwrap();
+            q.roots.remove(&dir);
+            q.files.retain(|_, r| *r != dir);
+            return Ok(());
+        }
+        rfs::lsetxattr(&path, XATTR, &limit.to_le_bytes(), rfs::XattrFlags::empty())?;
+        self.count_tree(dir, limit)
+    }
+
+    /// The quota tree a directory is in: itself or its nearest ancestor with a limit.
+    fn root_of_dir(&self, mut g: Gfid) -> Option<Gfid> {
+        let q = self.quotas.lock().unwrap();
+        if q.roots.is_empty() {
+            return None;
+        }
+        let dirs = self.dirs.read().unwrap();
+        loop {
+            if q.roots.contains_key(&g) {
+                return Some(g);
+            }
+            g = dirs.get(&g)?.parent;
+        }
+    }
+
+    /// The quota tree of any inode, with its usage.
+    pub fn quota_of(&self, g: Gfid) -> Option<(Gfid, Usage)> {
+        let root = if self.is_dir(g) {
+            self.root_of_dir(g)?
+        } else {
+            *self.quotas.lock().unwrap().files.get(&g)?
+        };
+        let u = *self.quotas.lock().unwrap().roots.get(&root)?;
+        Some((root, u))
+    }
+
+    /// A new file in `parent` is counted in the parent's quota tree.
+    pub(crate) fn quota_new_file(&self, parent: Gfid, g: Gfid) {
+        if let Some(root) = self.root_of_dir(parent) {
+            self.quotas.lock().unwrap().files.insert(g, root);
+        }
+    }
+
+    /// Checks that file `g` may grow from `old` to `new` bytes; counts it if so.
+    pub(crate) fn quota_grow(&self, g: Gfid, old: u64, new: u64) -> R<()> {
+        let mut q = self.quotas.lock().unwrap();
+        let Some(root) = q.files.get(&g).copied() else {
+            return Ok(());
+        };
+        let Some(u) = q.roots.get_mut(&root) else {
+            return Ok(());
+        };
+        if new > old {
+            if u.used + (new - old) > u.limit {
+                return Err(Errno::DQUOT);
+            }
+            u.used += new - old;
+        } else {
+            u.used = u.used.saturating_sub(old - new);
+        }
+        Ok(())
+    }
+
+    /// A file's last name is gone: its bytes no longer count.
+    pub(crate) fn quota_forget(&self, g: Gfid, size: u64) {
+        let mut q = self.quotas.lock().unwrap();
+        if let Some(root) = q.files.remove(&g) {
+            if let Some(u) = q.roots.get_mut(&root) {
+                u.used = u.used.saturating_sub(size);
+            }
+        }
+    }
+
+    /// After moves across trees or heals, count the affected trees again.
+    pub(crate) fn quota_recount(&self, dirs: &[Gfid]) {
+        let roots: Vec<(Gfid, u64)> = {
+            let q = self.quotas.lock().unwrap();
+            if q.roots.is_empty() {
+                return;
+            }
+            let mut v: Vec<(Gfid, u64)> = Vec::new();
+            drop(q);
+            for d in dirs {
+                if let Some(r) = self.root_of_dir(*d) {
+                    let limit = self.quotas.lock().unwrap().roots[&r].limit;
+                    if !v.iter().any(|(x, _)| *x == r) {
+                        v.push((r, limit));
+                    }
+                }
+            }
+            v
+        };
+        for (r, limit) in roots {
+            if let Err(e) = self.count_tree(r, limit) {
+                tracing::warn!(root = %r, "recounting quota usage: {e}");
+            }
+        }
+    }
+
+    pub fn has_quotas(&self) -> bool {
+        !self.quotas.lock().unwrap().roots.is_empty()
+    }
+}
