@@ -63,7 +63,7 @@ mod tests {
         let r = Record {
             gfid: Gfid::random(),
             promised: 7,
-            ver: (5, 9),
+            ver: (5, 9, 11),
             ctime_ns: -3,
         };
         assert_eq!(Record::decode(&r.encode()), Some(r));

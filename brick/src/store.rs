@@ -178,6 +178,16 @@ impl Store {
                 r.gfid
             ),
             Err(_) => {
+                // A directory with files but no Mortar records is someone's data: a full
+                // heal would replace it. Only an empty directory becomes a brick.
+                let foreign = std::fs::read_dir(&root)?
+                    .filter_map(|e| e.ok())
+                    .any(|e| e.file_name() != META);
+                anyhow::ensure!(
+                    !foreign,
+                    "{} holds files but is not a Mortar brick; give the brick an empty directory",
+                    root.display()
+                );
                 let now = now_ns();
                 full_heal = true;
                 write_rec(&root, &Record::new(Gfid::ROOT, 0, now)).map_err(|e| {
@@ -1008,6 +1018,36 @@ pub fn now_ns() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_an_empty_directory_becomes_a_brick_and_gets_a_full_heal() {
+        let d = std::env::temp_dir().join(format!("mortar-store-{}", Gfid::random()));
+        std::fs::create_dir_all(d.join("somebody")).unwrap();
+        std::fs::write(d.join("somebody/data"), b"x").unwrap();
+        let err = Store::open(&d)
+            .err()
+            .expect("a foreign tree must be refused")
+            .to_string();
+        assert!(err.contains("not a Mortar brick"), "{err}");
+        std::fs::remove_dir_all(&d).unwrap();
+        let s = Store::open(&d).unwrap();
+        assert_eq!(
+            s.heal_pending(),
+            vec![Gfid::ROOT],
+            "a new brick heals its root in full"
+        );
+        drop(s);
+        // Opening it again is not a new brick.
+        let s = Store::open(&d).unwrap();
+        assert_eq!(
+            s.heal_pending(),
+            vec![Gfid::ROOT],
+            "still pending until healed"
+        );
+        s.heal_done(Gfid::ROOT);
+        assert!(Store::open(&d).unwrap().heal_pending().is_empty());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
 
     #[test]
     fn names_are_checked() {
