@@ -14,10 +14,12 @@ pub mod error;
 pub mod identity;
 pub mod inflight;
 pub mod metrics;
+pub mod mortar_ops;
 pub mod mounts;
 pub mod node;
 pub mod ops;
 pub mod ops_conformance;
+pub mod quota;
 pub mod server;
 pub mod volume_id;
 

@@ -5,12 +5,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use mortar_csi::mortar_ops::MortarResolver;
 use mortar_csi::node::NodeConfig;
 use mortar_csi::ops::{LocalResolver, Unconfigured, VolumeResolver};
 use mortar_csi::server::{self, Mode, Services};
+use mortar_csi::volume_id::VolumeId;
 
 /// Mortar CSI driver (mortar.csi.mortar.dev): identity + controller or identity + node
 /// services on a unix socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Backend {
+    Mortar,
+    Local,
+}
+
 #[derive(Parser, Debug)]
 #[command(name = "mortar-csi", version)]
 struct Cli {
@@ -30,10 +38,20 @@ struct Cli {
     #[arg(long)]
     metrics_address: Option<std::net::SocketAddr>,
 
-    /// Controller: reach volumes as local directories `DIR/NAMESPACE/CLUSTER/VOLUME`
-    /// (a mounted Mortar volume, or plain directories for trials and tests).
+    /// Controller: how volumes are reached. `mortar`: through the Mortar client library,
+    /// straight to the bricks (no mount); `local`: as directories under --local-root.
+    #[arg(long, value_enum, default_value_t = Backend::Mortar)]
+    backend: Backend,
+    /// Controller, `--backend local`: volumes are the directories
+    /// `DIR/NAMESPACE/CLUSTER/VOLUME` (a mounted Mortar volume, or plain directories for
+    /// trials and tests).
     #[arg(long)]
     local_root: Option<PathBuf>,
+    /// Controller, `--backend mortar`: a volume ListVolumes enumerates from the start
+    /// (`NAMESPACE/CLUSTER/VOLUME` or `@HOST,HOST/VOLUME`; repeatable). Volumes named by a
+    /// request since the start are listed as well.
+    #[arg(long = "known-volume")]
+    known_volumes: Vec<String>,
     /// Controller: capacity of a volume request that names none, in bytes.
     #[arg(long, default_value_t = 1 << 30)]
     default_capacity: u64,
@@ -44,8 +62,9 @@ struct Cli {
     /// Node: the FUSE mount helper (looked up in PATH when a bare name).
     #[arg(long, default_value = "mortar-mount")]
     mount_command: PathBuf,
-    /// Node: volfile server of a named cluster; `{cluster}` and `{namespace}` are replaced.
-    #[arg(long, default_value = "{cluster}-bricks.{namespace}.svc")]
+    /// Volfile server of a named cluster (controller and node); `{cluster}` and
+    /// `{namespace}` are replaced. The default is the operator's client Service.
+    #[arg(long, default_value = mortar_csi::volume_id::DEFAULT_SERVER_TEMPLATE)]
     volfile_server_template: String,
     /// Node: seconds to wait for the mount helper.
     #[arg(long, default_value_t = 60)]
@@ -97,9 +116,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Some(cfg)
         }
     };
-    let resolver: Arc<dyn VolumeResolver> = match &cli.local_root {
-        Some(root) => Arc::new(LocalResolver::new(root)),
-        None => Arc::new(Unconfigured),
+    let resolver: Arc<dyn VolumeResolver> = match (cli.mode, cli.backend, &cli.local_root) {
+        (Mode::Node, _, _) => Arc::new(Unconfigured),
+        (_, Backend::Local, Some(root)) => Arc::new(LocalResolver::new(root)),
+        (_, Backend::Local, None) => anyhow::bail!("--backend local needs --local-root DIR"),
+        (_, Backend::Mortar, Some(_)) => {
+            anyhow::bail!("--local-root is only for --backend local")
+        }
+        (_, Backend::Mortar, None) => {
+            let mut known = Vec::new();
+            for v in &cli.known_volumes {
+                let id: VolumeId = v
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("--known-volume {v:?}: {e}"))?;
+                if id.dir.is_some() {
+                    anyhow::bail!("--known-volume {v:?} names a PVC, not a volume");
+                }
+                known.push(id.location);
+            }
+            Arc::new(MortarResolver::new(
+                cli.volfile_server_template.clone(),
+                known,
+            ))
+        }
     };
     let socket = server::socket_path(&cli.endpoint)?;
 

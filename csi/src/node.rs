@@ -35,7 +35,7 @@ use crate::inflight::InFlight;
 use crate::metrics::observe;
 use crate::mounts::{self, BindFlags, Health, MountEntry};
 use crate::ops::{self, LIMIT_XATTR};
-use crate::volume_id::{ClusterRef, VolumeId, VolumeLocation};
+use crate::volume_id::{VolumeId, VolumeLocation};
 
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -59,7 +59,7 @@ impl NodeConfig {
             node_id: node_id.into(),
             state_dir: PathBuf::from("/var/lib/kubelet/plugins/mortar.csi.mortar.dev"),
             mount_command: PathBuf::from("mortar-mount"),
-            server_template: "{cluster}-bricks.{namespace}.svc".into(),
+            server_template: crate::volume_id::DEFAULT_SERVER_TEMPLATE.into(),
             mount_timeout: Duration::from_secs(60),
             probe_timeout: Duration::from_secs(10),
         }
@@ -176,17 +176,7 @@ impl NodeService {
     /// `mortar-mount` arguments for a volume: the first volfile server, the others as
     /// backups.
     fn mount_args(&self, location: &VolumeLocation, mount_point: &Path) -> Vec<String> {
-        let servers = match &location.cluster {
-            ClusterRef::Named { namespace, name } => {
-                vec![
-                    self.cfg
-                        .server_template
-                        .replace("{cluster}", name)
-                        .replace("{namespace}", namespace),
-                ]
-            }
-            ClusterRef::Servers(list) => list.clone(),
-        };
+        let servers = location.volfile_servers(&self.cfg.server_template);
         let mut args = vec![
             format!("{}:/{}", servers[0], location.volume),
             mount_point.display().to_string(),
@@ -762,13 +752,12 @@ mod tests {
 
     #[test]
     fn mount_arguments_follow_the_mortar_mount_contract() {
-        let mut cfg = NodeConfig::new("n1");
-        cfg.server_template = "{cluster}-bricks.{namespace}.svc".into();
-        let svc = NodeService::new(cfg);
+        // The default names the operator's client Service `NAME` in the cluster's namespace.
+        let svc = NodeService::new(NodeConfig::new("n1"));
         let named: VolumeId = "storage/shared/data/pvc-1".parse().unwrap();
         assert_eq!(
             svc.mount_args(&named.location, Path::new("/m")),
-            vec!["shared-bricks.storage.svc:/data", "/m"]
+            vec!["shared.storage.svc:24100:/data", "/m"]
         );
         let servers: VolumeId = "@h1:24100,h2,h3/data".parse().unwrap();
         assert_eq!(

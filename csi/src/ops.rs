@@ -136,9 +136,7 @@ pub struct Unconfigured;
 #[async_trait]
 impl VolumeResolver for Unconfigured {
     async fn open(&self, _: &VolumeLocation) -> OpsResult<Arc<dyn VolumeOps>> {
-        Err(OpsError::Unavailable(
-            "no volume backend configured (start with --local-root DIR)".into(),
-        ))
+        Err(OpsError::Unavailable("no volume backend configured".into()))
     }
     async fn known(&self) -> OpsResult<Vec<VolumeLocation>> {
         Ok(Vec::new())
@@ -236,8 +234,8 @@ impl VolumeResolver for LocalResolver {
 /// service reads [`LIMIT_XATTR`] through the mount to report a PVC's size when the
 /// file system's statfs reports the whole volume.
 pub const LIMIT_XATTR: &str = "user.mortar.csi.limit";
-const RECLAIM_XATTR: &str = "user.mortar.csi.reclaim";
-const SOURCE_XATTR: &str = "user.mortar.csi.source";
+pub(crate) const RECLAIM_XATTR: &str = "user.mortar.csi.reclaim";
+pub(crate) const SOURCE_XATTR: &str = "user.mortar.csi.source";
 
 /// [`VolumeOps`] over a directory of the local file system. Size limits are recorded but
 /// not enforced: enforcement belongs to the Mortar client (EDQUOT on writes past the

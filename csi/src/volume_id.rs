@@ -99,6 +99,25 @@ impl VolumeLocation {
     }
 }
 
+/// The default `--volfile-server-template`: the operator's client Service of a
+/// `SharedStorageCluster` (named like the cluster), brick port 24100.
+pub const DEFAULT_SERVER_TEMPLATE: &str = "{cluster}.{namespace}.svc:24100";
+
+impl VolumeLocation {
+    /// The volfile servers to try, first one preferred: the explicit list, or `template`
+    /// with `{cluster}` and `{namespace}` replaced for a named cluster.
+    pub fn volfile_servers(&self, template: &str) -> Vec<String> {
+        match &self.cluster {
+            ClusterRef::Named { namespace, name } => vec![
+                template
+                    .replace("{cluster}", name)
+                    .replace("{namespace}", namespace),
+            ],
+            ClusterRef::Servers(list) => list.clone(),
+        }
+    }
+}
+
 impl fmt::Display for VolumeLocation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.cluster {

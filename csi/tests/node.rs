@@ -117,7 +117,7 @@ async fn kubelet_order_two_pods_share_a_pvc() {
     assert_eq!(
         layout.mount_calls(),
         vec![format!(
-            "shared-bricks.storage.svc:/data {}",
+            "shared.storage.svc:24100:/data {}",
             layout.shared_mount().display()
         )]
     );

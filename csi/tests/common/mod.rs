@@ -203,11 +203,21 @@ impl InProcess {
         mode: Mode,
         node: Option<NodeConfig>,
     ) -> (InProcess, Clients) {
+        let resolver = Arc::new(LocalResolver::new(&layout.volumes));
+        Self::start_with(layout, mode, node, resolver).await
+    }
+
+    pub async fn start_with(
+        layout: &Layout,
+        mode: Mode,
+        node: Option<NodeConfig>,
+        resolver: Arc<dyn mortar_csi::ops::VolumeResolver>,
+    ) -> (InProcess, Clients) {
         let listener = server::bind(&layout.socket).unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let services = Services {
             mode,
-            resolver: Arc::new(LocalResolver::new(&layout.volumes)),
+            resolver,
             default_bytes: 64 * MIB as u64,
             node,
         };
@@ -250,7 +260,7 @@ impl Plugin {
             ])
             .arg("--endpoint")
             .arg(format!("unix://{}", layout.socket.display()))
-            .arg("--local-root")
+            .args(["--backend", "local", "--local-root"])
             .arg(&layout.volumes)
             .arg("--state-dir")
             .arg(&layout.state)
