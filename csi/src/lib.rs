@@ -15,6 +15,7 @@ pub mod identity;
 pub mod inflight;
 pub mod metrics;
 pub mod mortar_ops;
+pub mod mounter;
 pub mod mounts;
 pub mod node;
 pub mod ops;

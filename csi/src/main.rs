@@ -56,17 +56,23 @@ struct Cli {
     #[arg(long, default_value_t = 1 << 30)]
     default_capacity: u64,
 
-    /// Node: directory for the shared per-cluster mounts and mount helper logs.
+    /// Node, mounter: directory for the shared per-cluster mounts (`volumes/`) and mount
+    /// helper logs (`logs/`); the node plugin and its mounter must see the same one.
     #[arg(long, default_value = "/var/lib/kubelet/plugins/mortar.csi.mortar.dev")]
     state_dir: PathBuf,
-    /// Node: the FUSE mount helper (looked up in PATH when a bare name).
+    /// Node, mounter: the FUSE mount helper (looked up in PATH when a bare name).
     #[arg(long, default_value = "mortar-mount")]
     mount_command: PathBuf,
     /// Volfile server of a named cluster (controller and node); `{cluster}` and
     /// `{namespace}` are replaced. The default is the operator's client Service.
     #[arg(long, default_value = mortar_csi::volume_id::DEFAULT_SERVER_TEMPLATE)]
     volfile_server_template: String,
-    /// Node: seconds to wait for the mount helper.
+    /// Node: have the mounter at this socket (`unix:///run/mortar/mounter.sock`) run the
+    /// mount helper, so FUSE daemons live in its container, not this one. Without it the
+    /// node plugin runs --mount-command itself (tests, single-host trials).
+    #[arg(long)]
+    mounter: Option<String>,
+    /// Node, mounter: seconds to wait for the mount helper.
     #[arg(long, default_value_t = 60)]
     mount_timeout: u64,
 }
@@ -100,8 +106,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
 
+    if cli.mode == Mode::Mounter {
+        return run_mounter(cli);
+    }
     let node = match cli.mode {
-        Mode::Controller => None,
+        Mode::Controller | Mode::Mounter => None,
         Mode::Node | Mode::All => {
             let node_id = cli
                 .node_id
@@ -113,11 +122,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cfg.mount_command = cli.mount_command.clone();
             cfg.server_template = cli.volfile_server_template.clone();
             cfg.mount_timeout = Duration::from_secs(cli.mount_timeout);
+            cfg.mounter = cli
+                .mounter
+                .as_deref()
+                .map(server::socket_path)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--mounter: {e}"))?;
             Some(cfg)
         }
     };
     let resolver: Arc<dyn VolumeResolver> = match (cli.mode, cli.backend, &cli.local_root) {
-        (Mode::Node, _, _) => Arc::new(Unconfigured),
+        (Mode::Node | Mode::Mounter, _, _) => Arc::new(Unconfigured),
         (_, Backend::Local, Some(root)) => Arc::new(LocalResolver::new(root)),
         (_, Backend::Local, None) => anyhow::bail!("--backend local needs --local-root DIR"),
         (_, Backend::Mortar, Some(_)) => {
@@ -180,6 +195,58 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             node,
         };
         server::serve(services, listener, shutdown).await?;
+        let _ = std::fs::remove_file(&socket);
+        Ok(())
+    })
+}
+
+async fn shutdown_signal(what: &'static str) {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("{what}");
+}
+
+/// `--mode mounter`: runs mortar-mount for the node plugin (see `mortar_csi::mounter`).
+fn run_mounter(cli: Cli) -> anyhow::Result<()> {
+    let socket = server::socket_path(&cli.endpoint)?;
+    let mount_command = {
+        let mut probe = NodeConfig::new("mounter");
+        probe.mount_command = cli.mount_command.clone();
+        probe.resolve_mount_command().ok_or_else(|| {
+            anyhow::anyhow!("mount helper {} not found", cli.mount_command.display())
+        })?
+    };
+    std::fs::create_dir_all(cli.state_dir.join("volumes"))
+        .map_err(|e| anyhow::anyhow!("--state-dir {}: {e}", cli.state_dir.display()))?;
+    let cfg = mortar_csi::mounter::MounterConfig {
+        state_dir: cli.state_dir.clone(),
+        mount_command,
+        mount_timeout: Duration::from_secs(cli.mount_timeout),
+        probe_timeout: Duration::from_secs(10),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = server::bind(&socket)?;
+        tracing::info!(
+            version = mortar_csi::VERSION,
+            socket = %socket.display(),
+            state_dir = %cfg.state_dir.display(),
+            "mounter serving"
+        );
+        let mounter = mortar_csi::mounter::Mounter::new(cfg);
+        // FUSE daemons are left running: pods keep using their mounts.
+        mounter
+            .serve(
+                listener,
+                shutdown_signal("mounter shutting down; mounts stay in place"),
+            )
+            .await?;
         let _ = std::fs::remove_file(&socket);
         Ok(())
     })

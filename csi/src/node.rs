@@ -51,6 +51,10 @@ pub struct NodeConfig {
     pub mount_timeout: Duration,
     /// How long a stat may take before a mount counts as hung.
     pub probe_timeout: Duration,
+    /// The mounter's socket: shared mounts are made by `mortar-csi --mode mounter` (its
+    /// own container, so FUSE daemons survive restarts of this one) instead of running
+    /// `mount_command` here.
+    pub mounter: Option<PathBuf>,
 }
 
 impl NodeConfig {
@@ -62,6 +66,7 @@ impl NodeConfig {
             server_template: crate::volume_id::DEFAULT_SERVER_TEMPLATE.into(),
             mount_timeout: Duration::from_secs(60),
             probe_timeout: Duration::from_secs(10),
+            mounter: None,
         }
     }
 
@@ -83,7 +88,10 @@ impl NodeConfig {
 
     /// Probe: ready when the mount helper exists and the state directory is usable.
     pub fn ready(&self) -> std::result::Result<(), String> {
-        if self.resolve_mount_command().is_none() {
+        if let Some(socket) = &self.mounter {
+            std::os::unix::net::UnixStream::connect(socket)
+                .map_err(|e| format!("mounter at {}: {e}", socket.display()))?;
+        } else if self.resolve_mount_command().is_none() {
             return Err(format!(
                 "mount helper {} not found",
                 self.mount_command.display()
@@ -232,6 +240,26 @@ impl NodeService {
     }
 
     async fn run_mount(&self, location: &VolumeLocation, path: &Path) -> Result<()> {
+        if let Some(socket) = &self.cfg.mounter {
+            // The mounter container runs mortar-mount, so the FUSE daemon is not in ours.
+            let servers = location.volfile_servers(&self.cfg.server_template);
+            let mut options = Vec::new();
+            if servers.len() > 1 {
+                options.push(format!("backup-volfile-servers={}", servers[1..].join(":")));
+            }
+            let req = crate::mounter::MountRequest {
+                source: format!("{}:/{}", servers[0], location.volume),
+                target: path.display().to_string(),
+                options,
+                log_name: location.key(),
+            };
+            tracing::info!(mounter = %socket.display(), source = req.source, "asking the mounter");
+            // A little more than the mounter's own helper timeout, so its answer wins.
+            let timeout = self.cfg.mount_timeout + Duration::from_secs(15);
+            return crate::mounter::request_mount(socket, &req, timeout)
+                .await
+                .map_err(|e| CsiError::Unavailable(format!("mounting {location}: {e}")));
+        }
         let cmd = self.cfg.resolve_mount_command().ok_or_else(|| {
             CsiError::Unavailable(format!(
                 "mount helper {} not found",
@@ -239,48 +267,14 @@ impl NodeService {
             ))
         })?;
         let args = self.mount_args(location, path);
-        let logs = self.cfg.state_dir.join("logs");
-        tokio::fs::create_dir_all(&logs)
+        let log_path = self
+            .cfg
+            .state_dir
+            .join("logs")
+            .join(format!("mount-{}.log", location.key()));
+        crate::mounter::run_helper(&cmd, &args, &log_path, self.cfg.mount_timeout, |_| {})
             .await
-            .map_err(io_err("creating log directory"))?;
-        let log_path = logs.join(format!("mount-{}.log", location.key()));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(io_err(format!("opening {}", log_path.display())))?;
-        tracing::info!(command = %cmd.display(), ?args, "mounting");
-        // Output goes to a file, not a pipe: the daemonised FUSE process inherits the
-        // descriptors and would hold a pipe open long after the helper returned.
-        let mut child = tokio::process::Command::new(&cmd)
-            .args(&args)
-            .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone().map_err(io_err("log file"))?)
-            .stderr(log)
-            // Its own process group: signals aimed at the plugin (Ctrl-C, a group kill on
-            // restart) must not reach the mount helper or the daemon it leaves running.
-            .process_group(0)
-            .spawn()
-            .map_err(io_err(format!("starting {}", cmd.display())))?;
-        let status = match tokio::time::timeout(self.cfg.mount_timeout, child.wait()).await {
-            Ok(status) => status.map_err(io_err("waiting for the mount helper"))?,
-            Err(_) => {
-                let _ = child.start_kill();
-                return Err(CsiError::Unavailable(format!(
-                    "mounting {location} timed out"
-                )));
-            }
-        };
-        if !status.success() {
-            let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
-            let tail: Vec<&str> = tail.lines().rev().take(3).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            return Err(CsiError::Unavailable(format!(
-                "mounting {location} failed ({status}): {}",
-                tail.join(" | ")
-            )));
-        }
-        Ok(())
+            .map_err(|e| CsiError::Unavailable(format!("mounting {location}: {e}")))
     }
 
     /// Binds the volume's directory of the shared mount on `staging`; idempotent, and

@@ -24,6 +24,9 @@ pub enum Mode {
     Node,
     /// All three services in one process, for single-host trials and tests.
     All,
+    /// No CSI service: runs `mortar-mount` for the node plugin, in a container of its own
+    /// (see `mounter`), so FUSE daemons outlive node plugin restarts.
+    Mounter,
 }
 
 /// The socket path of a `unix://` endpoint (`unix:///csi/csi.sock`, `unix:/x`, or a

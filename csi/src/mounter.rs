@@ -1,0 +1,395 @@
+//! The mounter: runs `mortar-mount` on behalf of the node plugin, in a container of its
+//! own, so that the FUSE daemons outlive restarts and upgrades of the node plugin
+//! container (a container restart kills every process in it, daemonised or not).
+//!
+//! `mortar-csi --mode mounter --endpoint unix:///run/mortar/mounter.sock` listens on a
+//! unix socket shared with the node plugin container. The protocol is one request and
+//! one reply per connection, each a protobuf message ([`MountRequest`], [`MountReply`])
+//! preceded by its length as a big-endian u32.
+//!
+//! A mount is reported as done only when its mount point shows up in the mounter's
+//! `/proc/self/mountinfo` and answers statfs. Mount points must lie under the mounter's
+//! `--state-dir` (`volumes/`), so the socket cannot be used to mount over arbitrary paths.
+//! The mounter is PID 1 of its container and the daemonised FUSE processes are
+//! reparented to it: it reaps them when they exit.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::mounts::{self, Health};
+
+/// Largest message accepted on the socket.
+const MAX_MESSAGE: u32 = 64 << 10;
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct MountRequest {
+    /// `HOST[:PORT]:/VOLUME`, the mount helper's first argument.
+    #[prost(string, tag = "1")]
+    pub source: String,
+    /// Absolute mount point (under the mounter's state dir).
+    #[prost(string, tag = "2")]
+    pub target: String,
+    /// `-o` options, e.g. `backup-volfile-servers=h2:h3`.
+    #[prost(string, repeated, tag = "3")]
+    pub options: Vec<String>,
+    /// File-name-safe name for the helper's log, `STATE_DIR/logs/mount-<name>.log`.
+    #[prost(string, tag = "4")]
+    pub log_name: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct MountReply {
+    /// Empty on success.
+    #[prost(string, tag = "1")]
+    pub error: String,
+}
+
+async fn write_msg(s: &mut UnixStream, m: &impl prost::Message) -> std::io::Result<()> {
+    let body = m.encode_to_vec();
+    s.write_all(&(body.len() as u32).to_be_bytes()).await?;
+    s.write_all(&body).await?;
+    s.flush().await
+}
+
+async fn read_msg<M: prost::Message + Default>(s: &mut UnixStream) -> std::io::Result<M> {
+    let len = s.read_u32().await?;
+    if len > MAX_MESSAGE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("message of {len} bytes"),
+        ));
+    }
+    let mut body = vec![0u8; len as usize];
+    s.read_exact(&mut body).await?;
+    M::decode(body.as_slice()).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// Client side (the node plugin): asks the mounter at `socket` to mount and waits for
+/// its answer, at most `timeout`.
+pub async fn request_mount(
+    socket: &Path,
+    req: &MountRequest,
+    timeout: Duration,
+) -> Result<(), String> {
+    let call = async {
+        let mut s = UnixStream::connect(socket)
+            .await
+            .map_err(|e| format!("mounter at {}: {e}", socket.display()))?;
+        write_msg(&mut s, req)
+            .await
+            .map_err(|e| format!("sending to mounter: {e}"))?;
+        let reply: MountReply = read_msg(&mut s)
+            .await
+            .map_err(|e| format!("mounter reply: {e}"))?;
+        if reply.error.is_empty() {
+            Ok(())
+        } else {
+            Err(reply.error)
+        }
+    };
+    tokio::time::timeout(timeout, call)
+        .await
+        .unwrap_or_else(|_| Err(format!("mounter did not answer within {timeout:?}")))
+}
+
+/// Runs a mount helper that daemonises: output appended to `log_path`, its own process
+/// group (signals aimed at the caller must not reach it or the daemon it leaves), killed
+/// after `timeout`. `on_spawn` sees the helper's pid before it can exit.
+pub async fn run_helper(
+    cmd: &Path,
+    args: &[String],
+    log_path: &Path,
+    timeout: Duration,
+    on_spawn: impl FnOnce(u32),
+) -> Result<(), String> {
+    if let Some(dir) = log_path.parent() {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .map_err(|e| format!("opening {}: {e}", log_path.display()))?;
+    tracing::info!(command = %cmd.display(), ?args, "mounting");
+    // Output goes to a file, not a pipe: the daemonised FUSE process inherits the
+    // descriptors and would hold a pipe open long after the helper returned.
+    let mut child = tokio::process::Command::new(cmd)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().map_err(|e| format!("log file: {e}"))?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", cmd.display()))?;
+    if let Some(pid) = child.id() {
+        on_spawn(pid);
+    }
+    let status = match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(status) => status.map_err(|e| format!("waiting for the mount helper: {e}"))?,
+        Err(_) => {
+            let _ = child.start_kill();
+            return Err(format!("mount helper timed out after {timeout:?}"));
+        }
+    };
+    if !status.success() {
+        let tail = std::fs::read_to_string(log_path).unwrap_or_default();
+        let tail: Vec<&str> = tail.lines().rev().take(3).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        return Err(format!(
+            "mount helper failed ({status}): {}",
+            tail.join(" | ")
+        ));
+    }
+    Ok(())
+}
+
+#[derive(Clone, Debug)]
+pub struct MounterConfig {
+    /// Mount points must be below `STATE_DIR/volumes`; helper logs go to `STATE_DIR/logs`.
+    pub state_dir: PathBuf,
+    pub mount_command: PathBuf,
+    pub mount_timeout: Duration,
+    pub probe_timeout: Duration,
+}
+
+pub struct Mounter {
+    cfg: MounterConfig,
+    /// Helpers being waited for: the zombie reaper must leave them to their waiter.
+    helpers: Arc<Mutex<HashSet<u32>>>,
+    /// One mount at a time per mount point.
+    busy: tokio::sync::Mutex<()>,
+}
+
+fn safe_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 200
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && !s.starts_with('.')
+}
+
+impl Mounter {
+    pub fn new(cfg: MounterConfig) -> Arc<Self> {
+        Arc::new(Mounter {
+            cfg,
+            helpers: Arc::default(),
+            busy: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn check(&self, req: &MountRequest) -> Result<PathBuf, String> {
+        let target = Path::new(&req.target);
+        let root = self.cfg.state_dir.join("volumes");
+        let inside = target.is_absolute()
+            && target.parent() == Some(root.as_path())
+            && target
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(safe_name);
+        if !inside {
+            return Err(format!(
+                "mount point {:?} is not a directory of {}",
+                req.target,
+                root.display()
+            ));
+        }
+        if !safe_name(&req.log_name) {
+            return Err(format!("bad log name {:?}", req.log_name));
+        }
+        let source_ok = req.source.contains(":/")
+            && !req.source.starts_with('-')
+            && !req.source.chars().any(|c| c.is_whitespace() || c == ',');
+        if !source_ok {
+            return Err(format!(
+                "bad source {:?} (want HOST[:PORT]:/VOLUME)",
+                req.source
+            ));
+        }
+        if req
+            .options
+            .iter()
+            .any(|o| o.is_empty() || o.contains(',') || o.starts_with('-'))
+        {
+            return Err(format!("bad options {:?}", req.options));
+        }
+        Ok(target.to_path_buf())
+    }
+
+    /// Mounts `req` unless a healthy mount is already there; Ok only once the mount is in
+    /// the mount table and answers.
+    pub async fn mount(&self, req: &MountRequest) -> Result<(), String> {
+        let target = self.check(req)?;
+        let _one = self.busy.lock().await;
+        if mounts::find_now(&target)
+            .map_err(|e| format!("mount table: {e}"))?
+            .is_some()
+        {
+            match mounts::probe(&target, self.cfg.probe_timeout).await {
+                Health::Healthy => return Ok(()),
+                health => {
+                    tracing::warn!(target = %target.display(), ?health, "replacing a broken mount");
+                    let _ = mounts::unmount(&target, true);
+                }
+            }
+        }
+        tokio::fs::create_dir_all(&target)
+            .await
+            .map_err(|e| format!("creating {}: {e}", target.display()))?;
+        let mut args = vec![req.source.clone(), req.target.clone()];
+        if !req.options.is_empty() {
+            args.push("-o".into());
+            args.push(req.options.join(","));
+        }
+        let log = self
+            .cfg
+            .state_dir
+            .join("logs")
+            .join(format!("mount-{}.log", req.log_name));
+        let helpers = self.helpers.clone();
+        let mut spawned = None;
+        let result = run_helper(
+            &self.cfg.mount_command,
+            &args,
+            &log,
+            self.cfg.mount_timeout,
+            |pid| {
+                helpers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(pid);
+                spawned = Some(pid);
+            },
+        )
+        .await;
+        if let Some(pid) = spawned {
+            self.helpers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&pid);
+        }
+        result?;
+        // The helper returned: the mount must be in the table now (a helper that forgot
+        // to wait for the kernel would be caught here), and answer.
+        let mut found = false;
+        for _ in 0..50 {
+            if mounts::find_now(&target)
+                .map_err(|e| format!("mount table: {e}"))?
+                .is_some()
+            {
+                found = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        if !found {
+            return Err(format!(
+                "mount helper succeeded but {} is not in /proc/self/mountinfo",
+                target.display()
+            ));
+        }
+        match mounts::probe(&target, self.cfg.probe_timeout).await {
+            Health::Healthy => {
+                tracing::info!(source = req.source, target = %target.display(), "mounted");
+                Ok(())
+            }
+            health => {
+                let _ = mounts::unmount(&target, true);
+                Err(format!(
+                    "new mount of {} is not usable: {health:?}",
+                    req.source
+                ))
+            }
+        }
+    }
+
+    async fn handle(self: Arc<Self>, mut s: UnixStream) {
+        let reply = match read_msg::<MountRequest>(&mut s).await {
+            Ok(req) => match self.mount(&req).await {
+                Ok(()) => MountReply::default(),
+                Err(error) => {
+                    tracing::warn!(
+                        source = req.source,
+                        target = req.target,
+                        error,
+                        "mount failed"
+                    );
+                    MountReply { error }
+                }
+            },
+            Err(e) => MountReply {
+                error: format!("bad request: {e}"),
+            },
+        };
+        let _ = write_msg(&mut s, &reply).await;
+    }
+
+    /// Reaps the FUSE daemons that `mortar-mount` left behind once they exit: they are
+    /// reparented to us when we are PID 1. Only session leaders (the daemons call
+    /// setsid) are reaped, never a helper some task is still waiting for.
+    fn reap(&self) {
+        let helpers = self.helpers.lock().unwrap_or_else(|p| p.into_inner());
+        let me = std::process::id();
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for entry in dir.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            if helpers.contains(&pid) {
+                continue;
+            }
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // pid (comm) state ppid ...; comm may contain spaces and parentheses.
+            let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+                continue;
+            };
+            let mut f = rest.split_whitespace();
+            let state = f.next();
+            let mut num = || f.next().and_then(|p| p.parse::<u32>().ok());
+            let (ppid, _pgrp, session) = (num(), num(), num());
+            if state == Some("Z") && ppid == Some(me) && session == Some(pid) {
+                let mut status = 0;
+                // SAFETY: waitpid on our own exited child.
+                unsafe { libc::waitpid(pid as i32, &mut status, libc::WNOHANG) };
+                tracing::debug!(pid, "reaped");
+            }
+        }
+    }
+
+    /// Serves until `shutdown` resolves. Mounts stay in place when it stops.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: UnixListener,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        let reaper = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            loop {
+                tick.tick().await;
+                let r = reaper.clone();
+                let _ = tokio::task::spawn_blocking(move || r.reap()).await;
+            }
+        });
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                conn = listener.accept() => {
+                    let (s, _) = conn?;
+                    tokio::spawn(self.clone().handle(s));
+                }
+            }
+        }
+    }
+}
