@@ -246,34 +246,60 @@ fn chart_fits_the_binaries() {
     let op = find(&docs, "Deployment", "mortar-operator");
     assert!(args_of(containers(op)[0]).contains(&format!("--brick-image={image}")));
 
-    // Node plugin: privileged, kubelet dir with Bidirectional propagation, /dev/fuse, and the
-    // registrar pointing the kubelet at the socket mortar-csi serves.
+    // Node: the plugin and the mounter, both privileged with the kubelet dir under
+    // Bidirectional propagation; /dev/fuse in the mounter, which runs mortar-mount; the two
+    // share the mounter's socket and state dir; the registrar points the kubelet at the
+    // socket mortar-csi serves.
     let ds = find(&docs, "DaemonSet", "mortar-csi-node");
     let cs = containers(ds);
     let names: Vec<&str> = cs.iter().map(|c| c["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["mortar-csi", "node-driver-registrar", "liveness-probe"]);
-    let plugin = cs[0];
-    assert_eq!(plugin["securityContext"]["privileged"], true);
-    let mounts = plugin["volumeMounts"].as_array().unwrap();
-    assert!(mounts.iter().any(|m| m["mountPath"] == "/var/lib/kubelet" && m["mountPropagation"] == "Bidirectional"));
-    assert!(mounts.iter().any(|m| m["mountPath"] == "/dev/fuse"));
+    assert_eq!(names, ["mortar-csi", "mortar-mounter", "node-driver-registrar", "liveness-probe"]);
+    let (plugin, mounter) = (cs[0], cs[1]);
+    let mount_path = |c: &Value, volume: &str| -> Option<(String, String)> {
+        c["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == volume).map(|m| {
+            (m["mountPath"].as_str().unwrap().to_string(), m["mountPropagation"].as_str().unwrap_or("").to_string())
+        })
+    };
+    for c in [plugin, mounter] {
+        assert_eq!(c["securityContext"]["privileged"], true, "{}", c["name"]);
+        assert_eq!(
+            mount_path(c, "kubelet-dir"),
+            Some(("/var/lib/kubelet".to_string(), "Bidirectional".to_string())),
+            "{}",
+            c["name"]
+        );
+        assert_eq!(mount_path(c, "mounter-socket").map(|m| m.0).as_deref(), Some("/run/mortar"), "{}", c["name"]);
+    }
+    assert_eq!(mount_path(mounter, "dev-fuse").map(|m| m.0).as_deref(), Some("/dev/fuse"));
+    assert_eq!(mounter["command"][0], "mortar-csi");
+    let arg = |c: &Value, flag: &str| -> Option<String> {
+        args_of(c).into_iter().find_map(|a| a.strip_prefix(&format!("{flag}=")).map(str::to_string))
+    };
+    assert_eq!(arg(mounter, "--mode").as_deref(), Some("mounter"));
+    assert_eq!(arg(mounter, "--endpoint"), arg(plugin, "--mounter"), "the plugin calls the mounter's socket");
+    assert_eq!(arg(mounter, "--endpoint").as_deref(), Some("unix:///run/mortar/mounter.sock"));
+    assert_eq!(arg(mounter, "--state-dir"), arg(plugin, "--state-dir"), "one state dir for both");
+    assert!(arg(mounter, "--state-dir").unwrap().starts_with("/var/lib/kubelet/"), "state dir under the propagated kubelet dir");
+    assert_eq!(arg(plugin, "--mount-command"), None, "the plugin does not mount FUSE itself");
     let vols = ds["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
     assert!(vols.iter().any(|v| v["hostPath"]["path"] == "/dev/fuse" && v["hostPath"]["type"] == "CharDevice"));
-    let endpoint = args_of(plugin).into_iter().find_map(|a| a.strip_prefix("--endpoint=unix://").map(str::to_string)).unwrap();
-    assert!(args_of(cs[1]).contains(&format!("--kubelet-registration-path={endpoint}")));
+    assert!(vols.iter().any(|v| v["name"] == "mounter-socket" && v["emptyDir"].is_object()));
+    let endpoint = arg(plugin, "--endpoint").unwrap().strip_prefix("unix://").unwrap().to_string();
+    assert!(args_of(cs[2]).contains(&format!("--kubelet-registration-path={endpoint}")));
     assert_eq!(endpoint, "/var/lib/kubelet/plugins/mortar.csi.mortar.dev/csi.sock");
 
-    // Controller: the three standard sidecars next to mortar-csi, one mount container per
-    // listed cluster, its volume where --local-root expects it.
+    // Controller: the three standard sidecars next to mortar-csi, which reaches the bricks
+    // through the client library (no mount containers) and lists the configured volumes.
     let ctl = find(&docs, "Deployment", "mortar-csi-controller");
     let names: Vec<&str> = containers(ctl).iter().map(|c| c["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["csi-provisioner", "csi-resizer", "liveness-probe", "mortar-csi", "mount-storage-shared"]);
-    let mount = containers(ctl)[4];
-    assert_eq!(mount["command"][3], "/var/lib/mortar-csi/volumes/storage/shared/data");
-    assert_eq!(mount["command"][4], "shared.storage.svc:/data");
+    assert_eq!(names, ["csi-provisioner", "csi-resizer", "liveness-probe", "mortar-csi"]);
+    let ctl_csi = containers(ctl)[3];
+    assert_eq!(arg(ctl_csi, "--backend").as_deref(), Some("mortar"));
+    assert_eq!(arg(ctl_csi, "--known-volume").as_deref(), Some("storage/shared/data"));
+    assert_eq!(arg(ctl_csi, "--volfile-server-template"), arg(plugin, "--volfile-server-template"));
 }
 
-/// The node plugin and the controller's mounts reach a named cluster through the Service the
+/// The controller and the node's mounts reach a named cluster through the Service the
 /// operator creates for clients.
 #[test]
 fn volfile_server_is_the_operators_client_service() {
@@ -289,11 +315,17 @@ fn volfile_server_is_the_operators_client_service() {
     let mut ssc = SharedStorageCluster::new("shared", SharedStorageClusterSpec::default());
     ssc.metadata.namespace = Some("storage".into());
     let svc = serde_json::to_value(mortar_operator::resources::client_service(&ssc)).unwrap();
-    let host = template.replace("{cluster}", "shared").replace("{namespace}", "storage");
+    let server = template.replace("{cluster}", "shared").replace("{namespace}", "storage");
     assert_eq!(
-        host,
-        format!("{}.{}.svc", svc["metadata"]["name"].as_str().unwrap(), svc["metadata"]["namespace"].as_str().unwrap())
+        server,
+        format!(
+            "{}.{}.svc:{}",
+            svc["metadata"]["name"].as_str().unwrap(),
+            svc["metadata"]["namespace"].as_str().unwrap(),
+            svc["spec"]["ports"][0]["port"]
+        )
     );
-    // No port in the template: the client's default, which must be the Service's.
-    assert_eq!(svc["spec"]["ports"][0]["port"], 24100);
+    // The chart's template is the binary's default.
+    let help = String::from_utf8(run_ok(Command::new(bin("mortar-csi")).arg("--help")).stdout).unwrap();
+    assert!(help.contains(&format!("[default: {template}]")), "{help}");
 }
