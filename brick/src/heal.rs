@@ -53,6 +53,7 @@ impl Worker {
                 }
             }
         };
+        vol.set_heal_rate(self.rate);
         loop {
             let up = vol.brick_up.notified();
             tokio::select! {
@@ -87,12 +88,6 @@ impl Worker {
                     bytes += s.bytes;
                     if !s.complete {
                         left += 1;
-                    }
-                    if self.rate > 0 && s.bytes > 0 {
-                        tokio::time::sleep(Duration::from_secs_f64(
-                            s.bytes as f64 / self.rate as f64,
-                        ))
-                        .await;
                     }
                 }
                 Err(mortar_client::error::Error::Busy) => left += 1,

@@ -484,6 +484,7 @@ impl Volume {
                     let off = i as u64 * BLOCK as u64;
                     let data = src.read(g, off, BLOCK).await?;
                     stats.bytes += data.len() as u64;
+                    self.heal_throttle(data.len() as u64).await;
                     sink.step(
                         g,
                         a.ctime_ns,
@@ -530,5 +531,50 @@ impl Volume {
         }))
         .await;
         bricks.into_iter().zip(rs).collect()
+    }
+
+    /// Bounds the bytes this client's heals copy per second (0: no bound), so that client
+    /// I/O keeps flowing while a brick is filled.
+    pub fn set_heal_rate(&self, bytes_per_sec: u64) {
+        self.heal_bucket.lock().unwrap().rate = bytes_per_sec;
+    }
+
+    async fn heal_throttle(&self, n: u64) {
+        let wait = {
+            let mut b = self.heal_bucket.lock().unwrap();
+            if b.rate == 0 {
+                return;
+            }
+            // A token bucket holding at most one second's worth.
+            let now = std::time::Instant::now();
+            let refill = now.duration_since(b.at).as_secs_f64() * b.rate as f64;
+            b.tokens = (b.tokens + refill).min(b.rate as f64) - n as f64;
+            b.at = now;
+            if b.tokens < 0.0 {
+                -b.tokens / b.rate as f64
+            } else {
+                0.0
+            }
+        };
+        if wait > 0.0 {
+            tokio::time::sleep(std::time::Duration::from_secs_f64(wait)).await;
+        }
+    }
+}
+
+/// State of the heal rate limit.
+pub(crate) struct Bucket {
+    pub(crate) rate: u64,
+    pub(crate) tokens: f64,
+    pub(crate) at: std::time::Instant,
+}
+
+impl Default for Bucket {
+    fn default() -> Self {
+        Bucket {
+            rate: 0,
+            tokens: 0.0,
+            at: std::time::Instant::now(),
+        }
     }
 }

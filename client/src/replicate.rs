@@ -91,6 +91,7 @@ pub struct Volume {
     /// Bricks last seen holding the newest copy of an inode.
     readable: Mutex<HashMap<Gfid, Vec<String>>>,
     heal_queued: Mutex<HashMap<Gfid, Instant>>,
+    pub(crate) heal_bucket: Mutex<crate::heal::Bucket>,
     term_clock: AtomicU64,
     opts: Options,
     wake_releaser: Notify,
@@ -208,6 +209,7 @@ impl Volume {
             inodes: Mutex::default(),
             readable: Mutex::default(),
             heal_queued: Mutex::default(),
+            heal_bucket: Mutex::default(),
             term_clock: AtomicU64::new(0),
             opts,
             wake_releaser: Notify::new(),
@@ -930,10 +932,15 @@ impl Volume {
                 msg: "no brick reachable".into(),
             });
         }
-        let rs = join_all(bricks.iter().map(|b| {
-            b.call(move |mut c, _| async move { c.getattr(pb::GfidReq { gfid: g.to_vec() }).await })
-        }))
-        .await;
+        let rs =
+            join_all(
+                bricks.iter().map(|b| {
+                    b.call(move |mut c, _| async move {
+                        c.getattr(pb::GfidReq { gfid: g.to_vec() }).await
+                    })
+                }),
+            )
+            .await;
         let mut found: Vec<(&Arc<Brick>, pb::Attr)> = Vec::new();
         let mut errno = None;
         let mut transport = None;

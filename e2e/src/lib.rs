@@ -86,6 +86,11 @@ impl Cluster {
 
     /// (Re)starts brick `i` on its directory and waits until it answers.
     pub fn restart(&mut self, i: usize) {
+        self.restart_with(i, &[]);
+    }
+
+    /// Like `restart`, with extra `mortar-brick` arguments.
+    pub fn restart_with(&mut self, i: usize, extra: &[&str]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -105,6 +110,7 @@ impl Cluster {
             .arg("--volfile")
             .arg(self.volfile_path())
             .args(["--session-timeout", "4", "--heal-interval", "1"])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

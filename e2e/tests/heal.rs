@@ -250,3 +250,32 @@ fn bricks_join_and_leave_while_mounted() {
     let (ok, out) = c.verify(false);
     assert!(ok, "{out}");
 }
+
+#[test]
+fn a_heal_cut_short_by_a_restart_finishes_after_it() {
+    let mut c = Cluster::start(37, 3);
+    let m = c.mount("m", "");
+    for d in 0..4 {
+        fs::create_dir(m.p(&format!("d{d}"))).unwrap();
+        for f in 0..50 {
+            fs::write(m.p(&format!("d{d}/f{f}")), pattern(d * 100 + f, 20_000)).unwrap();
+        }
+    }
+    fs::write(m.p("big"), pattern(5, 48 * MIB)).unwrap();
+    c.kill(2);
+    fs::remove_dir_all(c.brick_dir(2)).unwrap();
+    // A slow heal (4 MiB/s), stopped halfway by SIGKILL of the brick being filled.
+    c.restart_with(2, &["--heal-rate-mib", "4"]);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(c.heal_pending() > 0, "the heal should still be running");
+    c.kill(2);
+    c.restart(2);
+    let took = c.wait_healed(Duration::from_secs(120));
+    heal_report("full heal resumed after the brick was killed midway", took);
+    c.kill(0);
+    c.kill(1);
+    c.restart(1);
+    // b2 and b1 are the majority now; reads are right.
+    assert!(fs::read(m.p("big")).unwrap() == pattern(5, 48 * MIB));
+    assert_eq!(fs::read(m.p("d3/f49")).unwrap(), pattern(349, 20_000));
+}
