@@ -11,14 +11,14 @@ use mortar_csi::ops::{LocalResolver, Unconfigured, VolumeResolver};
 use mortar_csi::server::{self, Mode, Services};
 use mortar_csi::volume_id::VolumeId;
 
-/// Mortar CSI driver (mortar.csi.mortar.dev): identity + controller or identity + node
-/// services on a unix socket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum Backend {
     Mortar,
     Local,
 }
 
+/// Mortar CSI driver (mortar.csi.mortar.dev): identity + controller or identity + node
+/// services on a unix socket, or the node's mounter.
 #[derive(Parser, Debug)]
 #[command(name = "mortar-csi", version)]
 struct Cli {
