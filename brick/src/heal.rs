@@ -34,6 +34,8 @@ pub struct Worker {
     /// Copy at most this many bytes per second, so client I/O keeps flowing.
     pub rate: u64,
     pub metrics: Arc<HealMetrics>,
+    /// How many passes each pending inode has been seen in.
+    pub seen: std::sync::Mutex<std::collections::HashMap<mortar_client::gfid::Gfid, u32>>,
 }
 
 impl Worker {
@@ -59,7 +61,8 @@ impl Worker {
             tokio::select! {
                 _ = self.wake.notified() => {}
                 _ = up => {}
-                _ = tokio::time::sleep(self.interval) => {}
+                // Jittered, so that the bricks' workers do not keep meeting on the same inodes.
+                _ = tokio::time::sleep(self.interval.mul_f64(0.75 + (mortar_client::gfid::rand_u64() % 500) as f64 / 1000.0)) => {}
             }
             self.pass(&vol).await;
         }
@@ -78,6 +81,23 @@ impl Worker {
         pending.retain(|g| !self.store.is_split(*g));
         // Split brain waits for `mortar heal resolve`.
         left += self.store.heal_count() - pending.len();
+        // Several bricks index the same inodes. Healers that reach for the same inode with
+        // non-blocking locks can keep colliding, so each inode has an owner among the bricks;
+        // the others step in only once it has waited a few passes (its owner may be down).
+        let bricks: Vec<String> = vol.volfile().bricks.into_iter().map(|b| b.id).collect();
+        let me = bricks.iter().position(|b| *b == self.brick_id);
+        {
+            let mut seen = self.seen.lock().unwrap();
+            seen.retain(|g, _| pending.contains(g));
+            pending.retain(|g| {
+                let n = seen.entry(*g).or_insert(0);
+                *n += 1;
+                let owner = (u64::from_le_bytes(g.0[8..].try_into().unwrap())
+                    % bricks.len().max(1) as u64) as usize;
+                // The root only shows up in a new brick's own index: it fills itself.
+                Some(owner) == me || *n > 3 || *g == mortar_client::gfid::Gfid::ROOT
+            });
+        }
         let mut results = futures::stream::iter(pending)
             .map(|g| async move { (g, vol.heal(g, Source::Newest).await) })
             .buffer_unordered(PARALLEL);
@@ -89,8 +109,14 @@ impl Worker {
                     if !s.complete {
                         left += 1;
                     }
+                    for c in s.failed {
+                        self.store.mark_heal(c);
+                    }
                 }
-                Err(mortar_client::error::Error::Busy) => left += 1,
+                Err(mortar_client::error::Error::Busy) => {
+                    left += 1;
+                    tracing::debug!(gfid = %g, "heal deferred: busy");
+                }
                 Err(e) => {
                     left += 1;
                     self.metrics.failures.fetch_add(1, Relaxed);

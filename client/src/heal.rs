@@ -45,6 +45,9 @@ pub struct HealStats {
     pub bytes: u64,
     /// Every brick of the volume took part and agrees now.
     pub complete: bool,
+    /// Inodes below the one asked for that could not be healed now (busy, say): the
+    /// caller keeps them for a later pass.
+    pub failed: Vec<Gfid>,
 }
 
 fn errno_result(errno: i32) -> Result<()> {
@@ -248,7 +251,7 @@ impl Volume {
                         tracing::warn!(gfid = %c, "heal: {e}");
                     }
                     stats.complete = false;
-                    self.queue_heal(c).await;
+                    stats.failed.push(c);
                 }
             }
         }

@@ -932,15 +932,10 @@ impl Volume {
                 msg: "no brick reachable".into(),
             });
         }
-        let rs =
-            join_all(
-                bricks.iter().map(|b| {
-                    b.call(move |mut c, _| async move {
-                        c.getattr(pb::GfidReq { gfid: g.to_vec() }).await
-                    })
-                }),
-            )
-            .await;
+        let rs = join_all(bricks.iter().map(|b| {
+            b.call(move |mut c, _| async move { c.getattr(pb::GfidReq { gfid: g.to_vec() }).await })
+        }))
+        .await;
         let mut found: Vec<(&Arc<Brick>, pb::Attr)> = Vec::new();
         let mut errno = None;
         let mut transport = None;
@@ -1077,7 +1072,12 @@ impl Volume {
             }
             q.insert(g, Instant::now());
         }
-        let bricks: Vec<Arc<Brick>> = self.bricks().into_iter().filter(|b| b.is_up()).collect();
+        // To the brick whose worker owns this inode (see the brick's heal worker), else any.
+        let mut bricks: Vec<Arc<Brick>> = self.bricks();
+        let owner = (u64::from_le_bytes(g.0[8..].try_into().unwrap()) % bricks.len().max(1) as u64)
+            as usize;
+        bricks.rotate_left(owner);
+        bricks.retain(|b| b.is_up());
         tokio::spawn(async move {
             for b in bricks {
                 let req = pb::HealIndexReq {
