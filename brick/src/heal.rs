@@ -34,8 +34,6 @@ pub struct Worker {
     /// Copy at most this many bytes per second, so client I/O keeps flowing.
     pub rate: u64,
     pub metrics: Arc<HealMetrics>,
-    /// How many passes each pending inode has been seen in.
-    pub seen: std::sync::Mutex<std::collections::HashMap<mortar_client::gfid::Gfid, u32>>,
 }
 
 impl Worker {
@@ -74,30 +72,20 @@ impl Worker {
         if pending.is_empty() {
             return;
         }
-        pending.sort();
         self.metrics.passes.fetch_add(1, Relaxed);
         let start = Instant::now();
         let (mut healed, mut bytes, mut left) = (0u64, 0u64, 0usize);
         pending.retain(|g| !self.store.is_split(*g));
         // Split brain waits for `mortar heal resolve`.
         left += self.store.heal_count() - pending.len();
-        // Several bricks index the same inodes. Healers that reach for the same inode with
-        // non-blocking locks can keep colliding, so each inode has an owner among the bricks;
-        // the others step in only once it has waited a few passes (its owner may be down).
-        let bricks: Vec<String> = vol.volfile().bricks.into_iter().map(|b| b.id).collect();
-        let me = bricks.iter().position(|b| *b == self.brick_id);
-        {
-            let mut seen = self.seen.lock().unwrap();
-            seen.retain(|g, _| pending.contains(g));
-            pending.retain(|g| {
-                let n = seen.entry(*g).or_insert(0);
-                *n += 1;
-                let owner = (u64::from_le_bytes(g.0[8..].try_into().unwrap())
-                    % bricks.len().max(1) as u64) as usize;
-                // The root only shows up in a new brick's own index: it fills itself.
-                Some(owner) == me || *n > 3 || *g == mortar_client::gfid::Gfid::ROOT
-            });
-        }
+        // Several bricks index the same inodes and heal with non-blocking locks: each brick
+        // starts its walk at a different point of the index, so that they spread out rather
+        // than keep meeting on the same inodes.
+        let bricks = vol.volfile().bricks.len().max(1) as u64;
+        let me = vol.volfile().brick_index(&self.brick_id).unwrap_or(0) as u64;
+        let offset = me * (u64::MAX / bricks);
+        pending
+            .sort_by_key(|g| u64::from_le_bytes(g.0[8..].try_into().unwrap()).wrapping_sub(offset));
         let mut results = futures::stream::iter(pending)
             .map(|g| async move { (g, vol.heal(g, Source::Newest).await) })
             .buffer_unordered(PARALLEL);

@@ -101,7 +101,6 @@ fn run(args: Args) -> anyhow::Result<()> {
                 interval: Duration::from_secs_f64(args.heal_interval),
                 rate: args.heal_rate_mib << 20,
                 metrics: heal_metrics.clone(),
-                seen: Default::default(),
             }
             .run(),
         );

@@ -475,6 +475,12 @@ impl pb::brick_server::Brick for BrickService {
             tokio::pin!(released);
             released.as_mut().enable();
             match self.inode_locks.try_lock_all(sid, &gfids) {
+                // The session may have ended while this request waited in a queue (a brick
+                // resumed after a stall): its cleanup has run, so this grant would be orphaned.
+                Ok(()) if !self.live(&sid) => {
+                    self.inode_locks.unlock(sid, &gfids);
+                    return fail(libc::ENOTCONN);
+                }
                 Ok(()) => break,
                 Err((holder, g)) => {
                     // Whether or not we wait, the holder should let go soon.
@@ -644,6 +650,9 @@ impl pb::brick_server::Brick for BrickService {
             Ok(Some(Ok((attr, written)))) => {
                 if let Some(g) = created {
                     self.inode_locks.grant_new(sid, g);
+                    if !self.live(&sid) {
+                        self.inode_locks.unlock(sid, &[g]);
+                    }
                 }
                 if let Some(e) = self.sessions.lock().unwrap().get_mut(&sid) {
                     e.mutated.extend(changed);
@@ -710,6 +719,10 @@ impl pb::brick_server::Brick for BrickService {
             tokio::pin!(changed);
             changed.as_mut().enable();
             match self.range_locks.set(g, want) {
+                Ok(()) if !self.live(&sid) => {
+                    self.range_locks.release_session(sid);
+                    return fail(libc::ENOTCONN);
+                }
                 Ok(()) => return Ok(Response::new(pb::LkReply::default())),
                 Err(_) if !r.wait => return fail(libc::EAGAIN),
                 Err(_) => {

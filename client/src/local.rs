@@ -28,8 +28,16 @@ pub fn sibling(name: &str) -> anyhow::Result<PathBuf> {
 }
 
 fn pid_alive(pid: i32) -> bool {
+    // A killed brick whose parent is gone may linger as a zombie: that is not running.
+    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false);
     // SAFETY: signal 0 only checks for existence.
-    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+    pid > 0 && !zombie && unsafe { libc::kill(pid, 0) } == 0
 }
 
 fn read_pid(path: &Path) -> Option<i32> {
