@@ -932,15 +932,10 @@ impl Volume {
                 msg: "no brick reachable".into(),
             });
         }
-        let rs =
-            join_all(
-                bricks.iter().map(|b| {
-                    b.call(move |mut c, _| async move {
-                        c.getattr(pb::GfidReq { gfid: g.to_vec() }).await
-                    })
-                }),
-            )
-            .await;
+        let rs = join_all(bricks.iter().map(|b| {
+            b.call(move |mut c, _| async move { c.getattr(pb::GfidReq { gfid: g.to_vec() }).await })
+        }))
+        .await;
         let mut found: Vec<(&Arc<Brick>, pb::Attr)> = Vec::new();
         let mut errno = None;
         let mut transport = None;

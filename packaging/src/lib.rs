@@ -16,7 +16,10 @@ use serde_json::Value;
 pub const KUBE_VERSIONS: &[&str] = &["1.28.0", "1.33.0"];
 
 pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// A binary of the workspace, built by `cargo build --workspace` next to the test executable.
@@ -75,9 +78,9 @@ fn on_path(name: &str) -> Option<PathBuf> {
 /// A Python that imports `helm_python` and `yaml`.
 pub fn python_with_helm() -> Option<PathBuf> {
     let candidates = [venv().join("bin/python3"), PathBuf::from("python3")];
-    candidates.into_iter().find(|py| {
-        runs(Command::new(py).args(["-c", "import helm_python, yaml, jsonschema"]))
-    })
+    candidates
+        .into_iter()
+        .find(|py| runs(Command::new(py).args(["-c", "import helm_python, yaml, jsonschema"])))
 }
 
 pub fn kubernetes_validate() -> Option<PathBuf> {
@@ -112,12 +115,23 @@ pub fn run_ok(cmd: &mut Command) -> Output {
 }
 
 /// `helm template` of charts/mortar (with its CRDs) through e2e/tools/helm.py.
-pub fn render(py: &Path, namespace: &str, values: &[&Path], sets: &[&str]) -> Result<String, String> {
+pub fn render(
+    py: &Path,
+    namespace: &str,
+    values: &[&Path],
+    sets: &[&str],
+) -> Result<String, String> {
     let mut cmd = Command::new(py);
     cmd.arg(repo().join("e2e/tools/helm.py"))
         .arg("template")
         .arg(repo().join("charts/mortar"))
-        .args(["--name", "mortar", "--namespace", namespace, "--include-crds"]);
+        .args([
+            "--name",
+            "mortar",
+            "--namespace",
+            namespace,
+            "--include-crds",
+        ]);
     for v in values {
         cmd.arg("-f").arg(v);
     }
@@ -147,7 +161,12 @@ pub fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
         .iter()
         .filter(|d| d["kind"] == kind && d["metadata"]["name"] == name)
         .collect();
-    assert_eq!(found.len(), 1, "expected one {kind} {name}, found {}", found.len());
+    assert_eq!(
+        found.len(),
+        1,
+        "expected one {kind} {name}, found {}",
+        found.len()
+    );
     found[0]
 }
 

@@ -9,7 +9,10 @@ use mortar_packaging::*;
 use serde_json::{Value, json};
 
 fn python() -> Option<std::path::PathBuf> {
-    need("python with helm-python-sdk (helm_python), PyYAML, jsonschema", python_with_helm())
+    need(
+        "python with helm-python-sdk (helm_python), PyYAML, jsonschema",
+        python_with_helm(),
+    )
 }
 
 /// The value sets CI renders: defaults, the kind run's, and everything switched on.
@@ -39,7 +42,11 @@ fn scenarios() -> Vec<(&'static str, Vec<&'static Path>, Vec<&'static str>)> {
                 "csi.node.nodeSelector.kubernetes\\.io/os=linux",
             ],
         ),
-        ("no-leader-election", vec![], vec!["operator.leaderElection=false"]),
+        (
+            "no-leader-election",
+            vec![],
+            vec!["operator.leaderElection=false"],
+        ),
     ]
 }
 
@@ -66,7 +73,9 @@ fn chart_lints_strictly() {
 #[test]
 fn rendered_manifests_are_valid_kubernetes() {
     let Some(py) = python() else { return };
-    let Some(kv) = need("kubernetes-validate", kubernetes_validate()) else { return };
+    let Some(kv) = need("kubernetes-validate", kubernetes_validate()) else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     for (name, values, sets) in scenarios() {
         let yaml = render(&py, "mortar-system", &values, &sets)
@@ -76,7 +85,12 @@ fn rendered_manifests_are_valid_kubernetes() {
         validate(&kv, &file);
         let docs = mortar_packaging::docs(&yaml);
         let kinds: BTreeSet<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
-        for k in ["CustomResourceDefinition", "Deployment", "DaemonSet", "CSIDriver"] {
+        for k in [
+            "CustomResourceDefinition",
+            "Deployment",
+            "DaemonSet",
+            "CSIDriver",
+        ] {
             assert!(kinds.contains(k), "{name}: no {k} rendered");
         }
     }
@@ -94,7 +108,11 @@ fn chart_crds_are_the_repositorys_crds() {
     };
     let ours = repo().join("charts/mortar/crds");
     let theirs = repo().join("crds");
-    assert_eq!(list(&ours), list(&theirs), "charts/mortar/crds/ and crds/ hold different files");
+    assert_eq!(
+        list(&ours),
+        list(&theirs),
+        "charts/mortar/crds/ and crds/ hold different files"
+    );
     for f in list(&theirs) {
         assert_eq!(
             std::fs::read(ours.join(&f)).unwrap(),
@@ -108,7 +126,10 @@ fn chart_crds_are_the_repositorys_crds() {
 /// cluster-wide ones and the leader-election ones.
 fn documented_rbac() -> (Vec<Value>, Vec<Value>) {
     let md = std::fs::read_to_string(repo().join("operator/API-CALLS.md")).unwrap();
-    let section = md.split("## RBAC summary").nth(1).expect("RBAC summary section");
+    let section = md
+        .split("## RBAC summary")
+        .nth(1)
+        .expect("RBAC summary section");
     let block = section
         .split("```yaml")
         .nth(1)
@@ -127,7 +148,10 @@ fn operator_rbac_is_exactly_api_calls_md() {
     assert!(!cluster.is_empty() && !leader.is_empty());
 
     let docs = mortar_packaging::docs(&render(&py, "mortar-system", &[], &[]).unwrap());
-    assert_eq!(find(&docs, "ClusterRole", "mortar-operator")["rules"], json!(cluster));
+    assert_eq!(
+        find(&docs, "ClusterRole", "mortar-operator")["rules"],
+        json!(cluster)
+    );
     let role = find(&docs, "Role", "mortar-operator-leader-election");
     assert_eq!(role["metadata"]["namespace"], "mortar-system");
     assert_eq!(role["rules"], json!(leader));
@@ -136,22 +160,57 @@ fn operator_rbac_is_exactly_api_calls_md() {
     assert_eq!(binding["subjects"][0]["namespace"], "mortar-system");
 
     // Restricted to one namespace: a Role there instead of the ClusterRole.
-    let docs = mortar_packaging::docs(&render(&py, "mortar-system", &[], &["operator.watchNamespace=storage"]).unwrap());
-    assert!(!docs.iter().any(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == "mortar-operator"));
+    let docs = mortar_packaging::docs(
+        &render(
+            &py,
+            "mortar-system",
+            &[],
+            &["operator.watchNamespace=storage"],
+        )
+        .unwrap(),
+    );
+    assert!(
+        !docs
+            .iter()
+            .any(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == "mortar-operator")
+    );
     let role = find(&docs, "Role", "mortar-operator");
     assert_eq!(role["metadata"]["namespace"], "storage");
     assert_eq!(role["rules"], json!(cluster));
     let dep = find(&docs, "Deployment", "mortar-operator");
     let args = args_of(&dep["spec"]["template"]["spec"]["containers"][0]);
-    assert!(args.contains(&"--watch-namespace=storage".to_string()), "{args:?}");
+    assert!(
+        args.contains(&"--watch-namespace=storage".to_string()),
+        "{args:?}"
+    );
 
     // Without leader election: no lease rights, the flag, one replica only.
-    let docs = mortar_packaging::docs(&render(&py, "mortar-system", &[], &["operator.leaderElection=false"]).unwrap());
-    assert!(!docs.iter().any(|d| d["metadata"]["name"] == "mortar-operator-leader-election"));
+    let docs = mortar_packaging::docs(
+        &render(
+            &py,
+            "mortar-system",
+            &[],
+            &["operator.leaderElection=false"],
+        )
+        .unwrap(),
+    );
+    assert!(
+        !docs
+            .iter()
+            .any(|d| d["metadata"]["name"] == "mortar-operator-leader-election")
+    );
     let dep = find(&docs, "Deployment", "mortar-operator");
-    assert!(args_of(&dep["spec"]["template"]["spec"]["containers"][0]).contains(&"--disable-leader-election".to_string()));
-    let err = render(&py, "mortar-system", &[], &["operator.leaderElection=false", "operator.replicas=2"])
-        .expect_err("two replicas without leader election must be refused");
+    assert!(
+        args_of(&dep["spec"]["template"]["spec"]["containers"][0])
+            .contains(&"--disable-leader-election".to_string())
+    );
+    let err = render(
+        &py,
+        "mortar-system",
+        &[],
+        &["operator.leaderElection=false", "operator.replicas=2"],
+    )
+    .expect_err("two replicas without leader election must be refused");
     assert!(err.contains("leaderElection"), "{err}");
 }
 
@@ -201,7 +260,10 @@ fn chart_fits_the_binaries() {
     let image = "mortar:0.1.0";
 
     let mut checked = 0;
-    for d in docs.iter().filter(|d| d["spec"]["template"]["spec"]["containers"].is_array()) {
+    for d in docs
+        .iter()
+        .filter(|d| d["spec"]["template"]["spec"]["containers"].is_array())
+    {
         for c in containers(d) {
             if c["image"] != image {
                 continue;
@@ -214,9 +276,15 @@ fn chart_fits_the_binaries() {
                 "/bin/sh" => ("mortar-mount", vec!["--help"]),
                 other => panic!("unexpected command {other} in {}", c["name"]),
             };
-            let help = String::from_utf8(run_ok(Command::new(bin(binary)).args(&help_args)).stdout).unwrap();
+            let help = String::from_utf8(run_ok(Command::new(bin(binary)).args(&help_args)).stdout)
+                .unwrap();
             let words: Vec<String> = if cmd == "/bin/sh" {
-                c["command"][2].as_str().unwrap().split_whitespace().map(str::to_string).collect()
+                c["command"][2]
+                    .as_str()
+                    .unwrap()
+                    .split_whitespace()
+                    .map(str::to_string)
+                    .collect()
             } else {
                 args_of(c)
             };
@@ -234,15 +302,24 @@ fn chart_fits_the_binaries() {
     assert!(checked >= 15, "only {checked} flags checked");
 
     // The driver name everywhere is the binary's.
-    let csi_help = String::from_utf8(run_ok(Command::new(bin("mortar-csi")).arg("--help")).stdout).unwrap();
+    let csi_help =
+        String::from_utf8(run_ok(Command::new(bin("mortar-csi")).arg("--help")).stdout).unwrap();
     let driver = find(&docs, "CSIDriver", "mortar.csi.mortar.dev");
     assert!(csi_help.contains("(mortar.csi.mortar.dev)"));
     assert_eq!(driver["spec"]["attachRequired"], false);
-    assert_eq!(find(&docs, "StorageClass", "mortar")["provisioner"], "mortar.csi.mortar.dev");
+    assert_eq!(
+        find(&docs, "StorageClass", "mortar")["provisioner"],
+        "mortar.csi.mortar.dev"
+    );
 
     // The operator's default brick image is the chart's image.
-    let op_help = String::from_utf8(run_ok(Command::new(bin("mortar-operator")).arg("--help")).stdout).unwrap();
-    assert!(op_help.contains(&format!("[default: {image}]")), "operator default brick image is not {image}");
+    let op_help =
+        String::from_utf8(run_ok(Command::new(bin("mortar-operator")).arg("--help")).stdout)
+            .unwrap();
+    assert!(
+        op_help.contains(&format!("[default: {image}]")),
+        "operator default brick image is not {image}"
+    );
     let op = find(&docs, "Deployment", "mortar-operator");
     assert!(args_of(containers(op)[0]).contains(&format!("--brick-image={image}")));
 
@@ -253,12 +330,28 @@ fn chart_fits_the_binaries() {
     let ds = find(&docs, "DaemonSet", "mortar-csi-node");
     let cs = containers(ds);
     let names: Vec<&str> = cs.iter().map(|c| c["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["mortar-csi", "mortar-mounter", "node-driver-registrar", "liveness-probe"]);
+    assert_eq!(
+        names,
+        [
+            "mortar-csi",
+            "mortar-mounter",
+            "node-driver-registrar",
+            "liveness-probe"
+        ]
+    );
     let (plugin, mounter) = (cs[0], cs[1]);
     let mount_path = |c: &Value, volume: &str| -> Option<(String, String)> {
-        c["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == volume).map(|m| {
-            (m["mountPath"].as_str().unwrap().to_string(), m["mountPropagation"].as_str().unwrap_or("").to_string())
-        })
+        c["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == volume)
+            .map(|m| {
+                (
+                    m["mountPath"].as_str().unwrap().to_string(),
+                    m["mountPropagation"].as_str().unwrap_or("").to_string(),
+                )
+            })
     };
     for c in [plugin, mounter] {
         assert_eq!(c["securityContext"]["privileged"], true, "{}", c["name"]);
@@ -268,35 +361,97 @@ fn chart_fits_the_binaries() {
             "{}",
             c["name"]
         );
-        assert_eq!(mount_path(c, "mounter-socket").map(|m| m.0).as_deref(), Some("/run/mortar"), "{}", c["name"]);
+        assert_eq!(
+            mount_path(c, "mounter-socket").map(|m| m.0).as_deref(),
+            Some("/run/mortar"),
+            "{}",
+            c["name"]
+        );
     }
-    assert_eq!(mount_path(mounter, "dev-fuse").map(|m| m.0).as_deref(), Some("/dev/fuse"));
+    assert_eq!(
+        mount_path(mounter, "dev-fuse").map(|m| m.0).as_deref(),
+        Some("/dev/fuse")
+    );
     assert_eq!(mounter["command"][0], "mortar-csi");
     let arg = |c: &Value, flag: &str| -> Option<String> {
-        args_of(c).into_iter().find_map(|a| a.strip_prefix(&format!("{flag}=")).map(str::to_string))
+        args_of(c)
+            .into_iter()
+            .find_map(|a| a.strip_prefix(&format!("{flag}=")).map(str::to_string))
     };
     assert_eq!(arg(mounter, "--mode").as_deref(), Some("mounter"));
-    assert_eq!(arg(mounter, "--endpoint"), arg(plugin, "--mounter"), "the plugin calls the mounter's socket");
-    assert_eq!(arg(mounter, "--endpoint").as_deref(), Some("unix:///run/mortar/mounter.sock"));
-    assert_eq!(arg(mounter, "--state-dir"), arg(plugin, "--state-dir"), "one state dir for both");
-    assert!(arg(mounter, "--state-dir").unwrap().starts_with("/var/lib/kubelet/"), "state dir under the propagated kubelet dir");
-    assert_eq!(arg(plugin, "--mount-command"), None, "the plugin does not mount FUSE itself");
-    let vols = ds["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
-    assert!(vols.iter().any(|v| v["hostPath"]["path"] == "/dev/fuse" && v["hostPath"]["type"] == "CharDevice"));
-    assert!(vols.iter().any(|v| v["name"] == "mounter-socket" && v["emptyDir"].is_object()));
-    let endpoint = arg(plugin, "--endpoint").unwrap().strip_prefix("unix://").unwrap().to_string();
+    assert_eq!(
+        arg(mounter, "--endpoint"),
+        arg(plugin, "--mounter"),
+        "the plugin calls the mounter's socket"
+    );
+    assert_eq!(
+        arg(mounter, "--endpoint").as_deref(),
+        Some("unix:///run/mortar/mounter.sock")
+    );
+    assert_eq!(
+        arg(mounter, "--state-dir"),
+        arg(plugin, "--state-dir"),
+        "one state dir for both"
+    );
+    assert!(
+        arg(mounter, "--state-dir")
+            .unwrap()
+            .starts_with("/var/lib/kubelet/"),
+        "state dir under the propagated kubelet dir"
+    );
+    assert_eq!(
+        arg(plugin, "--mount-command"),
+        None,
+        "the plugin does not mount FUSE itself"
+    );
+    let vols = ds["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap();
+    assert!(
+        vols.iter()
+            .any(|v| v["hostPath"]["path"] == "/dev/fuse" && v["hostPath"]["type"] == "CharDevice")
+    );
+    assert!(
+        vols.iter()
+            .any(|v| v["name"] == "mounter-socket" && v["emptyDir"].is_object())
+    );
+    let endpoint = arg(plugin, "--endpoint")
+        .unwrap()
+        .strip_prefix("unix://")
+        .unwrap()
+        .to_string();
     assert!(args_of(cs[2]).contains(&format!("--kubelet-registration-path={endpoint}")));
-    assert_eq!(endpoint, "/var/lib/kubelet/plugins/mortar.csi.mortar.dev/csi.sock");
+    assert_eq!(
+        endpoint,
+        "/var/lib/kubelet/plugins/mortar.csi.mortar.dev/csi.sock"
+    );
 
     // Controller: the three standard sidecars next to mortar-csi, which reaches the bricks
     // through the client library (no mount containers) and lists the configured volumes.
     let ctl = find(&docs, "Deployment", "mortar-csi-controller");
-    let names: Vec<&str> = containers(ctl).iter().map(|c| c["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["csi-provisioner", "csi-resizer", "liveness-probe", "mortar-csi"]);
+    let names: Vec<&str> = containers(ctl)
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "csi-provisioner",
+            "csi-resizer",
+            "liveness-probe",
+            "mortar-csi"
+        ]
+    );
     let ctl_csi = containers(ctl)[3];
     assert_eq!(arg(ctl_csi, "--backend").as_deref(), Some("mortar"));
-    assert_eq!(arg(ctl_csi, "--known-volume").as_deref(), Some("storage/shared/data"));
-    assert_eq!(arg(ctl_csi, "--volfile-server-template"), arg(plugin, "--volfile-server-template"));
+    assert_eq!(
+        arg(ctl_csi, "--known-volume").as_deref(),
+        Some("storage/shared/data")
+    );
+    assert_eq!(
+        arg(ctl_csi, "--volfile-server-template"),
+        arg(plugin, "--volfile-server-template")
+    );
 }
 
 /// The controller and the node's mounts reach a named cluster through the Service the
@@ -309,13 +464,18 @@ fn volfile_server_is_the_operators_client_service() {
     let ds = find(&docs, "DaemonSet", "mortar-csi-node");
     let template = args_of(containers(ds)[0])
         .into_iter()
-        .find_map(|a| a.strip_prefix("--volfile-server-template=").map(str::to_string))
+        .find_map(|a| {
+            a.strip_prefix("--volfile-server-template=")
+                .map(str::to_string)
+        })
         .expect("the chart passes --volfile-server-template");
 
     let mut ssc = SharedStorageCluster::new("shared", SharedStorageClusterSpec::default());
     ssc.metadata.namespace = Some("storage".into());
     let svc = serde_json::to_value(mortar_operator::resources::client_service(&ssc)).unwrap();
-    let server = template.replace("{cluster}", "shared").replace("{namespace}", "storage");
+    let server = template
+        .replace("{cluster}", "shared")
+        .replace("{namespace}", "storage");
     assert_eq!(
         server,
         format!(
@@ -326,6 +486,7 @@ fn volfile_server_is_the_operators_client_service() {
         )
     );
     // The chart's template is the binary's default.
-    let help = String::from_utf8(run_ok(Command::new(bin("mortar-csi")).arg("--help")).stdout).unwrap();
+    let help =
+        String::from_utf8(run_ok(Command::new(bin("mortar-csi")).arg("--help")).stdout).unwrap();
     assert!(help.contains(&format!("[default: {template}]")), "{help}");
 }

@@ -39,7 +39,9 @@ fn example_cluster() -> (Value, SharedStorageCluster) {
 
 #[test]
 fn manifests_are_valid_kubernetes() {
-    let Some(kv) = need("kubernetes-validate", kubernetes_validate()) else { return };
+    let Some(kv) = need("kubernetes-validate", kubernetes_validate()) else {
+        return;
+    };
     for m in manifests() {
         validate(&kv, &m);
     }
@@ -47,7 +49,9 @@ fn manifests_are_valid_kubernetes() {
 
 #[test]
 fn example_cluster_is_valid_against_the_crd() {
-    let Some(py) = need("python with jsonschema", python_with_helm()) else { return };
+    let Some(py) = need("python with jsonschema", python_with_helm()) else {
+        return;
+    };
     let out = validate_custom(&py, &repo().join("examples/cluster.yaml"));
     assert!(out.contains("1 custom resource(s) valid"), "{out}");
 
@@ -57,7 +61,10 @@ fn example_cluster_is_valid_against_the_crd() {
     let known = serde_json::to_value(&ssc.spec).unwrap();
     let given: BTreeSet<&String> = doc["spec"].as_object().unwrap().keys().collect();
     for k in given {
-        assert!(known.get(k).is_some(), "examples/cluster.yaml: spec.{k} is not a field of the operator's spec");
+        assert!(
+            known.get(k).is_some(),
+            "examples/cluster.yaml: spec.{k} is not a field of the operator's spec"
+        );
     }
     assert_eq!(known["volumeName"], "data");
 }
@@ -66,9 +73,15 @@ fn example_cluster_is_valid_against_the_crd() {
 /// (it is what the kind run applies through the operator).
 #[test]
 fn operator_objects_for_the_example_are_valid_kubernetes() {
-    let Some(kv) = need("kubernetes-validate", kubernetes_validate()) else { return };
+    let Some(kv) = need("kubernetes-validate", kubernetes_validate()) else {
+        return;
+    };
     let (_, ssc) = example_cluster();
-    let plan = Plan { bricks: 3, volfile_generation: 1, image: "mortar:0.1.0".into() };
+    let plan = Plan {
+        bricks: 3,
+        volfile_generation: 1,
+        image: "mortar:0.1.0".into(),
+    };
     let volfile = resources::volfile(&ssc, 3, 1);
     let objects = [
         serde_json::to_value(resources::volfile_config_map(&ssc, &volfile)).unwrap(),
@@ -99,7 +112,10 @@ fn kind_script_uses_the_operators_names() {
         resources::claim_name(&ssc, 3),
         format!("-c {}", resources::CONTAINER_NAME),
     ] {
-        assert!(script.contains(&name), "e2e/kind/run.sh does not use {name}");
+        assert!(
+            script.contains(&name),
+            "e2e/kind/run.sh does not use {name}"
+        );
     }
     assert_eq!(ssc.metadata.namespace.as_deref(), Some("storage"));
     assert!(script.contains("ssc shared -n storage"));
@@ -110,16 +126,37 @@ fn kind_script_uses_the_operators_names() {
 #[test]
 fn storage_examples_fit_the_csi_driver() {
     let (_, ssc) = example_cluster();
-    let accepted = ["cluster", "clusterNamespace", "volfileServers", "volume", "reclaim"];
-    let sc = load("examples/storageclass.yaml").into_iter().find(|d| d["kind"] == "StorageClass").unwrap();
+    let accepted = [
+        "cluster",
+        "clusterNamespace",
+        "volfileServers",
+        "volume",
+        "reclaim",
+    ];
+    let sc = load("examples/storageclass.yaml")
+        .into_iter()
+        .find(|d| d["kind"] == "StorageClass")
+        .unwrap();
     assert_eq!(sc["provisioner"], "mortar.csi.mortar.dev");
     for (k, _) in sc["parameters"].as_object().unwrap() {
-        assert!(accepted.contains(&k.as_str()) || k.starts_with("csi.storage.k8s.io/"), "unknown parameter {k}");
+        assert!(
+            accepted.contains(&k.as_str()) || k.starts_with("csi.storage.k8s.io/"),
+            "unknown parameter {k}"
+        );
     }
-    assert_eq!(sc["parameters"]["cluster"], ssc.metadata.name.clone().unwrap());
-    assert_eq!(sc["parameters"]["clusterNamespace"], ssc.metadata.namespace.clone().unwrap());
+    assert_eq!(
+        sc["parameters"]["cluster"],
+        ssc.metadata.name.clone().unwrap()
+    );
+    assert_eq!(
+        sc["parameters"]["clusterNamespace"],
+        ssc.metadata.namespace.clone().unwrap()
+    );
 
-    let pv = load("examples/static-pv.yaml").into_iter().find(|d| d["kind"] == "PersistentVolume").unwrap();
+    let pv = load("examples/static-pv.yaml")
+        .into_iter()
+        .find(|d| d["kind"] == "PersistentVolume")
+        .unwrap();
     assert_eq!(pv["spec"]["csi"]["driver"], "mortar.csi.mortar.dev");
     let handle = format!(
         "{}/{}/{}",
@@ -143,10 +180,17 @@ fn storage_examples_fit_the_csi_driver() {
 #[test]
 fn brick_pods_get_the_privileges_bricks_need() {
     let (_, ssc) = example_cluster();
-    let plan = Plan { bricks: 3, volfile_generation: 1, image: "mortar:0.1.0".into() };
+    let plan = Plan {
+        bricks: 3,
+        volfile_generation: 1,
+        image: "mortar:0.1.0".into(),
+    };
     let sts = serde_json::to_value(resources::brick_stateful_set(&ssc, &plan)).unwrap();
     let c = &sts["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(c["securityContext"]["runAsUser"], 0, "{c}");
-    let add = c["securityContext"]["capabilities"]["add"].as_array().cloned().unwrap_or_default();
+    let add = c["securityContext"]["capabilities"]["add"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     assert!(add.iter().any(|x| x == "SYS_ADMIN"), "{c}");
 }

@@ -17,7 +17,9 @@ fn scripts_parse_and_pass_shellcheck() {
     for s in SCRIPTS {
         run_ok(Command::new("bash").arg("-n").arg(repo().join(s)));
     }
-    let Some(sc) = need("shellcheck", shellcheck()) else { return };
+    let Some(sc) = need("shellcheck", shellcheck()) else {
+        return;
+    };
     run_ok(Command::new(sc).args(SCRIPTS).current_dir(repo()));
 }
 
@@ -26,7 +28,10 @@ fn scripts_print_their_usage() {
     for s in &SCRIPTS[..3] {
         let out = run_ok(Command::new(repo().join(s)).arg("--help"));
         let text = String::from_utf8(out.stdout).unwrap();
-        assert!(text.contains(s.rsplit('/').next().unwrap()), "{s} --help:\n{text}");
+        assert!(
+            text.contains(s.rsplit('/').next().unwrap()),
+            "{s} --help:\n{text}"
+        );
     }
 }
 
@@ -41,7 +46,9 @@ fn kind_story() {
         );
         return;
     }
-    let status = Command::new(repo().join("e2e/kind/run.sh")).status().unwrap();
+    let status = Command::new(repo().join("e2e/kind/run.sh"))
+        .status()
+        .unwrap();
     match status.code() {
         Some(0) => {}
         Some(77) => eprintln!("SKIP: e2e/kind/run.sh could not run here (see its SKIP line)"),
