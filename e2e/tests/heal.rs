@@ -183,28 +183,30 @@ fn split_brain_is_reported_gives_eio_and_is_resolved() {
     let c = Cluster::start(35, 3);
     let m = c.mount("m", "attribute-timeout=0,entry-timeout=0");
     fs::write(m.p("sb"), b"original").unwrap();
+    fs::write(m.p("sb2"), b"original").unwrap();
     drop(m);
     std::thread::sleep(Duration::from_millis(300));
-    // Edit b0's copy by hand: other content, same version, another change id.
-    let p0 = c.brick_dir(0).join("sb");
-    fs::write(&p0, b"edited on b0").unwrap();
-    let mut buf = [0u8; 128];
-    let n = rustix::fs::getxattr(&p0, mortar_brick::record::XATTR, &mut buf[..]).unwrap();
-    let mut rec = mortar_brick::record::Record::decode(&buf[..n]).unwrap();
-    rec.ver.2 ^= 0xdead_beef;
-    rustix::fs::setxattr(
-        &p0,
-        mortar_brick::record::XATTR,
-        &rec.encode(),
-        rustix::fs::XattrFlags::empty(),
-    )
-    .unwrap();
+    // Edit b0's copies by hand: other content, same version, another change id.
+    let edit = |name: &str, content: &[u8]| {
+        let p0 = c.brick_dir(0).join(name);
+        fs::write(&p0, content).unwrap();
+        let mut buf = [0u8; 128];
+        let n = rustix::fs::getxattr(&p0, mortar_brick::record::XATTR, &mut buf[..]).unwrap();
+        let mut rec = mortar_brick::record::Record::decode(&buf[..n]).unwrap();
+        rec.ver.2 ^= 0xdead_beef;
+        let flags = rustix::fs::XattrFlags::empty();
+        rustix::fs::setxattr(&p0, mortar_brick::record::XATTR, &rec.encode(), flags).unwrap();
+    };
+    edit("sb", b"edited on b0");
+    edit("sb2", b"edited on b0, and longer");
 
     let m = c.mount("m2", "attribute-timeout=0,entry-timeout=0");
-    let err = fs::read(m.p("sb")).unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    for name in ["sb", "sb2"] {
+        let err = fs::read(m.p(name)).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{name}: {err}");
+    }
     let t = Instant::now();
-    while !c.heal_info().contains("Is in split-brain") {
+    while c.heal_info().matches("Is in split-brain").count() < 2 {
         assert!(
             t.elapsed() < Duration::from_secs(20),
             "not reported:\n{}",
@@ -212,16 +214,22 @@ fn split_brain_is_reported_gives_eio_and_is_resolved() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let out = std::process::Command::new(mortar_e2e::bin("mortar"))
-        .args(["heal", "resolve", &c.target(), "/sb", "--source", "b1"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let resolve = |args: &[&str]| {
+        let out = std::process::Command::new(mortar_e2e::bin("mortar"))
+            .args(["heal", "resolve", &c.target()])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    resolve(&["/sb", "--source", "b1"]);
+    resolve(&["/sb2", "--policy", "size"]);
     assert_eq!(fs::read(m.p("sb")).unwrap(), b"original");
+    assert_eq!(fs::read(m.p("sb2")).unwrap(), b"edited on b0, and longer");
     c.wait_healed(Duration::from_secs(30));
 }
 
