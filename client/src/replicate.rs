@@ -923,8 +923,8 @@ impl Volume {
         r.insert(g, ids);
     }
 
-    /// Asks every brick for the inode and keeps the newest copy's attributes.
-    pub async fn getattr(&self, g: Gfid) -> Result<pb::Attr> {
+    /// The bricks connected now; an error if none is.
+    fn up_bricks(&self) -> Result<Vec<Arc<Brick>>> {
         let bricks: Vec<Arc<Brick>> = self.bricks().into_iter().filter(|b| b.is_up()).collect();
         if bricks.is_empty() {
             return Err(Error::Transport {
@@ -932,10 +932,18 @@ impl Volume {
                 msg: "no brick reachable".into(),
             });
         }
-        let rs = join_all(bricks.iter().map(|b| {
-            b.call(move |mut c, _| async move { c.getattr(pb::GfidReq { gfid: g.to_vec() }).await })
-        }))
-        .await;
+        Ok(bricks)
+    }
+
+    /// Asks every brick for the inode and keeps the newest copy's attributes.
+    pub async fn getattr(&self, g: Gfid) -> Result<pb::Attr> {
+        let bricks = self.up_bricks()?;
+        let req = pb::GfidReq { gfid: g.to_vec() };
+        let calls = bricks.iter().map(|b| {
+            let req = req.clone();
+            b.call(move |mut c, _| async move { c.getattr(req).await })
+        });
+        let rs = join_all(calls).await;
         let mut found: Vec<(&Arc<Brick>, pb::Attr)> = Vec::new();
         let mut errno = None;
         let mut transport = None;
@@ -983,13 +991,7 @@ impl Volume {
     /// Looks a name up on every brick; the answer comes from the bricks with the newest copy
     /// of the parent directory, so a brick that missed a create or delete is outvoted.
     pub async fn lookup(&self, parent: Gfid, name: &[u8]) -> Result<pb::Attr> {
-        let bricks: Vec<Arc<Brick>> = self.bricks().into_iter().filter(|b| b.is_up()).collect();
-        if bricks.is_empty() {
-            return Err(Error::Transport {
-                brick: "*".into(),
-                msg: "no brick reachable".into(),
-            });
-        }
+        let bricks = self.up_bricks()?;
         let rs = join_all(bricks.iter().map(|b| {
             let req = pb::LookupReq {
                 parent: parent.to_vec(),
