@@ -3,8 +3,8 @@
 #   create a cluster (1 control plane + 3 workers), build and load the image, install the
 #   chart, apply examples/cluster.yaml and wait for Ready; two pods on different nodes share
 #   one RWX PVC (one writes, the other reads); delete a brick pod and follow the status
-#   (Degraded -> Healing -> Ready) while writing; scale bricks 3 -> 4 -> 3; restart the CSI
-#   node plugin and check that the pods' mounts still work.
+#   (Degraded -> Healing -> Ready) while writing; scale bricks 3 -> 4 -> 3; delete the CSI
+#   node plugin's pods (not the mounter's) and check that the pods' mounts still work.
 #
 #   e2e/kind/run.sh [--keep] [--prebuilt DIR]
 #
@@ -42,6 +42,7 @@ fail() {
   echo "run.sh: FAILED: $*" >&2
   kubectl get ssc,pods,pvc -A -o wide >&2 || true
   kubectl logs -n "$ns" -l app.kubernetes.io/component=operator --tail=50 >&2 || true
+  kubectl logs -n "$ns" -l app.kubernetes.io/component=csi-mounter --tail=50 >&2 || true
   exit 1
 }
 cleanup() {
@@ -142,16 +143,48 @@ in_brick mortar verify 127.0.0.1:/data || fail "bricks differ after scaling down
 [ "$(kubectl exec -n mortar-e2e reader -- cat /data/hello.txt)" = "$want" ] \
   || fail "data changed across scaling"
 
-step "restart the CSI node plugin; the pods' mounts keep working"
-kubectl rollout restart daemonset/mortar-csi-node -n "$ns"
+step "replace the CSI node plugin's pods; the pods' mounts keep working"
+# The FUSE daemons live in the mounter's DaemonSet (updateStrategy OnDelete), which this must
+# not touch: only the node plugin's pods on the writer's and reader's nodes are deleted, as a
+# helm upgrade would replace them.
+mounters() {
+  kubectl get pods -n "$ns" -l app.kubernetes.io/component=csi-mounter \
+    -o jsonpath='{range .items[*]}{.spec.nodeName}={.metadata.uid}{"\n"}{end}' | sort
+}
+mounters_before="$(mounters)"
+for node in "$wnode" "$rnode"; do
+  echo "$mounters_before" | grep -q "^$node=" || fail "no mounter pod on $node"
+done
+# "UID READY" of the node plugin pods on node $1.
+plugins_on() {
+  kubectl get pods -n "$ns" -l app.kubernetes.io/component=csi-node \
+    --field-selector "spec.nodeName=$1" \
+    -o jsonpath='{range .items[*]}{.metadata.uid} {.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}'
+}
+for node in "$wnode" "$rnode"; do
+  old="$(plugins_on "$node" | awk '{print $1}')"
+  [ -n "$old" ] || fail "no node plugin pod on $node"
+  kubectl delete pod -n "$ns" -l app.kubernetes.io/component=csi-node \
+    --field-selector "spec.nodeName=$node" --wait=true --timeout=120s
+  deadline=$((SECONDS + 300))
+  until plugins_on "$node" | grep -v "^$old " | grep -q ' True$'; do
+    [ $SECONDS -lt $deadline ] || fail "no new node plugin pod Ready on $node after 300 s"
+    sleep 2
+  done
+  echo "node plugin on $node replaced"
+done
 kubectl rollout status daemonset/mortar-csi-node -n "$ns" --timeout=300s
+[ "$(mounters)" = "$mounters_before" ] || fail "mounter pods changed: before
+$mounters_before
+after
+$(mounters)"
 kubectl exec -n mortar-e2e writer -- sh -c 'echo after restart >> /data/hello.txt' \
-  || fail "the writer's mount broke when the node plugin restarted"
+  || fail "the writer's mount broke when the node plugin was replaced"
 for _ in $(seq 1 30); do
   kubectl exec -n mortar-e2e reader -- grep -q 'after restart' /data/hello.txt 2>/dev/null && break
   sleep 1
 done
 kubectl exec -n mortar-e2e reader -- grep -q 'after restart' /data/hello.txt \
-  || fail "the reader's mount broke when the node plugin restarted"
+  || fail "the reader's mount broke when the node plugin was replaced"
 
 step "kind story passed"

@@ -40,6 +40,8 @@ fn scenarios() -> Vec<(&'static str, Vec<&'static Path>, Vec<&'static str>)> {
                 "csi.controller.clusters[1].volume=data",
                 "operator.nodeSelector.kubernetes\\.io/os=linux",
                 "csi.node.nodeSelector.kubernetes\\.io/os=linux",
+                "csi.mounter.socketDir=/run/mortar-csi-mounter/",
+                "csi.mounter.priorityClassName=",
             ],
         ),
         (
@@ -239,6 +241,11 @@ fn values_schema_rejects_mistakes() {
         ("image.pullPolicy=Sometimes", "pullPolicy"),
         ("csi.kubeletDir=var/lib/kubelet", "kubeletDir"),
         ("csi.controller.clusters[0].name=Shared", "name"),
+        ("csi.mounter.socketDir=run/mortar", "socketDir"),
+        (
+            "csi.node.mounterResources.limits.memory=1Gi",
+            "additional properties",
+        ),
     ] {
         let err = render(&py, "mortar-system", &[], &[set])
             .expect_err(&format!("--set {set} must be refused"));
@@ -323,23 +330,47 @@ fn chart_fits_the_binaries() {
     let op = find(&docs, "Deployment", "mortar-operator");
     assert!(args_of(containers(op)[0]).contains(&format!("--brick-image={image}")));
 
-    // Node: the plugin and the mounter, both privileged with the kubelet dir under
-    // Bidirectional propagation; /dev/fuse in the mounter, which runs mortar-mount; the two
-    // share the mounter's socket and state dir; the registrar points the kubelet at the
-    // socket mortar-csi serves.
+    // Node: the plugin and the mounter in two DaemonSets, so that replacing the plugin's pod
+    // (a `helm upgrade` rolls it) leaves the FUSE daemons alone; the mounter's DaemonSet is
+    // never rolled (OnDelete). Both are privileged with the kubelet dir under Bidirectional
+    // propagation; /dev/fuse only in the mounter, which runs mortar-mount; the two share the
+    // mounter's socket through one host directory, and the state dir; the registrar points
+    // the kubelet at the socket mortar-csi serves.
     let ds = find(&docs, "DaemonSet", "mortar-csi-node");
+    let mds = find(&docs, "DaemonSet", "mortar-csi-mounter");
+    assert_eq!(ds["spec"]["updateStrategy"]["type"], "RollingUpdate");
+    assert_eq!(mds["spec"]["updateStrategy"]["type"], "OnDelete");
     let cs = containers(ds);
     let names: Vec<&str> = cs.iter().map(|c| c["name"].as_str().unwrap()).collect();
     assert_eq!(
         names,
-        [
-            "mortar-csi",
-            "mortar-mounter",
-            "node-driver-registrar",
-            "liveness-probe"
-        ]
+        ["mortar-csi", "node-driver-registrar", "liveness-probe"],
+        "the node plugin's pod holds no mounter"
     );
-    let (plugin, mounter) = (cs[0], cs[1]);
+    let mcs = containers(mds);
+    let names: Vec<&str> = mcs.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["mortar-mounter"]);
+    let (plugin, mounter) = (cs[0], mcs[0]);
+    let pod = |d: &Value| d["spec"]["template"]["spec"].clone();
+    let (node_pod, mounter_pod) = (pod(ds), pod(mds));
+    assert_eq!(
+        mounter_pod["serviceAccountName"], "mortar-csi-mounter",
+        "the mounter has its own service account"
+    );
+    let sa = find(&docs, "ServiceAccount", "mortar-csi-mounter");
+    assert_eq!(sa["automountServiceAccountToken"], false);
+    assert_eq!(
+        mounter_pod["dnsPolicy"], "ClusterFirst",
+        "FUSE clients resolve Services"
+    );
+    assert_eq!(mounter_pod["priorityClassName"], "system-node-critical");
+    assert!(mounter_pod["hostPID"].is_null() || mounter_pod["hostPID"] == false);
+    for key in ["nodeSelector", "tolerations", "affinity"] {
+        assert_eq!(
+            mounter_pod[key], node_pod[key],
+            "the mounter runs wherever the plugin does ({key})"
+        );
+    }
     let mount_path = |c: &Value, volume: &str| -> Option<(String, String)> {
         c["volumeMounts"]
             .as_array()
@@ -352,6 +383,15 @@ fn chart_fits_the_binaries() {
                     m["mountPropagation"].as_str().unwrap_or("").to_string(),
                 )
             })
+    };
+    let volume = |pod: &Value, name: &str| -> Value {
+        pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no volume {name}"))
     };
     for c in [plugin, mounter] {
         assert_eq!(c["securityContext"]["privileged"], true, "{}", c["name"]);
@@ -368,10 +408,40 @@ fn chart_fits_the_binaries() {
             c["name"]
         );
     }
+    // One host directory for the socket: either pod can be replaced without the other.
+    let socket_dir = volume(&node_pod, "mounter-socket");
+    assert_eq!(socket_dir, volume(&mounter_pod, "mounter-socket"));
+    assert_eq!(
+        socket_dir["hostPath"],
+        json!({"path": "/var/lib/mortar-csi/mounter", "type": "DirectoryOrCreate"})
+    );
     assert_eq!(
         mount_path(mounter, "dev-fuse").map(|m| m.0).as_deref(),
         Some("/dev/fuse")
     );
+    assert_eq!(
+        mount_path(mounter, "mount-logs").map(|m| m.0).as_deref(),
+        Some("/var/log/mortar")
+    );
+    assert_eq!(
+        volume(&mounter_pod, "mount-logs")["hostPath"]["path"],
+        "/var/log/mortar"
+    );
+    assert_eq!(
+        volume(&mounter_pod, "dev-fuse")["hostPath"],
+        json!({"path": "/dev/fuse", "type": "CharDevice"})
+    );
+    assert!(
+        node_pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v["hostPath"]["path"] != "/dev/fuse" && v["emptyDir"].is_null()),
+        "the node plugin's pod has no /dev/fuse and no emptyDir"
+    );
+    for c in &cs {
+        assert_eq!(mount_path(c, "dev-fuse"), None, "{}", c["name"]);
+    }
     assert_eq!(mounter["command"][0], "mortar-csi");
     let arg = |c: &Value, flag: &str| -> Option<String> {
         args_of(c)
@@ -379,6 +449,7 @@ fn chart_fits_the_binaries() {
             .find_map(|a| a.strip_prefix(&format!("{flag}=")).map(str::to_string))
     };
     assert_eq!(arg(mounter, "--mode").as_deref(), Some("mounter"));
+    assert_eq!(arg(plugin, "--mode").as_deref(), Some("node"));
     assert_eq!(
         arg(mounter, "--endpoint"),
         arg(plugin, "--mounter"),
@@ -393,6 +464,10 @@ fn chart_fits_the_binaries() {
         arg(plugin, "--state-dir"),
         "one state dir for both"
     );
+    assert_eq!(
+        arg(mounter, "--mount-timeout"),
+        arg(plugin, "--mount-timeout")
+    );
     assert!(
         arg(mounter, "--state-dir")
             .unwrap()
@@ -404,23 +479,12 @@ fn chart_fits_the_binaries() {
         None,
         "the plugin does not mount FUSE itself"
     );
-    let vols = ds["spec"]["template"]["spec"]["volumes"]
-        .as_array()
-        .unwrap();
-    assert!(
-        vols.iter()
-            .any(|v| v["hostPath"]["path"] == "/dev/fuse" && v["hostPath"]["type"] == "CharDevice")
-    );
-    assert!(
-        vols.iter()
-            .any(|v| v["name"] == "mounter-socket" && v["emptyDir"].is_object())
-    );
     let endpoint = arg(plugin, "--endpoint")
         .unwrap()
         .strip_prefix("unix://")
         .unwrap()
         .to_string();
-    assert!(args_of(cs[2]).contains(&format!("--kubelet-registration-path={endpoint}")));
+    assert!(args_of(cs[1]).contains(&format!("--kubelet-registration-path={endpoint}")));
     assert_eq!(
         endpoint,
         "/var/lib/kubelet/plugins/mortar.csi.mortar.dev/csi.sock"
@@ -452,6 +516,55 @@ fn chart_fits_the_binaries() {
         arg(ctl_csi, "--volfile-server-template"),
         arg(plugin, "--volfile-server-template")
     );
+}
+
+/// The mounter's DaemonSet follows the node plugin's placement values and socket directory,
+/// so that the plugin never lands on a node without a mounter to call.
+#[test]
+fn mounter_follows_the_node_plugin() {
+    let Some(py) = python() else { return };
+    let sets = [
+        "csi.node.nodeSelector.kubernetes\\.io/os=linux",
+        "csi.node.tolerations[0].key=dedicated",
+        "csi.node.tolerations[0].operator=Equal",
+        "csi.node.tolerations[0].value=storage",
+        "csi.node.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].key=mortar",
+        "csi.node.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].operator=Exists",
+        "csi.mounter.socketDir=/run/mortar-csi/",
+        "csi.mounter.priorityClassName=mortar-mounts",
+        "csi.mounter.resources.limits.memory=2Gi",
+        "csi.kubeletDir=/var/lib/k0s/kubelet",
+    ];
+    let docs = mortar_packaging::docs(&render(&py, "mortar-system", &[], &sets).unwrap());
+    let pod = |name: &str| find(&docs, "DaemonSet", name)["spec"]["template"]["spec"].clone();
+    let (node, mounter) = (pod("mortar-csi-node"), pod("mortar-csi-mounter"));
+    for key in ["nodeSelector", "tolerations", "affinity"] {
+        assert!(
+            node[key].is_object() || node[key].is_array(),
+            "{key}: {node}"
+        );
+        assert_eq!(mounter[key], node[key], "{key}");
+    }
+    assert_eq!(mounter["priorityClassName"], "mortar-mounts");
+    assert_eq!(node["priorityClassName"], "system-node-critical");
+    assert_eq!(
+        mounter["containers"][0]["resources"]["limits"]["memory"],
+        "2Gi"
+    );
+    for p in [&node, &mounter] {
+        let vols = p["volumes"].as_array().unwrap();
+        let socket = vols.iter().find(|v| v["name"] == "mounter-socket").unwrap();
+        assert_eq!(socket["hostPath"]["path"], "/run/mortar-csi");
+        let kubelet = vols.iter().find(|v| v["name"] == "kubelet-dir").unwrap();
+        assert_eq!(kubelet["hostPath"]["path"], "/var/lib/k0s/kubelet");
+        let state_dir = args_of(&p["containers"][0])
+            .into_iter()
+            .find_map(|a| a.strip_prefix("--state-dir=").map(str::to_string));
+        assert_eq!(
+            state_dir.as_deref(),
+            Some("/var/lib/k0s/kubelet/plugins/mortar.csi.mortar.dev")
+        );
+    }
 }
 
 /// The controller and the node's mounts reach a named cluster through the Service the
