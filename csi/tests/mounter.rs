@@ -7,56 +7,14 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::real::*;
 use common::*;
 use mortar_csi::csi::*;
 use mortar_e2e::Cluster;
 
 const NET: u8 = 62;
-
-fn spawn(layout: &Layout, tag: &str, args: &[String]) -> Plugin {
-    let stderr_path = layout.scratch.join(format!("{tag}.log"));
-    let child = Command::new(env!("CARGO_BIN_EXE_mortar-csi"))
-        .args(args)
-        .args(["--log-level", "debug"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&stderr_path).unwrap())
-        .spawn()
-        .expect("start mortar-csi");
-    Plugin { child, stderr_path }
-}
-
-fn spawn_plugin(layout: &Layout, cluster: &Cluster, mounter: &Path, generation: u32) -> Plugin {
-    let args = vec![
-        "--mode".into(),
-        "all".into(),
-        "--node-id".into(),
-        "node-a".into(),
-        "--endpoint".into(),
-        format!("unix://{}", layout.socket.display()),
-        "--backend".into(),
-        "mortar".into(),
-        // The StorageClass's cluster resolves to the first brick, as the client Service
-        // would in Kubernetes.
-        "--volfile-server-template".into(),
-        cluster.addr(0),
-        "--state-dir".into(),
-        layout.state.display().to_string(),
-        "--mounter".into(),
-        format!("unix://{}", mounter.display()),
-        "--mount-timeout".into(),
-        "30".into(),
-    ];
-    spawn(layout, &format!("plugin-{generation}"), &args)
-}
-
-fn statvfs_total(path: &Path) -> u64 {
-    mortar_csi::ops::statvfs(path).unwrap().total_bytes
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mounts_made_by_the_mounter_survive_a_plugin_kill() {
@@ -64,36 +22,10 @@ async fn mounts_made_by_the_mounter_survive_a_plugin_kill() {
         .await
         .unwrap();
     let layout = Layout::new("mounter");
-    let mounter_sock = layout.scratch.join("run/mounter.sock");
-    let mut mounter = spawn(
-        &layout,
-        "mounter",
-        &[
-            "--mode".into(),
-            "mounter".into(),
-            "--endpoint".into(),
-            format!("unix://{}", mounter_sock.display()),
-            "--state-dir".into(),
-            layout.state.display().to_string(),
-            "--mount-command".into(),
-            mortar_e2e::bin("mortar-mount").display().to_string(),
-        ],
-    );
-    let mut plugin = spawn_plugin(&layout, &cluster, &mounter_sock, 1);
+    let mut node = RealNode::spawn(&layout, &cluster);
     let mut c = Clients::connect(&layout.socket).await;
     // Ready only once the mounter answers.
-    for _ in 0..100 {
-        let ready = c
-            .identity
-            .probe(ProbeRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        if ready.ready == Some(true) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    node.wait_ready(&mut c).await;
 
     let id = c
         .controller
@@ -109,7 +41,7 @@ async fn mounts_made_by_the_mounter_survive_a_plugin_kill() {
     c.node
         .node_stage_volume(stage_req(&id, &staging))
         .await
-        .unwrap_or_else(|e| panic!("stage: {e}\nmounter:\n{}", mounter.stderr()));
+        .unwrap_or_else(|e| panic!("stage: {e}\n{}", node.logs()));
     c.node
         .node_publish_volume(publish_req(&id, &staging, &target, false))
         .await
@@ -119,11 +51,7 @@ async fn mounts_made_by_the_mounter_survive_a_plugin_kill() {
 
     // The FUSE daemon is not the plugin's: it serves the shared mount, and it is neither
     // the plugin nor one of its children.
-    let shared = layout.shared_mount().display().to_string();
-    let daemons: Vec<i32> = pids_mentioning(&shared)
-        .into_iter()
-        .filter(|p| *p != std::process::id() as i32)
-        .collect();
+    let daemons = mount_daemons(&layout.shared_mount());
     assert_eq!(daemons.len(), 1, "one mortar-mount daemon: {daemons:?}");
     let ppid = std::fs::read_to_string(format!("/proc/{}/stat", daemons[0]))
         .unwrap()
@@ -137,16 +65,20 @@ async fn mounts_made_by_the_mounter_survive_a_plugin_kill() {
         .unwrap();
     assert_ne!(
         ppid,
-        plugin.child.id(),
+        node.plugin.child.id(),
         "the daemon is not the plugin's child"
     );
     // The mounter made it, not the plugin.
     assert!(
-        plugin.stderr().contains("asking the mounter"),
+        node.plugin.stderr().contains("asking the mounter"),
         "{}",
-        plugin.stderr()
+        node.plugin.stderr()
     );
-    assert!(mounter.stderr().contains("mounted"), "{}", mounter.stderr());
+    assert!(
+        node.mounter.stderr().contains("mounted"),
+        "{}",
+        node.mounter.stderr()
+    );
 
     // Real data through the pod's mount, landing on the bricks; df shows the PVC's size.
     std::fs::write(target.join("before"), b"written before the kill").unwrap();
@@ -159,7 +91,7 @@ async fn mounts_made_by_the_mounter_survive_a_plugin_kill() {
     assert_eq!(statvfs_total(&target), 10 << 20);
 
     // SIGKILL the plugin: the pod's mount keeps reading and writing.
-    plugin.kill();
+    node.plugin.kill();
     assert_eq!(
         std::fs::read(target.join("before")).unwrap(),
         b"written before the kill"
@@ -171,14 +103,16 @@ async fn mounts_made_by_the_mounter_survive_a_plugin_kill() {
         std::fs::read(cluster.brick_dir(1).join("pvc-survive/after")).unwrap(),
         data
     );
-    // The quota still holds.
-    let err = std::fs::write(target.join("too-big"), vec![0u8; 11 << 20]).unwrap_err();
+    // The quota still holds. (Written from touched memory: from never-touched zero pages
+    // the kernel sends FUSE one 4 KiB write at a time, seconds for 11 MiB.)
+    let too_big = mortar_e2e::pattern(4, 11 << 20);
+    let err = std::fs::write(target.join("too-big"), &too_big).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EDQUOT), "{err}");
     let _ = std::fs::remove_file(target.join("too-big"));
 
     // A new plugin process takes over: repeated stage/publish are no-ops, then a clean
     // unpublish and unstage release the shared mount.
-    let _plugin2 = spawn_plugin(&layout, &cluster, &mounter_sock, 2);
+    node.respawn_plugin(&layout, &cluster, 2);
     let mut c = Clients::connect(&layout.socket).await;
     c.node
         .node_stage_volume(stage_req(&id, &staging))
@@ -189,10 +123,7 @@ async fn mounts_made_by_the_mounter_survive_a_plugin_kill() {
         .await
         .unwrap();
     assert_eq!(
-        pids_mentioning(&shared)
-            .into_iter()
-            .filter(|p| *p != std::process::id() as i32)
-            .collect::<Vec<_>>(),
+        mount_daemons(&layout.shared_mount()),
         daemons,
         "the same daemon still serves the mount"
     );
@@ -234,14 +165,14 @@ async fn mounts_made_by_the_mounter_survive_a_plugin_kill() {
         .await
         .unwrap();
     assert!(!cluster.brick_dir(0).join("pvc-survive").exists());
-    mounter.kill();
+    node.mounter.kill();
 }
 
 #[tokio::test]
 async fn mounter_refuses_mount_points_outside_its_state_dir() {
     let layout = Layout::new("mounter-refuse");
     let sock = layout.scratch.join("mounter.sock");
-    let _mounter = spawn(
+    let _mounter = Plugin::spawn_args(
         &layout,
         "mounter",
         &[

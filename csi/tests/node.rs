@@ -22,15 +22,6 @@ async fn start(tag: &str) -> (Layout, InProcess, Clients) {
     (layout, server, clients)
 }
 
-fn usage(stats: &NodeGetVolumeStatsResponse, unit: volume_usage::Unit) -> VolumeUsage {
-    stats
-        .usage
-        .iter()
-        .find(|u| u.unit == unit as i32)
-        .cloned()
-        .expect("usage reported")
-}
-
 #[tokio::test]
 async fn node_reports_itself() {
     let (_layout, server, mut c) = start("node-info").await;

@@ -3,6 +3,8 @@
 //! `mortar-mount` until the Mortar FUSE client is wired in.
 #![allow(dead_code)]
 
+pub mod real;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -247,25 +249,32 @@ pub struct Plugin {
 }
 
 impl Plugin {
+    /// The local-backend plugin (`--mode all`) with `mount_command` as its mount helper.
     pub fn spawn(layout: &Layout, mount_command: &Path, generation: u32) -> Plugin {
-        let stderr_path = layout.scratch.join(format!("plugin-{generation}.log"));
+        let mut args: Vec<String> = ["--mode", "all", "--node-id", "node-a"]
+            .map(String::from)
+            .into();
+        args.extend([
+            "--endpoint".into(),
+            format!("unix://{}", layout.socket.display()),
+            "--backend".into(),
+            "local".into(),
+            "--local-root".into(),
+            layout.volumes.display().to_string(),
+            "--state-dir".into(),
+            layout.state.display().to_string(),
+            "--mount-command".into(),
+            mount_command.display().to_string(),
+        ]);
+        Plugin::spawn_args(layout, &format!("plugin-{generation}"), &args)
+    }
+
+    /// `mortar-csi ARGS --log-level debug`, its stderr in `SCRATCH/TAG.log`.
+    pub fn spawn_args(layout: &Layout, tag: &str, args: &[String]) -> Plugin {
+        let stderr_path = layout.scratch.join(format!("{tag}.log"));
         let child = Command::new(env!("CARGO_BIN_EXE_mortar-csi"))
-            .args([
-                "--mode",
-                "all",
-                "--node-id",
-                "node-a",
-                "--log-level",
-                "debug",
-            ])
-            .arg("--endpoint")
-            .arg(format!("unix://{}", layout.socket.display()))
-            .args(["--backend", "local", "--local-root"])
-            .arg(&layout.volumes)
-            .arg("--state-dir")
-            .arg(&layout.state)
-            .arg("--mount-command")
-            .arg(mount_command)
+            .args(args)
+            .args(["--log-level", "debug"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr_path).unwrap())
@@ -366,6 +375,26 @@ pub fn assert_code<T: std::fmt::Debug>(
         ),
         Err(s) => assert_eq!(s.code(), code, "{what}: {}", s.message()),
     }
+}
+
+/// The usage a stats reply gives in `unit`.
+#[track_caller]
+pub fn usage(stats: &NodeGetVolumeStatsResponse, unit: volume_usage::Unit) -> VolumeUsage {
+    stats
+        .usage
+        .iter()
+        .find(|u| u.unit == unit as i32)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {unit:?} usage reported: {stats:?}"))
+}
+
+/// How many mounts are stacked on `path`.
+pub fn mount_count(path: &Path) -> usize {
+    mounts::read_mountinfo()
+        .unwrap()
+        .iter()
+        .filter(|m| m.mount_point == path)
+        .count()
 }
 
 pub fn is_mount_point(path: &Path) -> bool {
