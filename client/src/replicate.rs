@@ -500,15 +500,25 @@ impl Volume {
                     .map(|(_, m)| Self::lock_on(&m.brick, &raw, term, false)),
             )
             .await;
-            held = again
-                .into_iter()
-                .filter_map(|r| r.ok())
-                .filter(|(r, _)| r.errno == 0 || r.errno == libc::ESTALE)
-                .collect();
+            held = Vec::new();
+            for r in again {
+                match r {
+                    Ok((r, m)) if r.errno == 0 || r.errno == libc::ESTALE => held.push((r, m)),
+                    Ok((r, m)) => {
+                        tracing::warn!(brick = %m.brick.id, "lock lost on a raise: errno {}", r.errno)
+                    }
+                    Err(e) => tracing::warn!("lock: {e}"),
+                }
+            }
         }
         let members: Vec<Member> = held.iter().map(|(_, m)| m.clone()).collect();
+        let answers: Vec<(String, i32)> = held
+            .iter()
+            .map(|(r, m)| (m.brick.id.clone(), r.errno))
+            .collect();
         held.retain(|(r, _)| r.errno == 0);
         if held.len() < self.quorum() {
+            tracing::warn!(?answers, busy, "too few bricks granted the lock");
             Self::unlock_on(&members, gfids, false).await;
             return Err(Error::NoQuorum {
                 have: held.len(),
@@ -592,35 +602,42 @@ impl Volume {
 
     // ---- mutations ----
 
-    /// Runs one change of `gfids` (the inodes whose version it changes) on the bricks.
-    async fn mutate(&self, gfids: &[Gfid], op: pb::mutate_req::Op) -> Result<pb::MutateReply> {
-        match self.mutate_once(gfids, op.clone()).await {
-            // Too few good copies: heal them now (a brick just back, say), then go on.
+    /// Runs `f`; when it finds too few up-to-date copies of `gfids` (a brick just back,
+    /// say), heals them now and runs it again.
+    async fn healing<T, F, Fut>(&self, gfids: &[Gfid], f: F) -> Result<T>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        match f().await {
             Err(Error::NoGoodCopy) => {
                 for g in gfids {
                     if let Err(e) = self.heal(*g, crate::heal::Source::Newest).await {
                         tracing::warn!(gfid = %g, "heal before write: {e}");
                     }
                 }
-                self.mutate_once(gfids, op).await
+                f().await
             }
             r => r,
         }
     }
 
-    async fn mutate_once(
+    /// Runs one change of `gfids` (the inodes whose version it changes) on the bricks.
+    async fn mutate(&self, gfids: &[Gfid], op: pb::mutate_req::Op) -> Result<pb::MutateReply> {
+        self.healing(gfids, || self.mutate_once(gfids, op.clone()))
+            .await
+    }
+
+    /// Enters this client's transaction on `txs` (the inodes `gfids`, sorted) and makes
+    /// sure it holds their locks on a majority of up-to-date copies.
+    async fn hold<'a>(
         &self,
         gfids: &[Gfid],
-        mut op: pb::mutate_req::Op,
-    ) -> Result<pb::MutateReply> {
-        let mut gfids = gfids.to_vec();
-        gfids.sort();
-        gfids.dedup();
+        txs: &'a [Arc<InodeTx>],
+    ) -> Result<Vec<tokio::sync::MutexGuard<'a, Option<Hold>>>> {
         let (quorum, total) = (self.quorum(), self.total());
-        self.stats.mutations.fetch_add(1, Relaxed);
-        let txs: Vec<Arc<InodeTx>> = gfids.iter().map(|g| self.tx(*g)).collect();
         let mut guards = Vec::with_capacity(txs.len());
-        for t in &txs {
+        for t in txs {
             guards.push(t.hold.lock().await);
         }
         // Drop members whose connection (and so whose lock) is gone.
@@ -642,6 +659,21 @@ impl Volume {
                 *guards[i] = Some(h);
             }
         }
+        Ok(guards)
+    }
+
+    async fn mutate_once(
+        &self,
+        gfids: &[Gfid],
+        mut op: pb::mutate_req::Op,
+    ) -> Result<pb::MutateReply> {
+        let mut gfids = gfids.to_vec();
+        gfids.sort();
+        gfids.dedup();
+        let (quorum, total) = (self.quorum(), self.total());
+        self.stats.mutations.fetch_add(1, Relaxed);
+        let txs: Vec<Arc<InodeTx>> = gfids.iter().map(|g| self.tx(*g)).collect();
+        let mut guards = self.hold(&gfids, &txs).await?;
         // The bricks that are members for every inode of this change take it.
         let mut targets: Vec<Member> = guards[0].as_ref().unwrap().members.clone();
         for g in &guards[1..] {
@@ -711,6 +743,13 @@ impl Volume {
                 Ok((rep, _)) => refused.entry(rep.errno).or_default().push(m),
                 Err(e) => tracing::warn!("{e}"),
             }
+        }
+        if ok.len() < quorum && !refused.is_empty() {
+            let refused: Vec<(i32, Vec<&str>)> = refused
+                .iter()
+                .map(|(e, ms)| (*e, ms.iter().map(|m| m.brick.id.as_str()).collect()))
+                .collect();
+            tracing::warn!(ok = ok.len(), ?refused, "bricks disagree on a change");
         }
         let (result, members, advanced) = if ok.len() >= quorum {
             let rep = ok[0].1.clone();
@@ -883,12 +922,20 @@ impl Volume {
         self.mutate(&[g], op).await.map(|_| ())
     }
 
-    /// Makes the inode's data durable on a majority.
+    /// Makes the inode's data durable on a majority of up-to-date copies. It runs under
+    /// the inode's lock, like a change: another client's write in flight would leave the
+    /// copies at different versions, and only the newest copies count.
     pub async fn fsync(&self, g: Gfid, datasync: bool) -> Result<()> {
+        self.healing(&[g], || self.fsync_once(g, datasync)).await
+    }
+
+    async fn fsync_once(&self, g: Gfid, datasync: bool) -> Result<()> {
         let quorum = self.quorum();
-        let targets = self.readable_bricks(g).await?;
-        let rs = join_all(targets.iter().map(|b| {
-            b.call(move |mut c, _| async move {
+        let txs = [self.tx(g)];
+        let mut guards = self.hold(&[g], &txs).await?;
+        let h = guards[0].as_mut().unwrap();
+        let rs = join_all(h.members.iter().map(|m| {
+            m.brick.call(move |mut c, _| async move {
                 c.fsync(pb::FsyncReq {
                     gfid: g.to_vec(),
                     datasync,
@@ -897,18 +944,27 @@ impl Volume {
             })
         }))
         .await;
-        let good = rs
-            .iter()
-            .filter(|r| matches!(r, Ok((e, _)) if e.errno == 0))
-            .count();
-        if good >= quorum {
+        let mut synced = Vec::new();
+        let mut refused = Vec::new();
+        for (m, r) in h.members.iter().zip(rs) {
+            match r {
+                Ok((e, _)) if e.errno == 0 => synced.push(m.clone()),
+                Ok((e, _)) => refused.push(e.errno),
+                Err(e) => tracing::warn!("fsync: {e}"),
+            }
+        }
+        *txs[0].last_used.lock().unwrap() = Some(Instant::now());
+        if synced.len() >= quorum {
+            // A copy that could not sync is no longer known to hold everything.
+            h.missing |= synced.len() < h.members.len();
+            h.members = synced;
             return Ok(());
         }
-        if let Some(Ok((e, _))) = rs.iter().find(|r| matches!(r, Ok((e, _)) if e.errno != 0)) {
-            return Err(Error::Os(e.errno));
+        if let Some(e) = refused.first() {
+            return Err(Error::Os(*e));
         }
         Err(Error::NoQuorum {
-            have: good,
+            have: synced.len(),
             need: quorum,
         })
     }

@@ -163,6 +163,9 @@ impl Cluster {
             self.host(1),
             self.host(2)
         );
+        if let Ok(level) = std::env::var("MORTAR_E2E_MOUNT_LOG") {
+            o = format!("{o},log-level={level}");
+        }
         if !opts.is_empty() {
             o = format!("{o},{opts}");
         }
@@ -274,7 +277,9 @@ impl Drop for Cluster {
         if std::thread::panicking() || std::env::var_os("MORTAR_E2E_KEEP").is_some() {
             // Keep the bricks' data and every log for the post-mortem.
             if let Some(t) = self.tmp.take() {
-                eprintln!("test failed: cluster files kept in {}", t.keep().display());
+                let dir = t.keep();
+                eprintln!("test failed: cluster files kept in {}", dir.display());
+                print_warnings(&dir);
             }
         }
         for i in 0..self.bricks.len() {
@@ -326,6 +331,30 @@ impl Drop for Mount {
     fn drop(&mut self) {
         if is_mounted(&self.path) {
             let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        }
+    }
+}
+
+/// CI keeps only the test's output: show what the daemons complained about.
+fn print_warnings(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut logs: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    logs.sort();
+    for log in logs {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let bad: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .collect();
+        eprintln!("--- {}: {} warnings/errors", log.display(), bad.len());
+        for l in &bad[bad.len().saturating_sub(30)..] {
+            eprintln!("{l}");
         }
     }
 }
