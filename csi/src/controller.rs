@@ -185,7 +185,7 @@ fn check_caps(caps: &[VolumeCapability]) -> Result<()> {
         return Err(CsiError::missing("volume_capabilities"));
     }
     for cap in caps {
-        caps::check(cap).map_err(CsiError::InvalidArgument)?;
+        caps::check(cap)?;
     }
     Ok(())
 }
@@ -407,7 +407,7 @@ impl ControllerService {
         let problems: Vec<String> = req
             .volume_capabilities
             .iter()
-            .filter_map(|c| caps::check(c).err())
+            .filter_map(|c| caps::check(c).err().map(|e| e.to_string()))
             .collect();
         if !problems.is_empty() {
             return Ok(ValidateVolumeCapabilitiesResponse {
@@ -544,7 +544,7 @@ impl ControllerService {
         }
         let (size, limit) = wanted_size(Some(range), 0)?;
         if let Some(cap) = &req.volume_capability {
-            caps::check(cap).map_err(CsiError::InvalidArgument)?;
+            caps::check(cap)?;
         }
         let id = parse_id(&req.volume_id)?;
         let Some(dir) = id.dir.clone() else {

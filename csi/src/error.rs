@@ -95,4 +95,12 @@ impl From<crate::ops::OpsError> for CsiError {
     }
 }
 
+/// A capability Mortar cannot serve is a bad request, unless the RPC's own error table
+/// says otherwise (NodeStage/NodePublish: see `node.rs`).
+impl From<crate::caps::CapError> for CsiError {
+    fn from(e: crate::caps::CapError) -> Self {
+        CsiError::InvalidArgument(e.to_string())
+    }
+}
+
 pub type Result<T, E = CsiError> = std::result::Result<T, E>;

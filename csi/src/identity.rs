@@ -7,11 +7,25 @@ use tonic::{Request, Response, Status};
 use crate::csi::identity_server::Identity;
 use crate::csi::plugin_capability::{self, service, volume_expansion};
 use crate::csi::*;
+use crate::error::CsiError;
 use crate::metrics::observe;
 
+/// Why Probe cannot say "ready". The spec's Probe tells two cases apart: a plugin still
+/// initialising answers `ready: false`, one missing a required dependency answers
+/// FAILED_PRECONDITION.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotReady {
+    /// Still coming up, e.g. the mounter is not listening yet: the CO asks again later.
+    Starting(String),
+    /// A required dependency is missing or unusable (no volume backend, no mount helper,
+    /// an unusable state directory): it will not fix itself.
+    Missing(String),
+}
+
 /// Readiness check: Probe must not say "ready" before the service can do its job
-/// (controller: a volume backend; node: the mount helper and the state directory).
-pub type ReadyCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+/// (controller: a volume backend; node: the mount helper or mounter, and the state
+/// directory).
+pub type ReadyCheck = Arc<dyn Fn() -> Result<(), NotReady> + Send + Sync>;
 
 pub struct IdentityService {
     ready: ReadyCheck,
@@ -71,10 +85,12 @@ impl Identity for IdentityService {
         observe("Probe", "", async move {
             match ready() {
                 Ok(()) => Ok(ProbeResponse { ready: Some(true) }),
-                Err(why) => {
-                    tracing::warn!(why, "not ready");
+                Err(NotReady::Starting(why)) => {
+                    tracing::warn!(why, "not ready yet");
                     Ok(ProbeResponse { ready: Some(false) })
                 }
+                // Spec, Probe errors: "Missing required dependency" is FAILED_PRECONDITION.
+                Err(NotReady::Missing(why)) => Err(CsiError::FailedPrecondition(why)),
             }
         })
         .await

@@ -35,7 +35,3 @@ pub const DRIVER_NAME: &str = "mortar.csi.mortar.dev";
 
 /// Reported as `vendor_version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-
-/// Node topology key reported by NodeGetInfo. Mortar volumes are reachable from every
-/// node, so nothing constrains on it; it exists so that per-node facts can be attached later.
-pub const TOPOLOGY_NODE_KEY: &str = "topology.mortar.csi.mortar.dev/node";

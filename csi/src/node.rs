@@ -25,12 +25,14 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
-use crate::caps;
+use crate::caps::{self, CapError};
 use crate::csi::node_server::Node;
 use crate::csi::node_service_capability::{self, rpc};
 use crate::csi::volume_capability::AccessType;
+use crate::csi::volume_capability::access_mode::Mode;
 use crate::csi::*;
 use crate::error::{CsiError, Result};
+use crate::identity::NotReady;
 use crate::inflight::InFlight;
 use crate::metrics::observe;
 use crate::mounts::{self, BindFlags, Health, MountEntry};
@@ -86,19 +88,22 @@ impl NodeConfig {
             .find(|p| executable(p))
     }
 
-    /// Probe: ready when the mount helper exists and the state directory is usable.
-    pub fn ready(&self) -> std::result::Result<(), String> {
+    /// Probe: ready when the mount helper exists (or the mounter answers) and the state
+    /// directory is usable. A mounter that is not listening yet is still starting (its
+    /// DaemonSet may come up after ours); the rest are missing dependencies.
+    pub fn ready(&self) -> std::result::Result<(), NotReady> {
         if let Some(socket) = &self.mounter {
             std::os::unix::net::UnixStream::connect(socket)
-                .map_err(|e| format!("mounter at {}: {e}", socket.display()))?;
+                .map_err(|e| NotReady::Starting(format!("mounter at {}: {e}", socket.display())))?;
         } else if self.resolve_mount_command().is_none() {
-            return Err(format!(
+            return Err(NotReady::Missing(format!(
                 "mount helper {} not found",
                 self.mount_command.display()
-            ));
+            )));
         }
-        std::fs::create_dir_all(self.state_dir.join("volumes"))
-            .map_err(|e| format!("state directory {}: {e}", self.state_dir.display()))
+        std::fs::create_dir_all(self.state_dir.join("volumes")).map_err(|e| {
+            NotReady::Missing(format!("state directory {}: {e}", self.state_dir.display()))
+        })
     }
 }
 
@@ -127,9 +132,15 @@ fn io_err(context: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> Csi
     move |e| CsiError::io(context.to_string(), e)
 }
 
+/// The capability of a NodeStage/NodePublish: missing or malformed is a bad request; one
+/// the volume cannot serve (block, another fs type) is the spec's "Exceeds capabilities",
+/// FAILED_PRECONDITION for these two calls.
 fn check_mount_capability(cap: Option<&VolumeCapability>) -> Result<&VolumeCapability> {
     let cap = cap.ok_or_else(|| CsiError::missing("volume_capability"))?;
-    caps::check(cap).map_err(CsiError::InvalidArgument)?;
+    caps::check(cap).map_err(|e| match e {
+        CapError::Unsupported(why) => CsiError::FailedPrecondition(why),
+        malformed => CsiError::from(malformed),
+    })?;
     Ok(cap)
 }
 
@@ -340,6 +351,35 @@ impl NodeService {
         Ok(())
     }
 
+    /// SINGLE_NODE_SINGLE_WRITER: one workload at a time. The spec's second-publish table
+    /// (with SINGLE_NODE_MULTI_WRITER advertised) makes another target path
+    /// FAILED_PRECONDITION; the publishes of a volume are the bind mounts of its staging
+    /// mount, read from the mount table like everything else here.
+    fn refuse_second_publish(
+        &self,
+        id: &VolumeId,
+        staged: &MountEntry,
+        staging: &Path,
+        target: &Path,
+    ) -> Result<()> {
+        let shared_mounts = self.cfg.state_dir.join("volumes");
+        let table = mounts::read_mountinfo().map_err(io_err("reading mount table"))?;
+        let elsewhere = table.iter().find(|m| {
+            m.dev == staged.dev
+                && m.root == staged.root
+                && m.mount_point != staging
+                && m.mount_point != target
+                && !m.mount_point.starts_with(&shared_mounts)
+        });
+        match elsewhere {
+            Some(m) => Err(CsiError::FailedPrecondition(format!(
+                "volume {id} has access mode SINGLE_NODE_SINGLE_WRITER and is already published at {}",
+                m.mount_point.display()
+            ))),
+            None => Ok(()),
+        }
+    }
+
     async fn node_stage(&self, req: NodeStageVolumeRequest) -> Result<NodeStageVolumeResponse> {
         required(&req.volume_id, "volume_id")?;
         required(&req.staging_target_path, "staging_target_path")?;
@@ -382,13 +422,24 @@ impl NodeService {
         req: NodePublishVolumeRequest,
     ) -> Result<NodePublishVolumeResponse> {
         required(&req.volume_id, "volume_id")?;
-        required(&req.staging_target_path, "staging_target_path")?;
         required(&req.target_path, "target_path")?;
         let cap = check_mount_capability(req.volume_capability.as_ref())?;
+        if req.staging_target_path.is_empty() {
+            // Spec, NodePublishVolume errors: with STAGE_UNSTAGE_VOLUME advertised, this is
+            // "Staging target path not set", FAILED_PRECONDITION (stage, then publish).
+            return Err(CsiError::FailedPrecondition(
+                "staging_target_path is not set: NodeStageVolume comes first".into(),
+            ));
+        }
         let id = parse_id(&req.volume_id)?;
         let (mut flags, ignored) =
             BindFlags::from_options(mount_flags(cap).iter().map(String::as_str));
         if !ignored.is_empty() {
+            // Names only: the spec warns that mount flags may carry sensitive values.
+            let ignored: Vec<&str> = ignored
+                .iter()
+                .map(|o| o.split('=').next().unwrap_or_default())
+                .collect();
             tracing::info!(
                 ?ignored,
                 "mount flags that do not apply to a bind mount are ignored"
@@ -420,6 +471,9 @@ impl NodeService {
         }
 
         let target = absolute_creating_parent(&req.target_path)?;
+        if caps::mode(cap) == Some(Mode::SingleNodeSingleWriter) {
+            self.refuse_second_publish(&id, &staged, &staging, &target)?;
+        }
         if let Some(existing) = mounts::find_now(&target).map_err(io_err("reading mount table"))? {
             let health = mounts::probe(&target, self.cfg.probe_timeout).await;
             if health.is_broken() {
@@ -603,7 +657,8 @@ impl NodeService {
         required(&req.volume_id, "volume_id")?;
         required(&req.volume_path, "volume_path")?;
         if let Some(cap) = &req.volume_capability {
-            caps::check(cap).map_err(CsiError::InvalidArgument)?;
+            // Spec, NodeExpandVolume errors: "Exceeds capabilities" is INVALID_ARGUMENT.
+            caps::check(cap)?;
         }
         parse_id(&req.volume_id)?;
         let path = PathBuf::from(&req.volume_path);
@@ -727,13 +782,13 @@ impl Node for NodeService {
     ) -> Result<Response<NodeGetInfoResponse>, Status> {
         let node_id = self.cfg.node_id.clone();
         observe("NodeGetInfo", "", async move {
-            let segments = [(crate::TOPOLOGY_NODE_KEY.to_string(), node_id.clone())]
-                .into_iter()
-                .collect();
             Ok(NodeGetInfoResponse {
                 node_id,
                 max_volumes_per_node: 0,
-                accessible_topology: Some(Topology { segments }),
+                // The spec allows a topology here only with the
+                // VOLUME_ACCESSIBILITY_CONSTRAINTS plugin capability, which Mortar does not
+                // have: every volume is reachable from every node.
+                accessible_topology: None,
             })
         })
         .await

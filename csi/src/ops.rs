@@ -123,14 +123,15 @@ pub trait VolumeResolver: Send + Sync {
     async fn open(&self, location: &VolumeLocation) -> OpsResult<Arc<dyn VolumeOps>>;
     /// Every volume this controller can enumerate, for ListVolumes.
     async fn known(&self) -> OpsResult<Vec<VolumeLocation>>;
-    /// False while the resolver cannot do its job at all (Probe reports not ready).
+    /// False while the resolver cannot do its job at all (Probe: a missing dependency).
     fn ready(&self) -> bool {
         true
     }
 }
 
 /// Stands in until a real backend is configured: the controller answers Probe with
-/// "not ready" and volume calls with Unavailable instead of pretending.
+/// FailedPrecondition (a missing dependency) and volume calls with Unavailable instead of
+/// pretending.
 pub struct Unconfigured;
 
 #[async_trait]

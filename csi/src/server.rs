@@ -12,7 +12,7 @@ use crate::controller::ControllerService;
 use crate::csi::controller_server::ControllerServer;
 use crate::csi::identity_server::IdentityServer;
 use crate::csi::node_server::NodeServer;
-use crate::identity::{IdentityService, ReadyCheck};
+use crate::identity::{IdentityService, NotReady, ReadyCheck};
 use crate::node::{NodeConfig, NodeService};
 use crate::ops::VolumeResolver;
 
@@ -91,7 +91,7 @@ pub async fn serve(
     let ready_node = node_cfg.clone();
     let ready: ReadyCheck = Arc::new(move || {
         if controller && !resolver.ready() {
-            return Err("no volume backend configured".into());
+            return Err(NotReady::Missing("no volume backend configured".into()));
         }
         if let Some(cfg) = &ready_node {
             cfg.ready()?;

@@ -968,7 +968,7 @@ async fn every_controller_call_validates_its_request() {
 }
 
 #[tokio::test]
-async fn without_a_backend_the_controller_is_not_ready() {
+async fn without_a_backend_the_controller_is_not_healthy() {
     let layout = Layout::new("unconfigured");
     let listener = mortar_csi::server::bind(&layout.socket).unwrap();
     let services = mortar_csi::server::Services {
@@ -982,14 +982,11 @@ async fn without_a_backend_the_controller_is_not_ready() {
         let _ = rx.await;
     }));
     let mut c = Clients::connect(&layout.socket).await;
-    assert_eq!(
-        c.identity
-            .probe(ProbeRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .ready,
-        Some(false)
+    // A missing required dependency is FAILED_PRECONDITION (spec, Probe errors).
+    assert_code(
+        c.identity.probe(ProbeRequest {}).await,
+        Code::FailedPrecondition,
+        "probe without a backend",
     );
     assert_code(
         c.controller.create_volume(create_req("pvc-a", MIB)).await,

@@ -32,13 +32,8 @@ async fn node_reports_itself() {
         .unwrap()
         .into_inner();
     assert_eq!(info.node_id, "node-a");
-    let topo = info.accessible_topology.unwrap();
-    assert_eq!(
-        topo.segments
-            .get("topology.mortar.csi.mortar.dev/node")
-            .map(String::as_str),
-        Some("node-a")
-    );
+    // No VOLUME_ACCESSIBILITY_CONSTRAINTS, so no topology (spec, NodeGetInfo).
+    assert_eq!(info.accessible_topology, None);
     let caps: HashSet<i32> = c
         .node
         .node_get_capabilities(NodeGetCapabilitiesRequest {})
@@ -437,8 +432,8 @@ async fn every_node_call_validates_its_request() {
     r.volume_capability = Some(block_cap());
     assert_code(
         n.node_stage_volume(r).await,
-        Code::InvalidArgument,
-        "stage block",
+        Code::FailedPrecondition,
+        "stage block (exceeds capabilities)",
     );
     assert_code(
         n.node_stage_volume(stage_req("garbage", &staging)).await,
@@ -474,8 +469,8 @@ async fn every_node_call_validates_its_request() {
     r.staging_target_path.clear();
     assert_code(
         n.node_publish_volume(r).await,
-        Code::InvalidArgument,
-        "publish without staging path",
+        Code::FailedPrecondition,
+        "publish without staging path (staging target path not set)",
     );
     let mut r = publish_req(&id, &staging, &target, false);
     r.volume_capability = None;
@@ -630,7 +625,7 @@ async fn a_failing_mount_helper_is_reported_not_hidden() {
     );
     assert!(!is_mount_point(&staging));
 
-    // A helper that is not there at all: Probe says not ready.
+    // A helper that is not there at all: a missing dependency, FAILED_PRECONDITION.
     let (server2_layout, missing) = (
         Layout::new("node-nohelper"),
         std::path::PathBuf::from("/nonexistent/mortar-mount"),
@@ -641,14 +636,10 @@ async fn a_failing_mount_helper_is_reported_not_hidden() {
         Some(server2_layout.node_config(missing)),
     )
     .await;
-    assert_eq!(
-        c2.identity
-            .probe(ProbeRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .ready,
-        Some(false)
+    assert_code(
+        c2.identity.probe(ProbeRequest {}).await,
+        Code::FailedPrecondition,
+        "probe without a mount helper",
     );
     server2.stop().await;
     server.stop().await;
