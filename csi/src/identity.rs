@@ -59,7 +59,8 @@ impl Identity for IdentityService {
     ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
         observe("GetPluginCapabilities", "", async {
             // Reported by both modes: the sidecars ask whichever plugin they sit next to.
-            // No VOLUME_ACCESSIBILITY_CONSTRAINTS: a Mortar volume is reachable from every node.
+            // VOLUME_ACCESSIBILITY_CONSTRAINTS only so that nodes may report their topology
+            // key (NodeGetInfo); volumes carry no topology: one is reachable from every node.
             let service = |t: service::Type| PluginCapability {
                 r#type: Some(plugin_capability::Type::Service(
                     plugin_capability::Service { r#type: t as i32 },
@@ -74,7 +75,11 @@ impl Identity for IdentityService {
                 )),
             };
             Ok(GetPluginCapabilitiesResponse {
-                capabilities: vec![service(service::Type::ControllerService), expansion],
+                capabilities: vec![
+                    service(service::Type::ControllerService),
+                    service(service::Type::VolumeAccessibilityConstraints),
+                    expansion,
+                ],
             })
         })
         .await

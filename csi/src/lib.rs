@@ -35,3 +35,8 @@ pub const DRIVER_NAME: &str = "mortar.csi.mortar.dev";
 
 /// Reported as `vendor_version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Node topology key reported by NodeGetInfo. Mortar volumes are reachable from every node
+/// (CreateVolume sets no accessible_topology), so nothing is constrained by it; the node
+/// label it gives lets per-node facts be attached later.
+pub const TOPOLOGY_NODE_KEY: &str = "topology.mortar.csi.mortar.dev/node";

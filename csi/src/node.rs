@@ -783,12 +783,11 @@ impl Node for NodeService {
         let node_id = self.cfg.node_id.clone();
         observe("NodeGetInfo", "", async move {
             Ok(NodeGetInfoResponse {
+                accessible_topology: Some(Topology {
+                    segments: [(crate::TOPOLOGY_NODE_KEY.to_string(), node_id.clone())].into(),
+                }),
                 node_id,
                 max_volumes_per_node: 0,
-                // The spec allows a topology here only with the
-                // VOLUME_ACCESSIBILITY_CONSTRAINTS plugin capability, which Mortar does not
-                // have: every volume is reachable from every node.
-                accessible_topology: None,
             })
         })
         .await

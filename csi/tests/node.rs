@@ -32,8 +32,13 @@ async fn node_reports_itself() {
         .unwrap()
         .into_inner();
     assert_eq!(info.node_id, "node-a");
-    // No VOLUME_ACCESSIBILITY_CONSTRAINTS, so no topology (spec, NodeGetInfo).
-    assert_eq!(info.accessible_topology, None);
+    let topo = info.accessible_topology.unwrap();
+    assert_eq!(
+        topo.segments
+            .get(mortar_csi::TOPOLOGY_NODE_KEY)
+            .map(String::as_str),
+        Some("node-a")
+    );
     let caps: HashSet<i32> = c
         .node
         .node_get_capabilities(NodeGetCapabilitiesRequest {})

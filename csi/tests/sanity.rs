@@ -328,10 +328,10 @@ async fn get_plugin_capabilities() {
                 || node.contains(&(NodeCap::ExpandVolume as i32))
         );
     }
-    // Spec, Volume.accessible_topology and NodeGetInfo.accessible_topology: "A plugin that
-    // returns this field MUST also set the VOLUME_ACCESSIBILITY_CONSTRAINTS plugin
-    // capability". Mortar volumes are reachable from every node: no topology anywhere.
-    assert!(!has_service(
+    // Spec, NodeGetInfo.accessible_topology: "A plugin that returns this field MUST also
+    // set the VOLUME_ACCESSIBILITY_CONSTRAINTS plugin capability". Nodes report their key;
+    // volumes report none, which the spec reads as "equally accessible from all nodes".
+    assert!(has_service(
         &caps,
         ServiceType::VolumeAccessibilityConstraints
     ));
@@ -343,7 +343,11 @@ async fn get_plugin_capabilities() {
             .await
             .unwrap()
             .into_inner();
-    assert_eq!(info.accessible_topology, None);
+    let segments = info.accessible_topology.unwrap().segments;
+    assert_eq!(
+        segments.get(mortar_csi::TOPOLOGY_NODE_KEY),
+        Some(&info.node_id)
+    );
     s.stop().await;
 
     // Spec, GetPluginCapabilities: "All instances of the same version ... SHALL return the
@@ -1186,8 +1190,13 @@ async fn node_get_info() {
     // max_volumes_per_node not negative; spec: node_id at most 256 bytes.
     assert!(!info.node_id.is_empty() && info.node_id.len() <= 256);
     assert!(info.max_volumes_per_node >= 0);
-    // Spec, NodeGetInfo.accessible_topology: only with VOLUME_ACCESSIBILITY_CONSTRAINTS.
-    assert_eq!(info.accessible_topology, None);
+    // Spec, NodeGetInfo.accessible_topology: allowed with VOLUME_ACCESSIBILITY_CONSTRAINTS,
+    // which the plugin advertises; the segment names the node.
+    let segments = info.accessible_topology.clone().unwrap().segments;
+    assert_eq!(
+        segments.get(mortar_csi::TOPOLOGY_NODE_KEY),
+        Some(&info.node_id)
+    );
     s.stop().await;
 }
 
