@@ -33,6 +33,10 @@ pub struct VolumeStatus {
     pub bricks_up: usize,
     pub quorum: usize,
     pub heal_pending: u64,
+    /// The ping timeout of mounts without `-o ping-timeout`: the volfile's, else the default.
+    pub ping_timeout_secs: u64,
+    /// `volfile` or `default`.
+    pub ping_timeout_from: &'static str,
 }
 
 /// `HOST[:PORT]:/VOL` → volfile servers and volume.
@@ -95,6 +99,14 @@ pub async fn status(target: &str, timeout: Duration) -> Result<VolumeStatus> {
         bricks_up: bricks.iter().filter(|b| b.up).count(),
         quorum: vf.quorum(),
         heal_pending: bricks.iter().map(|b| b.heal_pending).sum(),
+        ping_timeout_secs: crate::replicate::Options::default()
+            .effective_ping_timeout(Some(&vf))
+            .as_secs(),
+        ping_timeout_from: if vf.ping_timeout.is_some() {
+            "volfile"
+        } else {
+            "default"
+        },
         bricks,
     })
 }
@@ -264,7 +276,7 @@ pub async fn heal_resolve(
 ) -> Result<crate::heal::HealStats> {
     let (servers, vol) = parse_target(target)?;
     let opts = crate::replicate::Options {
-        ping_timeout: timeout,
+        ping_timeout: Some(timeout),
         client_name: "mortar heal resolve".into(),
         ..Default::default()
     };

@@ -43,7 +43,8 @@ pub struct Brick {
     pub id: String,
     pub addr: String,
     state: watch::Sender<ConnState>,
-    pub ping_timeout: Duration,
+    /// Milliseconds; changes when a new volfile generation changes the ping timeout.
+    ping_timeout_ms: AtomicU64,
     epochs: AtomicU64,
     stopped: AtomicBool,
 }
@@ -92,7 +93,7 @@ impl Brick {
             id,
             addr,
             state,
-            ping_timeout,
+            ping_timeout_ms: AtomicU64::new(millis(ping_timeout)),
             epochs: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
         });
@@ -120,6 +121,17 @@ impl Brick {
         b
     }
 
+    /// How long the brick may stay silent (pings, requests) before it counts as down.
+    pub fn ping_timeout(&self) -> Duration {
+        Duration::from_millis(self.ping_timeout_ms.load(Relaxed))
+    }
+
+    /// Changes the ping timeout: requests use it at once, the ping loop from its next tick,
+    /// the connection's HTTP/2 keep-alive from the next reconnect.
+    pub fn set_ping_timeout(&self, d: Duration) {
+        self.ping_timeout_ms.store(millis(d), Relaxed);
+    }
+
     /// Closes the connection for good (the brick left the volume, or the mount ends).
     pub fn stop(&self) {
         self.stopped.store(true, Relaxed);
@@ -132,7 +144,7 @@ impl Brick {
         client_name: &str,
         events: &mpsc::UnboundedSender<Event>,
     ) -> String {
-        let pt = self.ping_timeout;
+        let mut pt = self.ping_timeout();
         let ch = match endpoint(&self.addr, pt) {
             Ok(e) => match e.connect().await {
                 Ok(ch) => ch,
@@ -179,14 +191,23 @@ impl Brick {
         let _ = events.send(Event::Up {
             brick: self.id.clone(),
         });
-        let interval = (pt / 4).max(Duration::from_millis(100));
-        let mut ping = tokio::time::interval(interval);
+        let ping_interval =
+            |pt: Duration| tokio::time::interval((pt / 4).max(Duration::from_millis(100)));
+        let mut ping = ping_interval(pt);
         let mut last_pong = tokio::time::Instant::now();
         let mut n = 0u64;
         let mut state = self.state.subscribe();
         loop {
             tokio::select! {
                 _ = ping.tick() => {
+                    let now_pt = self.ping_timeout();
+                    if now_pt != pt {
+                        // A new volfile changed the ping timeout: ping at the new pace, and
+                        // give the brick the new timeout from now before judging it.
+                        pt = now_pt;
+                        ping = ping_interval(pt);
+                        last_pong = tokio::time::Instant::now();
+                    }
                     if last_pong.elapsed() > pt {
                         return format!("no answer to pings for {pt:?}");
                     }
@@ -270,7 +291,7 @@ impl Brick {
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let up = self.up().ok_or_else(|| self.transport("not connected"))?;
-        match tokio::time::timeout(self.ping_timeout, f(up.client.clone(), up.clone())).await {
+        match tokio::time::timeout(self.ping_timeout(), f(up.client.clone(), up.clone())).await {
             Ok(Ok(r)) => Ok((r.into_inner(), up)),
             Ok(Err(s)) => Err(self.transport(s.message().to_string())),
             Err(_) => {
@@ -299,6 +320,10 @@ impl Brick {
             _ = gone => Err(self.transport("connection lost")),
         }
     }
+}
+
+fn millis(d: Duration) -> u64 {
+    d.as_millis().try_into().unwrap_or(u64::MAX).max(1)
 }
 
 impl ConnState {

@@ -100,6 +100,7 @@ impl Local {
                         address: brick_addr(i),
                     })
                     .collect(),
+                ping_timeout: None,
             };
             std::fs::write(self.volfile_path(), vf.to_yaml())?;
         }

@@ -17,7 +17,8 @@ pub struct MountArgs {
     pub volume: String,
     pub mountpoint: PathBuf,
     pub foreground: bool,
-    pub ping_timeout: Duration,
+    /// `-o ping-timeout`; without it the volfile's `ping-timeout`, else 5 s.
+    pub ping_timeout: Option<Duration>,
     pub timeouts: Timeouts,
     pub log_level: String,
     pub log_file: Option<PathBuf>,
@@ -55,7 +56,7 @@ impl MountArgs {
             volume,
             mountpoint: mountpoint.to_path_buf(),
             foreground,
-            ping_timeout: Duration::from_secs(5),
+            ping_timeout: None,
             timeouts: Timeouts {
                 attr: Duration::from_secs(1),
                 entry: Duration::from_secs(1),
@@ -85,10 +86,11 @@ impl MountArgs {
                     .servers
                     .extend(v.split(':').filter(|s| !s.is_empty()).map(String::from)),
                 "ping-timeout" => {
-                    a.ping_timeout = secs(k, v)?;
-                    if a.ping_timeout.is_zero() {
+                    let t = secs(k, v)?;
+                    if t.is_zero() {
                         return Err("-o ping-timeout must be above 0".into());
                     }
+                    a.ping_timeout = Some(t);
                 }
                 "attribute-timeout" | "attr-timeout" => a.timeouts.attr = secs(k, v)?,
                 "entry-timeout" => a.timeouts.entry = secs(k, v)?,
@@ -234,14 +236,20 @@ fn serve(
             .map_err(|e| anyhow::anyhow!("mounting on {}: {e}", mountpoint.display()))?;
         Ok::<_, anyhow::Error>((rt, vol, session))
     })();
-    let (rt, _vol, mut session) = match r {
+    let (rt, vol, mut session) = match r {
         Ok(x) => x,
         Err(e) => {
             tell(&mut ready, &format!("{e:#}\n"));
             return Err(e);
         }
     };
-    tracing::info!(volume = %args.volume, servers = ?args.servers, "mounted");
+    tracing::info!(
+        volume = %args.volume,
+        servers = ?args.servers,
+        ping_timeout = ?vol.ping_timeout(),
+        ping_timeout_from = vol.ping_timeout_source(),
+        "mounted"
+    );
     if ready.is_some() {
         tell(&mut ready, "ok\n");
         redirect_stdio();
@@ -333,6 +341,13 @@ fn metrics(v: &Volume) -> String {
     );
     telemetry::metric(
         &mut out,
+        "mortar_client_ping_timeout_seconds",
+        "gauge",
+        "Ping timeout in force (-o ping-timeout, else the volfile's, else 5)",
+        v.ping_timeout().as_secs_f64(),
+    );
+    telemetry::metric(
+        &mut out,
         "mortar_client_bricks",
         "gauge",
         "Bricks in the volfile",
@@ -362,7 +377,19 @@ mod tests {
         )
         .unwrap();
         assert_eq!(a.servers, vec!["h", "h2", "h3"]);
-        assert_eq!(a.ping_timeout, Duration::from_secs(2));
+        assert_eq!(a.ping_timeout, Some(Duration::from_secs(2)));
+        // Without the option the volfile decides (see `Options::effective_ping_timeout`).
+        let a = MountArgs::parse("h:/data", Path::new("/mnt"), &[], true).unwrap();
+        assert_eq!(a.ping_timeout, None);
+        assert!(
+            MountArgs::parse(
+                "h:/data",
+                Path::new("/mnt"),
+                &["ping-timeout=0".into()],
+                true
+            )
+            .is_err()
+        );
         assert!(MountArgs::parse("h:/data", Path::new("/mnt"), &["bogus".into()], true).is_err());
         assert!(
             MountArgs::parse(

@@ -24,9 +24,14 @@ use crate::error::{Error, Result};
 use crate::gfid::Gfid;
 use crate::volfile::{Volfile, with_default_port};
 
+/// The ping timeout when neither the caller nor the volfile sets one.
+pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_secs(5);
+
 #[derive(Clone, Debug)]
 pub struct Options {
-    pub ping_timeout: Duration,
+    /// How long a brick may stay silent before it is dropped. `None`: the volfile's
+    /// `ping-timeout`, else `DEFAULT_PING_TIMEOUT` (see `effective_ping_timeout`).
+    pub ping_timeout: Option<Duration>,
     /// Give up an inode lock this long after its last use.
     pub lock_idle: Duration,
     pub client_name: String,
@@ -35,10 +40,20 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
-            ping_timeout: Duration::from_secs(5),
+            ping_timeout: None,
             lock_idle: Duration::from_millis(500),
             client_name: format!("mortar-client@{}", std::process::id()),
         }
+    }
+}
+
+impl Options {
+    /// The ping timeout in force: ours if set, else the volfile's `ping-timeout`, else
+    /// `DEFAULT_PING_TIMEOUT`. Before the volfile is known (while fetching it), pass `None`.
+    pub fn effective_ping_timeout(&self, volfile: Option<&Volfile>) -> Duration {
+        self.ping_timeout
+            .or_else(|| volfile.and_then(Volfile::ping_timeout))
+            .unwrap_or(DEFAULT_PING_TIMEOUT)
     }
 }
 
@@ -94,6 +109,8 @@ pub struct Volume {
     pub(crate) heal_bucket: Mutex<crate::heal::Bucket>,
     term_clock: AtomicU64,
     opts: Options,
+    /// The effective ping timeout (`Options::effective_ping_timeout` of the current volfile).
+    ping_timeout: RwLock<Duration>,
     wake_releaser: Notify,
     events: mpsc::UnboundedSender<Event>,
     pub stats: Stats,
@@ -154,6 +171,15 @@ pub fn pver(v: Ver) -> Option<pb::Version> {
     })
 }
 
+/// Where the effective ping timeout comes from, for the logs.
+fn ping_timeout_source(opts: &Options, vf: &Volfile) -> &'static str {
+    match (opts.ping_timeout, vf.ping_timeout) {
+        (Some(_), _) => "option",
+        (None, Some(_)) => "volfile",
+        (None, None) => "default",
+    }
+}
+
 /// Fetches the volfile from the first server that answers.
 pub async fn fetch_volfile(servers: &[String], volume: &str, timeout: Duration) -> Result<Volfile> {
     let mut errors = Vec::new();
@@ -187,7 +213,15 @@ pub async fn fetch_volfile(servers: &[String], volume: &str, timeout: Duration) 
 impl Volume {
     /// Connects to every brick of the volume described by the first reachable server.
     pub async fn connect(servers: &[String], volume: &str, opts: Options) -> Result<Arc<Volume>> {
-        let vf = fetch_volfile(servers, volume, opts.ping_timeout).await?;
+        let vf = fetch_volfile(servers, volume, opts.effective_ping_timeout(None)).await?;
+        let ping_timeout = opts.effective_ping_timeout(Some(&vf));
+        tracing::debug!(
+            ping_timeout = ?ping_timeout,
+            from = ping_timeout_source(&opts, &vf),
+            "volume {volume}: volfile generation {}, {} bricks",
+            vf.generation,
+            vf.bricks.len()
+        );
         let (tx, rx) = mpsc::unbounded_channel();
         let bricks = vf
             .bricks
@@ -196,7 +230,7 @@ impl Volume {
                 Brick::start(
                     b.id.clone(),
                     b.address.clone(),
-                    opts.ping_timeout,
+                    ping_timeout,
                     opts.client_name.clone(),
                     tx.clone(),
                 )
@@ -212,6 +246,7 @@ impl Volume {
             heal_bucket: Mutex::default(),
             term_clock: AtomicU64::new(0),
             opts,
+            ping_timeout: RwLock::new(ping_timeout),
             wake_releaser: Notify::new(),
             events: tx,
             stats: Stats::default(),
@@ -221,7 +256,7 @@ impl Volume {
         tokio::spawn(Self::releaser(Arc::downgrade(&v)));
         // Give every brick one ping timeout to come up; a mount works with any of them.
         let bricks = v.bricks();
-        join_all(bricks.iter().map(|b| b.wait_up(v.opts.ping_timeout))).await;
+        join_all(bricks.iter().map(|b| b.wait_up(ping_timeout))).await;
         if !bricks.iter().any(|b| b.is_up()) {
             return Err(Error::NoQuorum {
                 have: 0,
@@ -233,6 +268,16 @@ impl Volume {
 
     pub fn volfile(&self) -> Volfile {
         self.vol.read().unwrap().clone()
+    }
+
+    /// The ping timeout in force for this volume's bricks.
+    pub fn ping_timeout(&self) -> Duration {
+        *self.ping_timeout.read().unwrap()
+    }
+
+    /// Where `ping_timeout` comes from: "option" (the caller's, e.g. `-o ping-timeout`), "volfile" or "default".
+    pub fn ping_timeout_source(&self) -> &'static str {
+        ping_timeout_source(&self.opts, &self.vol.read().unwrap())
     }
 
     pub fn bricks(&self) -> Vec<Arc<Brick>> {
@@ -284,7 +329,7 @@ impl Volume {
             .find(|b| b.id == from)
             .map(|b| b.addr.clone());
         let Some(addr) = addr else { return };
-        let vf = match fetch_volfile(&[addr], &self.name, self.opts.ping_timeout).await {
+        let vf = match fetch_volfile(&[addr], &self.name, self.ping_timeout()).await {
             Ok(vf) => vf,
             Err(e) => return tracing::warn!("cannot fetch the new volfile: {e}"),
         };
@@ -292,6 +337,17 @@ impl Volume {
         if vf.generation <= cur.generation {
             return;
         }
+        let ping_timeout = self.opts.effective_ping_timeout(Some(&vf));
+        let mut current_pt = self.ping_timeout.write().unwrap();
+        if *current_pt != ping_timeout {
+            tracing::info!(
+                from = ping_timeout_source(&self.opts, &vf),
+                "ping timeout {:?} -> {ping_timeout:?}",
+                *current_pt
+            );
+            *current_pt = ping_timeout;
+        }
+        drop(current_pt);
         let mut bricks = self.bricks.write().unwrap();
         let mut next = Vec::new();
         for spec in &vf.bricks {
@@ -299,11 +355,14 @@ impl Volume {
                 .iter()
                 .find(|b| b.id == spec.id && b.addr == spec.address)
             {
-                Some(b) => next.push(b.clone()),
+                Some(b) => {
+                    b.set_ping_timeout(ping_timeout);
+                    next.push(b.clone())
+                }
                 None => next.push(Brick::start(
                     spec.id.clone(),
                     spec.address.clone(),
-                    self.opts.ping_timeout,
+                    ping_timeout,
                     self.opts.client_name.clone(),
                     self.events.clone(),
                 )),
@@ -1447,5 +1506,48 @@ impl Volume {
                 need: quorum,
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn volfile(ping_timeout: Option<u64>) -> Volfile {
+        let mut v = Volfile::parse(
+            "volume: data\ngeneration: 1\nbricks:\n  - {id: b0, address: '127.0.0.11:24100'}\n",
+        )
+        .unwrap();
+        v.ping_timeout = ping_timeout;
+        v
+    }
+
+    #[test]
+    fn ping_timeout_option_beats_volfile_beats_default() {
+        let secs = Duration::from_secs;
+        let given = Options {
+            ping_timeout: Some(secs(2)),
+            ..Options::default()
+        };
+        let unset = Options::default();
+        assert_eq!(unset.ping_timeout, None);
+        // The option wins over the volfile, and applies before the volfile is known.
+        assert_eq!(
+            given.effective_ping_timeout(Some(&volfile(Some(1)))),
+            secs(2)
+        );
+        assert_eq!(given.effective_ping_timeout(Some(&volfile(None))), secs(2));
+        assert_eq!(given.effective_ping_timeout(None), secs(2));
+        // Without the option, the volfile's value, else 5 s.
+        assert_eq!(
+            unset.effective_ping_timeout(Some(&volfile(Some(1)))),
+            secs(1)
+        );
+        assert_eq!(unset.effective_ping_timeout(Some(&volfile(None))), secs(5));
+        assert_eq!(unset.effective_ping_timeout(None), DEFAULT_PING_TIMEOUT);
+        assert_eq!(DEFAULT_PING_TIMEOUT, secs(5));
+        assert_eq!(ping_timeout_source(&given, &volfile(Some(1))), "option");
+        assert_eq!(ping_timeout_source(&unset, &volfile(Some(1))), "volfile");
+        assert_eq!(ping_timeout_source(&unset, &volfile(None)), "default");
     }
 }

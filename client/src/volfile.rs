@@ -1,14 +1,43 @@
 //! The volume description ("volfile"): which bricks hold the volume.
 
-use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize};
 
 pub const DEFAULT_PORT: u16 = 24100;
+
+/// The largest `ping-timeout` a volfile may ask for, in seconds (as `-o ping-timeout`).
+pub const MAX_PING_TIMEOUT_SECS: u64 = 3600;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Volfile {
     pub volume: String,
     pub generation: u64,
     pub bricks: Vec<BrickSpec>,
+    /// Seconds a client waits for a silent brick before dropping it; clients use it unless
+    /// mounted with `-o ping-timeout`. Optional (an extension of the DESIGN.md contract).
+    #[serde(
+        rename = "ping-timeout",
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "ping_timeout_secs"
+    )]
+    pub ping_timeout: Option<u64>,
+}
+
+/// `ping-timeout`: a whole number of seconds, 1 to `MAX_PING_TIMEOUT_SECS`.
+fn ping_timeout_secs<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let v = Option::<serde_norway::Value>::deserialize(d)?;
+    let Some(v) = v else { return Ok(None) };
+    match v.as_u64() {
+        Some(n) if (1..=MAX_PING_TIMEOUT_SECS).contains(&n) => Ok(Some(n)),
+        _ => Err(serde::de::Error::custom(format!(
+            "ping-timeout must be a whole number of seconds from 1 to {MAX_PING_TIMEOUT_SECS}, not {}",
+            serde_norway::to_string(&v)
+                .map(|s| s.trim_end().to_string())
+                .unwrap_or_else(|_| format!("{v:?}"))
+        ))),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -19,7 +48,7 @@ pub struct BrickSpec {
 
 #[derive(Debug, thiserror::Error)]
 pub enum VolfileError {
-    #[error("volfile is not valid YAML: {0}")]
+    #[error("volfile: {0}")]
     Yaml(#[from] serde_norway::Error),
     #[error("volfile: {0}")]
     Invalid(String),
@@ -30,6 +59,11 @@ impl Volfile {
         let v: Volfile = serde_norway::from_str(text)?;
         v.validate()?;
         Ok(v)
+    }
+
+    /// The volfile's `ping-timeout`, if it sets one.
+    pub fn ping_timeout(&self) -> Option<Duration> {
+        self.ping_timeout.map(Duration::from_secs)
     }
 
     pub fn to_yaml(&self) -> String {
@@ -126,6 +160,57 @@ mod tests {
         assert!(
             Volfile::parse("volume: 'a/b'\ngeneration: 1\nbricks:\n  - {id: b0, address: 'a:1'}\n")
                 .is_err()
+        );
+    }
+
+    const BRICKS: &str = "bricks:\n  - id: b0\n    address: 127.0.0.11:24100\n";
+
+    #[test]
+    fn ping_timeout_is_optional() {
+        let v = Volfile::parse(&format!("volume: data\ngeneration: 1\n{BRICKS}")).unwrap();
+        assert_eq!(v.ping_timeout, None);
+        assert_eq!(v.ping_timeout(), None);
+        assert!(
+            !v.to_yaml().contains("ping-timeout"),
+            "not written when unset: {}",
+            v.to_yaml()
+        );
+
+        let v = Volfile::parse(&format!(
+            "volume: data\ngeneration: 2\nping-timeout: 2\n{BRICKS}"
+        ))
+        .unwrap();
+        assert_eq!(v.ping_timeout, Some(2));
+        assert_eq!(v.ping_timeout(), Some(Duration::from_secs(2)));
+        let yaml = v.to_yaml();
+        assert!(yaml.contains("ping-timeout: 2\n"), "{yaml}");
+        assert_eq!(Volfile::parse(&yaml).unwrap(), v);
+        // An explicit null is the same as leaving the key out.
+        let v = Volfile::parse(&format!(
+            "volume: data\ngeneration: 1\nping-timeout: null\n{BRICKS}"
+        ))
+        .unwrap();
+        assert_eq!(v.ping_timeout, None);
+    }
+
+    #[test]
+    fn rejects_bad_ping_timeouts() {
+        for bad in ["0", "-1", "1.5", "'5'", "5s", "[1]", "3601", "true"] {
+            let e = Volfile::parse(&format!(
+                "volume: data\ngeneration: 1\nping-timeout: {bad}\n{BRICKS}"
+            ))
+            .expect_err(bad)
+            .to_string();
+            assert!(
+                e.contains("ping-timeout must be a whole number of seconds from 1 to 3600"),
+                "{bad}: {e}"
+            );
+        }
+        assert!(
+            Volfile::parse(&format!(
+                "volume: data\ngeneration: 1\nping-timeout: 3600\n{BRICKS}"
+            ))
+            .is_ok()
         );
     }
 

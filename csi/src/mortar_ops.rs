@@ -421,7 +421,7 @@ impl MortarResolver {
     }
 
     pub fn with_ping_timeout(mut self, timeout: Duration) -> Self {
-        self.opts.ping_timeout = timeout;
+        self.opts.ping_timeout = Some(timeout);
         self
     }
 }

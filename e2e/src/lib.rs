@@ -67,6 +67,7 @@ impl Cluster {
                 volume: "data".into(),
                 generation: 1,
                 bricks: vec![],
+                ping_timeout: None,
             },
             bricks: vec![],
         };
@@ -149,8 +150,15 @@ impl Cluster {
         }
     }
 
-    /// Mounts the volume (daemonised, as a user would) with extra `-o` options.
+    /// Mounts the volume (daemonised, as a user would) with extra `-o` options and
+    /// `ping-timeout=2`.
     pub fn mount(&self, name: &str, opts: &str) -> Mount {
+        self.mount_with(name, opts, Some(2))
+    }
+
+    /// Like `mount`, with `-o ping-timeout=SECS`, or without that option (`None`): then the
+    /// volfile's `ping-timeout` (or the default) applies.
+    pub fn mount_with(&self, name: &str, opts: &str, ping_timeout: Option<u64>) -> Mount {
         let path = self.dir.join(name);
         std::fs::create_dir_all(&path).unwrap();
         let mut cmd = Command::new(bin("mortar-mount"));
@@ -158,11 +166,10 @@ impl Cluster {
             .arg(&path)
             .arg("--log-file")
             .arg(self.dir.join(format!("{name}.log")));
-        let mut o = format!(
-            "ping-timeout=2,backup-volfile-servers={}:{}",
-            self.host(1),
-            self.host(2)
-        );
+        let mut o = format!("backup-volfile-servers={}:{}", self.host(1), self.host(2));
+        if let Some(secs) = ping_timeout {
+            o = format!("ping-timeout={secs},{o}");
+        }
         if let Ok(level) = std::env::var("MORTAR_E2E_MOUNT_LOG") {
             o = format!("{o},log-level={level}");
         }
@@ -252,18 +259,29 @@ impl Cluster {
                 address: self.addr(*i),
             })
             .collect();
-        let tmp = self.dir.join("volfile.yaml.new");
-        std::fs::write(&tmp, self.vol.to_yaml()).unwrap();
-        std::fs::rename(tmp, self.volfile_path()).unwrap();
+        self.write_volfile();
         while self.bricks.len() < ids.iter().max().unwrap() + 1 {
             self.bricks.push(None);
         }
     }
 
+    /// Writes a new volfile generation with this `ping-timeout` (`None`: without the key).
+    pub fn set_ping_timeout(&mut self, secs: Option<u64>) {
+        self.vol.generation += 1;
+        self.vol.ping_timeout = secs;
+        self.write_volfile();
+    }
+
+    fn write_volfile(&self) {
+        let tmp = self.dir.join("volfile.yaml.new");
+        std::fs::write(&tmp, self.vol.to_yaml()).unwrap();
+        std::fs::rename(tmp, self.volfile_path()).unwrap();
+    }
+
     /// Connects a client library volume directly (for protocol-level tests).
     pub async fn volume(&self) -> std::sync::Arc<mortar_client::replicate::Volume> {
         let opts = mortar_client::replicate::Options {
-            ping_timeout: Duration::from_secs(2),
+            ping_timeout: Some(Duration::from_secs(2)),
             ..Default::default()
         };
         mortar_client::replicate::Volume::connect(&[self.addr(0)], "data", opts)

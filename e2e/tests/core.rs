@@ -602,3 +602,75 @@ fn mount_helper_backup_servers_and_umount() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `GET /metrics` from a mount's metrics endpoint; the value of `name`.
+fn metric(addr: &str, name: &str) -> Option<String> {
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: mortar\r\n\r\n")
+        .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .map(str::to_string)
+}
+
+/// The volfile's `ping-timeout` reaches a mount that sets no `-o ping-timeout`, the option
+/// wins where given, and a running mount follows a new value. Read back from `mortar status`,
+/// the mounts' metrics and logs: nothing here is timed.
+#[test]
+fn volfile_ping_timeout_applies_unless_the_mount_sets_one() {
+    let mut c = Cluster::start(29, 3);
+    let status = |c: &Cluster| {
+        let out = std::process::Command::new(mortar_e2e::bin("mortar"))
+            .args(["status", &c.target()])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let wait_for = |what: &str, ok: &dyn Fn() -> bool| {
+        let t = Instant::now();
+        while !ok() {
+            assert!(t.elapsed() < Duration::from_secs(30), "waited for {what}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    assert!(
+        status(&c).contains("Ping timeout 5s (default"),
+        "{}",
+        status(&c)
+    );
+
+    c.set_ping_timeout(Some(1));
+    wait_for("brick b0 to serve volfile generation 2", &|| {
+        let s = status(&c);
+        s.contains("generation 2 ") && s.contains("Ping timeout 1s (volfile")
+    });
+    let (plain_metrics, given_metrics) = ("127.29.0.1:26001", "127.29.0.1:26002");
+    let plain = c.mount_with("plain", &format!("metrics={plain_metrics}"), None);
+    let given = c.mount_with("given", &format!("metrics={given_metrics}"), Some(2));
+    fs::write(plain.p("f"), b"hello").unwrap();
+    assert_eq!(fs::read(given.p("f")).unwrap(), b"hello");
+    let gauge = "mortar_client_ping_timeout_seconds";
+    assert_eq!(metric(plain_metrics, gauge).as_deref(), Some("1"));
+    assert_eq!(metric(given_metrics, gauge).as_deref(), Some("2"));
+    let log = fs::read_to_string(c.dir.join("plain.log")).unwrap();
+    let mounted = log
+        .lines()
+        .find(|l| l.contains("mounted"))
+        .unwrap_or_default();
+    assert!(
+        mounted.contains("ping_timeout=1s") && mounted.contains("volfile"),
+        "{log}"
+    );
+
+    // A new generation with another value: the mount without the option follows it.
+    c.set_ping_timeout(Some(3));
+    wait_for("the plain mount to take ping-timeout 3", &|| {
+        metric(plain_metrics, gauge).as_deref() == Some("3")
+    });
+    assert_eq!(metric(given_metrics, gauge).as_deref(), Some("2"));
+    fs::write(plain.p("g"), b"still").unwrap();
+    assert_eq!(fs::read(given.p("g")).unwrap(), b"still");
+}

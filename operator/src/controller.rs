@@ -401,7 +401,7 @@ async fn apply(ssc: &SharedStorageCluster, ctx: &Context) -> Result<Action, Erro
     let mut volfile = resources::volfile(ssc, bricks, previous_generation);
     let unchanged = current_volfile
         .as_ref()
-        .is_some_and(|v| v.same_layout(&volfile) && v.generation == previous_generation);
+        .is_some_and(|v| v.same_content(&volfile) && v.generation == previous_generation);
     if !unchanged {
         volfile.generation = previous_generation + 1;
     }

@@ -38,6 +38,14 @@ pub struct Volfile {
     pub volume: String,
     pub generation: u64,
     pub bricks: Vec<VolfileBrick>,
+    /// Clients' ping timeout in seconds (`spec.pingTimeoutSeconds`): mounts without
+    /// `-o ping-timeout` use it. Optional in the format; the operator always writes it.
+    #[serde(
+        rename = "ping-timeout",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ping_timeout: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -55,9 +63,11 @@ impl Volfile {
         serde_norway::from_str(s)
     }
 
-    /// Whether two volfiles describe the same volume, ignoring the generation.
-    pub fn same_layout(&self, other: &Volfile) -> bool {
-        self.volume == other.volume && self.bricks == other.bricks
+    /// Whether two volfiles say the same, ignoring the generation: bricks and settings.
+    pub fn same_content(&self, other: &Volfile) -> bool {
+        self.volume == other.volume
+            && self.bricks == other.bricks
+            && self.ping_timeout == other.ping_timeout
     }
 }
 
@@ -163,6 +173,7 @@ pub fn volfile(ssc: &SharedStorageCluster, bricks: i32, generation: u64) -> Volf
                 address: brick_address(ssc, i),
             })
             .collect(),
+        ping_timeout: Some(ssc.spec.ping_timeout_seconds.max(1) as u64),
     }
 }
 
@@ -454,8 +465,35 @@ mod tests {
         assert_eq!(v.generation, 7);
         assert_eq!(v.bricks[2].id, "b2");
         assert_eq!(v.bricks[2].address, "vol-brick-2.vol-brick.ns.svc:24100");
+        assert_eq!(v.ping_timeout, Some(5));
         let back = Volfile::from_yaml(&v.to_yaml()).unwrap();
         assert_eq!(back, v);
+    }
+
+    #[test]
+    fn volfile_carries_the_ping_timeout() {
+        let mut s = ssc();
+        s.spec.ping_timeout_seconds = 2;
+        let v = volfile(&s, 3, 1);
+        assert_eq!(v.ping_timeout, Some(2));
+        assert_eq!(
+            v.to_yaml(),
+            "volume: data\ngeneration: 1\nbricks:\n\
+             - id: b0\n  address: vol-brick-0.vol-brick.ns.svc:24100\n\
+             - id: b1\n  address: vol-brick-1.vol-brick.ns.svc:24100\n\
+             - id: b2\n  address: vol-brick-2.vol-brick.ns.svc:24100\n\
+             ping-timeout: 2\n"
+        );
+        // A volfile written before the key existed still reads, and differs in content.
+        let old = Volfile::from_yaml(
+            "volume: data\ngeneration: 1\nbricks:\n- id: b0\n  address: vol-brick-0.vol-brick.ns.svc:24100\n\
+             - id: b1\n  address: vol-brick-1.vol-brick.ns.svc:24100\n\
+             - id: b2\n  address: vol-brick-2.vol-brick.ns.svc:24100\n",
+        )
+        .unwrap();
+        assert_eq!(old.ping_timeout, None);
+        assert!(!old.same_content(&v));
+        assert!(volfile(&s, 3, 9).same_content(&v));
     }
 
     #[test]

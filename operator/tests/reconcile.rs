@@ -116,6 +116,11 @@ async fn first_create_adds_finalizer_then_builds_every_owned_object() {
     assert_eq!(volfile.volume, "data");
     assert_eq!(volfile.generation, 1);
     assert_eq!(
+        volfile.ping_timeout,
+        Some(5),
+        "the default pingTimeoutSeconds"
+    );
+    assert_eq!(
         volfile
             .bricks
             .iter()
@@ -424,6 +429,57 @@ async fn image_change_rolls_one_brick_at_a_time_waiting_for_heal() {
     assert_eq!(h.condition("Progressing")["status"], "False");
     // The volfile does not change for an image update.
     assert_eq!(current_volfile(&h.api).unwrap().generation, 1);
+}
+
+fn volfile_text(h: &Harness) -> String {
+    h.api.get(CM_PATH).unwrap()["data"]["volfile.yaml"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn ping_timeout_reaches_the_volfile_and_a_change_bumps_its_generation() {
+    let h = Harness::ready_cluster(SharedStorageClusterSpec {
+        ping_timeout_seconds: 2,
+        ..spec(3)
+    })
+    .await;
+    let text = volfile_text(&h);
+    assert!(text.contains("\nping-timeout: 2\n"), "{text}");
+    assert_eq!(current_volfile(&h.api).unwrap().generation, 1);
+    h.reconcile().await.unwrap();
+    assert_eq!(
+        current_volfile(&h.api).unwrap().generation,
+        1,
+        "no change, no bump"
+    );
+
+    // Clients follow the volfile: a new timeout is a new generation, bricks unchanged.
+    h.edit(|s| s.ping_timeout_seconds = 7);
+    h.reconcile().await.unwrap();
+    let volfile = current_volfile(&h.api).unwrap();
+    assert_eq!(volfile.generation, 2);
+    assert_eq!(volfile.ping_timeout, Some(7));
+    assert_eq!(volfile_bricks(&h), ["b0", "b1", "b2"]);
+    assert!(volfile_text(&h).contains("\nping-timeout: 7\n"));
+    assert_eq!(h.status()["volfileGeneration"], 2);
+    h.reconcile().await.unwrap();
+    assert_eq!(current_volfile(&h.api).unwrap().generation, 2);
+
+    // A volfile written before the key existed (an older operator) is rewritten once, with
+    // the timeout and the next generation.
+    let mut cm = h.api.get(CM_PATH).unwrap();
+    let old = volfile_text(&h).replace("ping-timeout: 7\n", "");
+    assert!(!old.contains("ping-timeout"), "{old}");
+    cm["data"]["volfile.yaml"] = json!(old);
+    h.api.put(CM_PATH, cm);
+    h.reconcile().await.unwrap();
+    let volfile = current_volfile(&h.api).unwrap();
+    assert_eq!(volfile.generation, 3);
+    assert_eq!(volfile.ping_timeout, Some(7));
+    h.reconcile().await.unwrap();
+    assert_eq!(current_volfile(&h.api).unwrap().generation, 3);
 }
 
 async fn delete_cluster(h: &Harness) {

@@ -135,6 +135,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     s.heal_pending
                 );
                 println!(
+                    "Ping timeout {}s ({}; a mount's -o ping-timeout overrides it)",
+                    s.ping_timeout_secs, s.ping_timeout_from
+                );
+                println!(
                     "{:<6} {:<24} {:<5} {:>8} {:>12} {:>12}",
                     "BRICK", "ADDRESS", "UP", "HEAL", "CAPACITY", "FREE"
                 );
