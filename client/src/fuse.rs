@@ -37,7 +37,8 @@ enum Handle {
 
 struct Inner {
     vol: Arc<Volume>,
-    inos: RwLock<HashMap<u64, Gfid>>,
+    /// The inodes the kernel knows, with its lookup count: kept until it forgets them.
+    inos: RwLock<HashMap<u64, (Gfid, u64)>>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
     /// (inode, lock owner) pairs that took application locks: only those need an unlock
@@ -97,16 +98,27 @@ impl Inner {
             .read()
             .unwrap()
             .get(&ino.0)
-            .copied()
+            .map(|(g, _)| *g)
             .ok_or(Errno::ESTALE)
+    }
+
+    /// Counts one more kernel reference to the inode of `a` (a lookup, a create, a
+    /// readdirplus entry); must happen before the reply that hands it out is sent.
+    fn referenced(&self, a: &pb::Attr) {
+        let g = Gfid::from_bytes(&a.gfid).unwrap_or(Gfid::ROOT);
+        if g.ino() != 1 {
+            let mut inos = self.inos.write().unwrap();
+            let n = inos.len();
+            inos.entry(g.ino()).or_insert((g, 0)).1 += 1;
+            if inos.len() != n {
+                self.vol.stats.inodes.fetch_add(1, Relaxed);
+            }
+        }
     }
 
     fn attr(&self, a: &pb::Attr) -> FileAttr {
         let g = Gfid::from_bytes(&a.gfid).unwrap_or(Gfid::ROOT);
         let ino = g.ino();
-        if ino != 1 {
-            self.inos.write().unwrap().insert(ino, g);
-        }
         FileAttr {
             ino: INodeNo(ino),
             size: a.size,
@@ -134,7 +146,10 @@ impl Inner {
 
     fn entry(&self, reply: ReplyEntry, r: Result<pb::Attr, Error>) {
         match r {
-            Ok(a) => reply.entry(&self.t.entry, &self.attr(&a), Generation(0)),
+            Ok(a) => {
+                self.referenced(&a);
+                reply.entry(&self.t.entry, &self.attr(&a), Generation(0))
+            }
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -186,6 +201,17 @@ fn bytes(s: &OsStr) -> Vec<u8> {
 }
 
 impl Filesystem for MortarFs {
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        let mut inos = self.inner.inos.write().unwrap();
+        if let Some((_, n)) = inos.get_mut(&ino.0) {
+            *n = n.saturating_sub(nlookup);
+            if *n == 0 {
+                inos.remove(&ino.0);
+                self.inner.vol.stats.inodes.fetch_sub(1, Relaxed);
+            }
+        }
+    }
+
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         for cap in [
             InitFlags::FUSE_POSIX_LOCKS,
@@ -603,15 +629,21 @@ impl Filesystem for MortarFs {
                 1 => reply.add(ino, 2, "..", &Duration::ZERO, &dot, Generation(0)),
                 _ => {
                     let e = &entries[i - 2];
-                    let attr = self.inner.attr(&e.attr.clone().unwrap_or_default());
-                    reply.add(
+                    let a = e.attr.clone().unwrap_or_default();
+                    let attr = self.inner.attr(&a);
+                    let full = reply.add(
                         attr.ino,
                         i as u64 + 1,
                         OsStr::from_bytes(&e.name),
                         &ttl,
                         &attr,
                         Generation(0),
-                    )
+                    );
+                    // Only an entry that made it into the reply is a reference.
+                    if !full {
+                        self.inner.referenced(&a);
+                    }
+                    full
                 }
             };
             if full {
@@ -755,6 +787,7 @@ impl Filesystem for MortarFs {
                     let fh = inner.new_fh(Handle::File {
                         append: flags & libc::O_APPEND != 0,
                     });
+                    inner.referenced(&a);
                     let attr = inner.attr(&a);
                     reply.created(
                         &inner.t.entry,

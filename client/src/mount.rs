@@ -341,6 +341,13 @@ fn metrics(v: &Volume) -> String {
     );
     telemetry::metric(
         &mut out,
+        "mortar_client_inodes",
+        "gauge",
+        "Inodes the kernel holds references to (dropped when it forgets them)",
+        s.inodes.load(Relaxed),
+    );
+    telemetry::metric(
+        &mut out,
         "mortar_client_ping_timeout_seconds",
         "gauge",
         "Ping timeout in force (-o ping-timeout, else the volfile's, else 5)",

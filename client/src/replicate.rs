@@ -91,6 +91,8 @@ pub(crate) struct InodeTx {
 
 #[derive(Default)]
 pub struct Stats {
+    /// Inodes a mount's kernel holds references to (set by the FUSE layer).
+    pub inodes: AtomicU64,
     pub mutations: AtomicU64,
     pub lock_acquisitions: AtomicU64,
     pub lock_releases: AtomicU64,

@@ -674,3 +674,46 @@ fn volfile_ping_timeout_applies_unless_the_mount_sets_one() {
     fs::write(plain.p("g"), b"still").unwrap();
     assert_eq!(fs::read(given.p("g")).unwrap(), b"still");
 }
+
+/// The mount keeps an inode only while the kernel references it: after the kernel drops its
+/// caches (and sends FORGET), the mount's table shrinks again instead of growing forever.
+#[test]
+fn the_mount_forgets_inodes_the_kernel_dropped() {
+    let c = Cluster::start(42, 3);
+    let addr = "127.42.0.1:26010";
+    let m = c.mount("m", &format!("metrics={addr}"));
+    let inodes = || -> u64 {
+        metric(addr, "mortar_client_inodes")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(u64::MAX)
+    };
+    fs::create_dir(m.p("many")).unwrap();
+    for i in 0..300 {
+        fs::write(m.p(&format!("many/f{i}")), b"x").unwrap();
+    }
+    // Looked up again (readdirplus and stat), all of them are known.
+    let listed = fs::read_dir(m.p("many")).unwrap().count();
+    assert_eq!(listed, 300);
+    for i in 0..300 {
+        fs::metadata(m.p(&format!("many/f{i}"))).unwrap();
+    }
+    let before = inodes();
+    assert!((301..u64::MAX).contains(&before), "inodes known: {before}");
+    let t = Instant::now();
+    loop {
+        // Drop unused dentries and inodes: the kernel forgets them.
+        fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+        let now = inodes();
+        if now < 100 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the mount still knows {now} inodes (had {before})"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // What was forgotten is found again by name.
+    assert_eq!(fs::read(m.p("many/f7")).unwrap(), b"x");
+    assert_eq!(fs::read_dir(m.p("many")).unwrap().count(), 300);
+}
