@@ -251,8 +251,12 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     l.target(),
                     m.display()
                 );
+                // Name this very binary: a fresh build is not on PATH yet.
+                let me = std::env::current_exe()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|_| "mortar".into());
                 println!(
-                    "  mortar status {}\n  mortar local down --dir {}",
+                    "  {me} status {}\n  {me} local down --dir {}",
                     l.target(),
                     l.dir.display()
                 );
