@@ -9,6 +9,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use mortar_proto as pb;
@@ -22,6 +24,9 @@ pub const BLOCK: u32 = 128 * 1024;
 
 /// Inodes healed at once below the one asked for.
 const PARALLEL: usize = 16;
+/// How long a heal copies a file's data before it lets a waiting client write: long enough
+/// that every pass gets on, short enough that the client hardly notices.
+const YIELD_AFTER: Duration = Duration::from_secs(1);
 
 /// Which copy wins.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -271,6 +276,8 @@ impl Volume {
         if let Some(h) = guard.take() {
             Self::unlock_on(&h.locked, &[g], h.missing).await;
         }
+        // Only who waits for this heal's lock counts (see `heal_copy`).
+        tx.contended.store(false, Relaxed);
         // A heal never queues behind other clients: the holder is told to let go, and a
         // later pass (or the other healer already at it) does the work.
         let (term, held) = self.lock_raw(&[g], false).await?;
@@ -478,11 +485,19 @@ impl Volume {
                 }
             }
             pb::Kind::File => {
+                let tx = self.tx(g);
+                let started = Instant::now();
                 let (s, k) = futures::join!(src.checksums(g), sink.checksums(g));
                 let ((size, ssums), (ksize, ksums)) = (s?, k?);
                 for (i, sum) in ssums.iter().enumerate() {
                     if ksums.get(i) == Some(sum) {
                         continue;
+                    }
+                    // A client waits to write this file: after a while, let it. The blocks
+                    // copied so far stay; the next pass copies only what still differs.
+                    if tx.contended.load(Relaxed) && started.elapsed() >= YIELD_AFTER {
+                        tracing::info!(gfid = %g, "heal yields to a client; resumes later");
+                        return Err(Error::Busy);
                     }
                     let off = i as u64 * BLOCK as u64;
                     let data = src.read(g, off, BLOCK).await?;

@@ -85,7 +85,8 @@ pub(crate) struct Hold {
 #[derive(Default)]
 pub(crate) struct InodeTx {
     pub(crate) hold: Arc<tokio::sync::Mutex<Option<Hold>>>,
-    contended: AtomicBool,
+    /// Another session waits for this inode's lock (a brick said so).
+    pub(crate) contended: AtomicBool,
     last_used: Mutex<Option<Instant>>,
 }
 

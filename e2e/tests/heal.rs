@@ -287,3 +287,46 @@ fn a_heal_cut_short_by_a_restart_finishes_after_it() {
     assert!(fs::read(m.p("big")).unwrap() == pattern(5, 48 * MIB));
     assert_eq!(fs::read(m.p("d3/f49")).unwrap(), pattern(349, 20_000));
 }
+
+/// A client writing a file that a slow heal is copying waits about a second, not for the
+/// whole heal: the heal lets go of the lock and resumes later with the blocks still to do.
+#[test]
+fn a_file_under_a_slow_heal_stays_writable() {
+    let mut c = Cluster::start(43, 3);
+    let slow = ["--heal-rate-mib", "2"];
+    for i in 0..3 {
+        c.kill(i);
+        c.restart_with(i, &slow);
+    }
+    let m = c.mount("m", "");
+    fs::write(m.p("big"), pattern(1, 48 * MIB)).unwrap();
+    c.kill(2);
+    // Every block differs on b2 now: its heal takes 24 s at 2 MiB/s.
+    fs::write(m.p("big"), pattern(2, 48 * MIB)).unwrap();
+    c.restart_with(2, &slow);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(c.heal_pending() > 0, "the heal should still be running");
+    let t = Instant::now();
+    let f = fs::OpenOptions::new().write(true).open(m.p("big")).unwrap();
+    f.write_all_at(b"written during the heal", 0).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let waited = t.elapsed();
+    heal_report("a write into a file under heal waited", waited);
+    assert!(
+        waited < Duration::from_secs(12),
+        "the write waited {waited:?} for the heal"
+    );
+    // Full speed again, one brick at a time: the heal finishes and the copies agree.
+    for i in 0..3 {
+        c.kill(i);
+        c.restart(i);
+    }
+    let took = c.wait_healed(Duration::from_secs(120));
+    heal_report("heal after the write that interrupted it", took);
+    let (ok, out) = c.verify(false);
+    assert!(ok, "{out}");
+    let mut want = pattern(2, 48 * MIB);
+    want[..23].copy_from_slice(b"written during the heal");
+    assert!(fs::read(m.p("big")).unwrap() == want);
+}
