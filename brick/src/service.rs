@@ -443,7 +443,7 @@ impl pb::brick_server::Brick for BrickService {
     async fn fsync(&self, req: Request<pb::FsyncReq>) -> Result<Response<pb::ErrnoReply>, Status> {
         let r = req.into_inner();
         let store = self.store.clone();
-        let res = blocking(move || store.fsync(gfid(&r.gfid)?, r.datasync)).await?;
+        let res = blocking(move || store.fsync(gfid(&r.gfid)?)).await?;
         Ok(Response::new(pb::ErrnoReply {
             errno: res.err().map(errno).unwrap_or(0),
         }))

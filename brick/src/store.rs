@@ -428,7 +428,7 @@ impl Store {
         rfs::statvfs(&self.root)
     }
 
-    pub fn fsync(&self, g: Gfid, datasync: bool) -> R<()> {
+    pub fn fsync(&self, g: Gfid) -> R<()> {
         if self.is_dir(g) {
             let fd = rfs::open(
                 self.dir_path(g)?,
@@ -438,7 +438,8 @@ impl Store {
             return rfs::fsync(fd);
         }
         match self.file(g) {
-            Ok(fd) if datasync => rfs::fdatasync(&*fd),
+            // Never fdatasync: the version record is an xattr, which it may leave behind, and
+            // data newer than its version would be taken for the copy's old content.
             Ok(fd) => rfs::fsync(&*fd),
             // Symlinks and special files have no data; their metadata went with the parent.
             Err(Errno::INVAL) => Ok(()),
