@@ -96,7 +96,8 @@ done
 
 # --- clean up everything we start, whatever happens ------------------------------------------
 work=$(mktemp -d "$base/mortar-bench-smallfile.XXXXXX")
-mortar_up=0; vol=""; gmnt=""; glusterd_pid=""; failed=1
+work=$(cd "$work" && pwd -P)
+mortar_up=0; vol=""; gmnt=""; glusterd_pid=""; mlog=""; failed=1
 cleanup() {
   set +e
   if [ -n "$gmnt" ] && mountpoint -q "$gmnt"; then umount "$gmnt" 2>/dev/null || umount -l "$gmnt"; fi
@@ -118,7 +119,7 @@ cleanup() {
     say "failed; logs kept in $work (Mortar bricks: $work/mortar/logs, mount:" \
       "/var/log/mortar/, GlusterFS: /var/log/glusterfs/)"
   else
-    rm -rf "$work"
+    rm -rf "$work" "$mlog"
   fi
 }
 trap cleanup EXIT
@@ -186,6 +187,7 @@ say "starting Mortar: $mortar_bin/mortar local up --dir $work/mortar --mount $wo
 mortar_up=1
 "$mortar_bin/mortar" local up --dir "$work/mortar" --mount "$work/mortar-mnt" >&2
 rundir[mortar]=$work/mortar-mnt/smallfile
+mlog=${work#/}/mortar-mnt; mlog=/var/log/mortar/mount-${mlog//\//-}.log  # the mount's own log
 
 # --- GlusterFS -------------------------------------------------------------------------------
 gver="not run"; gwhy=""
@@ -304,6 +306,8 @@ rev=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)
 [ -n "$(git -C "$root" status --porcelain --untracked-files=no 2>/dev/null)" ] && rev="$rev (+ local changes)"
 mver=$("$mortar_bin/mortar" --version 2>/dev/null | head -1 || true)
 date=$(date -u '+%Y-%m-%d %H:%M UTC')
+# Anything Mortar logged above INFO while the benchmark ran (bricks and the mount).
+mwarn=$(grep -hE ' (WARN|ERROR) ' "$work"/mortar/logs/b?.log "$mlog" 2>/dev/null || true)
 rate() { awk -v c="$1" -v s="$2" 'BEGIN { if (s == "" || s <= 0) print "-"; else printf "%.1f", c / s }'; }
 figures() { # KEY: sets ms gs (seconds), mr gr (rates), ratio; "-" (or empty seconds) if not run
   ms=${secs[mortar,$1]:-}; gs=${secs[gluster,$1]:-}
@@ -333,6 +337,12 @@ num() { if [ -z "$1" ] || [ "$1" = - ]; then echo null; else echo "$1"; fi; }
       "$mc" "$gc" "$ratio"
   done
   echo
+  if [ -n "$mwarn" ]; then
+    echo "Mortar logged $(wc -l <<<"$mwarn") warnings/errors during the run; the first ones:"
+    head -5 <<<"$mwarn" | sed 's/^/  /'
+  else
+    echo "Mortar logged no warnings or errors during the run (bricks and mount)."
+  fi
   echo "rates are count/seconds (files/s, or MiB/s for the large file); ratio = Mortar rate / GlusterFS rate (> 1: Mortar faster)"
 }
 
