@@ -39,6 +39,9 @@ struct Inner {
     vol: Arc<Volume>,
     /// The inodes the kernel knows, with its lookup count: kept until it forgets them.
     inos: RwLock<HashMap<u64, (Gfid, u64)>>,
+    /// The version each file had when it was last opened here: if it has not changed by
+    /// the next open, the kernel's cached pages are still right and are kept.
+    opened_at: Mutex<HashMap<Gfid, pb::Version>>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
     /// (inode, lock owner) pairs that took application locks: only those need an unlock
@@ -173,6 +176,7 @@ impl MortarFs {
             inner: Arc::new(Inner {
                 vol,
                 inos: RwLock::default(),
+                opened_at: Mutex::default(),
                 handles: Mutex::default(),
                 next_fh: AtomicU64::new(1),
                 lock_owners: Mutex::default(),
@@ -206,7 +210,9 @@ impl Filesystem for MortarFs {
         if let Some((_, n)) = inos.get_mut(&ino.0) {
             *n = n.saturating_sub(nlookup);
             if *n == 0 {
-                inos.remove(&ino.0);
+                if let Some((g, _)) = inos.remove(&ino.0) {
+                    self.inner.opened_at.lock().unwrap().remove(&g);
+                }
                 self.inner.vol.stats.inodes.fetch_sub(1, Relaxed);
             }
         }
@@ -434,11 +440,22 @@ impl Filesystem for MortarFs {
             // Close-to-open: learn which copies are newest before reading.
             match inner.vol.refresh(g).await {
                 Ok(a) if a.kind() == pb::Kind::Dir => reply.error(Errno::EISDIR),
-                Ok(_) => {
+                Ok(a) => {
                     let fh = inner.new_fh(Handle::File {
                         append: flags.0 & libc::O_APPEND != 0,
                     });
-                    reply.opened(FileHandle(fh), FopenFlags::empty());
+                    // Unchanged since the last open here (by anyone, this mount included):
+                    // whatever the kernel cached since then is still the file's content.
+                    let unchanged = match a.ver {
+                        Some(v) => inner.opened_at.lock().unwrap().insert(g, v) == Some(v),
+                        None => false,
+                    };
+                    let keep = if unchanged {
+                        FopenFlags::FOPEN_KEEP_CACHE
+                    } else {
+                        FopenFlags::empty()
+                    };
+                    reply.opened(FileHandle(fh), keep);
                 }
                 Err(e) => reply.error(errno(e)),
             }
