@@ -328,10 +328,7 @@ async fn kubelet_order_on_a_real_cluster() {
 
     // NodeUnpublish every pod, twice each: target gone, no mount left.
     for (p, what) in [(&pod1, "pod1"), (&pod2, "pod2"), (&pod3, "pod3")] {
-        let req = NodeUnpublishVolumeRequest {
-            volume_id: id.clone(),
-            target_path: p.display().to_string(),
-        };
+        let req = unpublish_req(&id, &p);
         for attempt in ["", " again"] {
             node.ok(
                 c.node.node_unpublish_volume(req.clone()).await,
@@ -348,10 +345,7 @@ async fn kubelet_order_on_a_real_cluster() {
 
     // NodeUnstage, twice: the staging mount and the shared FUSE mount gone, its daemon
     // exited.
-    let unstage = NodeUnstageVolumeRequest {
-        volume_id: id.clone(),
-        staging_target_path: staging.display().to_string(),
-    };
+    let unstage = unstage_req(&id, &staging);
     for attempt in ["", " again"] {
         node.ok(
             c.node.node_unstage_volume(unstage.clone()).await,

@@ -128,17 +128,11 @@ async fn mounts_made_by_the_mounter_survive_a_plugin_kill() {
         "the same daemon still serves the mount"
     );
     c.node
-        .node_unpublish_volume(NodeUnpublishVolumeRequest {
-            volume_id: id.clone(),
-            target_path: target.display().to_string(),
-        })
+        .node_unpublish_volume(unpublish_req(&id, &target))
         .await
         .unwrap();
     c.node
-        .node_unstage_volume(NodeUnstageVolumeRequest {
-            volume_id: id.clone(),
-            staging_target_path: staging.display().to_string(),
-        })
+        .node_unstage_volume(unstage_req(&id, &staging))
         .await
         .unwrap();
     assert!(!is_mount_point(&target));
@@ -146,10 +140,7 @@ async fn mounts_made_by_the_mounter_survive_a_plugin_kill() {
     assert!(!is_mount_point(&layout.shared_mount()));
     // Idempotent.
     c.node
-        .node_unstage_volume(NodeUnstageVolumeRequest {
-            volume_id: id.clone(),
-            staging_target_path: staging.display().to_string(),
-        })
+        .node_unstage_volume(unstage_req(&id, &staging))
         .await
         .unwrap();
     // The data stays on the volume.

@@ -280,10 +280,7 @@ async fn kubelet_order_two_pods_share_a_pvc() {
 
     // Tear down in kubelet's order; every step is idempotent.
     for pod in [&pod1, &pod2, &pod3, &pod4] {
-        let req = NodeUnpublishVolumeRequest {
-            volume_id: id.clone(),
-            target_path: pod.display().to_string(),
-        };
+        let req = unpublish_req(&id, &pod);
         c.node.node_unpublish_volume(req.clone()).await.unwrap();
         assert!(!pod.exists(), "target path removed");
         c.node.node_unpublish_volume(req).await.unwrap();
@@ -292,12 +289,8 @@ async fn kubelet_order_two_pods_share_a_pvc() {
         layout.data().join("pvc-flow").join("hello").exists(),
         "unpublish never touches data"
     );
-    let unstage = |id: &str, p: &std::path::Path| NodeUnstageVolumeRequest {
-        volume_id: id.into(),
-        staging_target_path: p.display().to_string(),
-    };
     c.node
-        .node_unstage_volume(unstage(&id, &staging))
+        .node_unstage_volume(unstage_req(&id, &staging))
         .await
         .unwrap();
     assert!(!is_mount_point(&staging));
@@ -306,11 +299,11 @@ async fn kubelet_order_two_pods_share_a_pvc() {
         "still used by the second PVC"
     );
     c.node
-        .node_unstage_volume(unstage(&id, &staging))
+        .node_unstage_volume(unstage_req(&id, &staging))
         .await
         .unwrap();
     c.node
-        .node_unstage_volume(unstage(&vol2.volume_id, &staging2))
+        .node_unstage_volume(unstage_req(&vol2.volume_id, &staging2))
         .await
         .unwrap();
     assert!(
@@ -318,7 +311,7 @@ async fn kubelet_order_two_pods_share_a_pvc() {
         "last user gone, shared mount released"
     );
     c.node
-        .node_unstage_volume(unstage(&vol2.volume_id, &staging2))
+        .node_unstage_volume(unstage_req(&vol2.volume_id, &staging2))
         .await
         .unwrap();
     assert!(
@@ -379,18 +372,12 @@ async fn static_whole_volume_is_shared_by_many_workloads() {
     );
     for t in [&a, &b] {
         c.node
-            .node_unpublish_volume(NodeUnpublishVolumeRequest {
-                volume_id: id.clone(),
-                target_path: t.display().to_string(),
-            })
+            .node_unpublish_volume(unpublish_req(&id, &t))
             .await
             .unwrap();
     }
     c.node
-        .node_unstage_volume(NodeUnstageVolumeRequest {
-            volume_id: id.clone(),
-            staging_target_path: staging.display().to_string(),
-        })
+        .node_unstage_volume(unstage_req(&id, &staging))
         .await
         .unwrap();
     assert!(layout.scratch.mounts_below().is_empty());

@@ -148,17 +148,11 @@ async fn published_mounts_survive_a_plugin_restart() {
 
     // And it can tear down what the first process built, releasing the shared mount.
     c.node
-        .node_unpublish_volume(NodeUnpublishVolumeRequest {
-            volume_id: id.clone(),
-            target_path: target.display().to_string(),
-        })
+        .node_unpublish_volume(unpublish_req(&id, &target))
         .await
         .unwrap();
     c.node
-        .node_unstage_volume(NodeUnstageVolumeRequest {
-            volume_id: id.clone(),
-            staging_target_path: staging.display().to_string(),
-        })
+        .node_unstage_volume(unstage_req(&id, &staging))
         .await
         .unwrap();
     assert!(
@@ -276,18 +270,12 @@ async fn a_dead_fuse_daemon_is_repaired_not_reported_as_success() {
 
     for pod in [&pod1, &pod2] {
         c.node
-            .node_unpublish_volume(NodeUnpublishVolumeRequest {
-                volume_id: id.clone(),
-                target_path: pod.display().to_string(),
-            })
+            .node_unpublish_volume(unpublish_req(&id, &pod))
             .await
             .unwrap();
     }
     c.node
-        .node_unstage_volume(NodeUnstageVolumeRequest {
-            volume_id: id.clone(),
-            staging_target_path: staging.display().to_string(),
-        })
+        .node_unstage_volume(unstage_req(&id, &staging))
         .await
         .unwrap();
     assert!(

@@ -113,20 +113,6 @@ fn publish(
     }
 }
 
-fn unpublish(id: &str, target: &Path) -> NodeUnpublishVolumeRequest {
-    NodeUnpublishVolumeRequest {
-        volume_id: id.into(),
-        target_path: target.display().to_string(),
-    }
-}
-
-fn unstage(id: &str, staging: &Path) -> NodeUnstageVolumeRequest {
-    NodeUnstageVolumeRequest {
-        volume_id: id.into(),
-        staging_target_path: staging.display().to_string(),
-    }
-}
-
 fn stats(id: &str, path: &str) -> NodeGetVolumeStatsRequest {
     NodeGetVolumeStatsRequest {
         volume_id: id.into(),
@@ -1167,11 +1153,11 @@ async fn node_get_capabilities() {
     // SINGLE_NODE_WRITER access mode"), as the publish above shows.
     assert!(has(NodeCap::SingleNodeMultiWriter));
     s.c.node
-        .node_unpublish_volume(unpublish(&v.volume_id, &target))
+        .node_unpublish_volume(unpublish_req(&v.volume_id, &target))
         .await
         .unwrap();
     s.c.node
-        .node_unstage_volume(unstage(&v.volume_id, &staging))
+        .node_unstage_volume(unstage_req(&v.volume_id, &staging))
         .await
         .unwrap();
     s.stop().await;
@@ -1278,12 +1264,12 @@ async fn node_stage_and_unstage_volume() {
     // sanity: NodeUnstageVolume "should fail when no volume id is provided" and "... no
     // staging target path is provided".
     assert_code(
-        n.node_unstage_volume(unstage("", &staging)).await,
+        n.node_unstage_volume(unstage_req("", &staging)).await,
         Code::InvalidArgument,
         "unstage without id",
     );
     assert_code(
-        n.node_unstage_volume(unstage(&unknown_id(), Path::new("")))
+        n.node_unstage_volume(unstage_req(&unknown_id(), Path::new("")))
             .await,
         Code::InvalidArgument,
         "unstage without path",
@@ -1294,12 +1280,12 @@ async fn node_stage_and_unstage_volume() {
     std::fs::create_dir_all(&never).unwrap();
     let n = &mut s.c.node;
     for p in [never.as_path(), Path::new("/nonexistent/staging/path")] {
-        n.node_unstage_volume(unstage(&v.volume_id, p))
+        n.node_unstage_volume(unstage_req(&v.volume_id, p))
             .await
             .unwrap_or_else(|e| panic!("unstage {}: {e}", p.display()));
     }
     for _ in 0..2 {
-        n.node_unstage_volume(unstage(&v.volume_id, &staging))
+        n.node_unstage_volume(unstage_req(&v.volume_id, &staging))
             .await
             .unwrap();
         assert!(!is_mount_point(&staging));
@@ -1434,9 +1420,13 @@ async fn node_publish_volume() {
     let m = mortar_csi::mounts::find_now(&t4).unwrap().unwrap();
     assert!(m.read_only() && m.options.contains("noexec"), "{m:?}");
     for t in [&target, &t2, &t3, &t4] {
-        n.node_unpublish_volume(unpublish(&id, t)).await.unwrap();
+        n.node_unpublish_volume(unpublish_req(&id, t))
+            .await
+            .unwrap();
     }
-    n.node_unstage_volume(unstage(&id, &staging)).await.unwrap();
+    n.node_unstage_volume(unstage_req(&id, &staging))
+        .await
+        .unwrap();
 
     // sanity: "with single node multi writer capability: should fail when volume with
     // single node single writer access mode is already mounted at a different target
@@ -1465,16 +1455,16 @@ async fn node_publish_volume() {
     n.node_publish_volume(publish(&single, &staging, &target, sw.clone()))
         .await
         .unwrap();
-    n.node_unpublish_volume(unpublish(&single, &target))
+    n.node_unpublish_volume(unpublish_req(&single, &target))
         .await
         .unwrap();
     n.node_publish_volume(publish(&single, &staging, &other_target, sw.clone()))
         .await
         .unwrap();
-    n.node_unpublish_volume(unpublish(&single, &other_target))
+    n.node_unpublish_volume(unpublish_req(&single, &other_target))
         .await
         .unwrap();
-    n.node_unstage_volume(unstage(&single, &staging))
+    n.node_unstage_volume(unstage_req(&single, &staging))
         .await
         .unwrap();
     s.stop().await;
@@ -1507,7 +1497,7 @@ async fn node_unpublish_volume() {
     let empty = s.target_dir.join("never-published");
     std::fs::create_dir_all(&empty).unwrap();
     for p in [empty.clone(), s.target_dir.join("does/not/exist")] {
-        n.node_unpublish_volume(unpublish(&unknown_id(), &p))
+        n.node_unpublish_volume(unpublish_req(&unknown_id(), &p))
             .await
             .unwrap_or_else(|e| panic!("unpublish {}: {e}", p.display()));
     }
@@ -1525,12 +1515,12 @@ async fn node_unpublish_volume() {
         .unwrap();
     assert!(target.is_dir());
     for _ in 0..2 {
-        n.node_unpublish_volume(unpublish(&v.volume_id, &target))
+        n.node_unpublish_volume(unpublish_req(&v.volume_id, &target))
             .await
             .unwrap();
         assert!(!target.exists(), "target path removed");
     }
-    n.node_unstage_volume(unstage(&v.volume_id, &staging))
+    n.node_unstage_volume(unstage_req(&v.volume_id, &staging))
         .await
         .unwrap();
     s.stop().await;
@@ -1612,10 +1602,10 @@ async fn node_get_volume_stats() {
         let cond = st.volume_condition.expect("VOLUME_CONDITION advertised");
         assert!(!cond.abnormal && !cond.message.is_empty());
     }
-    n.node_unpublish_volume(unpublish(&v.volume_id, &target))
+    n.node_unpublish_volume(unpublish_req(&v.volume_id, &target))
         .await
         .unwrap();
-    n.node_unstage_volume(unstage(&v.volume_id, &staging))
+    n.node_unstage_volume(unstage_req(&v.volume_id, &staging))
         .await
         .unwrap();
     s.stop().await;
@@ -1688,10 +1678,10 @@ async fn node_expand_volume() {
         Code::InvalidArgument,
         "block capability",
     );
-    n.node_unpublish_volume(unpublish(&v.volume_id, &target))
+    n.node_unpublish_volume(unpublish_req(&v.volume_id, &target))
         .await
         .unwrap();
-    n.node_unstage_volume(unstage(&v.volume_id, &staging))
+    n.node_unstage_volume(unstage_req(&v.volume_id, &staging))
         .await
         .unwrap();
     s.stop().await;
@@ -1740,12 +1730,14 @@ async fn node_service_lifecycle_is_idempotent() {
         .into_inner();
     assert!(!st.usage.is_empty());
     for _ in 0..COUNT {
-        n.node_unpublish_volume(unpublish(&id, &target))
+        n.node_unpublish_volume(unpublish_req(&id, &target))
             .await
             .unwrap();
     }
     for _ in 0..COUNT {
-        n.node_unstage_volume(unstage(&id, &staging)).await.unwrap();
+        n.node_unstage_volume(unstage_req(&id, &staging))
+            .await
+            .unwrap();
     }
     assert!(s.layout.scratch.mounts_below().is_empty());
     for _ in 0..COUNT {
@@ -1924,10 +1916,12 @@ async fn secrets_never_reach_logs_or_answers() {
             .map(|r| format!("{r:?}")),
         );
     }
-    n.node_unpublish_volume(unpublish(&id, &target))
+    n.node_unpublish_volume(unpublish_req(&id, &target))
         .await
         .unwrap();
-    n.node_unstage_volume(unstage(&id, &staging)).await.unwrap();
+    n.node_unstage_volume(unstage_req(&id, &staging))
+        .await
+        .unwrap();
     s.c.controller
         .delete_volume(DeleteVolumeRequest {
             volume_id: id.clone(),

@@ -345,6 +345,20 @@ pub fn stage_req(volume_id: &str, staging: &Path) -> NodeStageVolumeRequest {
     }
 }
 
+pub fn unpublish_req(volume_id: &str, target: &Path) -> NodeUnpublishVolumeRequest {
+    NodeUnpublishVolumeRequest {
+        volume_id: volume_id.into(),
+        target_path: target.display().to_string(),
+    }
+}
+
+pub fn unstage_req(volume_id: &str, staging: &Path) -> NodeUnstageVolumeRequest {
+    NodeUnstageVolumeRequest {
+        volume_id: volume_id.into(),
+        staging_target_path: staging.display().to_string(),
+    }
+}
+
 pub fn publish_req(
     volume_id: &str,
     staging: &Path,
