@@ -17,7 +17,7 @@ use mortar_proto as pb;
 
 use crate::error::{Error, Result};
 use crate::gfid::{Gfid, rand_u64};
-use crate::replicate::{Member, Ver, Volume, pver, ver_of};
+use crate::replicate::{InodeTx, Member, Ver, Volume, pver, ver_of};
 
 /// Size of the blocks compared during data heal (the brick's checksum unit).
 pub const BLOCK: u32 = 128 * 1024;
@@ -27,6 +27,19 @@ const PARALLEL: usize = 16;
 /// How long a heal copies a file's data before it lets a waiting client write: long enough
 /// that every pass gets on, short enough that the client hardly notices.
 const YIELD_AFTER: Duration = Duration::from_secs(1);
+
+/// A heal's hold on one inode's lock.
+struct HealLock<'a> {
+    tx: &'a InodeTx,
+    since: Instant,
+}
+
+impl HealLock<'_> {
+    /// A client waits to change the inode and the heal has had its turn.
+    fn should_yield(&self) -> bool {
+        self.tx.contended.load(Relaxed) && self.since.elapsed() >= YIELD_AFTER
+    }
+}
 
 /// Which copy wins.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -282,7 +295,13 @@ impl Volume {
         // later pass (or the other healer already at it) does the work.
         let (term, held) = self.lock_raw(&[g], false).await?;
         let members: Vec<Member> = held.into_iter().map(|(_, m)| m).collect();
-        let r = self.heal_locked(g, term, &members, source, stats).await;
+        let lock = HealLock {
+            tx: &tx,
+            since: Instant::now(),
+        };
+        let r = self
+            .heal_locked(g, term, &members, &lock, source, stats)
+            .await;
         Self::unlock_on(&members, &[g], false).await;
         r
     }
@@ -292,6 +311,7 @@ impl Volume {
         g: Gfid,
         term: u64,
         members: &[Member],
+        lock: &HealLock<'_>,
         source: &Source,
         stats: &mut HealStats,
     ) -> Result<Vec<Gfid>> {
@@ -363,7 +383,7 @@ impl Volume {
         }
         let mut finished = Vec::with_capacity(sinks.len());
         for sink in &sinks {
-            let (kids, done) = self.heal_copy(src_m, sink, g, &src_a, stats).await?;
+            let (kids, done) = self.heal_copy(src_m, sink, g, &src_a, lock, stats).await?;
             children.extend(kids);
             complete &= done;
             finished.push(done);
@@ -421,6 +441,7 @@ impl Volume {
         sink: &Member,
         g: Gfid,
         a: &pb::Attr,
+        lock: &HealLock<'_>,
         stats: &mut HealStats,
     ) -> Result<(Vec<Gfid>, bool)> {
         let mut children = Vec::new();
@@ -485,8 +506,6 @@ impl Volume {
                 }
             }
             pb::Kind::File => {
-                let tx = self.tx(g);
-                let started = Instant::now();
                 let (s, k) = futures::join!(src.checksums(g), sink.checksums(g));
                 let ((size, ssums), (ksize, ksums)) = (s?, k?);
                 for (i, sum) in ssums.iter().enumerate() {
@@ -495,7 +514,7 @@ impl Volume {
                     }
                     // A client waits to write this file: after a while, let it. The blocks
                     // copied so far stay; the next pass copies only what still differs.
-                    if tx.contended.load(Relaxed) && started.elapsed() >= YIELD_AFTER {
+                    if lock.should_yield() {
                         tracing::info!(gfid = %g, "heal yields to a client; resumes later");
                         return Err(Error::Busy);
                     }

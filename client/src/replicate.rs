@@ -573,20 +573,30 @@ impl Volume {
                 }
             }
         }
-        let members: Vec<Member> = held.iter().map(|(_, m)| m.clone()).collect();
-        let answers: Vec<(String, i32)> = held
-            .iter()
-            .map(|(r, m)| (m.brick.id.clone(), r.errno))
-            .collect();
-        held.retain(|(r, _)| r.errno == 0);
-        if held.len() < self.quorum() {
+        let granted = held.iter().filter(|(r, _)| r.errno == 0).count();
+        if granted < self.quorum() {
+            let answers: Vec<(&str, i32)> = held
+                .iter()
+                .map(|(r, m)| (m.brick.id.as_str(), r.errno))
+                .collect();
             tracing::warn!(?answers, busy, "too few bricks granted the lock");
+            let members: Vec<Member> = held.iter().map(|(_, m)| m.clone()).collect();
             Self::unlock_on(&members, gfids, false).await;
             return Err(Error::NoQuorum {
-                have: held.len(),
+                have: granted,
                 need: self.quorum(),
             });
         }
+        // Bricks still below our term (raises ran out) hold the lock for us: give it back.
+        let stale: Vec<Member> = held
+            .iter()
+            .filter(|(r, _)| r.errno != 0)
+            .map(|(_, m)| m.clone())
+            .collect();
+        if !stale.is_empty() {
+            Self::unlock_on(&stale, gfids, false).await;
+        }
+        held.retain(|(r, _)| r.errno == 0);
         Ok((term, held))
     }
 
@@ -675,7 +685,7 @@ impl Volume {
             Err(Error::NoGoodCopy) => {
                 for g in gfids {
                     if let Err(e) = self.heal(*g, crate::heal::Source::Newest).await {
-                        tracing::warn!(gfid = %g, "heal before write: {e}");
+                        tracing::warn!(gfid = %g, "heal before a change or fsync: {e}");
                     }
                 }
                 f().await
