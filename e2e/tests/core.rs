@@ -298,8 +298,18 @@ fn without_a_majority_writes_fail_fast_and_reads_go_on() {
     );
     c.signal(2, libc::SIGCONT);
 
+    let open = fs::File::open(m.p("f")).unwrap();
     c.kill(1);
     c.kill(2);
+    // fsync promises a majority on disk: with one brick of three it must fail.
+    let err = open
+        .sync_all()
+        .expect_err("fsync without a majority must fail");
+    assert!(
+        [libc::EROFS, libc::ENOTCONN].contains(&errno_of(&err)),
+        "got {err}"
+    );
+    drop(open);
     let t = Instant::now();
     let err = fs::OpenOptions::new()
         .write(true)
