@@ -32,6 +32,8 @@ struct SessionEntry {
     /// Inodes changed under locks the session still holds: if it dies now, their copies
     /// may disagree, so they go to the heal index.
     mutated: HashSet<Gfid>,
+    /// Files the session has open, with how many opens: released when it ends.
+    opened: HashMap<Gfid, u32>,
 }
 
 #[derive(Default)]
@@ -128,7 +130,40 @@ impl BrickService {
                     store.mark_heal(g);
                 }
             }
+            for (g, n) in entry.opened {
+                store.released(g, n);
+            }
         }
+    }
+
+    /// Counts an open of `g` by session `sid`, if the session is live (an open by a dead
+    /// session would never be released).
+    fn note_open(&self, sid: SessionId, g: Gfid) -> bool {
+        let mut sessions = self.sessions.lock().unwrap();
+        let Some(e) = sessions.get_mut(&sid) else {
+            return false;
+        };
+        *e.opened.entry(g).or_insert(0) += 1;
+        // Under the sessions lock, so that end_session cannot run in between.
+        self.store.opened(g);
+        true
+    }
+
+    /// Takes one open of `g` off session `sid`; false if it had none. The caller then
+    /// releases it in the store (blocking work: it may delete an orphan).
+    fn note_release(&self, sid: SessionId, g: Gfid) -> bool {
+        let mut sessions = self.sessions.lock().unwrap();
+        let Some(e) = sessions.get_mut(&sid) else {
+            return false;
+        };
+        match e.opened.get_mut(&g) {
+            Some(n) if *n > 1 => *n -= 1,
+            Some(_) => {
+                e.opened.remove(&g);
+            }
+            None => return false,
+        }
+        true
     }
 }
 
@@ -192,6 +227,7 @@ impl pb::brick_server::Brick for BrickService {
                 SessionEntry {
                     tx: tx.clone(),
                     mutated: HashSet::new(),
+                    opened: HashMap::new(),
                 },
             );
         }
@@ -278,6 +314,50 @@ impl pb::brick_server::Brick for BrickService {
                 attr: None,
             },
         }))
+    }
+
+    async fn open(&self, req: Request<pb::OpenReq>) -> Result<Response<pb::AttrReply>, Status> {
+        let r = req.into_inner();
+        let sid = session_id(&r.session)?;
+        let g = gfid(&r.gfid).map_err(|_| Status::invalid_argument("bad gfid"))?;
+        // Counted before the stat: an unlink racing with this open either comes first (the
+        // stat fails) or finds the open and keeps the data.
+        let counted = self.note_open(sid, g);
+        let store = self.store.clone();
+        let res = blocking(move || store.getattr(g)).await?;
+        self.metrics.reads.fetch_add(1, Relaxed);
+        if res.is_err() && counted && self.note_release(sid, g) {
+            let store = self.store.clone();
+            blocking(move || store.released(g, 1)).await?;
+        }
+        Ok(Response::new(match res {
+            Ok(a) => pb::AttrReply {
+                errno: 0,
+                attr: Some(a),
+            },
+            Err(e) => pb::AttrReply {
+                errno: errno(e),
+                attr: None,
+            },
+        }))
+    }
+
+    async fn release(
+        &self,
+        req: Request<pb::ReleaseReq>,
+    ) -> Result<Response<pb::ErrnoReply>, Status> {
+        let r = req.into_inner();
+        let sid = session_id(&r.session)?;
+        // Only what this session opened: a release never drops another session's open.
+        let done: Vec<Gfid> = r
+            .gfids
+            .iter()
+            .filter_map(|b| Gfid::from_bytes(b))
+            .filter(|g| self.note_release(sid, *g))
+            .collect();
+        let store = self.store.clone();
+        blocking(move || done.into_iter().for_each(|g| store.released(g, 1))).await?;
+        Ok(Response::new(pb::ErrnoReply { errno: 0 }))
     }
 
     async fn readdir(
@@ -615,6 +695,7 @@ impl pb::brick_server::Brick for BrickService {
             pb::mutate_req::Op::Create(c) => Gfid::from_bytes(&c.gfid),
             _ => None,
         };
+        let opens_new = matches!(&op, pb::mutate_req::Op::Create(c) if c.open);
         let (updates, needs_heal, now) = (r.updates, r.needs_heal, r.now_ns);
         let changed = gfids.clone();
         let res = blocking(move || {
@@ -624,9 +705,15 @@ impl pb::brick_server::Brick for BrickService {
             if !store.versions_match(&updates)? {
                 return Ok(None);
             }
-            let out = store.apply(&op, now);
-            if out.is_ok() {
+            let mut out = store.apply(&op, now);
+            if let Ok((attr, _)) = &mut out {
                 store.set_versions(&updates, now)?;
+                // The reply describes the inode as it is now: at its new version and ctime
+                // (else the kernel caches the old ctime after a chmod, chown or truncate).
+                if let Some(u) = updates.iter().find(|u| u.gfid == attr.gfid) {
+                    attr.ctime_ns = now;
+                    attr.ver = u.new;
+                }
             }
             Ok::<_, Errno>(Some(out))
         })
@@ -648,6 +735,9 @@ impl pb::brick_server::Brick for BrickService {
                 ..Default::default()
             },
             Ok(Some(Ok((attr, written)))) => {
+                if let (Some(g), true) = (created, opens_new) {
+                    self.note_open(sid, g);
+                }
                 if let Some(g) = created {
                     self.inode_locks.grant_new(sid, g);
                     if !self.live(&sid) {

@@ -44,6 +44,12 @@ pub struct Store {
     heal: Mutex<HashSet<Gfid>>,
     split: Mutex<HashSet<Gfid>>,
     pub(crate) quotas: crate::quota::QuotaTable,
+    /// Files some client session has open, with how many opens: their last name may go,
+    /// their data stays (as an orphan) until the count drops to zero.
+    opens: Mutex<HashMap<Gfid, u32>>,
+    /// Files whose last name went while open: kept in the gfid index, each with a marker in
+    /// `.mortar/orphans` so that a restart (which ends every session) reclaims them.
+    orphans: Mutex<HashSet<Gfid>>,
 }
 
 pub fn io_errno(e: &std::io::Error) -> Errno {
@@ -113,7 +119,8 @@ fn attr_of(st: &rfs::Stat, rec: &Record) -> pb::Attr {
     let nlink = if kind == pb::Kind::Dir {
         st.st_nlink as u32
     } else {
-        (st.st_nlink as u32).saturating_sub(1).max(1)
+        // An orphan (unlinked while open) has only its index link: nlink 0, as POSIX says.
+        (st.st_nlink as u32).saturating_sub(1)
     };
     pb::Attr {
         gfid: rec.gfid.to_vec(),
@@ -156,7 +163,13 @@ impl Store {
         let meta = root.join(META);
         let index = meta.join("gfid");
         let heal_dir = meta.join("heal");
-        for d in [&meta, &index, &heal_dir, &meta.join("split")] {
+        for d in [
+            &meta,
+            &index,
+            &heal_dir,
+            &meta.join("split"),
+            &meta.join("orphans"),
+        ] {
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
@@ -207,9 +220,18 @@ impl Store {
             heal: Mutex::new(HashSet::new()),
             split: Mutex::new(HashSet::new()),
             quotas: Default::default(),
+            opens: Mutex::new(HashMap::new()),
+            orphans: Mutex::new(HashSet::new()),
         };
         store.scan_dirs()?;
         store.load_quotas()?;
+        // No session outlives a restart, so no orphan is open any more: reclaim them all.
+        for e in std::fs::read_dir(store.orphan_dir())? {
+            if let Some(g) = e?.file_name().to_str().and_then(Gfid::parse_hex) {
+                store.orphans.lock().unwrap().insert(g);
+                store.reclaim_orphan(g);
+            }
+        }
         let mut heal = store.heal.lock().unwrap();
         for e in std::fs::read_dir(&store.heal_dir)? {
             if let Some(g) = e?.file_name().to_str().and_then(Gfid::parse_hex) {
@@ -571,6 +593,14 @@ impl Store {
         let _ = rfs::utimensat(CWD, path, &t, AtFlags::SYMLINK_NOFOLLOW);
     }
 
+    /// Stamps an inode's change time, kept in its record (POSIX: a name added, removed or
+    /// renamed changes the inode's ctime, as ext4 does).
+    fn touch_ctime(&self, path: &Path, now: i64) -> R<()> {
+        let mut rec = read_rec(path)?;
+        rec.ctime_ns = now;
+        write_rec(path, &rec)
+    }
+
     fn create(&self, c: &pb::Create, now: i64) -> R<pb::Attr> {
         let parent = gfid(&c.parent)?;
         let name = check_name(&c.name, parent)?;
@@ -676,15 +706,67 @@ impl Store {
     }
 
     /// Drops the gfid link of a non-directory once its last visible name is gone.
+    /// Called when a name of non-directory `g` went: with no name left, its data goes too,
+    /// unless a session has it open; then it stays, as an orphan, until the last release.
     pub(crate) fn drop_if_unlinked(&self, g: Gfid) {
         let idx = self.index_path(g);
         if let Ok(st) = rfs::lstat(&idx) {
             if st.st_nlink <= 1 {
+                let opens = self.opens.lock().unwrap();
+                if opens.contains_key(&g) {
+                    if self.orphans.lock().unwrap().insert(g) {
+                        if let Err(e) = std::fs::File::create(self.orphan_dir().join(g.hex())) {
+                            tracing::error!(gfid = %g, "cannot record an orphan: {e}");
+                        }
+                    }
+                    return;
+                }
+                drop(opens);
                 let _ = rfs::unlink(&idx);
                 self.forget_fd(g);
                 self.quota_forget(g, st.st_size as u64);
             }
         }
+    }
+
+    fn orphan_dir(&self) -> PathBuf {
+        self.heal_dir.with_file_name("orphans")
+    }
+
+    /// A session opened `g` (a regular file).
+    pub fn opened(&self, g: Gfid) {
+        *self.opens.lock().unwrap().entry(g).or_insert(0) += 1;
+    }
+
+    /// A session released `n` opens of `g`: the last release of an orphan reclaims it.
+    pub fn released(&self, g: Gfid, n: u32) {
+        let mut opens = self.opens.lock().unwrap();
+        let Some(count) = opens.get_mut(&g) else {
+            return;
+        };
+        *count = count.saturating_sub(n);
+        if *count > 0 {
+            return;
+        }
+        opens.remove(&g);
+        drop(opens);
+        if self.orphans.lock().unwrap().contains(&g) {
+            self.reclaim_orphan(g);
+        }
+    }
+
+    /// Removes an orphan's data, unless a name was linked to it again meanwhile.
+    fn reclaim_orphan(&self, g: Gfid) {
+        if !self.orphans.lock().unwrap().remove(&g) {
+            return;
+        }
+        let _ = std::fs::remove_file(self.orphan_dir().join(g.hex()));
+        self.drop_if_unlinked(g);
+    }
+
+    /// How many orphans (open, unlinked files) this brick keeps.
+    pub fn orphan_count(&self) -> usize {
+        self.orphans.lock().unwrap().len()
     }
 
     fn remove(&self, r: &pb::Remove, now: i64) -> R<pb::Attr> {
@@ -709,6 +791,8 @@ impl Store {
             }
             rfs::unlink(&path)?;
             if let Some(rec) = rec {
+                // A name of it is gone: its ctime changes if other names keep it.
+                let _ = self.touch_ctime(&self.index_path(rec.gfid), now);
                 self.drop_if_unlinked(rec.gfid);
             }
         }
@@ -761,8 +845,14 @@ impl Store {
                 };
             }
         }
+        // The renamed inode's ctime changes, and so does a replaced one's that other names
+        // keep (or, exchanged, the other one's).
+        self.touch_ctime(&dst, now)?;
         if let Some(d) = dst_rec {
-            if !flags.contains(rfs::RenameFlags::EXCHANGE) && !self.is_dir(d.gfid) {
+            if flags.contains(rfs::RenameFlags::EXCHANGE) {
+                self.touch_ctime(&src, now)?;
+            } else if !self.is_dir(d.gfid) {
+                let _ = self.touch_ctime(&self.index_path(d.gfid), now);
                 self.drop_if_unlinked(d.gfid);
             }
         }
@@ -794,9 +884,14 @@ impl Store {
         if self.is_dir(g) {
             return Err(Errno::PERM);
         }
+        // An unlinked file does not come back through link() (as on ext4).
+        if self.orphans.lock().unwrap().contains(&g) {
+            return Err(Errno::NOENT);
+        }
         let npdir = self.dir_path(np)?;
         let dst = npdir.join(name);
         rfs::linkat(CWD, self.index_path(g), CWD, &dst, AtFlags::empty())?;
+        self.touch_ctime(&dst, now)?;
         self.touch_dir(&npdir, now);
         stat_path(&dst)
     }

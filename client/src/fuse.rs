@@ -47,6 +47,11 @@ struct Inner {
     /// (inode, lock owner) pairs that took application locks: only those need an unlock
     /// round trip when a file is closed.
     lock_owners: Mutex<HashSet<(Gfid, u64)>>,
+    /// The last attributes handed out for each directory the kernel knows: one removed
+    /// while something still refers to it (an open descriptor, a bind mount, a cwd) answers
+    /// stat with these and nlink 0, as a local filesystem does, not with ENOENT (the kubelet
+    /// reads ENOENT as "nothing mounted here" and leaves the mount behind).
+    dir_attrs: Mutex<HashMap<Gfid, FileAttr>>,
     t: Timeouts,
 }
 
@@ -122,7 +127,7 @@ impl Inner {
     fn attr(&self, a: &pb::Attr) -> FileAttr {
         let g = Gfid::from_bytes(&a.gfid).unwrap_or(Gfid::ROOT);
         let ino = g.ino();
-        FileAttr {
+        let fa = FileAttr {
             ino: INodeNo(ino),
             size: a.size,
             blocks: a.blocks,
@@ -138,7 +143,19 @@ impl Inner {
             rdev: a.rdev as u32,
             blksize: BLKSIZE,
             flags: 0,
+        };
+        if fa.kind == FileType::Directory {
+            self.dir_attrs.lock().unwrap().insert(g, fa);
         }
+        fa
+    }
+
+    /// A directory gone from the volume that the kernel still refers to: its last attributes,
+    /// with no links.
+    fn removed_dir(&self, g: Gfid) -> Option<FileAttr> {
+        let mut fa = *self.dir_attrs.lock().unwrap().get(&g)?;
+        fa.nlink = 0;
+        Some(fa)
     }
 
     fn new_fh(&self, h: Handle) -> u64 {
@@ -180,6 +197,7 @@ impl MortarFs {
                 handles: Mutex::default(),
                 next_fh: AtomicU64::new(1),
                 lock_owners: Mutex::default(),
+                dir_attrs: Mutex::default(),
                 t,
             }),
             rt,
@@ -212,6 +230,7 @@ impl Filesystem for MortarFs {
             if *n == 0 {
                 if let Some((g, _)) = inos.remove(&ino.0) {
                     self.inner.opened_at.lock().unwrap().remove(&g);
+                    self.inner.dir_attrs.lock().unwrap().remove(&g);
                 }
                 self.inner.vol.stats.inodes.fetch_sub(1, Relaxed);
             }
@@ -259,6 +278,9 @@ impl Filesystem for MortarFs {
             reply,
             |inner, g| match inner.vol.getattr(g).await {
                 Ok(a) => reply.attr(&inner.t.attr, &inner.attr(&a)),
+                Err(Error::Os(libc::ENOENT)) if inner.removed_dir(g).is_some() => {
+                    reply.attr(&inner.t.attr, &inner.removed_dir(g).unwrap())
+                }
                 Err(e) => reply.error(errno(e)),
             }
         );
@@ -438,8 +460,25 @@ impl Filesystem for MortarFs {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         on_inode!(self, ino, reply, |inner, g| {
             // Close-to-open: learn which copies are newest before reading.
-            match inner.vol.refresh(g).await {
-                Ok(a) if a.kind() == pb::Kind::Dir => reply.error(Errno::EISDIR),
+            let opened = match inner.vol.open(g).await {
+                // FUSE_ATOMIC_O_TRUNC: the kernel sends O_TRUNC here instead of a setattr, so
+                // the truncation (size 0, mtime and ctime now, replicated like any
+                // truncate) is ours to do; the kernel drops its cached pages itself.
+                Ok(a) if flags.0 & libc::O_TRUNC != 0 && a.kind() == pb::Kind::File => {
+                    let s = pb::Setattr {
+                        gfid: g.to_vec(),
+                        size: Some(0),
+                        ..Default::default()
+                    };
+                    inner.vol.setattr(s).await
+                }
+                other => other,
+            };
+            match opened {
+                Ok(a) if a.kind() == pb::Kind::Dir => {
+                    inner.vol.release_open(g);
+                    reply.error(Errno::EISDIR)
+                }
                 Ok(a) => {
                     let fh = inner.new_fh(Handle::File {
                         append: flags.0 & libc::O_APPEND != 0,
@@ -457,7 +496,11 @@ impl Filesystem for MortarFs {
                     };
                     reply.opened(FileHandle(fh), keep);
                 }
-                Err(e) => reply.error(errno(e)),
+                Err(e) => {
+                    // Bricks that counted the open before it failed elsewhere forget it.
+                    inner.vol.release_open(g);
+                    reply.error(errno(e))
+                }
             }
         });
     }
@@ -531,7 +574,15 @@ impl Filesystem for MortarFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.inner.handles.lock().unwrap().remove(&fh.0);
+        let was_file = matches!(
+            self.inner.handles.lock().unwrap().remove(&fh.0),
+            Some(Handle::File { .. })
+        );
+        if let (true, Ok(g)) = (was_file, self.inner.gfid(ino)) {
+            // The bricks may now drop the data of a file unlinked while open.
+            let _rt = self.rt.enter();
+            self.inner.vol.release_open(g);
+        }
         match (self.inner.gfid(ino), lock_owner) {
             (Ok(g), Some(owner)) => {
                 let inner = self.inner.clone();
@@ -797,7 +848,7 @@ impl Filesystem for MortarFs {
         on_inode!(self, parent, reply, |inner, p| {
             match inner
                 .vol
-                .create(p, &name, pb::Kind::File, mode & 0o7777, uid, gid, 0, b"")
+                .create_open(p, &name, mode & 0o7777, uid, gid)
                 .await
             {
                 Ok(a) => {

@@ -59,6 +59,48 @@ pub fn is_mounted(mnt: &Path) -> bool {
     })
 }
 
+/// Where mount(8) looks for `mount.TYPE` helpers (util-linux searches /sbin, /sbin/fs.d and
+/// /sbin/fs; on merged-/usr systems /sbin is /usr/sbin).
+pub const MOUNT_HELPER: &str = "/sbin/mount.mortar";
+
+/// Makes `mount -t mortar HOST:/VOLUME DIR` work with this build: links [`MOUNT_HELPER`] to the
+/// `mortar-mount` next to this binary. A helper that is a link to some `mortar-mount` (an
+/// earlier build) is repointed; anything else there (a packaged install) is left alone.
+/// Returns what it did, for the user.
+pub fn install_mount_helper() -> anyhow::Result<String> {
+    let target = sibling("mortar-mount")?;
+    let helper = Path::new(MOUNT_HELPER);
+    match std::fs::read_link(helper) {
+        Ok(current) if current == target => {
+            return Ok(format!("{MOUNT_HELPER} -> {}", target.display()));
+        }
+        Ok(current) if current.file_name() == Some("mortar-mount".as_ref()) => {
+            std::fs::remove_file(helper).with_context(|| format!("replacing {MOUNT_HELPER}"))?;
+        }
+        Ok(_) => {
+            return Ok(format!(
+                "{MOUNT_HELPER} links elsewhere; left alone (mount -t mortar uses it)"
+            ));
+        }
+        Err(_) if helper.symlink_metadata().is_ok() => {
+            return Ok(format!(
+                "{MOUNT_HELPER} is installed already; left alone (mount -t mortar uses it)"
+            ));
+        }
+        Err(_) => {}
+    }
+    std::os::unix::fs::symlink(&target, helper).with_context(|| {
+        format!(
+            "cannot link {MOUNT_HELPER} (as root: ln -s {} {MOUNT_HELPER})",
+            target.display()
+        )
+    })?;
+    Ok(format!(
+        "installed {MOUNT_HELPER} -> {}: `mount -t mortar HOST:/data DIR` works",
+        target.display()
+    ))
+}
+
 pub struct Local {
     pub dir: PathBuf,
 }

@@ -22,7 +22,11 @@ use tokio::sync::{Notify, mpsc};
 use crate::conn::{self, Brick, Event};
 use crate::error::{Error, Result};
 use crate::gfid::Gfid;
+use crate::telemetry::RateLimit;
 use crate::volfile::{Volfile, with_default_port};
+
+/// "bricks disagree on a change": at most one line per 10 s.
+static DISAGREE_WARNINGS: RateLimit = RateLimit::new(Duration::from_secs(10));
 
 /// The ping timeout when neither the caller nor the volfile sets one.
 pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_secs(5);
@@ -816,12 +820,22 @@ impl Volume {
                 Err(e) => tracing::warn!("{e}"),
             }
         }
-        if ok.len() < quorum && !refused.is_empty() {
-            let refused: Vec<(i32, Vec<&str>)> = refused
-                .iter()
-                .map(|(e, ms)| (*e, ms.iter().map(|m| m.brick.id.as_str()).collect()))
-                .collect();
-            tracing::warn!(ok = ok.len(), ?refused, "bricks disagree on a change");
+        // Bricks that all refused the same way (ENOTEMPTY, EDQUOT, ...) agree: that is the
+        // answer, not news. Only different outcomes are worth a warning, and at most a few.
+        let outcomes = refused.len() + usize::from(!ok.is_empty());
+        if ok.len() < quorum && outcomes > 1 {
+            if let Some(suppressed) = DISAGREE_WARNINGS.allow() {
+                let refused: Vec<(i32, Vec<&str>)> = refused
+                    .iter()
+                    .map(|(e, ms)| (*e, ms.iter().map(|m| m.brick.id.as_str()).collect()))
+                    .collect();
+                tracing::warn!(
+                    ok = ok.len(),
+                    ?refused,
+                    suppressed,
+                    "bricks disagree on a change"
+                );
+            }
         }
         let (result, members, advanced) = if ok.len() >= quorum {
             let rep = ok[0].1.clone();
@@ -896,11 +910,10 @@ impl Volume {
         rdev: u64,
         target: &[u8],
     ) -> Result<pb::Attr> {
-        let gfid = Gfid::random();
         let op = pb::mutate_req::Op::Create(pb::Create {
             parent: parent.to_vec(),
             name: name.to_vec(),
-            gfid: gfid.to_vec(),
+            gfid: Gfid::random().to_vec(),
             kind: kind as i32,
             mode,
             uid,
@@ -908,6 +921,32 @@ impl Volume {
             rdev,
             target: target.to_vec(),
             term: 0,
+            open: false,
+        });
+        let r = self.mutate(&[parent], op).await?;
+        r.attr.ok_or(Error::Os(libc::EIO))
+    }
+
+    /// Creates a regular file and opens it, as `open(O_CREAT)` does: the bricks count the
+    /// open (see [`Volume::open`]); [`Volume::release_open`] ends it.
+    pub async fn create_open(
+        &self,
+        parent: Gfid,
+        name: &[u8],
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Result<pb::Attr> {
+        let op = pb::mutate_req::Op::Create(pb::Create {
+            parent: parent.to_vec(),
+            name: name.to_vec(),
+            gfid: Gfid::random().to_vec(),
+            kind: pb::Kind::File as i32,
+            mode,
+            uid,
+            gid,
+            open: true,
+            ..Default::default()
         });
         let r = self.mutate(&[parent], op).await?;
         r.attr.ok_or(Error::Os(libc::EIO))
@@ -1065,11 +1104,53 @@ impl Volume {
 
     /// Asks every brick for the inode and keeps the newest copy's attributes.
     pub async fn getattr(&self, g: Gfid) -> Result<pb::Attr> {
+        self.attr_everywhere(g, false).await
+    }
+
+    /// Opens a file: its attributes from every brick, fresh (close-to-open), and each brick
+    /// counts the open, so that an unlink keeps the data until [`Volume::release_open`].
+    pub async fn open(&self, g: Gfid) -> Result<pb::Attr> {
+        self.readable.lock().unwrap().remove(&g);
+        self.attr_everywhere(g, true).await
+    }
+
+    /// Ends one open of `g` on every brick; in the background, as close(2) must not wait.
+    pub fn release_open(&self, g: Gfid) {
+        let Ok(bricks) = self.up_bricks() else {
+            return;
+        };
+        for b in bricks {
+            tokio::spawn(async move {
+                let r = b
+                    .call(move |mut c, up| async move {
+                        c.release(pb::ReleaseReq {
+                            session: up.session.to_vec(),
+                            gfids: vec![g.to_vec()],
+                        })
+                        .await
+                    })
+                    .await;
+                if let Err(e) = r {
+                    tracing::debug!(gfid = %g, "release: {e}");
+                }
+            });
+        }
+    }
+
+    async fn attr_everywhere(&self, g: Gfid, open: bool) -> Result<pb::Attr> {
         let bricks = self.up_bricks()?;
-        let req = pb::GfidReq { gfid: g.to_vec() };
         let calls = bricks.iter().map(|b| {
-            let req = req.clone();
-            b.call(move |mut c, _| async move { c.getattr(req).await })
+            b.call(move |mut c, up| async move {
+                if open {
+                    let req = pb::OpenReq {
+                        session: up.session.to_vec(),
+                        gfid: g.to_vec(),
+                    };
+                    c.open(req).await
+                } else {
+                    c.getattr(pb::GfidReq { gfid: g.to_vec() }).await
+                }
+            })
         });
         let rs = join_all(calls).await;
         let mut found: Vec<(&Arc<Brick>, pb::Attr)> = Vec::new();

@@ -143,3 +143,63 @@ pub fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: impl 
         "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
     );
 }
+
+/// Lets a repeated warning through at most once per period, counting what it held back, so a
+/// pod hammering its quota cannot fill the disk with the same line.
+pub struct RateLimit {
+    period_ms: u64,
+    /// Milliseconds since the process started at the last line let through (0: never).
+    last: std::sync::atomic::AtomicU64,
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+impl RateLimit {
+    pub const fn new(period: std::time::Duration) -> Self {
+        RateLimit {
+            period_ms: period.as_millis() as u64,
+            last: std::sync::atomic::AtomicU64::new(0),
+            suppressed: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)` when this occurrence may be logged, `n` being how many were held back since
+    /// the last one; `None` when it is to be dropped.
+    pub fn allow(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        let now = START
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_millis() as u64
+            + 1;
+        let last = self.last.load(Relaxed);
+        if last != 0 && now < last + self.period_ms
+            || self
+                .last
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_err()
+        {
+            self.suppressed.fetch_add(1, Relaxed);
+            return None;
+        }
+        Some(self.suppressed.swap(0, Relaxed))
+    }
+}
+
+#[cfg(test)]
+mod rate_limit_tests {
+    use super::RateLimit;
+    use std::time::Duration;
+
+    #[test]
+    fn lets_one_through_per_period_and_counts_the_rest() {
+        let r = RateLimit::new(Duration::from_millis(200));
+        assert_eq!(r.allow(), Some(0));
+        for _ in 0..1000 {
+            assert_eq!(r.allow(), None);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(r.allow(), Some(1000));
+        assert_eq!(r.allow(), None);
+    }
+}

@@ -82,8 +82,14 @@ impl NodeConfig {
         if self.mount_command.components().count() > 1 {
             return executable(&self.mount_command).then(|| self.mount_command.clone());
         }
-        let path = std::env::var_os("PATH")?;
+        // PATH first, then the directory of this binary: a build directory or an unpacked
+        // release holds both binaries side by side without being on PATH.
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let beside_us = std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(Path::to_path_buf));
         std::env::split_paths(&path)
+            .chain(beside_us)
             .map(|d| d.join(&self.mount_command))
             .find(|p| executable(p))
     }
@@ -797,6 +803,28 @@ impl Node for NodeService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A bare helper name that is not on PATH is found next to this binary (a build
+    /// directory, an unpacked release), and a name found nowhere stays unresolved.
+    #[test]
+    fn mount_helper_is_found_beside_the_binary() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::current_exe()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        let name = format!("mortar-beside-test-{}", std::process::id());
+        let helper = dir.join(&name);
+        std::fs::write(&helper, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut cfg = NodeConfig::new("n1");
+        cfg.mount_command = PathBuf::from(&name);
+        let found = cfg.resolve_mount_command();
+        std::fs::remove_file(&helper).unwrap();
+        assert_eq!(found, Some(helper));
+        assert_eq!(cfg.resolve_mount_command(), None);
+    }
 
     #[test]
     fn mount_arguments_follow_the_mortar_mount_contract() {

@@ -4,7 +4,9 @@
 #   chart, apply examples/cluster.yaml and wait for Ready; two pods on different nodes share
 #   one RWX PVC (one writes, the other reads); delete a brick pod and follow the status
 #   (Degraded -> Healing -> Ready) while writing; scale bricks 3 -> 4 -> 3; delete the CSI
-#   node plugin's pods (not the mounter's) and check that the pods' mounts still work.
+#   node plugin's pods (not the mounter's) and check that the pods' mounts still work; then
+#   the Kubernetes external-storage e2e suite with e2e/kind/storage-driver.yaml when an
+#   e2e.test binary is available (E2E_TEST=PATH, or e2e.test on PATH).
 #
 #   e2e/kind/run.sh [--keep] [--prebuilt DIR]
 #
@@ -25,7 +27,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --keep) keep=1; shift ;;
     --prebuilt) prebuilt="$2"; shift 2 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -186,5 +188,18 @@ for _ in $(seq 1 30); do
 done
 kubectl exec -n mortar-e2e reader -- grep -q 'after restart' /data/hello.txt \
   || fail "the reader's mount broke when the node plugin was replaced"
+
+# The Kubernetes external-storage e2e suite, as other CSI drivers run it, when its binary is
+# here (E2E_TEST, else e2e.test on PATH): the driver definition states what Mortar supports.
+e2e_test="${E2E_TEST:-$(command -v e2e.test || true)}"
+if [ -n "$e2e_test" ]; then
+  step "Kubernetes external-storage e2e suite ($e2e_test)"
+  "$e2e_test" -ginkgo.focus='External.Storage' -ginkgo.skip='Disruptive|\[Feature:' \
+    -ginkgo.timeout=3h -storage.testdriver="$here/storage-driver.yaml" \
+    -kubeconfig "${KUBECONFIG:-$HOME/.kube/config}" -report-dir "${E2E_REPORT_DIR:-/tmp/mortar-e2e-report}" \
+    || fail "the external-storage e2e suite failed"
+else
+  echo "(no e2e.test binary: the Kubernetes external-storage suite was not run; set E2E_TEST)"
+fi
 
 step "kind story passed"

@@ -17,7 +17,10 @@ use tracing::{error, info, warn};
 #[command(
     name = "mortar-operator",
     version,
-    about = "Mortar operator: SharedStorageCluster controller"
+    about = "Mortar operator: SharedStorageCluster controller",
+    // `mortar-operator --metrics-addr X` and `mortar-operator run --metrics-addr X` are the
+    // same: the run flags belong to `run`, and to the bare command as its default.
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
     #[command(subcommand)]
@@ -36,7 +39,7 @@ enum Command {
     /// Print the CustomResourceDefinition YAML.
     Crd,
     /// Run the controller (the default).
-    Run,
+    Run(RunArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -84,15 +87,25 @@ fn init_logging(level: &str) -> Result<(), String> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::Crd) = cli.command {
-        print!("{}", crd::crd_yaml());
+    let args = match cli.command {
+        Some(Command::Crd) => {
+            print!("{}", crd::crd_yaml());
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::Run(args)) => args,
+        None => cli.run,
+    };
+    // MORTAR_CHECK_ARGS: the packaging tests run the chart's command lines through this
+    // parser; stop before touching anything.
+    if std::env::var_os("MORTAR_CHECK_ARGS").is_some() {
+        println!("mortar-operator: arguments accepted");
         return ExitCode::SUCCESS;
     }
     if let Err(e) = init_logging(&cli.log_level) {
         eprintln!("mortar-operator: {e}");
         return ExitCode::from(2);
     }
-    match run(cli.run).await {
+    match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!(error = format!("{e:#}"), "exiting");
@@ -118,15 +131,37 @@ async fn shutdown_signal() {
     }
 }
 
+/// Joins the leader election, retrying while the API server cannot be reached (it may still
+/// be starting, or a network policy may be settling): the process stays up and says why.
+async fn join_until_reachable(client: Client, lease: &LeaseConfig) -> Leadership {
+    let mut delay = std::time::Duration::from_secs(1);
+    loop {
+        match Leadership::join(client.clone(), lease).await {
+            Ok(l) => return l,
+            Err(e) => {
+                warn!(error = %e, retry_in = ?delay, "cannot join the leader election");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(30));
+            }
+        }
+    }
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let client = Client::try_default().await?;
+    // /healthz first: it says the process is alive, whether or not the API server answers
+    // yet, so a slow control plane does not turn into a crash loop.
     let metrics = Arc::new(Metrics::new());
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("--metrics-addr {}: {e}", args.metrics_addr))?;
+    info!(addr = %args.metrics_addr, "serving /metrics and /healthz");
+    let server = tokio::spawn(metrics::serve_on(listener, metrics.clone()));
+    let client = Client::try_default().await?;
     let identity = args.identity.clone().unwrap_or_else(|| {
         std::env::var("HOSTNAME")
             .unwrap_or_else(|_| format!("mortar-operator-{}", std::process::id()))
     });
 
-    let server = tokio::spawn(metrics::serve(args.metrics_addr, metrics.clone()));
     let ctx = Arc::new(Context::new(
         client.clone(),
         Arc::new(GrpcHealthProbe),
@@ -148,7 +183,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         name: args.lease_name.clone(),
         identity: identity.clone(),
     };
-    let mut leadership = Leadership::join(client, &lease).await?;
+    let mut leadership = tokio::select! {
+        joined = join_until_reachable(client, &lease) => joined,
+        () = shutdown_signal() => {
+            server.abort();
+            return Ok(());
+        }
+    };
     info!(lease = %lease.name, namespace = %lease.namespace, %identity, "waiting for leadership");
     tokio::select! {
         acquired = leadership.acquired() => acquired?,

@@ -1,6 +1,5 @@
 //! The operator's Prometheus metrics and the small HTTP server for `/metrics` and `/healthz`.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
 use std::time::Duration;
@@ -116,12 +115,6 @@ pub fn router(metrics: Arc<Metrics>) -> Router {
         )
 }
 
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving /metrics and /healthz");
-    serve_on(listener, metrics).await
-}
-
 pub async fn serve_on(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
@@ -132,6 +125,7 @@ pub async fn serve_on(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::SocketAddr;
 
     async fn http_get(addr: SocketAddr, path: &str) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};

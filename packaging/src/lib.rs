@@ -212,3 +212,114 @@ pub fn validate_custom(py: &Path, file: &Path) -> String {
     );
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// The tag the packaging tests build and run.
+pub const IMAGE_TAG: &str = "mortar:0.1.0";
+/// The image's base, imported by `.ci/run` from a debootstrap of bookworm.
+pub const BASE_IMAGE: &str = "docker.io/library/debian:bookworm-slim";
+
+/// Builds [`IMAGE_TAG`] from the workspace's binaries (e2e/local/build-image.sh --prebuilt),
+/// once for a given set of binaries: tests in other processes wait on a lock file and reuse
+/// the image while a stamp of the binaries (size and mtime) still matches.
+pub fn ensure_image(podman: &Path) {
+    use std::io::Write;
+    use std::os::unix::fs::MetadataExt;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(std::env::temp_dir().join("mortar-packaging-image.lock"))
+        .expect("image lock file");
+    let _held = Flock::exclusive(&lock);
+    let mut stamp = String::new();
+    for b in [
+        "mortar-brick",
+        "mortar-mount",
+        "mortar",
+        "mortar-operator",
+        "mortar-csi",
+    ] {
+        let m = bin(b).metadata().unwrap();
+        stamp += &format!("{b} {} {}.{}\n", m.size(), m.mtime(), m.mtime_nsec());
+    }
+    stamp += &std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
+    let stamp_file = std::env::temp_dir().join("mortar-packaging-image.stamp");
+    let exists = Command::new(podman)
+        .args(["image", "exists", IMAGE_TAG])
+        .status()
+        .is_ok_and(|s| s.success());
+    if exists && std::fs::read_to_string(&stamp_file).ok().as_deref() == Some(stamp.as_str()) {
+        return;
+    }
+    let t = std::time::Instant::now();
+    run_ok(
+        Command::new(repo().join("e2e/local/build-image.sh"))
+            .arg("--prebuilt")
+            .arg(bin_dir())
+            .args(["--tag", IMAGE_TAG])
+            .env("CONTAINER_TOOL", podman),
+    );
+    eprintln!("image built in {:.1}s", t.elapsed().as_secs_f64());
+    std::fs::File::create(&stamp_file)
+        .and_then(|mut f| f.write_all(stamp.as_bytes()))
+        .expect("image stamp");
+}
+
+/// An exclusive `flock` held until dropped (closing the file releases it too).
+struct Flock<'a>(&'a std::fs::File);
+
+impl<'a> Flock<'a> {
+    fn exclusive(f: &'a std::fs::File) -> Self {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a file descriptor this borrow keeps open.
+        let rc = unsafe { flock(f.as_raw_fd(), LOCK_EX) };
+        assert_eq!(rc, 0, "flock: {}", std::io::Error::last_os_error());
+        Flock(f)
+    }
+}
+
+impl Drop for Flock<'_> {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: as above.
+        unsafe { flock(self.0.as_raw_fd(), LOCK_UN) };
+    }
+}
+
+const LOCK_EX: i32 = 2;
+const LOCK_UN: i32 = 8;
+unsafe extern "C" {
+    fn flock(fd: i32, operation: i32) -> i32;
+}
+
+/// Whether this process runs as root (rootful podman, FUSE in containers).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { geteuid() == 0 }
+}
+
+unsafe extern "C" {
+    fn geteuid() -> u32;
+}
+
+/// The podman binary when everything a container test needs is there: podman, root,
+/// /dev/fuse and the base image; otherwise as [`need`] says.
+pub fn podman_ready() -> Option<PathBuf> {
+    let podman = need("podman", podman())?;
+    need(
+        "root (rootful podman, FUSE in containers)",
+        is_root().then_some(()),
+    )?;
+    need("/dev/fuse", Path::new("/dev/fuse").exists().then_some(()))?;
+    let base = Command::new(&podman)
+        .args(["image", "exists", BASE_IMAGE])
+        .status()
+        .is_ok_and(|s| s.success());
+    need(
+        &format!(
+            "the base image {BASE_IMAGE} (.ci/run imports a debootstrap of bookworm under that name)"
+        ),
+        base.then_some(()),
+    )?;
+    Some(podman)
+}

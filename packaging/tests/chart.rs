@@ -603,3 +603,150 @@ fn volfile_server_is_the_operators_client_service() {
         String::from_utf8(run_ok(Command::new(bin("mortar-csi")).arg("--help")).stdout).unwrap();
     assert!(help.contains(&format!("[default: {template}]")), "{help}");
 }
+
+/// The value sets of every chart test, for checks that must hold whatever the values.
+fn all_value_sets() -> Vec<(String, Vec<&'static Path>, Vec<&'static str>)> {
+    let mut all: Vec<(String, Vec<&'static Path>, Vec<&'static str>)> = scenarios()
+        .into_iter()
+        .map(|(n, v, s)| (n.to_string(), v, s))
+        .collect();
+    all.push((
+        "mounter placement".into(),
+        vec![],
+        vec![
+            "csi.node.nodeSelector.kubernetes\\.io/os=linux",
+            "csi.mounter.socketDir=/run/mortar-csi/",
+            "csi.kubeletDir=/var/lib/k0s/kubelet",
+        ],
+    ));
+    all
+}
+
+/// What the kubelet substitutes for `$(VAR)` in a container's command and args: its env,
+/// with downward-API fields given plausible values.
+fn container_env(c: &Value, namespace: &str) -> Vec<(String, String)> {
+    let mut env = Vec::new();
+    for e in c["env"].as_array().into_iter().flatten() {
+        let name = e["name"].as_str().unwrap().to_string();
+        let value = if let Some(v) = e["value"].as_str() {
+            v.to_string()
+        } else {
+            match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+                Some("spec.nodeName") => "node-1".into(),
+                Some("metadata.name") => "pod-0".into(),
+                Some("metadata.namespace") => namespace.into(),
+                Some("metadata.labels['apps.kubernetes.io/pod-index']") => "0".into(),
+                other => panic!("{}: env {name} from {other:?}: add it here", c["name"]),
+            }
+        };
+        env.push((name, value));
+    }
+    env
+}
+
+fn expand(word: &str, env: &[(String, String)]) -> String {
+    env.iter().fold(word.to_string(), |w, (k, v)| {
+        w.replace(&format!("$({k})"), v)
+    })
+}
+
+/// Every container that runs a Mortar binary, in every workload the chart renders (with every
+/// value set its tests use) and in the brick StatefulSet the operator makes, has its real
+/// command line parsed and checked by that binary (MORTAR_CHECK_ARGS: parse, validate, exit
+/// before doing anything). A flag in the wrong place, or one the binary does not know, fails
+/// here, as it would crash-loop the pod.
+#[test]
+fn chart_command_lines_pass_the_binaries_parsers() {
+    use mortar_operator::crd::{SharedStorageCluster, SharedStorageClusterSpec};
+    use mortar_operator::resources::{Plan, brick_stateful_set};
+    let Some(py) = python() else { return };
+    let image = "mortar:0.1.0";
+    let mut workloads: Vec<(String, Value)> = Vec::new();
+    for (name, values, sets) in all_value_sets() {
+        let yaml = render(&py, "mortar-system", &values, &sets)
+            .unwrap_or_else(|e| panic!("{name}: render failed: {e}"));
+        for d in mortar_packaging::docs(&yaml) {
+            if d["spec"]["template"]["spec"]["containers"].is_array() {
+                workloads.push((name.clone(), d));
+            }
+        }
+    }
+    let mut ssc = SharedStorageCluster::new("shared", SharedStorageClusterSpec::default());
+    ssc.metadata.namespace = Some("storage".into());
+    ssc.metadata.uid = Some("uid-1".into());
+    let plan = Plan {
+        bricks: 3,
+        volfile_generation: 1,
+        image: image.into(),
+    };
+    workloads.push((
+        "operator".into(),
+        serde_json::to_value(brick_stateful_set(&ssc, &plan)).unwrap(),
+    ));
+
+    let mut checked = BTreeSet::new();
+    for (scenario, d) in &workloads {
+        let pod = &d["spec"]["template"]["spec"];
+        let all = pod["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain(pod["initContainers"].as_array().into_iter().flatten());
+        for c in all {
+            if !c["image"].as_str().unwrap().starts_with("mortar:") {
+                continue; // the CSI sidecars: not ours
+            }
+            let env = container_env(c, "mortar-system");
+            let command: Vec<String> = c["command"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{}: no command", c["name"]))
+                .iter()
+                .chain(c["args"].as_array().into_iter().flatten())
+                .map(|w| expand(w.as_str().unwrap(), &env))
+                .collect();
+            let what = format!(
+                "{scenario}: {} {}, container {}: {}",
+                d["kind"].as_str().unwrap(),
+                d["metadata"]["name"].as_str().unwrap(),
+                c["name"].as_str().unwrap(),
+                command.join(" ")
+            );
+            assert!(
+                !command.iter().any(|w| w.contains("$(")),
+                "{what}: a $(VAR) the container's env does not define"
+            );
+            let out = Command::new(bin(&command[0]))
+                .args(&command[1..])
+                .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .env("MORTAR_CHECK_ARGS", "1")
+                .output()
+                .unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
+            assert!(
+                out.status.success(),
+                "{what}: rejected ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            assert!(
+                String::from_utf8_lossy(&out.stdout).contains("arguments accepted"),
+                "{what}: the binary ignored MORTAR_CHECK_ARGS"
+            );
+            checked.insert(format!(
+                "{}/{}",
+                d["metadata"]["name"].as_str().unwrap(),
+                c["name"].as_str().unwrap()
+            ));
+        }
+    }
+    let expected: BTreeSet<String> = [
+        "mortar-operator/operator",
+        "mortar-csi-controller/mortar-csi",
+        "mortar-csi-node/mortar-csi",
+        "mortar-csi-mounter/mortar-mounter",
+        "shared-brick/brick",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    assert_eq!(checked, expected, "the containers checked");
+}

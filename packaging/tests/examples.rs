@@ -194,3 +194,71 @@ fn brick_pods_get_the_privileges_bricks_need() {
         .unwrap_or_default();
     assert!(add.iter().any(|x| x == "SYS_ADMIN"), "{c}");
 }
+
+/// e2e/kind/storage-driver.yaml, the driver definition for Kubernetes' external-storage suite:
+/// it names this driver and the example StorageClass, states only capabilities the suite
+/// knows (a misspelt one would be ignored silently), and agrees with the CSIDriver object.
+#[test]
+fn external_storage_driver_definition_is_consistent() {
+    let def = &load("e2e/kind/storage-driver.yaml")[0];
+    assert_eq!(def["DriverInfo"]["Name"], "mortar.csi.mortar.dev");
+    let class = load("examples/storageclass.yaml")
+        .into_iter()
+        .find(|d| d["kind"] == "StorageClass")
+        .unwrap();
+    assert_eq!(
+        def["StorageClass"]["FromExistingClassName"],
+        class["metadata"]["name"]
+    );
+    assert_eq!(class["allowVolumeExpansion"], true, "expansion is claimed");
+    let known: BTreeSet<&str> = [
+        "persistence",
+        "block",
+        "fsGroup",
+        "volumeMountGroup",
+        "exec",
+        "snapshotDataSource",
+        "pvcDataSource",
+        "multipods",
+        "RWX",
+        "controllerExpansion",
+        "nodeExpansion",
+        "onlineExpansion",
+        "offlineExpansion",
+        "volumeLimits",
+        "singleNodeVolume",
+        "topology",
+        "capacity",
+        "readWriteOncePod",
+        "multiplePVsSameID",
+        "FSResizeFromSourceNotSupported",
+        "snapshotNodeExpansion",
+    ]
+    .into();
+    let caps = def["DriverInfo"]["Capabilities"].as_object().unwrap();
+    for (k, v) in caps {
+        assert!(known.contains(k.as_str()), "unknown capability {k}");
+        assert!(v.is_boolean(), "{k}: {v}");
+    }
+    for k in [
+        "persistence",
+        "exec",
+        "multipods",
+        "RWX",
+        "controllerExpansion",
+        "nodeExpansion",
+        "onlineExpansion",
+        "offlineExpansion",
+        "pvcDataSource",
+        "readWriteOncePod",
+    ] {
+        assert_eq!(caps[k], true, "{k}");
+    }
+    // fsGroup is claimed only if the CSIDriver lets the kubelet apply it.
+    let driver =
+        std::fs::read_to_string(repo().join("charts/mortar/templates/csi-driver.yaml")).unwrap();
+    assert_eq!(
+        caps["fsGroup"] == true,
+        !driver.contains("fsGroupPolicy: None")
+    );
+}

@@ -7,67 +7,16 @@ use std::process::Command;
 
 use mortar_packaging::*;
 
-const BASE: &str = "docker.io/library/debian:bookworm-slim";
-const TAG: &str = "mortar:0.1.0";
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc_geteuid() == 0 }
-}
-
-unsafe extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
-}
-
 #[test]
 fn image_builds_and_the_podman_story_passes() {
-    let Some(podman) = need("podman", podman()) else {
+    let Some(podman) = podman_ready() else {
         return;
     };
-    if need(
-        "root (rootful podman, FUSE in containers)",
-        is_root().then_some(()),
-    )
-    .is_none()
-    {
-        return;
-    }
-    if need(
-        "/dev/fuse",
-        std::path::Path::new("/dev/fuse").exists().then_some(()),
-    )
-    .is_none()
-    {
-        return;
-    }
-    let base = Command::new(&podman)
-        .args(["image", "exists", BASE])
-        .status()
-        .is_ok_and(|s| s.success());
-    if need(
-        &format!(
-            "the base image {BASE} (.ci/run imports a debootstrap of bookworm under that name)"
-        ),
-        base.then_some(()),
-    )
-    .is_none()
-    {
-        return;
-    }
-
-    let t = std::time::Instant::now();
-    run_ok(
-        Command::new(repo().join("e2e/local/build-image.sh"))
-            .arg("--prebuilt")
-            .arg(bin_dir())
-            .args(["--tag", TAG])
-            .env("CONTAINER_TOOL", &podman),
-    );
-    eprintln!("image built in {:.1}s", t.elapsed().as_secs_f64());
+    ensure_image(&podman);
 
     let sh = |script: &str| -> String {
-        let out = run_ok(Command::new(&podman).args(["run", "--rm", TAG, "bash", "-c", script]));
+        let out =
+            run_ok(Command::new(&podman).args(["run", "--rm", IMAGE_TAG, "bash", "-c", script]));
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     };
     // Non-root by default; every binary there and runnable; mount.mortar is mortar-mount.
@@ -87,6 +36,6 @@ fn image_builds_and_the_podman_story_passes() {
     assert_eq!(sh("command -v fusermount3"), "/usr/bin/fusermount3");
 
     let t = std::time::Instant::now();
-    run_ok(Command::new(repo().join("e2e/local/podman-story.sh")).args(["--image", TAG]));
+    run_ok(Command::new(repo().join("e2e/local/podman-story.sh")).args(["--image", IMAGE_TAG]));
     eprintln!("podman story passed in {:.1}s", t.elapsed().as_secs_f64());
 }

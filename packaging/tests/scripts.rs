@@ -10,6 +10,7 @@ const SCRIPTS: &[&str] = &[
     "e2e/local/build-image.sh",
     "e2e/local/podman-story.sh",
     "bench/smallfile.sh",
+    "test.sh",
     ".ci/run",
 ];
 

@@ -76,7 +76,13 @@ enum LocalCmd {
         dir: PathBuf,
         #[arg(long, default_value = "mnt")]
         mount: PathBuf,
+        /// Do not link /sbin/mount.mortar to this build's mortar-mount (it is linked by
+        /// default, so that `mount -t mortar HOST:/data DIR` works).
+        #[arg(long)]
+        no_mount_helper: bool,
     },
+    /// Installs the mount(8) helper: links /sbin/mount.mortar to this build's mortar-mount.
+    InstallHelper,
     /// Unmounts and stops the bricks; the data stays in --dir.
     Down {
         #[arg(long, default_value = ".mortar-local")]
@@ -243,7 +249,11 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             }
         }
         Cmd::Local { cmd } => match cmd {
-            LocalCmd::Up { dir, mount } => {
+            LocalCmd::Up {
+                dir,
+                mount,
+                no_mount_helper,
+            } => {
                 let l = local::Local::new(&dir)?;
                 let m = l.up(&mount)?;
                 println!(
@@ -251,6 +261,13 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     l.target(),
                     m.display()
                 );
+                if !no_mount_helper {
+                    // Not fatal: the volume is up either way.
+                    match local::install_mount_helper() {
+                        Ok(done) => println!("{done}"),
+                        Err(e) => println!("mount helper not installed: {e:#}"),
+                    }
+                }
                 // Name this very binary: a fresh build is not on PATH yet.
                 let me = std::env::current_exe()
                     .map(|p| p.display().to_string())
@@ -265,6 +282,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             LocalCmd::Down { dir } => {
                 local::Local::new(&dir)?.down()?;
                 println!("stopped (data kept in {})", dir.display());
+                Ok(0)
+            }
+            LocalCmd::InstallHelper => {
+                println!("{}", local::install_mount_helper()?);
                 Ok(0)
             }
             LocalCmd::Status { dir } => {

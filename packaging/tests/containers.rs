@@ -1,0 +1,374 @@
+//! Every container of the chart that runs the Mortar image, started from the built image under
+//! podman the way the kubelet would start it: the chart's command and arguments, its user and
+//! group, privileged or not, its capabilities, a read-only root filesystem where it asks for
+//! one, and its host paths laid out as the kubelet lays them (root-owned, mode 0750). Each must
+//! come up, do its first job and stay up:
+//! - the mounter makes its state dir under the kubelet's plugins dir and serves its socket;
+//! - the node plugin answers `Probe` on its socket with ready (it reaches the mounter);
+//! - the CSI controller answers `Probe` on the socket in its emptyDir;
+//! - the operator serves `/healthz` (its API server is unreachable here: it must wait, not
+//!   crash-loop).
+//!
+//! Not reproduced: mount propagation (the test's host paths are private mounts) and the CSI
+//! sidecars (other images, not available offline). The operator gets a kubeconfig naming a
+//! closed port, standing in for the in-cluster config a pod has.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use mortar_packaging::*;
+use serde_json::Value;
+
+const NAMESPACE: &str = "mortar-system";
+
+/// One container of a rendered workload, and how podman runs it.
+struct Started {
+    name: String,
+    podman: PathBuf,
+}
+
+impl Started {
+    fn running(&self) -> bool {
+        let out = Command::new(&self.podman)
+            .args(["inspect", "-f", "{{.State.Running}}", &self.name])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim() == "true"
+    }
+
+    fn logs(&self) -> String {
+        let out = Command::new(&self.podman)
+            .args(["logs", "--tail", "40", &self.name])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    }
+
+    /// Waits until `ready` holds, failing with the container's logs if it exits or the time
+    /// runs out; then checks that it is still running a few seconds later.
+    fn wait_ready(&self, what: &str, mut ready: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ready() {
+            assert!(
+                self.running(),
+                "{}: exited before {what}:\n{}",
+                self.name,
+                self.logs()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "{}: no {what} after 30 s:\n{}",
+                self.name,
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        std::thread::sleep(Duration::from_secs(3));
+        assert!(
+            self.running(),
+            "{}: exited after {what}:\n{}",
+            self.name,
+            self.logs()
+        );
+        assert!(ready(), "{}: {what} no longer holds", self.name);
+        eprintln!("{}: {what}, still running", self.name);
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.podman)
+            .args(["rm", "-f", "-t", "2", &self.name])
+            .output();
+    }
+}
+
+/// The security settings that apply to a container: the pod's, overridden by the container's.
+fn effective(pod: &Value, c: &Value, key: &str) -> Value {
+    let own = &c["securityContext"][key];
+    if own.is_null() {
+        pod["securityContext"][key].clone()
+    } else {
+        own.clone()
+    }
+}
+
+/// The kubelet's directories as a node has them: root-owned, mode 0750.
+fn lay_out_kubelet(host: &Path) {
+    for d in [
+        "var/lib/kubelet",
+        "var/lib/kubelet/plugins",
+        "var/lib/kubelet/plugins_registry",
+        "var/lib/kubelet/pods",
+    ] {
+        let p = host.join(d);
+        std::fs::create_dir_all(&p).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o750)).unwrap();
+    }
+}
+
+/// Starts one container of a workload as the kubelet would (see the file's comment).
+fn start(podman: &Path, host: &Path, workload: &Value, container: &str, extra: &[&str]) -> Started {
+    let pod = &workload["spec"]["template"]["spec"];
+    let c = pod["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == container)
+        .unwrap_or_else(|| panic!("no container {container}"));
+    let name = format!(
+        "mortar-chart-{}-{container}-{}",
+        workload["metadata"]["name"].as_str().unwrap(),
+        std::process::id()
+    );
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        "-d".into(),
+        "--name".into(),
+        name.clone(),
+        "--network".into(),
+        "none".into(),
+    ];
+
+    let user = effective(pod, c, "runAsUser");
+    let group = effective(pod, c, "runAsGroup");
+    if effective(pod, c, "runAsNonRoot") == true {
+        assert!(
+            user != 0,
+            "{container}: runAsNonRoot with runAsUser 0 is refused by the kubelet"
+        );
+    }
+    match (user.as_i64(), group.as_i64()) {
+        (Some(u), Some(g)) => args.push(format!("--user={u}:{g}")),
+        (Some(u), None) => args.push(format!("--user={u}")),
+        (None, _) => {}
+    }
+    let sc = &c["securityContext"];
+    if sc["privileged"] == true {
+        args.push("--privileged".into());
+    }
+    let caps = &sc["capabilities"];
+    for d in caps["drop"].as_array().into_iter().flatten() {
+        args.push(format!("--cap-drop={}", d.as_str().unwrap().to_lowercase()));
+    }
+    for a in caps["add"].as_array().into_iter().flatten() {
+        args.push(format!("--cap-add={}", a.as_str().unwrap().to_lowercase()));
+    }
+    if sc["readOnlyRootFilesystem"] == true {
+        // The kubelet adds no tmpfs of its own (podman would, on /tmp, /run and /var/tmp).
+        args.extend(["--read-only".into(), "--read-only-tmpfs=false".into()]);
+    }
+    if sc["allowPrivilegeEscalation"] == false {
+        args.push("--security-opt=no-new-privileges".into());
+    }
+
+    let volumes = pod["volumes"].as_array().cloned().unwrap_or_default();
+    // The kubelet makes every DirectoryOrCreate host path of the pod (root-owned, mode
+    // 0755) before any of its containers starts.
+    for v in &volumes {
+        if v["hostPath"]["type"] == "DirectoryOrCreate" {
+            let path = v["hostPath"]["path"].as_str().unwrap();
+            std::fs::create_dir_all(host.join(path.trim_start_matches('/'))).unwrap();
+        }
+    }
+    for m in c["volumeMounts"].as_array().into_iter().flatten() {
+        let v = volumes
+            .iter()
+            .find(|v| v["name"] == m["name"])
+            .unwrap_or_else(|| panic!("{container}: no volume {}", m["name"]));
+        let src = if let Some(path) = v["hostPath"]["path"].as_str() {
+            match v["hostPath"]["type"].as_str().unwrap_or("") {
+                "CharDevice" => PathBuf::from(path),
+                "Directory" => {
+                    let p = host.join(path.trim_start_matches('/'));
+                    assert!(p.is_dir(), "{container}: host directory {path} is missing");
+                    p
+                }
+                "DirectoryOrCreate" => host.join(path.trim_start_matches('/')),
+                other => panic!("{container}: hostPath type {other:?}: add it here"),
+            }
+        } else if v["emptyDir"].is_object() {
+            let p = host.join("emptydir").join(v["name"].as_str().unwrap());
+            std::fs::create_dir_all(&p).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o777)).unwrap();
+            p
+        } else {
+            panic!("{container}: volume kind of {v}: add it here");
+        };
+        let ro = if m["readOnly"] == true { ":ro" } else { "" };
+        args.push(format!(
+            "--volume={}:{}{ro}",
+            src.display(),
+            m["mountPath"].as_str().unwrap()
+        ));
+    }
+
+    let mut env = Vec::new();
+    for e in c["env"].as_array().into_iter().flatten() {
+        let k = e["name"].as_str().unwrap();
+        let v = match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+            Some("spec.nodeName") => "node-1".to_string(),
+            Some("metadata.name") => "pod-0".to_string(),
+            Some("metadata.namespace") => NAMESPACE.to_string(),
+            _ => e["value"].as_str().expect("env value").to_string(),
+        };
+        env.push((k.to_string(), v));
+    }
+    for (k, v) in &env {
+        args.push(format!("--env={k}={v}"));
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.push(IMAGE_TAG.into());
+    for w in c["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(c["args"].as_array().into_iter().flatten())
+    {
+        let w = env
+            .iter()
+            .fold(w.as_str().unwrap().to_string(), |w, (k, v)| {
+                w.replace(&format!("$({k})"), v)
+            });
+        args.push(w);
+    }
+    let _ = Command::new(podman).args(["rm", "-f", &name]).output();
+    run_ok(Command::new(podman).args(&args));
+    Started {
+        name,
+        podman: podman.to_path_buf(),
+    }
+}
+
+/// `Probe` on a CSI socket: `Some(ready)` when it answers.
+fn probe(socket: &Path) -> Option<bool> {
+    use hyper_util::rt::TokioIo;
+    use mortar_csi::csi::ProbeRequest;
+    use mortar_csi::csi::identity_client::IdentityClient;
+    use tonic::transport::Endpoint;
+    if !socket.exists() {
+        return None;
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let s = socket.to_path_buf();
+    rt.block_on(async move {
+        let ch = Endpoint::from_static("http://csi.invalid")
+            .connect_with_connector(tower::service_fn(move |_| {
+                let s = s.clone();
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(s).await?))
+                }
+            }))
+            .await
+            .ok()?;
+        let r = IdentityClient::new(ch).probe(ProbeRequest {}).await.ok()?;
+        Some(r.into_inner().ready.unwrap_or(true))
+    })
+}
+
+fn healthz(c: &Started, port: u64) -> bool {
+    // The image has bash and no HTTP client: bash's /dev/tcp inside the container's own
+    // network namespace.
+    let script = format!(
+        "exec 3<>/dev/tcp/127.0.0.1/{port} && printf 'GET /healthz HTTP/1.0\\r\\n\\r\\n' >&3 && head -1 <&3"
+    );
+    let out = Command::new(&c.podman)
+        .args(["exec", &c.name, "bash", "-c", &script])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).contains(" 200")
+}
+
+#[test]
+fn chart_containers_start_under_podman_as_the_kubelet_runs_them() {
+    let Some(py) = need("python with helm-python-sdk", python_with_helm()) else {
+        return;
+    };
+    let Some(podman) = podman_ready() else {
+        return;
+    };
+    ensure_image(&podman);
+    let docs = docs(&render(&py, NAMESPACE, &[], &[]).unwrap());
+    let host = tempfile::tempdir_in("/var/tmp").unwrap();
+    lay_out_kubelet(host.path());
+    let plugin_dir = host
+        .path()
+        .join("var/lib/kubelet/plugins/mortar.csi.mortar.dev");
+
+    // The mounter first: the node plugin's Probe asks it.
+    let mounter = start(
+        &podman,
+        host.path(),
+        find(&docs, "DaemonSet", "mortar-csi-mounter"),
+        "mortar-mounter",
+        &[],
+    );
+    let socket_dir = host.path().join("var/lib/mortar-csi/mounter");
+    mounter.wait_ready("its state dir and socket", || {
+        plugin_dir.join("volumes").is_dir() && socket_dir.join("mounter.sock").exists()
+    });
+
+    let node = start(
+        &podman,
+        host.path(),
+        find(&docs, "DaemonSet", "mortar-csi-node"),
+        "mortar-csi",
+        &[],
+    );
+    node.wait_ready("a ready Probe", || {
+        probe(&plugin_dir.join("csi.sock")) == Some(true)
+    });
+
+    let controller = start(
+        &podman,
+        host.path(),
+        find(&docs, "Deployment", "mortar-csi-controller"),
+        "mortar-csi",
+        &[],
+    );
+    let socket = host.path().join("emptydir/socket-dir/csi.sock");
+    controller.wait_ready("a ready Probe", || probe(&socket) == Some(true));
+
+    let kube = host.path().join("kubeconfig");
+    std::fs::create_dir_all(&kube).unwrap();
+    std::fs::write(
+        kube.join("config"),
+        "apiVersion: v1\nkind: Config\n\
+         clusters: [{name: none, cluster: {server: 'http://127.0.0.1:9'}}]\n\
+         users: [{name: none, user: {token: none}}]\n\
+         contexts: [{name: none, context: {cluster: none, user: none, namespace: mortar-system}}]\n\
+         current-context: none\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&kube, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(kube.join("config"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let op_doc = find(&docs, "Deployment", "mortar-operator");
+    let port = op_doc["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
+        .as_u64()
+        .unwrap();
+    let operator = start(
+        &podman,
+        host.path(),
+        op_doc,
+        "operator",
+        &[
+            &format!("--volume={}:/kubeconfig:ro", kube.display()),
+            "--env=KUBECONFIG=/kubeconfig/config",
+        ],
+    );
+    operator.wait_ready("/healthz", || healthz(&operator, port));
+
+    // The kubelet's own directories stay as they were.
+    for d in ["var/lib/kubelet", "var/lib/kubelet/plugins"] {
+        let mode = std::fs::metadata(host.path().join(d))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o7777, 0o750, "{d}");
+    }
+}
