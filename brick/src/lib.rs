@@ -1,5 +1,6 @@
 //! mortar-brick: a storage server holding one full copy of a Mortar volume.
 
+pub mod at;
 pub mod heal;
 pub mod locks;
 pub mod quota;

@@ -7,14 +7,14 @@
 //! so is which quota tree each file belongs to, since files are addressed by gfid alone.
 
 use std::collections::HashMap;
-use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::ffi::OsStr;
 use std::sync::Mutex;
 
 use mortar_client::gfid::Gfid;
-use rustix::fs as rfs;
+use rustix::fs::{self as rfs, FileType};
 use rustix::io::Errno;
 
+use crate::at::Loc;
 use crate::store::{R, Store, read_rec};
 
 pub const XATTR: &str = "trusted.mortar.quota";
@@ -34,9 +34,9 @@ pub struct Quotas {
 
 pub type QuotaTable = Mutex<Quotas>;
 
-fn read_limit(path: &Path) -> Option<u64> {
+fn read_limit(path: &Loc) -> Option<u64> {
     let mut buf = [0u8; 8];
-    match rfs::lgetxattr(path, XATTR, &mut buf[..]) {
+    match path.getxattr(OsStr::new(XATTR), &mut buf[..]) {
         Ok(8) => Some(u64::from_le_bytes(buf)),
         _ => None,
     }
@@ -48,10 +48,9 @@ impl Store {
         let dirs: Vec<Gfid> = self.dirs.read().unwrap().keys().copied().collect();
         for g in dirs {
             let path = self.dir_path(g).map_err(|e| anyhow::anyhow!("{e}"))?;
-            if let Some(limit) = read_limit(&path) {
-                self.count_tree(g, limit).map_err(|e| {
-                    anyhow::anyhow!("counting quota usage of {}: {e}", path.display())
-                })?;
+            if let Some(limit) = read_limit(&path.this()) {
+                self.count_tree(g, limit)
+                    .map_err(|e| anyhow::anyhow!("counting quota usage of {}: {e}", path.this()))?;
             }
         }
         Ok(())
@@ -63,19 +62,21 @@ impl Store {
         let mut used = 0u64;
         let mut stack = vec![self.dir_path(root)?];
         while let Some(d) = stack.pop() {
-            for e in std::fs::read_dir(&d).map_err(|e| crate::store::io_errno(&e))? {
-                let e = e.map_err(|e| crate::store::io_errno(&e))?;
-                let md = e.metadata().map_err(|e| crate::store::io_errno(&e))?;
-                if md.is_dir() {
-                    stack.push(e.path());
-                } else if md.is_file() {
-                    if let Ok(rec) = read_rec(&e.path()) {
-                        // A file with several names is counted once.
-                        if !files.contains(&rec.gfid) {
-                            used += md.size();
-                            files.push(rec.gfid);
+            for name in d.names()? {
+                let e = d.join(&name);
+                let Ok(st) = e.lstat() else { continue };
+                match FileType::from_raw_mode(st.st_mode) {
+                    FileType::Directory => stack.push(e.as_dir()?),
+                    FileType::RegularFile => {
+                        if let Ok(rec) = read_rec(&e) {
+                            // A file with several names is counted once.
+                            if !files.contains(&rec.gfid) {
+                                used += st.st_size as u64;
+                                files.push(rec.gfid);
+                            }
                         }
                     }
+                    _ => {}
                 }
             }
         }
@@ -92,9 +93,9 @@ impl Store {
         if !self.is_dir(dir) {
             return Err(Errno::NOTDIR);
         }
-        let path = self.dir_path(dir)?;
+        let path = self.dir_path(dir)?.this();
         if limit == 0 {
-            match rfs::lremovexattr(&path, XATTR) {
+            match path.removexattr(OsStr::new(XATTR)) {
                 Ok(()) | Err(Errno::NODATA) => {}
                 Err(e) => return Err(e),
             }
@@ -103,7 +104,11 @@ impl Store {
             q.files.retain(|_, r| *r != dir);
             return Ok(());
         }
-        rfs::lsetxattr(&path, XATTR, &limit.to_le_bytes(), rfs::XattrFlags::empty())?;
+        path.setxattr(
+            OsStr::new(XATTR),
+            &limit.to_le_bytes(),
+            rfs::XattrFlags::empty(),
+        )?;
         self.count_tree(dir, limit)
     }
 

@@ -2,17 +2,16 @@
 //! brick's, applied under the healer's inode lock and without version checks (the healer
 //! sets the version last, once the copy really is like the source).
 
-use std::ffi::OsStr;
-use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
-
 use mortar_client::gfid::Gfid;
 use mortar_proto as pb;
-use rustix::fs::{self as rfs, AtFlags, CWD, FileType, Mode, OFlags, Timestamps};
+use rustix::fs::{self as rfs, FileType, Mode, OFlags, Timestamps};
 use rustix::io::Errno;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
 
+use crate::at::Loc;
 use crate::record::Record;
-use crate::store::{self, DirNode, R, Store, check_name, gfid, read_rec, stat_path, ts, write_rec};
+use crate::store::{self, DirNode, R, Store, check_name, gfid, read_rec, stat_loc, ts, write_rec};
 
 /// Size of the blocks compared by checksum during data heal.
 pub const BLOCK: u32 = 128 * 1024;
@@ -70,34 +69,27 @@ impl Store {
                 rec.ver = (v.term, v.seq, v.id);
                 rec.ctime_ns = ctime;
                 write_rec(&path, &rec)?;
-                stat_path(&path)
+                stat_loc(&path)
             }
         }
     }
 
     fn heal_meta(&self, g: Gfid, m: &pb::HealMeta) -> R<pb::Attr> {
         let path = self.path_of(g)?;
-        let st = rfs::lstat(&path)?;
+        let st = path.lstat()?;
         let is_link = FileType::from_raw_mode(st.st_mode) == FileType::Symlink;
-        rfs::chownat(
-            CWD,
-            &path,
-            Some(rfs::Uid::from_raw(m.uid)),
-            Some(rfs::Gid::from_raw(m.gid)),
-            AtFlags::SYMLINK_NOFOLLOW,
-        )?;
+        path.chown(Some(m.uid), Some(m.gid))?;
         if !is_link {
-            rfs::chmod(&path, Mode::from_raw_mode(m.mode & 0o7777))?;
+            path.chmod(m.mode)?;
             let have = store::list_user_xattrs(&path)?;
             for name in have
                 .iter()
                 .filter(|n| !m.xattrs.iter().any(|x| &x.name == *n))
             {
-                rfs::lremovexattr(&path, OsStr::from_bytes(name))?;
+                path.removexattr(OsStr::from_bytes(name))?;
             }
             for x in &m.xattrs {
-                rfs::lsetxattr(
-                    &path,
+                path.setxattr(
                     OsStr::from_bytes(&x.name),
                     &x.value,
                     rfs::XattrFlags::empty(),
@@ -108,8 +100,8 @@ impl Store {
             last_access: ts(m.atime_ns),
             last_modification: ts(m.mtime_ns),
         };
-        rfs::utimensat(CWD, &path, &t, AtFlags::SYMLINK_NOFOLLOW)?;
-        stat_path(&path)
+        path.utimens(&t)?;
+        stat_loc(&path)
     }
 
     /// Makes `name` in directory `parent` the inode described by `e`: links or moves the
@@ -122,7 +114,7 @@ impl Store {
         let pdir = self.dir_path(parent)?;
         let path = pdir.join(name);
         match read_rec(&path) {
-            Ok(r) if r.gfid == g => return stat_path(&path),
+            Ok(r) if r.gfid == g => return stat_loc(&path),
             Ok(_) => self.remove_tree(&path)?,
             Err(Errno::NOENT) => {}
             Err(_) => self.remove_tree(&path)?,
@@ -130,8 +122,8 @@ impl Store {
         let kind = attr.kind();
         if kind == pb::Kind::Dir {
             if self.is_dir(g) {
-                let old = self.dir_path(g)?;
-                rfs::rename(&old, &path)?;
+                let old = self.dir_loc(g)?;
+                old.rename_to(&path, rfs::RenameFlags::empty())?;
                 self.dirs.write().unwrap().insert(
                     g,
                     DirNode {
@@ -139,48 +131,43 @@ impl Store {
                         name: name.to_owned(),
                     },
                 );
-                return stat_path(&path);
+                return stat_loc(&path);
             }
-        } else if rfs::lstat(self.index_path(g)).is_ok() {
-            rfs::linkat(CWD, self.index_path(g), CWD, &path, AtFlags::empty())?;
-            return stat_path(&path);
+        } else if self.index_path(g).exists() {
+            self.index_path(g).link_to(&path)?;
+            return stat_loc(&path);
         }
         // Until healed, the new copy is empty: if this heal stops midway, the index brings
         // it back to a later one.
         self.mark_heal(g);
         let rec = Record::new(g, 0, attr.ctime_ns);
-        let owner = (
-            Some(rfs::Uid::from_raw(attr.uid)),
-            Some(rfs::Gid::from_raw(attr.gid)),
-        );
-        let mode = Mode::from_raw_mode(attr.mode & 0o7777);
+        let mode = attr.mode & 0o7777;
         match kind {
-            pb::Kind::Dir => rfs::mkdir(&path, mode)?,
-            pb::Kind::File => drop(rfs::open(
-                &path,
-                OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                mode,
+            pb::Kind::Dir => path.mkdir(mode)?,
+            pb::Kind::File => drop(path.open(
+                OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY,
+                Mode::from_raw_mode(mode),
             )?),
             pb::Kind::Symlink => {
                 if e.target.is_empty() || e.target.contains(&0) {
                     return Err(Errno::INVAL);
                 }
-                rfs::symlink(OsStr::from_bytes(&e.target), &path)?
+                path.symlink(OsStr::from_bytes(&e.target))?
             }
-            pb::Kind::Fifo => rfs::mknodat(CWD, &path, FileType::Fifo, mode, 0)?,
-            pb::Kind::Socket => rfs::mknodat(CWD, &path, FileType::Socket, mode, 0)?,
-            pb::Kind::Char => rfs::mknodat(CWD, &path, FileType::CharacterDevice, mode, attr.rdev)?,
-            pb::Kind::Block => rfs::mknodat(CWD, &path, FileType::BlockDevice, mode, attr.rdev)?,
+            pb::Kind::Fifo => path.mknod(FileType::Fifo, mode, 0)?,
+            pb::Kind::Socket => path.mknod(FileType::Socket, mode, 0)?,
+            pb::Kind::Char => path.mknod(FileType::CharacterDevice, mode, attr.rdev)?,
+            pb::Kind::Block => path.mknod(FileType::BlockDevice, mode, attr.rdev)?,
             pb::Kind::Unknown => return Err(Errno::INVAL),
         }
         let done = (|| {
-            rfs::chownat(CWD, &path, owner.0, owner.1, AtFlags::SYMLINK_NOFOLLOW)?;
+            path.chown(Some(attr.uid), Some(attr.gid))?;
             if kind != pb::Kind::Symlink {
-                rfs::chmod(&path, mode)?;
+                path.chmod(mode)?;
             }
             write_rec(&path, &rec)?;
             if kind != pb::Kind::Dir {
-                rfs::linkat(CWD, &path, CWD, self.index_path(g), AtFlags::empty())?;
+                path.link_to(&self.index_path(g))?;
             }
             Ok(())
         })();
@@ -197,25 +184,26 @@ impl Store {
                 },
             );
         }
-        stat_path(&path)
+        stat_loc(&path)
     }
 
     /// Removes a name; a directory goes with everything under it, keeping the gfid index
     /// and the directory map right.
-    fn remove_tree(&self, path: &Path) -> R<()> {
-        let st = rfs::lstat(path)?;
+    fn remove_tree(&self, path: &Loc) -> R<()> {
+        let st = path.lstat()?;
         let rec = read_rec(path).ok();
         if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
-            for e in std::fs::read_dir(path).map_err(|e| store::io_errno(&e))? {
-                let e = e.map_err(|e| store::io_errno(&e))?;
-                self.remove_tree(&e.path())?;
+            // Never through a symlink: as_dir refuses one.
+            let dir = path.as_dir()?;
+            for name in dir.names()? {
+                self.remove_tree(&dir.join(&name))?;
             }
-            rfs::rmdir(path)?;
+            path.rmdir()?;
             if let Some(r) = rec {
                 self.dirs.write().unwrap().remove(&r.gfid);
             }
         } else {
-            rfs::unlink(path)?;
+            path.unlink()?;
             if let Some(r) = rec {
                 self.drop_if_unlinked(r.gfid);
             }

@@ -6,8 +6,10 @@
 //! after renames. Directories cannot be hard-linked; the brick keeps a map gfid → (parent,
 //! name) in memory, rebuilt from the xattrs at start.
 //!
-//! Every final path component is handled without following symlinks, and every name is
-//! validated, so no request reaches outside the brick directory.
+//! Nothing is reached by a path string: directories are descriptors resolved beneath the
+//! brick's root without following symlinks, entries are names in them (see `at`), and every
+//! name is validated, so no request reaches outside the brick directory, and the brick's own
+//! path never counts against a user's PATH_MAX.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
@@ -18,10 +20,11 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use mortar_client::gfid::Gfid;
 use mortar_proto as pb;
-use rustix::fs::{self as rfs, AtFlags, CWD, FileType, Mode, OFlags, Timespec, Timestamps};
+use rustix::fs::{self as rfs, FileType, Mode, OFlags, Timespec, Timestamps};
 use rustix::io::Errno;
 use sha2::{Digest, Sha256};
 
+use crate::at::{Dir, Loc};
 use crate::record::{self, Record};
 
 pub type R<T> = Result<T, Errno>;
@@ -36,8 +39,11 @@ pub(crate) struct DirNode {
 }
 
 pub struct Store {
+    /// The brick directory, for people (logs); requests never resolve it.
     root: PathBuf,
-    index: PathBuf,
+    root_dir: Dir,
+    /// The 256 subdirectories of the gfid index (`.mortar/gfid/00` … `ff`).
+    index_dirs: Vec<Dir>,
     heal_dir: PathBuf,
     pub(crate) dirs: RwLock<HashMap<Gfid, DirNode>>,
     fds: Mutex<HashMap<Gfid, Arc<OwnedFd>>>,
@@ -101,15 +107,20 @@ fn kind_of(mode: u32) -> pb::Kind {
     }
 }
 
-pub fn read_rec(path: &Path) -> R<Record> {
+pub fn read_rec(loc: &Loc) -> R<Record> {
     let mut buf = [0u8; 64];
-    let n = rfs::lgetxattr(path, record::XATTR, &mut buf[..])
+    let n = loc
+        .getxattr(OsStr::new(record::XATTR), &mut buf[..])
         .map_err(|e| if e == Errno::NODATA { Errno::IO } else { e })?;
     Record::decode(&buf[..n]).ok_or(Errno::IO)
 }
 
-pub(crate) fn write_rec(path: &Path, rec: &Record) -> R<()> {
-    rfs::lsetxattr(path, record::XATTR, &rec.encode(), rfs::XattrFlags::empty())
+pub(crate) fn write_rec(loc: &Loc, rec: &Record) -> R<()> {
+    loc.setxattr(
+        OsStr::new(record::XATTR),
+        &rec.encode(),
+        rfs::XattrFlags::empty(),
+    )
 }
 
 fn attr_of(st: &rfs::Stat, rec: &Record) -> pb::Attr {
@@ -143,10 +154,10 @@ fn attr_of(st: &rfs::Stat, rec: &Record) -> pb::Attr {
     }
 }
 
-/// Reads an inode's attributes and record by path, without following a symlink.
-pub fn stat_path(path: &Path) -> R<pb::Attr> {
-    let st = rfs::lstat(path)?;
-    let rec = read_rec(path)?;
+/// Reads an inode's attributes and record, without following a symlink.
+pub fn stat_loc(loc: &Loc) -> R<pb::Attr> {
+    let st = loc.lstat()?;
+    let rec = read_rec(loc)?;
     Ok(attr_of(&st, &rec))
 }
 
@@ -183,7 +194,9 @@ impl Store {
             std::fs::create_dir_all(index.join(format!("{i:02x}")))?;
         }
         let mut full_heal = false;
-        match read_rec(&root) {
+        let root_dir = Dir::open_root(&root)
+            .map_err(|e| anyhow::anyhow!("opening {}: {e}", root.display()))?;
+        match read_rec(&root_dir.this()) {
             Ok(r) if r.gfid == Gfid::ROOT => {}
             Ok(r) => anyhow::bail!(
                 "{} is the root of another volume (gfid {})",
@@ -203,7 +216,7 @@ impl Store {
                 );
                 let now = now_ns();
                 full_heal = true;
-                write_rec(&root, &Record::new(Gfid::ROOT, 0, now)).map_err(|e| {
+                write_rec(&root_dir.this(), &Record::new(Gfid::ROOT, 0, now)).map_err(|e| {
                     anyhow::anyhow!(
                         "cannot set trusted xattrs on {} (need root and xattr support): {e}",
                         root.display()
@@ -211,9 +224,14 @@ impl Store {
                 })?;
             }
         }
+        let index_dirs = (0..=255u8)
+            .map(|i| root_dir.walk([META.as_ref(), "gfid".as_ref(), format!("{i:02x}").as_ref()]))
+            .collect::<R<Vec<Dir>>>()
+            .map_err(|e| anyhow::anyhow!("opening the gfid index: {e}"))?;
         let store = Store {
             root,
-            index,
+            root_dir,
+            index_dirs,
             heal_dir,
             dirs: RwLock::new(HashMap::new()),
             fds: Mutex::new(HashMap::new()),
@@ -259,30 +277,26 @@ impl Store {
 
     fn scan_dirs(&self) -> anyhow::Result<()> {
         let mut dirs = self.dirs.write().unwrap();
-        let mut stack = vec![(Gfid::ROOT, self.root.clone())];
-        while let Some((g, path)) = stack.pop() {
-            for e in std::fs::read_dir(&path)? {
-                let e = e?;
-                if g == Gfid::ROOT && e.file_name() == META {
+        let mut stack = vec![(Gfid::ROOT, self.root_dir.clone())];
+        while let Some((g, dir)) = stack.pop() {
+            for name in dir.names()? {
+                if g == Gfid::ROOT && name == META {
                     continue;
                 }
-                if !e.file_type()?.is_dir() {
+                let loc = dir.join(&name);
+                let is_dir = loc
+                    .lstat()
+                    .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory);
+                if !is_dir {
                     continue;
                 }
-                let p = e.path();
-                match read_rec(&p) {
+                match read_rec(&loc) {
                     Ok(rec) => {
-                        dirs.insert(
-                            rec.gfid,
-                            DirNode {
-                                parent: g,
-                                name: e.file_name(),
-                            },
-                        );
-                        stack.push((rec.gfid, p));
+                        dirs.insert(rec.gfid, DirNode { parent: g, name });
+                        stack.push((rec.gfid, loc.as_dir()?));
                     }
                     Err(_) => {
-                        tracing::warn!(path = %p.display(), "directory without a Mortar record; not served")
+                        tracing::warn!(path = %loc, "directory without a Mortar record; not served")
                     }
                 }
             }
@@ -290,41 +304,56 @@ impl Store {
         Ok(())
     }
 
-    pub(crate) fn dir_path(&self, g: Gfid) -> R<PathBuf> {
-        if g == Gfid::ROOT {
-            return Ok(self.root.clone());
-        }
+    /// The names from the root down to directory `g`.
+    fn dir_names(&self, g: Gfid) -> R<Vec<OsString>> {
         let dirs = self.dirs.read().unwrap();
         let mut names = Vec::new();
         let mut cur = g;
         while cur != Gfid::ROOT {
             let node = dirs.get(&cur).ok_or(Errno::NOENT)?;
-            names.push(node.name.as_os_str());
+            names.push(node.name.clone());
             cur = node.parent;
-            if names.len() > 4096 {
+            if names.len() > 1 << 16 {
                 return Err(Errno::LOOP);
             }
         }
-        let mut p = self.root.clone();
-        for n in names.iter().rev() {
-            p.push(n);
-        }
-        Ok(p)
+        names.reverse();
+        Ok(names)
     }
 
-    pub(crate) fn index_path(&self, g: Gfid) -> PathBuf {
+    /// Directory `g`, resolved beneath the root through no symlink.
+    pub(crate) fn dir_path(&self, g: Gfid) -> R<Dir> {
+        if g == Gfid::ROOT {
+            return Ok(self.root_dir.clone());
+        }
+        let names = self.dir_names(g)?;
+        self.root_dir.walk(names.iter().map(|n| n.as_os_str()))
+    }
+
+    /// Directory `g` as an entry of its parent (for renaming it).
+    pub(crate) fn dir_loc(&self, g: Gfid) -> R<Loc> {
+        let (parent, name) = {
+            let dirs = self.dirs.read().unwrap();
+            let node = dirs.get(&g).ok_or(Errno::NOENT)?;
+            (node.parent, node.name.clone())
+        };
+        Ok(self.dir_path(parent)?.join(&name))
+    }
+
+    /// The gfid index entry of non-directory `g`.
+    pub(crate) fn index_path(&self, g: Gfid) -> Loc {
         let hex = g.hex();
-        self.index.join(&hex[..2]).join(hex)
+        self.index_dirs[usize::from(g.0[0])].join(OsStr::new(&hex))
     }
 
     pub(crate) fn is_dir(&self, g: Gfid) -> bool {
         g == Gfid::ROOT || self.dirs.read().unwrap().contains_key(&g)
     }
 
-    /// The backend path that reaches inode `g` (the gfid link for non-directories).
-    pub fn path_of(&self, g: Gfid) -> R<PathBuf> {
+    /// The place that reaches inode `g` (the gfid link for non-directories).
+    pub fn path_of(&self, g: Gfid) -> R<Loc> {
         if self.is_dir(g) {
-            self.dir_path(g)
+            Ok(self.dir_path(g)?.this())
         } else {
             Ok(self.index_path(g))
         }
@@ -342,15 +371,11 @@ impl Store {
             return Err(Errno::ISDIR);
         }
         let path = self.index_path(g);
-        let st = rfs::lstat(&path)?;
+        let st = path.lstat()?;
         if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
             return Err(Errno::INVAL);
         }
-        let fd = Arc::new(rfs::open(
-            &path,
-            OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOATIME,
-            Mode::empty(),
-        )?);
+        let fd = Arc::new(path.open(OFlags::RDWR | OFlags::NOATIME, Mode::empty())?);
         let mut fds = self.fds.lock().unwrap();
         if fds.len() >= MAX_FDS {
             // Cheap eviction: open files are re-opened on demand.
@@ -370,14 +395,14 @@ impl Store {
     // ---- reads ----
 
     pub fn getattr(&self, g: Gfid) -> R<pb::Attr> {
-        stat_path(&self.path_of(g)?)
+        stat_loc(&self.path_of(g)?)
     }
 
     pub fn lookup(&self, parent: Gfid, name: &[u8]) -> R<(pb::Attr, Option<pb::Attr>)> {
         let name = check_name(name, parent)?;
         let ppath = self.dir_path(parent)?;
-        let pattr = stat_path(&ppath)?;
-        match stat_path(&ppath.join(name)) {
+        let pattr = stat_loc(&ppath.this())?;
+        match stat_loc(&ppath.join(name)) {
             Ok(a) => Ok((pattr, Some(a))),
             Err(Errno::NOENT) => Ok((pattr, None)),
             Err(e) => Err(e),
@@ -386,27 +411,23 @@ impl Store {
 
     pub fn readdir(&self, g: Gfid, offset: u64, max: u32) -> R<(Vec<pb::DirEntry>, bool)> {
         let path = self.dir_path(g)?;
-        let mut names: Vec<OsString> = Vec::new();
-        for e in std::fs::read_dir(&path).map_err(|e| io_errno(&e))? {
-            let e = e.map_err(|e| io_errno(&e))?;
-            if g == Gfid::ROOT && e.file_name() == META {
-                continue;
-            }
-            names.push(e.file_name());
+        let mut names = path.names()?;
+        if g == Gfid::ROOT {
+            names.retain(|n| n != META);
         }
         names.sort();
         let start = (offset as usize).min(names.len());
         let end = (start + max.max(1) as usize).min(names.len());
         let mut out = Vec::with_capacity(end - start);
         for n in &names[start..end] {
-            match stat_path(&path.join(n)) {
+            match stat_loc(&path.join(n)) {
                 Ok(attr) => out.push(pb::DirEntry {
                     name: n.as_bytes().to_vec(),
                     attr: Some(attr),
                 }),
                 Err(Errno::NOENT) => {}
                 Err(e) => {
-                    tracing::warn!(path = %path.join(n).display(), "unreadable entry skipped: {e}")
+                    tracing::warn!(path = %path.join(n), "unreadable entry skipped: {e}")
                 }
             }
         }
@@ -430,14 +451,15 @@ impl Store {
     }
 
     pub fn readlink(&self, g: Gfid) -> R<Vec<u8>> {
-        let path = self.path_of(g)?;
-        Ok(rfs::readlink(&path, Vec::new())?.into_bytes())
+        self.path_of(g)?.readlink()
     }
 
     pub fn getxattr(&self, g: Gfid, name: &[u8]) -> R<Vec<u8>> {
         check_user_xattr(name)?;
         let mut buf = vec![0u8; MAX_XATTR];
-        let n = rfs::lgetxattr(&self.path_of(g)?, OsStr::from_bytes(name), &mut buf[..])?;
+        let n = self
+            .path_of(g)?
+            .getxattr(OsStr::from_bytes(name), &mut buf[..])?;
         buf.truncate(n);
         Ok(buf)
     }
@@ -447,17 +469,12 @@ impl Store {
     }
 
     pub fn statfs(&self) -> R<rfs::StatVfs> {
-        rfs::statvfs(&self.root)
+        self.root_dir.statvfs()
     }
 
     pub fn fsync(&self, g: Gfid) -> R<()> {
         if self.is_dir(g) {
-            let fd = rfs::open(
-                self.dir_path(g)?,
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                Mode::empty(),
-            )?;
-            return rfs::fsync(fd);
+            return rfs::fsync(self.dir_path(g)?.open_read()?);
         }
         match self.file(g) {
             // Never fdatasync: the version record is an xattr, which it may leave behind, and
@@ -550,14 +567,13 @@ impl Store {
 
     /// Where an inode is, for people: a path for directories, else `<gfid:HEX>`.
     pub fn describe(&self, g: Gfid) -> String {
-        match self.dir_path(g) {
-            Ok(p) if self.is_dir(g) => {
-                let rel = p
-                    .strip_prefix(&self.root)
-                    .unwrap_or(&p)
-                    .to_string_lossy()
-                    .into_owned();
-                format!("/{rel}")
+        match self.dir_names(g) {
+            Ok(names) if self.is_dir(g) => {
+                let rel: Vec<String> = names
+                    .iter()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .collect();
+                format!("/{}", rel.join("/"))
             }
             _ => format!("<gfid:{}>", g.hex()),
         }
@@ -585,17 +601,17 @@ impl Store {
         }
     }
 
-    pub(crate) fn touch_dir(&self, path: &Path, now: i64) {
+    pub(crate) fn touch_dir(&self, dir: &Dir, now: i64) {
         let t = Timestamps {
             last_access: OMIT,
             last_modification: ts(now),
         };
-        let _ = rfs::utimensat(CWD, path, &t, AtFlags::SYMLINK_NOFOLLOW);
+        let _ = dir.this().utimens(&t);
     }
 
     /// Stamps an inode's change time, kept in its record (POSIX: a name added, removed or
     /// renamed changes the inode's ctime, as ext4 does).
-    fn touch_ctime(&self, path: &Path, now: i64) -> R<()> {
+    fn touch_ctime(&self, path: &Loc, now: i64) -> R<()> {
         let mut rec = read_rec(path)?;
         rec.ctime_ns = now;
         write_rec(path, &rec)
@@ -605,7 +621,7 @@ impl Store {
         let parent = gfid(&c.parent)?;
         let name = check_name(&c.name, parent)?;
         let g = gfid(&c.gfid)?;
-        if g == Gfid::ROOT || self.is_dir(g) || rfs::lstat(self.index_path(g)).is_ok() {
+        if g == Gfid::ROOT || self.is_dir(g) || self.index_path(g).exists() {
             return Err(Errno::EXIST);
         }
         let pdir = self.dir_path(parent)?;
@@ -613,49 +629,42 @@ impl Store {
         let mode = Mode::from_raw_mode(c.mode & 0o7777);
         let kind = pb::Kind::try_from(c.kind).unwrap_or(pb::Kind::Unknown);
         let rec = Record::new(g, c.term, now);
-        let owner = (
-            Some(rfs::Uid::from_raw(c.uid)),
-            Some(rfs::Gid::from_raw(c.gid)),
-        );
+        let owner = (Some(c.uid), Some(c.gid));
         let times = Timestamps {
             last_access: ts(now),
             last_modification: ts(now),
         };
         match kind {
             pb::Kind::File => {
-                let fd = rfs::open(
-                    &path,
-                    OFlags::CREATE
-                        | OFlags::EXCL
-                        | OFlags::RDWR
-                        | OFlags::NOFOLLOW
-                        | OFlags::CLOEXEC,
-                    mode,
-                )?;
+                let fd = path.open(OFlags::CREATE | OFlags::EXCL | OFlags::RDWR, mode)?;
                 let done = (|| {
-                    rfs::fchown(&fd, owner.0, owner.1)?;
+                    rfs::fchown(
+                        &fd,
+                        owner.0.map(rfs::Uid::from_raw),
+                        owner.1.map(rfs::Gid::from_raw),
+                    )?;
                     rfs::fchmod(&fd, mode)?;
                     rfs::fsetxattr(&fd, record::XATTR, &rec.encode(), rfs::XattrFlags::empty())?;
                     rfs::futimens(&fd, &times)?;
-                    rfs::linkat(CWD, &path, CWD, self.index_path(g), AtFlags::empty())
+                    path.link_to(&self.index_path(g))
                 })();
                 if let Err(e) = done {
-                    let _ = rfs::unlink(&path);
+                    let _ = path.unlink();
                     return Err(e);
                 }
                 self.fds.lock().unwrap().insert(g, Arc::new(fd));
                 self.quota_new_file(parent, g);
             }
             pb::Kind::Dir => {
-                rfs::mkdir(&path, mode)?;
+                path.mkdir(mode.bits())?;
                 let done = (|| {
-                    rfs::chownat(CWD, &path, owner.0, owner.1, AtFlags::SYMLINK_NOFOLLOW)?;
-                    rfs::chmod(&path, mode)?;
+                    path.chown(owner.0, owner.1)?;
+                    path.chmod(mode.bits())?;
                     write_rec(&path, &rec)?;
-                    rfs::utimensat(CWD, &path, &times, AtFlags::SYMLINK_NOFOLLOW)
+                    path.utimens(&times)
                 })();
                 if let Err(e) = done {
-                    let _ = rfs::rmdir(&path);
+                    let _ = path.rmdir();
                     return Err(e);
                 }
                 self.dirs.write().unwrap().insert(
@@ -676,7 +685,7 @@ impl Store {
                         if c.target.is_empty() || c.target.len() > 4095 || c.target.contains(&0) {
                             return Err(Errno::INVAL);
                         }
-                        rfs::symlink(OsStr::from_bytes(&c.target), &path)?
+                        path.symlink(OsStr::from_bytes(&c.target))?
                     }
                     _ => {
                         let ft = match kind {
@@ -685,24 +694,24 @@ impl Store {
                             pb::Kind::Char => FileType::CharacterDevice,
                             _ => FileType::BlockDevice,
                         };
-                        rfs::mknodat(CWD, &path, ft, mode, c.rdev)?
+                        path.mknod(ft, mode.bits(), c.rdev)?
                     }
                 }
                 let done = (|| {
-                    rfs::chownat(CWD, &path, owner.0, owner.1, AtFlags::SYMLINK_NOFOLLOW)?;
+                    path.chown(owner.0, owner.1)?;
                     write_rec(&path, &rec)?;
-                    rfs::utimensat(CWD, &path, &times, AtFlags::SYMLINK_NOFOLLOW)?;
-                    rfs::linkat(CWD, &path, CWD, self.index_path(g), AtFlags::empty())
+                    path.utimens(&times)?;
+                    path.link_to(&self.index_path(g))
                 })();
                 if let Err(e) = done {
-                    let _ = rfs::unlink(&path);
+                    let _ = path.unlink();
                     return Err(e);
                 }
             }
             pb::Kind::Unknown => return Err(Errno::INVAL),
         }
         self.touch_dir(&pdir, now);
-        stat_path(&path)
+        stat_loc(&path)
     }
 
     /// Drops the gfid link of a non-directory once its last visible name is gone.
@@ -710,7 +719,7 @@ impl Store {
     /// unless a session has it open; then it stays, as an orphan, until the last release.
     pub(crate) fn drop_if_unlinked(&self, g: Gfid) {
         let idx = self.index_path(g);
-        if let Ok(st) = rfs::lstat(&idx) {
+        if let Ok(st) = idx.lstat() {
             if st.st_nlink <= 1 {
                 let opens = self.opens.lock().unwrap();
                 if opens.contains_key(&g) {
@@ -722,7 +731,7 @@ impl Store {
                     return;
                 }
                 drop(opens);
-                let _ = rfs::unlink(&idx);
+                let _ = idx.unlink();
                 self.forget_fd(g);
                 self.quota_forget(g, st.st_size as u64);
             }
@@ -774,14 +783,14 @@ impl Store {
         let name = check_name(&r.name, parent)?;
         let pdir = self.dir_path(parent)?;
         let path = pdir.join(name);
-        let st = rfs::lstat(&path)?;
+        let st = path.lstat()?;
         let is_dir = FileType::from_raw_mode(st.st_mode) == FileType::Directory;
         let rec = read_rec(&path).ok();
         if r.dir {
             if !is_dir {
                 return Err(Errno::NOTDIR);
             }
-            rfs::rmdir(&path)?;
+            path.rmdir()?;
             if let Some(rec) = rec {
                 self.dirs.write().unwrap().remove(&rec.gfid);
             }
@@ -789,7 +798,7 @@ impl Store {
             if is_dir {
                 return Err(Errno::ISDIR);
             }
-            rfs::unlink(&path)?;
+            path.unlink()?;
             if let Some(rec) = rec {
                 // A name of it is gone: its ctime changes if other names keep it.
                 let _ = self.touch_ctime(&self.index_path(rec.gfid), now);
@@ -797,7 +806,7 @@ impl Store {
             }
         }
         self.touch_dir(&pdir, now);
-        stat_path(&pdir)
+        stat_loc(&pdir.this())
     }
 
     fn rename(&self, r: &pb::Rename, now: i64) -> R<pb::Attr> {
@@ -814,7 +823,7 @@ impl Store {
         };
         if dst_rec.is_some_and(|d| d.gfid == src_rec.gfid) {
             // Two names of one inode: POSIX says rename does nothing.
-            return stat_path(&src);
+            return stat_loc(&src);
         }
         let flags = rfs::RenameFlags::from_bits(r.flags).ok_or(Errno::INVAL)?;
         if src_dir
@@ -823,7 +832,7 @@ impl Store {
         {
             return Err(Errno::INVAL);
         }
-        rfs::renameat_with(CWD, &src, CWD, &dst, flags)?;
+        src.rename_to(&dst, flags)?;
         {
             let mut dirs = self.dirs.write().unwrap();
             if flags.contains(rfs::RenameFlags::EXCHANGE) {
@@ -861,7 +870,7 @@ impl Store {
         }
         self.touch_dir(&pdir, now);
         self.touch_dir(&npdir, now);
-        stat_path(&dst)
+        stat_loc(&dst)
     }
 
     fn is_ancestor(&self, a: Gfid, mut g: Gfid) -> bool {
@@ -890,16 +899,16 @@ impl Store {
         }
         let npdir = self.dir_path(np)?;
         let dst = npdir.join(name);
-        rfs::linkat(CWD, self.index_path(g), CWD, &dst, AtFlags::empty())?;
+        self.index_path(g).link_to(&dst)?;
         self.touch_ctime(&dst, now)?;
         self.touch_dir(&npdir, now);
-        stat_path(&dst)
+        stat_loc(&dst)
     }
 
     fn setattr(&self, s: &pb::Setattr, now: i64) -> R<pb::Attr> {
         let g = gfid(&s.gfid)?;
         let path = self.path_of(g)?;
-        let st = rfs::lstat(&path)?;
+        let st = path.lstat()?;
         let ft = FileType::from_raw_mode(st.st_mode);
         if let Some(size) = s.size {
             match ft {
@@ -912,18 +921,12 @@ impl Store {
             }
         }
         if s.uid.is_some() || s.gid.is_some() {
-            rfs::chownat(
-                CWD,
-                &path,
-                s.uid.map(rfs::Uid::from_raw),
-                s.gid.map(rfs::Gid::from_raw),
-                AtFlags::SYMLINK_NOFOLLOW,
-            )?;
+            path.chown(s.uid, s.gid)?;
         }
         // After chown, which clears set-id bits, so an explicit mode wins.
         if let Some(mode) = s.mode {
             if ft != FileType::Symlink {
-                rfs::chmod(&path, Mode::from_raw_mode(mode & 0o7777))?;
+                path.chmod(mode)?;
             }
         }
         let mtime = s.mtime_ns.or(s.size.map(|_| now));
@@ -932,9 +935,9 @@ impl Store {
                 last_access: s.atime_ns.map(ts).unwrap_or(OMIT),
                 last_modification: mtime.map(ts).unwrap_or(OMIT),
             };
-            rfs::utimensat(CWD, &path, &t, AtFlags::SYMLINK_NOFOLLOW)?;
+            path.utimens(&t)?;
         }
-        stat_path(&path)
+        stat_loc(&path)
     }
 
     fn write(&self, w: &pb::Write, now: i64) -> R<(pb::Attr, u64)> {
@@ -1005,42 +1008,38 @@ impl Store {
         }
         let path = self.path_of(gfid(&s.gfid)?)?;
         let flags = rfs::XattrFlags::from_bits(s.flags as u32).ok_or(Errno::INVAL)?;
-        rfs::lsetxattr(&path, OsStr::from_bytes(&s.name), &s.value, flags)?;
-        stat_path(&path)
+        path.setxattr(OsStr::from_bytes(&s.name), &s.value, flags)?;
+        stat_loc(&path)
     }
 
     fn removexattr(&self, r: &pb::Removexattr) -> R<pb::Attr> {
         check_user_xattr(&r.name)?;
         let path = self.path_of(gfid(&r.gfid)?)?;
-        rfs::lremovexattr(&path, OsStr::from_bytes(&r.name))?;
-        stat_path(&path)
+        path.removexattr(OsStr::from_bytes(&r.name))?;
+        stat_loc(&path)
     }
 
     // ---- verification ----
 
     /// Every inode under the root with what `mortar verify` compares, in path order.
     pub fn manifest(&self, mut emit: impl FnMut(pb::ManifestEntry) -> bool) -> R<()> {
-        let mut stack = vec![(String::new(), self.root.clone())];
+        let mut stack = vec![(String::new(), self.root_dir.clone())];
         while let Some((rel, dir)) = stack.pop() {
-            let mut names: Vec<OsString> = Vec::new();
-            for e in std::fs::read_dir(&dir).map_err(|e| io_errno(&e))? {
-                let e = e.map_err(|e| io_errno(&e))?;
-                if rel.is_empty() && e.file_name() == META {
-                    continue;
-                }
-                names.push(e.file_name());
+            let mut names = dir.names()?;
+            if rel.is_empty() {
+                names.retain(|n| n != META);
             }
             names.sort();
             let mut subdirs = Vec::new();
             for n in names {
                 let path = dir.join(&n);
                 let child = format!("{rel}/{}", n.to_string_lossy());
-                let attr = match stat_path(&path) {
+                let attr = match stat_loc(&path) {
                     Ok(a) => a,
                     Err(Errno::NOENT) => continue,
                     Err(_) => {
                         // A name without a record still counts as a difference to report.
-                        let st = rfs::lstat(&path)?;
+                        let st = path.lstat()?;
                         attr_of(&st, &Record::new(Gfid([0; 16]), 0, 0))
                     }
                 };
@@ -1052,15 +1051,13 @@ impl Store {
                 };
                 match kind {
                     pb::Kind::File => entry.sha256 = hash_file(&path)?,
-                    pb::Kind::Symlink => {
-                        entry.target = rfs::readlink(&path, Vec::new())?.into_bytes()
-                    }
-                    pb::Kind::Dir => subdirs.push((child, path.clone())),
+                    pb::Kind::Symlink => entry.target = path.readlink()?,
+                    pb::Kind::Dir => subdirs.push((child, path.as_dir()?)),
                     _ => {}
                 }
                 for name in list_user_xattrs(&path)? {
                     let mut buf = vec![0u8; MAX_XATTR];
-                    let k = rfs::lgetxattr(&path, OsStr::from_bytes(&name), &mut buf[..])?;
+                    let k = path.getxattr(OsStr::from_bytes(&name), &mut buf[..])?;
                     buf.truncate(k);
                     entry.xattrs.push(pb::XattrPair { name, value: buf });
                 }
@@ -1075,8 +1072,9 @@ impl Store {
     }
 }
 
-fn hash_file(path: &Path) -> R<Vec<u8>> {
-    let mut f = std::fs::File::open(path).map_err(|e| io_errno(&e))?;
+fn hash_file(path: &Loc) -> R<Vec<u8>> {
+    let fd = path.open(OFlags::RDONLY | OFlags::NOATIME, Mode::empty())?;
+    let mut f = std::fs::File::from(fd);
     let mut h = Sha256::new();
     std::io::copy(&mut f, &mut h).map_err(|e| io_errno(&e))?;
     Ok(h.finalize().to_vec())
@@ -1092,9 +1090,9 @@ fn check_user_xattr(name: &[u8]) -> R<()> {
     Ok(())
 }
 
-pub(crate) fn list_user_xattrs(path: &Path) -> R<Vec<Vec<u8>>> {
+pub(crate) fn list_user_xattrs(path: &Loc) -> R<Vec<Vec<u8>>> {
     let mut buf = vec![0u8; MAX_XATTR];
-    let n = rfs::llistxattr(path, &mut buf[..])?;
+    let n = path.listxattr(&mut buf[..])?;
     let mut names: Vec<Vec<u8>> = buf[..n]
         .split(|&b| b == 0)
         .filter(|s| s.starts_with(b"user."))

@@ -262,3 +262,60 @@ fn removed_directory_answers_stat_with_nlink_zero() {
         assert_eq!(md.nlink(), 0, "{name}");
     }
 }
+
+/// The brick resolves names relative to directory descriptors, so its own path does not count
+/// against the user's PATH_MAX: a relative path of 4,000 bytes (legal for the user, too long
+/// once prefixed with the brick's directory) works, and so does a tree deeper than PATH_MAX,
+/// reached through directory descriptors. Heal copies it to a brick that was away.
+#[test]
+fn long_paths_and_trees_deeper_than_path_max_work() {
+    use rustix::fs::{Mode, OFlags};
+    let mut c = Cluster::start(80, 3);
+    let m = c.mount("m1", "");
+    let name = "n".repeat(250);
+    // 15 levels of 251 bytes: a 3,765-byte relative path, then a file.
+    let mut rel = std::path::PathBuf::new();
+    for _ in 0..15 {
+        rel.push(&name);
+    }
+    fs::create_dir_all(m.path.join(&rel)).unwrap();
+    let file = m.path.join(&rel).join("f".repeat(200));
+    assert!(file.strip_prefix(&m.path).unwrap().as_os_str().len() > 3900);
+    fs::write(&file, b"long").unwrap();
+    assert_eq!(fs::read(&file).unwrap(), b"long");
+    fs::rename(&file, m.path.join(&rel).join("g")).unwrap();
+
+    // Deeper than PATH_MAX: walk down with descriptors, 20 more levels.
+    c.kill(2);
+    let mut fd = rustix::fs::open(
+        m.path.join(&rel),
+        OFlags::RDONLY | OFlags::DIRECTORY,
+        Mode::empty(),
+    )
+    .unwrap();
+    for _ in 0..20 {
+        rustix::fs::mkdirat(&fd, name.as_str(), Mode::from_raw_mode(0o755)).unwrap();
+        fd = rustix::fs::openat(
+            &fd,
+            name.as_str(),
+            OFlags::RDONLY | OFlags::DIRECTORY,
+            Mode::empty(),
+        )
+        .unwrap();
+    }
+    let f = rustix::fs::openat(
+        &fd,
+        "deep",
+        OFlags::CREATE | OFlags::WRONLY,
+        Mode::from_raw_mode(0o644),
+    )
+    .unwrap();
+    rustix::io::write(&f, b"deeper than PATH_MAX").unwrap();
+    drop(f);
+    let st = rustix::fs::statat(&fd, "deep", rustix::fs::AtFlags::empty()).unwrap();
+    assert_eq!(st.st_size, 20);
+    c.restart(2);
+    c.wait_healed(Duration::from_secs(60));
+    let (ok, out) = c.verify(false);
+    assert!(ok, "{out}");
+}
