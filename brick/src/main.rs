@@ -40,6 +40,10 @@ struct Args {
     /// Self-heal copies at most this many MiB per second (0: no limit).
     #[arg(long, default_value_t = 256)]
     heal_rate_mib: u64,
+    /// On SIGTERM, seconds to finish the requests in flight before stopping regardless
+    /// (keep it below the pod's terminationGracePeriodSeconds, 60 by default).
+    #[arg(long, default_value_t = 30.0)]
+    shutdown_grace: f64,
     #[arg(long, default_value = "info")]
     log_level: String,
     /// Also log to this file (e.g. under /var/log/mortar).
@@ -92,6 +96,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         let (vtx, vrx) = watch::channel(vf);
         tokio::spawn(follow_volfile(args.volfile.clone(), vtx));
         let svc = BrickService::new(args.id.clone(), store.clone(), vrx, Duration::from_secs_f64(args.session_timeout));
+        let stopper = svc.stopper();
+        let grace = Duration::from_secs_f64(args.shutdown_grace);
         let metrics_addr = args.metrics.unwrap_or_else(|| {
             let mut a = args.listen;
             a.set_port(a.port().saturating_add(1000));
@@ -144,18 +150,37 @@ fn run(args: Args) -> anyhow::Result<()> {
             .serve_with_shutdown(args.listen, async {
                 let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
                 tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
-                tracing::info!("stopping");
-                // Client sessions are long-lived streams: give requests in flight a moment,
-                // then go, rather than wait for every client to hang up.
-                tokio::spawn(async {
-                    tokio::time::sleep(Duration::from_secs(2)).await;
+                tracing::info!(grace = ?grace, "stopping: ending sessions, finishing requests in flight");
+                // Session streams end now; the server stops once every request in flight
+                // has its answer. A request stuck past the grace period does not hold the
+                // brick: it syncs what it has and goes.
+                let _ = stopper.send(true);
+                let root = store.root().to_path_buf();
+                tokio::spawn(async move {
+                    tokio::time::sleep(grace).await;
+                    tracing::warn!("requests still in flight after {grace:?}; stopping anyway");
+                    sync_brick(&root);
                     std::process::exit(0);
                 });
             })
             .await
             .map_err(|e| anyhow::anyhow!("serving on {}: {e}", args.listen))?;
+        sync_brick(store.root());
+        tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// Flushes the brick's filesystem (data, records, the gfid index, the heal index) to disk.
+fn sync_brick(root: &std::path::Path) {
+    match std::fs::File::open(root) {
+        Ok(f) => {
+            if let Err(e) = rustix::fs::syncfs(&f) {
+                tracing::error!("syncfs: {e}");
+            }
+        }
+        Err(e) => tracing::error!("syncfs: {e}"),
+    }
 }
 
 /// Re-reads the volfile when it changes; a newer generation replaces the current one.

@@ -43,6 +43,15 @@ fn read_limit(path: &Loc) -> Option<u64> {
 }
 
 impl Store {
+    /// The quota table. A panic elsewhere while it was held leaves it as it was (every
+    /// change to it is one statement), so it stays usable: a poisoned lock must never
+    /// disable the brick's write path.
+    fn quota_table(&self) -> std::sync::MutexGuard<'_, Quotas> {
+        self.quotas
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Finds the quota trees at start (called with the directory map built).
     pub(crate) fn load_quotas(&self) -> anyhow::Result<()> {
         let dirs: Vec<Gfid> = self.dirs.read().unwrap().keys().copied().collect();
@@ -80,7 +89,7 @@ impl Store {
                 }
             }
         }
-        let mut q = self.quotas.lock().unwrap();
+        let mut q = self.quota_table();
         q.files.retain(|_, r| *r != root);
         for f in files {
             q.files.insert(f, root);
@@ -99,7 +108,7 @@ impl Store {
                 Ok(()) | Err(Errno::NODATA) => {}
                 Err(e) => return Err(e),
             }
-            let mut q = self.quotas.lock().unwrap();
+            let mut q = self.quota_table();
             q.roots.remove(&dir);
             q.files.retain(|_, r| *r != dir);
             return Ok(());
@@ -114,7 +123,7 @@ impl Store {
 
     /// The quota tree a directory is in: itself or its nearest ancestor with a limit.
     fn root_of_dir(&self, mut g: Gfid) -> Option<Gfid> {
-        let q = self.quotas.lock().unwrap();
+        let q = self.quota_table();
         if q.roots.is_empty() {
             return None;
         }
@@ -132,22 +141,22 @@ impl Store {
         let root = if self.is_dir(g) {
             self.root_of_dir(g)?
         } else {
-            *self.quotas.lock().unwrap().files.get(&g)?
+            *self.quota_table().files.get(&g)?
         };
-        let u = *self.quotas.lock().unwrap().roots.get(&root)?;
+        let u = *self.quota_table().roots.get(&root)?;
         Some((root, u))
     }
 
     /// A new file in `parent` is counted in the parent's quota tree.
     pub(crate) fn quota_new_file(&self, parent: Gfid, g: Gfid) {
         if let Some(root) = self.root_of_dir(parent) {
-            self.quotas.lock().unwrap().files.insert(g, root);
+            self.quota_table().files.insert(g, root);
         }
     }
 
     /// Checks that file `g` may grow from `old` to `new` bytes; counts it if so.
     pub(crate) fn quota_grow(&self, g: Gfid, old: u64, new: u64) -> R<()> {
-        let mut q = self.quotas.lock().unwrap();
+        let mut q = self.quota_table();
         let Some(root) = q.files.get(&g).copied() else {
             return Ok(());
         };
@@ -167,7 +176,7 @@ impl Store {
 
     /// A file's last name is gone: its bytes no longer count.
     pub(crate) fn quota_forget(&self, g: Gfid, size: u64) {
-        let mut q = self.quotas.lock().unwrap();
+        let mut q = self.quota_table();
         if let Some(root) = q.files.remove(&g) {
             if let Some(u) = q.roots.get_mut(&root) {
                 u.used = u.used.saturating_sub(size);
@@ -178,15 +187,19 @@ impl Store {
     /// After moves across trees or heals, count the affected trees again.
     pub(crate) fn quota_recount(&self, dirs: &[Gfid]) {
         let roots: Vec<(Gfid, u64)> = {
-            let q = self.quotas.lock().unwrap();
+            let q = self.quota_table();
             if q.roots.is_empty() {
                 return;
             }
             let mut v: Vec<(Gfid, u64)> = Vec::new();
             drop(q);
             for d in dirs {
-                if let Some(r) = self.root_of_dir(*d) {
-                    let limit = self.quotas.lock().unwrap().roots[&r].limit;
+                // The limit may have been removed since root_of_dir looked: then skip it.
+                let found = self.root_of_dir(*d).and_then(|r| {
+                    let limit = self.quota_table().roots.get(&r)?.limit;
+                    Some((r, limit))
+                });
+                if let Some((r, limit)) = found {
                     if !v.iter().any(|(x, _)| *x == r) {
                         v.push((r, limit));
                     }
@@ -202,6 +215,30 @@ impl Store {
     }
 
     pub fn has_quotas(&self) -> bool {
-        !self.quotas.lock().unwrap().roots.is_empty()
+        !self.quota_table().roots.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A panic while the quota table is held (as a racing quota removal once caused) leaves
+    /// the write path working: the next write is counted as usual.
+    #[test]
+    fn a_poisoned_quota_table_does_not_disable_writes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(Store::open(&tmp.path().join("b")).unwrap());
+        let s2 = s.clone();
+        let r = std::thread::spawn(move || {
+            let _held = s2.quotas.lock().unwrap();
+            panic!("while holding the quota table");
+        })
+        .join();
+        assert!(r.is_err());
+        assert!(s.quotas.is_poisoned());
+        assert_eq!(s.quota_grow(Gfid::random(), 0, 10), Ok(()));
+        assert!(!s.has_quotas());
+        s.quota_recount(&[Gfid::ROOT]);
     }
 }

@@ -15,6 +15,9 @@ use crate::store::{self, DirNode, R, Store, check_name, gfid, read_rec, stat_loc
 
 /// Size of the blocks compared by checksum during data heal.
 pub const BLOCK: u32 = 128 * 1024;
+/// Most blocks one Checksums request covers: it reads at most this many blocks (32 MiB at
+/// the default block size), so no request's time or memory grows with the file.
+pub const CHECKSUM_PAGE: u32 = 256;
 
 impl Store {
     pub fn heal_step(&self, g: Gfid, op: &pb::heal_req::Op, ctime: i64) -> R<pb::Attr> {
@@ -211,15 +214,25 @@ impl Store {
         Ok(())
     }
 
-    /// One checksum per block of a regular file, so a healer copies only what differs.
-    pub fn checksums(&self, g: Gfid, block: u32) -> R<(u64, Vec<u64>)> {
+    /// One checksum per block of a regular file, for at most [`CHECKSUM_PAGE`] blocks from
+    /// block `first` (and at most 64 MiB read), so a healer copies only what differs.
+    pub fn checksums(&self, g: Gfid, block: u32, first: u64, max: u32) -> R<(u64, Vec<u64>)> {
         let block = block.clamp(4096, 16 << 20) as usize;
+        let max = if max == 0 {
+            CHECKSUM_PAGE
+        } else {
+            max.min(CHECKSUM_PAGE)
+        };
+        let max = max.min(((64 << 20) / block) as u32).max(1) as u64;
         let fd = self.file(g)?;
         let size = rfs::fstat(&*fd)?.st_size as u64;
-        let mut sums = Vec::with_capacity((size as usize).div_ceil(block));
+        let mut sums = Vec::with_capacity(max as usize);
         let mut buf = vec![0u8; block];
-        let mut off = 0u64;
-        while off < size {
+        let Some(mut off) = first.checked_mul(block as u64) else {
+            return Ok((size, sums));
+        };
+        let end = size.min(off.saturating_add(max * block as u64));
+        while off < end {
             let mut n = 0;
             while n < block {
                 match rustix::io::pread(&*fd, &mut buf[n..], off + n as u64) {

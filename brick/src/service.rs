@@ -58,6 +58,9 @@ pub struct BrickService {
     inode_locks: Arc<InodeLocks>,
     range_locks: Arc<RangeLocks>,
     sessions: Arc<Mutex<HashMap<SessionId, SessionEntry>>>,
+    /// Set when the brick stops: every session stream ends, so that the server's graceful
+    /// shutdown can finish once the requests in flight are answered.
+    stopping: watch::Sender<bool>,
 }
 
 fn errno(e: Errno) -> i32 {
@@ -94,7 +97,14 @@ impl BrickService {
             inode_locks: Arc::default(),
             range_locks: Arc::default(),
             sessions: Arc::default(),
+            stopping: watch::Sender::new(false),
         }
+    }
+
+    /// Ends every client session (the clients reconnect to the other bricks' at once and
+    /// here after a restart); requests in flight still get their answers.
+    pub fn stopper(&self) -> watch::Sender<bool> {
+        self.stopping.clone()
     }
 
     pub fn session_count(&self) -> usize {
@@ -241,9 +251,11 @@ impl pb::brick_server::Brick for BrickService {
         let timeout = self.session_timeout;
         let metrics = self.metrics.clone();
         let mut volfile = self.volfile.clone();
+        let mut stopping = self.stopping.subscribe();
         tokio::spawn(async move {
             let why = loop {
                 tokio::select! {
+                    _ = stopping.changed() => break "brick stopping",
                     m = tokio::time::timeout(timeout, inbound.message()) => match m {
                         Ok(Ok(Some(pb::SessionIn { msg: Some(pb::session_in::Msg::Ping(n)) }))) => {
                             let pong = pb::SessionOut { msg: Some(pb::session_out::Msg::Pong(n)) };
@@ -860,7 +872,8 @@ impl pb::brick_server::Brick for BrickService {
     ) -> Result<Response<pb::ChecksumReply>, Status> {
         let r = req.into_inner();
         let store = self.store.clone();
-        let res = blocking(move || store.checksums(gfid(&r.gfid)?, r.block)).await?;
+        let res =
+            blocking(move || store.checksums(gfid(&r.gfid)?, r.block, r.first, r.max)).await?;
         Ok(Response::new(match res {
             Ok((size, sums)) => pb::ChecksumReply {
                 errno: 0,

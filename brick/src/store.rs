@@ -478,8 +478,14 @@ impl Store {
         }
         match self.file(g) {
             // Never fdatasync: the version record is an xattr, which it may leave behind, and
-            // data newer than its version would be taken for the copy's old content.
-            Ok(fd) => rfs::fsync(&*fd),
+            // data newer than its version would be taken for the copy's old content. The
+            // gfid link goes to disk too: without it, a crash would leave a file no request
+            // can reach by its gfid.
+            Ok(fd) => {
+                rfs::fsync(&*fd)?;
+                let index = &self.index_dirs[usize::from(g.0[0])];
+                rfs::fsync(index.open_read()?)
+            }
             // Symlinks and special files have no data; their metadata went with the parent.
             Err(Errno::INVAL) => Ok(()),
             Err(e) => Err(e),
@@ -526,7 +532,11 @@ impl Store {
 
     pub fn mark_heal(&self, g: Gfid) {
         if self.heal.lock().unwrap().insert(g) {
-            if let Err(e) = std::fs::File::create(self.heal_dir.join(g.hex())) {
+            // On disk before the change it announces: a crash must not forget that this
+            // copy (or another) needs healing. Only degraded writes get here.
+            let durable = std::fs::File::create(self.heal_dir.join(g.hex()))
+                .and_then(|_| std::fs::File::open(&self.heal_dir)?.sync_all());
+            if let Err(e) = durable {
                 tracing::error!(gfid = %g, "cannot record pending heal: {e}");
             }
         }

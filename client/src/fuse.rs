@@ -52,6 +52,8 @@ struct Inner {
     /// stat with these and nlink 0, as a local filesystem does, not with ENOENT (the kubelet
     /// reads ENOENT as "nothing mounted here" and leaves the mount behind).
     dir_attrs: Mutex<HashMap<Gfid, FileAttr>>,
+    /// Tells the kernel to drop cached attributes (set once the session exists).
+    notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
     t: Timeouts,
 }
 
@@ -112,42 +114,43 @@ impl Inner {
 
     /// Counts one more kernel reference to the inode of `a` (a lookup, a create, a
     /// readdirplus entry); must happen before the reply that hands it out is sent.
-    fn referenced(&self, a: &pb::Attr) {
-        let g = Gfid::from_bytes(&a.gfid).unwrap_or(Gfid::ROOT);
-        if g.ino() != 1 {
+    /// Checks `a` (see [`Inner::attr`]) and counts one more kernel reference to its inode.
+    /// An inode number already handed out for another gfid (two gfids agreeing in their
+    /// first 64 bits) is refused with EIO rather than aliased.
+    fn referenced(&self, a: &pb::Attr) -> Result<FileAttr, Errno> {
+        let fa = self.attr(a)?;
+        let g = Gfid::from_bytes(&a.gfid).ok_or(Errno::EIO)?;
+        if g != Gfid::ROOT {
             let mut inos = self.inos.write().unwrap();
             let n = inos.len();
-            inos.entry(g.ino()).or_insert((g, 0)).1 += 1;
+            let slot = inos.entry(g.ino()).or_insert((g, 0));
+            if slot.0 != g {
+                if let Some(suppressed) = BAD_ATTR_WARNINGS.allow() {
+                    tracing::error!(ino = g.ino(), gfid = %g, other = %slot.0, suppressed, "inode number collision: refused");
+                }
+                return Err(Errno::EIO);
+            }
+            slot.1 += 1;
             if inos.len() != n {
                 self.vol.stats.inodes.fetch_add(1, Relaxed);
             }
         }
+        Ok(fa)
     }
 
-    fn attr(&self, a: &pb::Attr) -> FileAttr {
-        let g = Gfid::from_bytes(&a.gfid).unwrap_or(Gfid::ROOT);
-        let ino = g.ino();
-        let fa = FileAttr {
-            ino: INodeNo(ino),
-            size: a.size,
-            blocks: a.blocks,
-            atime: time(a.atime_ns),
-            mtime: time(a.mtime_ns),
-            ctime: time(a.ctime_ns),
-            crtime: time(a.ctime_ns),
-            kind: kind(a.kind()),
-            perm: (a.mode & 0o7777) as u16,
-            nlink: a.nlink,
-            uid: a.uid,
-            gid: a.gid,
-            rdev: a.rdev as u32,
-            blksize: BLKSIZE,
-            flags: 0,
-        };
+    /// [`file_attr`], logging what was wrong (at most once per 10 s); the directory's
+    /// attributes are remembered for [`Inner::removed_dir`].
+    fn attr(&self, a: &pb::Attr) -> Result<FileAttr, Errno> {
+        let (g, fa) = file_attr(a).map_err(|what| {
+            if let Some(suppressed) = BAD_ATTR_WARNINGS.allow() {
+                tracing::error!(suppressed, "malformed attributes from a brick: {what}");
+            }
+            Errno::EIO
+        })?;
         if fa.kind == FileType::Directory {
             self.dir_attrs.lock().unwrap().insert(g, fa);
         }
-        fa
+        Ok(fa)
     }
 
     /// A directory gone from the volume that the kernel still refers to: its last attributes,
@@ -166,10 +169,10 @@ impl Inner {
 
     fn entry(&self, reply: ReplyEntry, r: Result<pb::Attr, Error>) {
         match r {
-            Ok(a) => {
-                self.referenced(&a);
-                reply.entry(&self.t.entry, &self.attr(&a), Generation(0))
-            }
+            Ok(a) => match self.referenced(&a) {
+                Ok(fa) => reply.entry(&self.t.entry, &fa, Generation(0)),
+                Err(e) => reply.error(e),
+            },
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -188,6 +191,11 @@ impl Inner {
 }
 
 impl MortarFs {
+    /// Where the mount puts the session's notifier once the session exists.
+    pub fn notifier_slot(&self) -> Arc<std::sync::OnceLock<fuser::Notifier>> {
+        self.inner.notifier.clone()
+    }
+
     pub fn new(vol: Arc<Volume>, rt: tokio::runtime::Handle, t: Timeouts) -> MortarFs {
         MortarFs {
             inner: Arc::new(Inner {
@@ -198,6 +206,7 @@ impl MortarFs {
                 next_fh: AtomicU64::new(1),
                 lock_owners: Mutex::default(),
                 dir_attrs: Mutex::default(),
+                notifier: Arc::default(),
                 t,
             }),
             rt,
@@ -216,6 +225,48 @@ macro_rules! on_inode {
             Err(e) => $reply.error(e),
         }
     };
+}
+
+/// The one edge where a brick's description of an inode becomes the kernel's: a gfid that is
+/// not 16 bytes, an unknown kind, or inode number 1 (the root's) for another gfid is refused,
+/// never silently turned into something else (a bad gfid once became the root inode).
+fn file_attr(a: &pb::Attr) -> Result<(Gfid, FileAttr), &'static str> {
+    let g = Gfid::from_bytes(&a.gfid).ok_or("gfid")?;
+    let k = match pb::Kind::try_from(a.kind) {
+        Ok(pb::Kind::Unknown) | Err(_) => return Err("kind"),
+        Ok(k) => k,
+    };
+    let ino = g.ino();
+    if (ino == 1) != (g == Gfid::ROOT) {
+        return Err("inode number 1 for a gfid other than the root's");
+    }
+    let fa = FileAttr {
+        ino: INodeNo(ino),
+        size: a.size,
+        blocks: a.blocks,
+        atime: time(a.atime_ns),
+        mtime: time(a.mtime_ns),
+        ctime: time(a.ctime_ns),
+        crtime: time(a.ctime_ns),
+        kind: kind(k),
+        perm: (a.mode & 0o7777) as u16,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev as u32,
+        blksize: BLKSIZE,
+        flags: 0,
+    };
+    Ok((g, fa))
+}
+
+/// Malformed attributes from bricks: logged at most once per 10 s.
+static BAD_ATTR_WARNINGS: crate::telemetry::RateLimit =
+    crate::telemetry::RateLimit::new(Duration::from_secs(10));
+
+/// The gfid of attributes already checked (or the root's when not).
+fn g_of(a: &pb::Attr) -> Gfid {
+    Gfid::from_bytes(&a.gfid).unwrap_or(Gfid::ROOT)
 }
 
 fn bytes(s: &OsStr) -> Vec<u8> {
@@ -277,7 +328,10 @@ impl Filesystem for MortarFs {
             ino,
             reply,
             |inner, g| match inner.vol.getattr(g).await {
-                Ok(a) => reply.attr(&inner.t.attr, &inner.attr(&a)),
+                Ok(a) => match inner.attr(&a) {
+                    Ok(fa) => reply.attr(&inner.t.attr, &fa),
+                    Err(e) => reply.error(e),
+                },
                 Err(Error::Os(libc::ENOENT)) if inner.removed_dir(g).is_some() => {
                     reply.attr(&inner.t.attr, &inner.removed_dir(g).unwrap())
                 }
@@ -320,7 +374,10 @@ impl Filesystem for MortarFs {
                 mtime_ns,
             };
             match inner.vol.setattr(s).await {
-                Ok(a) => reply.attr(&inner.t.attr, &inner.attr(&a)),
+                Ok(a) => match inner.attr(&a) {
+                    Ok(fa) => reply.attr(&inner.t.attr, &fa),
+                    Err(e) => reply.error(e),
+                },
                 Err(e) => reply.error(errno(e)),
             }
         });
@@ -492,6 +549,14 @@ impl Filesystem for MortarFs {
                     let keep = if unchanged {
                         FopenFlags::FOPEN_KEEP_CACHE
                     } else {
+                        // Changed since this mount last opened it (or never opened here):
+                        // the size and times the kernel cached from an earlier stat are
+                        // stale too. Close-to-open means this open sees the last close of
+                        // any client, so drop them (attributes only: the page cache goes
+                        // with the missing KEEP_CACHE).
+                        if let Some(n) = inner.notifier.get() {
+                            let _ = n.inval_inode(ino, -1, 0);
+                        }
                         FopenFlags::empty()
                     };
                     reply.opened(FileHandle(fh), keep);
@@ -643,8 +708,11 @@ impl Filesystem for MortarFs {
                 1 => reply.add(ino, 2, FileType::Directory, ".."),
                 _ => {
                     let e = &entries[i - 2];
-                    let a = e.attr.clone().unwrap_or_default();
-                    let attr = self.inner.attr(&a);
+                    // An entry without valid attributes cannot be shown: skipped, logged.
+                    let Some(Ok(attr)) = e.attr.as_ref().map(|a| self.inner.attr(a)) else {
+                        i += 1;
+                        continue;
+                    };
                     reply.add(
                         attr.ino,
                         i as u64 + 1,
@@ -697,8 +765,10 @@ impl Filesystem for MortarFs {
                 1 => reply.add(ino, 2, "..", &Duration::ZERO, &dot, Generation(0)),
                 _ => {
                     let e = &entries[i - 2];
-                    let a = e.attr.clone().unwrap_or_default();
-                    let attr = self.inner.attr(&a);
+                    let Some(Ok(attr)) = e.attr.as_ref().map(|a| self.inner.attr(a)) else {
+                        i += 1;
+                        continue;
+                    };
                     let full = reply.add(
                         attr.ino,
                         i as u64 + 1,
@@ -707,9 +777,10 @@ impl Filesystem for MortarFs {
                         &attr,
                         Generation(0),
                     );
-                    // Only an entry that made it into the reply is a reference.
+                    // Only an entry that made it into the reply is a reference (its
+                    // attributes were checked just above).
                     if !full {
-                        self.inner.referenced(&a);
+                        let _ = self.inner.referenced(e.attr.as_ref().unwrap());
                     }
                     full
                 }
@@ -855,8 +926,13 @@ impl Filesystem for MortarFs {
                     let fh = inner.new_fh(Handle::File {
                         append: flags & libc::O_APPEND != 0,
                     });
-                    inner.referenced(&a);
-                    let attr = inner.attr(&a);
+                    let attr = match inner.referenced(&a) {
+                        Ok(fa) => fa,
+                        Err(e) => {
+                            inner.vol.release_open(g_of(&a));
+                            return reply.error(e);
+                        }
+                    };
                     reply.created(
                         &inner.t.entry,
                         &attr,
@@ -976,5 +1052,57 @@ fn xattr_reply(reply: ReplyXattr, size: u32, v: &[u8]) {
         reply.error(Errno::from_i32(libc::ERANGE))
     } else {
         reply.data(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn malformed_attributes_are_refused_not_rewritten() {
+        let file = Gfid::random();
+        let ok = |gfid: Vec<u8>, kind: i32| pb::Attr {
+            gfid,
+            kind,
+            mode: 0o644,
+            ..Default::default()
+        };
+        let mut one = [0u8; 16];
+        one[7] = 1; // first 64 bits == 1: the root's inode number
+        let cases: Vec<(&str, pb::Attr, Result<(u64, FileType), &str>)> = vec![
+            (
+                "file",
+                ok(file.to_vec(), pb::Kind::File as i32),
+                Ok((file.ino(), FileType::RegularFile)),
+            ),
+            (
+                "root",
+                ok(Gfid::ROOT.to_vec(), pb::Kind::Dir as i32),
+                Ok((1, FileType::Directory)),
+            ),
+            ("empty gfid", ok(vec![], pb::Kind::File as i32), Err("gfid")),
+            (
+                "short gfid",
+                ok(vec![1; 15], pb::Kind::File as i32),
+                Err("gfid"),
+            ),
+            (
+                "unknown kind",
+                ok(file.to_vec(), pb::Kind::Unknown as i32),
+                Err("kind"),
+            ),
+            ("kind out of range", ok(file.to_vec(), 99), Err("kind")),
+            (
+                "ino 1 for another gfid",
+                ok(one.to_vec(), pb::Kind::File as i32),
+                Err("inode number 1 for a gfid other than the root's"),
+            ),
+            ("missing attributes", pb::Attr::default(), Err("gfid")),
+        ];
+        for (what, a, want) in cases {
+            let got = file_attr(&a).map(|(_, fa)| (fa.ino.0, fa.kind));
+            assert_eq!(got, want, "{what}");
+        }
     }
 }

@@ -174,13 +174,17 @@ impl Member {
         Ok(out)
     }
 
-    async fn checksums(&self, g: Gfid) -> Result<(u64, Vec<u64>)> {
+    /// The file's size and the checksums of one page of blocks from block `first` (the
+    /// brick bounds a page; an empty page means the end of the file).
+    async fn checksums(&self, g: Gfid, first: u64) -> Result<(u64, Vec<u64>)> {
         let (r, _) = self
             .brick
             .call(move |mut c, _| async move {
                 c.checksums(pb::ChecksumReq {
                     gfid: g.to_vec(),
                     block: BLOCK,
+                    first,
+                    max: 0,
                 })
                 .await
             })
@@ -486,7 +490,10 @@ impl Volume {
                     }
                 }
                 for (name, sa) in &sink_names {
-                    if src_names.get(name).is_some_and(|ca| ca.gfid == sa.gfid) {
+                    // A name the source has was made right by the loop above, which
+                    // replaced whatever inode the sink had under it: removing it now would
+                    // throw away the new inode (a name replaced while the sink was away).
+                    if src_names.contains_key(name) {
                         continue;
                     }
                     // A name the source lacks. If its inode lives on at the source under a
@@ -506,28 +513,41 @@ impl Volume {
                 }
             }
             pb::Kind::File => {
-                let (s, k) = futures::join!(src.checksums(g), sink.checksums(g));
-                let ((size, ssums), (ksize, ksums)) = (s?, k?);
-                for (i, sum) in ssums.iter().enumerate() {
-                    if ksums.get(i) == Some(sum) {
-                        continue;
+                // Page by page: each request's cost is bounded, whatever the file's size.
+                let mut first = 0u64;
+                let (mut size, mut ksize): (u64, u64);
+                loop {
+                    let (s, k) = futures::join!(src.checksums(g, first), sink.checksums(g, first));
+                    let ((ssize, ssums), (sink_size, ksums)) = (s?, k?);
+                    (size, ksize) = (ssize, sink_size);
+                    if ssums.is_empty() {
+                        break;
                     }
-                    // A client waits to write this file: after a while, let it. The blocks
-                    // copied so far stay; the next pass copies only what still differs.
-                    if lock.should_yield() {
-                        tracing::info!(gfid = %g, "heal yields to a client; resumes later");
-                        return Err(Error::Busy);
+                    for (i, sum) in ssums.iter().enumerate() {
+                        if ksums.get(i) == Some(sum) {
+                            continue;
+                        }
+                        // A client waits to write this file: after a while, let it. The blocks
+                        // copied so far stay; the next pass copies only what still differs.
+                        if lock.should_yield() {
+                            tracing::info!(gfid = %g, "heal yields to a client; resumes later");
+                            return Err(Error::Busy);
+                        }
+                        let off = (first + i as u64) * BLOCK as u64;
+                        let data = src.read(g, off, BLOCK).await?;
+                        stats.bytes += data.len() as u64;
+                        self.heal_throttle(data.len() as u64).await;
+                        sink.step(
+                            g,
+                            a.ctime_ns,
+                            pb::heal_req::Op::Write(pb::HealWrite { offset: off, data }),
+                        )
+                        .await?;
                     }
-                    let off = i as u64 * BLOCK as u64;
-                    let data = src.read(g, off, BLOCK).await?;
-                    stats.bytes += data.len() as u64;
-                    self.heal_throttle(data.len() as u64).await;
-                    sink.step(
-                        g,
-                        a.ctime_ns,
-                        pb::heal_req::Op::Write(pb::HealWrite { offset: off, data }),
-                    )
-                    .await?;
+                    first += ssums.len() as u64;
+                    if first.saturating_mul(BLOCK as u64) >= size {
+                        break;
+                    }
                 }
                 if ksize != size {
                     sink.step(g, a.ctime_ns, pb::heal_req::Op::Truncate(size))

@@ -232,8 +232,10 @@ fn serve(
         config.acl = fuser::SessionACL::All;
         config.n_threads = Some(2);
         config.clone_fd = true;
+        let notifier = fs.notifier_slot();
         let session = fuser::Session::new(fs, mountpoint, &config)
             .map_err(|e| anyhow::anyhow!("mounting on {}: {e}", mountpoint.display()))?;
+        let _ = notifier.set(session.notifier());
         Ok::<_, anyhow::Error>((rt, vol, session))
     })();
     let (rt, vol, mut session) = match r {

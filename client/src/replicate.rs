@@ -727,7 +727,19 @@ impl Volume {
                 }
             }
         }
-        let need: Vec<usize> = (0..gfids.len()).filter(|i| guards[*i].is_none()).collect();
+        let mut need: Vec<usize> = (0..gfids.len()).filter(|i| guards[*i].is_none()).collect();
+        if !need.is_empty() && need.len() < gfids.len() {
+            // Keeping some of the locks while waiting for the others is how two clients
+            // renaming across two directories in opposite directions deadlock: each keeps
+            // one directory's eager lock and waits for the other's. Give back what is held
+            // and take them all together, in one request (the bricks grant them in order).
+            for (i, guard) in guards.iter_mut().enumerate() {
+                if let Some(h) = guard.take() {
+                    Self::unlock_on(&h.locked, &[gfids[i]], h.missing).await;
+                }
+            }
+            need = (0..gfids.len()).collect();
+        }
         if !need.is_empty() {
             let want: Vec<Gfid> = need.iter().map(|i| gfids[*i]).collect();
             let holds = self.acquire(&want).await?;

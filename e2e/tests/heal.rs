@@ -330,3 +330,46 @@ fn a_file_under_a_slow_heal_stays_writable() {
     want[..23].copy_from_slice(b"written during the heal");
     assert!(fs::read(m.p("big")).unwrap() == want);
 }
+
+/// A name replaced by a new inode (a new gfid) while a brick was down: file by file, directory
+/// by file, symlink by symlink, symlink by directory, file by hard link. The brick that was away
+/// gets every new entry in seconds and nothing stays pending.
+#[test]
+fn names_replaced_by_new_inodes_while_a_brick_was_down_heal() {
+    let mut c = Cluster::start(82, 3);
+    let m = c.mount("m", "");
+    fs::write(m.p("f"), b"a").unwrap();
+    fs::create_dir(m.p("d")).unwrap();
+    fs::write(m.p("d/inner"), b"in").unwrap();
+    std::os::unix::fs::symlink("a", m.p("sl")).unwrap();
+    std::os::unix::fs::symlink("b", m.p("sl2")).unwrap();
+    fs::write(m.p("h"), b"old h").unwrap();
+    fs::write(m.p("other"), b"other").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    c.kill(2);
+    fs::remove_file(m.p("f")).unwrap();
+    fs::write(m.p("f"), b"new").unwrap();
+    fs::remove_dir_all(m.p("d")).unwrap();
+    fs::write(m.p("d"), b"d is a file now").unwrap();
+    fs::remove_file(m.p("sl")).unwrap();
+    std::os::unix::fs::symlink("f", m.p("sl")).unwrap();
+    fs::remove_file(m.p("sl2")).unwrap();
+    fs::create_dir(m.p("sl2")).unwrap();
+    fs::write(m.p("sl2/x"), b"x").unwrap();
+    fs::remove_file(m.p("h")).unwrap();
+    fs::hard_link(m.p("other"), m.p("h")).unwrap();
+    c.restart(2);
+    let took = c.wait_healed(Duration::from_secs(30));
+    heal_report("names replaced by new inodes", took);
+    assert_eq!(fs::read(c.brick_dir(2).join("f")).unwrap(), b"new");
+    assert_eq!(
+        fs::read(c.brick_dir(2).join("d")).unwrap(),
+        b"d is a file now"
+    );
+    assert_eq!(
+        fs::read_link(c.brick_dir(2).join("sl")).unwrap(),
+        std::path::Path::new("f")
+    );
+    assert!(c.brick_dir(2).join("sl2/x").is_file());
+    assert_eq!(fs::read(c.brick_dir(2).join("h")).unwrap(), b"other");
+}

@@ -319,3 +319,29 @@ fn long_paths_and_trees_deeper_than_path_max_work() {
     let (ok, out) = c.verify(false);
     assert!(ok, "{out}");
 }
+
+/// Close-to-open holds for a reader that looked at the file shortly before: mount m2 stats
+/// `f` (size 0, cached for the attribute timeout), m1 rewrites it and closes, and m2's next
+/// open sees all of it at once, size included.
+#[test]
+fn an_open_sees_the_last_close_despite_cached_attributes() {
+    use std::io::Read;
+    let c = Cluster::start(83, 3);
+    let m1 = c.mount("m1", "attr-timeout=30,entry-timeout=30");
+    let m2 = c.mount("m2", "attr-timeout=30,entry-timeout=30");
+    for round in 0..5u8 {
+        let name = format!("f{round}");
+        fs::write(m1.p(&name), b"").unwrap();
+        assert_eq!(fs::metadata(m2.p(&name)).unwrap().len(), 0);
+        fs::write(m1.p(&name), vec![round; 4096]).unwrap();
+        let mut f = fs::File::open(m2.p(&name)).unwrap();
+        assert_eq!(
+            f.metadata().unwrap().len(),
+            4096,
+            "round {round}: stale size"
+        );
+        let mut data = Vec::new();
+        f.read_to_end(&mut data).unwrap();
+        assert_eq!(data, vec![round; 4096], "round {round}: stale data");
+    }
+}
