@@ -242,3 +242,64 @@ mod tests {
         s.quota_recount(&[Gfid::ROOT]);
     }
 }
+
+/// A write that fails for lack of space (a full disk under the brick, here a 1 MiB tmpfs)
+/// gives back the quota it reserved: the PVC is charged what its files hold, so it does not
+/// answer EDQUOT with free space left.
+#[cfg(test)]
+mod enospc {
+    use super::*;
+    use mortar_proto as pb;
+
+    #[test]
+    fn a_failed_write_gives_its_quota_back() {
+        if rustix::process::geteuid().as_raw() != 0 {
+            eprintln!("SKIP: needs root to mount a tmpfs");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(tmp.path())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount tmpfs");
+        struct Umount<'a>(&'a std::path::Path);
+        impl Drop for Umount<'_> {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(self.0).status();
+            }
+        }
+        let _u = Umount(tmp.path());
+        let s = Store::open(&tmp.path().join("b")).unwrap();
+        let now = crate::store::now_ns();
+        let (dir, file) = (Gfid::random(), Gfid::random());
+        let create = |gfid: Gfid, kind: pb::Kind, parent: Gfid, name: &[u8]| {
+            pb::mutate_req::Op::Create(pb::Create {
+                parent: parent.to_vec(),
+                name: name.to_vec(),
+                gfid: gfid.to_vec(),
+                kind: kind as i32,
+                mode: 0o755,
+                ..Default::default()
+            })
+        };
+        s.apply(&create(dir, pb::Kind::Dir, Gfid::ROOT, b"pvc"), now)
+            .unwrap();
+        s.set_quota(dir, 100 << 20).unwrap();
+        s.apply(&create(file, pb::Kind::File, dir, b"f"), now)
+            .unwrap();
+        let write = pb::mutate_req::Op::Write(pb::Write {
+            gfid: file.to_vec(),
+            offset: 0,
+            data: vec![7u8; 4 << 20],
+            append: false,
+        });
+        assert_eq!(s.apply(&write, now).err(), Some(Errno::NOSPC));
+        let (_, usage) = s.quota_of(file).unwrap();
+        let real = rfs::stat(tmp.path().join("b/pvc/f")).unwrap().st_size as u64;
+        assert_eq!(usage.used, real, "the quota charges what the file holds");
+        assert!(usage.used < 1 << 20);
+    }
+}

@@ -63,6 +63,16 @@ pub struct BrickService {
     stopping: watch::Sender<bool>,
 }
 
+/// MORTAR_TEST_FSYNC_DELAY_MS: every fsync waits this long first (tests only: a slow disk).
+fn test_fsync_delay() -> Option<u64> {
+    static DELAY: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *DELAY.get_or_init(|| {
+        std::env::var("MORTAR_TEST_FSYNC_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    })
+}
+
 fn errno(e: Errno) -> i32 {
     e.raw_os_error()
 }
@@ -379,13 +389,14 @@ impl pb::brick_server::Brick for BrickService {
         let r = req.into_inner();
         let store = self.store.clone();
         let res =
-            blocking(move || store.readdir(gfid(&r.gfid)?, r.offset, r.max.min(4096))).await?;
+            blocking(move || store.readdir(gfid(&r.gfid)?, &r.after, r.max.min(4096))).await?;
         self.metrics.reads.fetch_add(1, Relaxed);
         Ok(Response::new(match res {
-            Ok((entries, eof)) => pb::ReaddirReply {
+            Ok((entries, eof, next)) => pb::ReaddirReply {
                 errno: 0,
                 entries,
                 eof,
+                next,
             },
             Err(e) => pb::ReaddirReply {
                 errno: errno(e),
@@ -535,6 +546,10 @@ impl pb::brick_server::Brick for BrickService {
     async fn fsync(&self, req: Request<pb::FsyncReq>) -> Result<Response<pb::ErrnoReply>, Status> {
         let r = req.into_inner();
         let store = self.store.clone();
+        // A slow disk, for the tests of long requests (MORTAR_TEST_FSYNC_DELAY_MS).
+        if let Some(ms) = test_fsync_delay() {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
         let res = blocking(move || store.fsync(gfid(&r.gfid)?)).await?;
         Ok(Response::new(pb::ErrnoReply {
             errno: res.err().map(errno).unwrap_or(0),

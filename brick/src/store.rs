@@ -409,14 +409,21 @@ impl Store {
         }
     }
 
-    pub fn readdir(&self, g: Gfid, offset: u64, max: u32) -> R<(Vec<pb::DirEntry>, bool)> {
+    /// Up to `max` entries whose names come after `after`, in name order; whether the
+    /// listing is done; and the last name covered (the cursor of the next page).
+    pub fn readdir(
+        &self,
+        g: Gfid,
+        after: &[u8],
+        max: u32,
+    ) -> R<(Vec<pb::DirEntry>, bool, Vec<u8>)> {
         let path = self.dir_path(g)?;
         let mut names = path.names()?;
         if g == Gfid::ROOT {
             names.retain(|n| n != META);
         }
         names.sort();
-        let start = (offset as usize).min(names.len());
+        let start = names.partition_point(|n| n.as_bytes() <= after);
         let end = (start + max.max(1) as usize).min(names.len());
         let mut out = Vec::with_capacity(end - start);
         for n in &names[start..end] {
@@ -431,7 +438,12 @@ impl Store {
                 }
             }
         }
-        Ok((out, end == names.len()))
+        let next = if end > start {
+            names[end - 1].as_bytes().to_vec()
+        } else {
+            after.to_vec()
+        };
+        Ok((out, end == names.len(), next))
     }
 
     pub fn read(&self, g: Gfid, offset: u64, size: u32) -> R<Vec<u8>> {
@@ -925,7 +937,11 @@ impl Store {
                 FileType::Directory => return Err(Errno::ISDIR),
                 FileType::RegularFile => {
                     self.quota_grow(g, st.st_size as u64, size)?;
-                    rfs::ftruncate(&*self.file(g)?, size)?
+                    let fd = self.file(g)?;
+                    if let Err(e) = rfs::ftruncate(&*fd, size) {
+                        self.quota_settle(g, &*fd, size);
+                        return Err(e);
+                    }
                 }
                 _ => return Err(Errno::INVAL),
             }
@@ -956,7 +972,8 @@ impl Store {
         let size = rfs::fstat(&*fd)?.st_size as u64;
         let mut off = if w.append { size } else { w.offset };
         // Refused before anything is written, the same way on every brick.
-        self.quota_grow(g, size, size.max(off + w.data.len() as u64))?;
+        let reserved = size.max(off + w.data.len() as u64);
+        self.quota_grow(g, size, reserved)?;
         let mut data = &w.data[..];
         while !data.is_empty() {
             match rustix::io::pwrite(&*fd, data, off) {
@@ -965,7 +982,11 @@ impl Store {
                     off += k as u64;
                 }
                 Err(Errno::INTR) => {}
-                Err(e) => return Err(e),
+                Err(e) => {
+                    // ENOSPC, EIO...: the quota charges only what the file really grew by.
+                    self.quota_settle(g, &fd, reserved);
+                    return Err(e);
+                }
             }
         }
         rfs::futimens(
@@ -976,6 +997,14 @@ impl Store {
             },
         )?;
         Ok((self.fd_attr(&fd, g)?, w.data.len() as u64))
+    }
+
+    /// After a failed growth that reserved quota up to `reserved` bytes: charge the file's
+    /// real size instead (a failed write must not leave a PVC full of nothing).
+    fn quota_settle(&self, g: Gfid, fd: &impl AsFd, reserved: u64) {
+        if let Ok(st) = rfs::fstat(fd) {
+            self.quota_grow(g, reserved, st.st_size as u64).ok();
+        }
     }
 
     fn fd_attr(&self, fd: &impl AsFd, g: Gfid) -> R<pb::Attr> {
@@ -991,16 +1020,24 @@ impl Store {
         let g = gfid(&f.gfid)?;
         let fd = self.file(g)?;
         const KEEP_SIZE: i32 = 1;
+        let mut reserved = None;
         if f.mode & KEEP_SIZE == 0 {
             let size = rfs::fstat(&*fd)?.st_size as u64;
-            self.quota_grow(g, size, size.max(f.offset + f.length))?;
+            let end = size.max(f.offset.saturating_add(f.length));
+            self.quota_grow(g, size, end)?;
+            reserved = Some(end);
         }
-        rfs::fallocate(
+        let done = rfs::fallocate(
             &*fd,
             rfs::FallocateFlags::from_bits_retain(f.mode as u32),
             f.offset,
             f.length,
-        )?;
+        );
+        if let (Err(e), Some(end)) = (done, reserved) {
+            self.quota_settle(g, &fd, end);
+            return Err(e);
+        }
+        done?;
         rfs::futimens(
             &*fd,
             &Timestamps {

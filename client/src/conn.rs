@@ -49,6 +49,9 @@ pub struct Brick {
     stopped: AtomicBool,
 }
 
+/// How long one request may take on a brick that answers pings (see [`Brick::call`]).
+pub const FRAME_TIMEOUT: Duration = Duration::from_secs(120);
+
 pub fn endpoint(addr: &str, timeout: Duration) -> Result<Endpoint> {
     Ok(Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| Error::Volfile(format!("bad brick address {addr:?}: {e}")))?
@@ -235,7 +238,7 @@ impl Brick {
                     Err(e) => return format!("session: {}", e.message()),
                 },
                 r = state.changed() => {
-                    // A call timed out and marked the brick down: start over.
+                    // Stopped, or replaced by a newer connection: start over.
                     if r.is_err() || !state.borrow().is_up() {
                         return "marked down".into();
                     }
@@ -259,15 +262,6 @@ impl Brick {
         self.state.borrow().is_up()
     }
 
-    /// Marks the connection dead (a request timed out: the brick hangs).
-    fn mark_down(&self, epoch: u64, why: &str) {
-        let current = matches!(&*self.state.borrow(), ConnState::Up(u) if u.epoch == epoch);
-        if current {
-            tracing::warn!(brick = %self.id, "{why}: dropping the connection");
-            self.state.send_replace(ConnState::Down(why.to_string()));
-        }
-    }
-
     /// Waits until the brick is up, at most `d`.
     pub async fn wait_up(&self, d: Duration) -> bool {
         let mut rx = self.state.subscribe();
@@ -283,22 +277,17 @@ impl Brick {
         }
     }
 
-    /// Runs one request on the live connection, bounded by the ping timeout; a request that
-    /// times out marks the brick down, as a missed ping would.
+    /// Runs one request on the live connection. Liveness and a request's own deadline are
+    /// separate (GlusterFS's ping-timeout and frame-timeout): the request fails at once when
+    /// the brick is found down (a missed ping, a reset connection), but a live brick doing
+    /// long work (a large fsync, a slow disk) is given [`FRAME_TIMEOUT`]; running out of it
+    /// fails this request only and says nothing about the brick.
     pub async fn call<T, F, Fut>(&self, f: F) -> Result<(T, Up)>
     where
         F: FnOnce(BrickClient<Channel>, Up) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let up = self.up().ok_or_else(|| self.transport("not connected"))?;
-        match tokio::time::timeout(self.ping_timeout(), f(up.client.clone(), up.clone())).await {
-            Ok(Ok(r)) => Ok((r.into_inner(), up)),
-            Ok(Err(s)) => Err(self.transport(s.message().to_string())),
-            Err(_) => {
-                self.mark_down(up.epoch, "request timed out");
-                Err(self.transport("request timed out"))
-            }
-        }
+        self.call_within(f, Some(FRAME_TIMEOUT)).await
     }
 
     /// Like `call`, for requests that may rightly wait long (blocking locks): no time limit,
@@ -308,14 +297,30 @@ impl Brick {
         F: FnOnce(BrickClient<Channel>, Up) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
+        self.call_within(f, None).await
+    }
+
+    async fn call_within<T, F, Fut>(&self, f: F, deadline: Option<Duration>) -> Result<(T, Up)>
+    where
+        F: FnOnce(BrickClient<Channel>, Up) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
         let up = self.up().ok_or_else(|| self.transport("not connected"))?;
         let mut rx = self.state.subscribe();
         let epoch = up.epoch;
         let gone = rx.wait_for(|s| !matches!(s, ConnState::Up(u) if u.epoch == epoch));
+        let request = f(up.client.clone(), up.clone());
+        let timed = async {
+            match deadline {
+                Some(d) => tokio::time::timeout(d, request).await.ok(),
+                None => Some(request.await),
+            }
+        };
         tokio::select! {
-            r = f(up.client.clone(), up.clone()) => match r {
-                Ok(r) => Ok((r.into_inner(), up)),
-                Err(s) => Err(self.transport(s.message().to_string())),
+            r = timed => match r {
+                Some(Ok(r)) => Ok((r.into_inner(), up)),
+                Some(Err(s)) => Err(self.transport(s.message().to_string())),
+                None => Err(self.transport(format!("no answer within {:?}", deadline.unwrap_or_default()))),
             },
             _ = gone => Err(self.transport("connection lost")),
         }

@@ -95,27 +95,7 @@ impl Member {
     }
 
     async fn readdir(&self, g: Gfid) -> Result<Vec<pb::DirEntry>> {
-        let mut out = Vec::new();
-        loop {
-            let offset = out.len() as u64;
-            let (r, _) = self
-                .brick
-                .call(move |mut c, _| async move {
-                    c.readdir(pb::ReaddirReq {
-                        gfid: g.to_vec(),
-                        offset,
-                        max: 1024,
-                    })
-                    .await
-                })
-                .await?;
-            errno_result(r.errno)?;
-            let n = r.entries.len();
-            out.extend(r.entries);
-            if r.eof || n == 0 {
-                return Ok(out);
-            }
-        }
+        crate::replicate::list_dir(&self.brick, g).await
     }
 
     async fn read(&self, g: Gfid, offset: u64, size: u32) -> Result<Vec<u8>> {

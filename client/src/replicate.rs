@@ -25,6 +25,30 @@ use crate::gfid::Gfid;
 use crate::telemetry::RateLimit;
 use crate::volfile::{Volfile, with_default_port};
 
+/// Every entry of directory `g` on one brick, page by page in name order (each page starts
+/// after the last name of the one before, so concurrent changes never skip or repeat an
+/// entry that stays).
+pub(crate) async fn list_dir(b: &Brick, g: Gfid) -> Result<Vec<pb::DirEntry>> {
+    let mut out = Vec::new();
+    let mut after = Vec::new();
+    loop {
+        let req = pb::ReaddirReq {
+            gfid: g.to_vec(),
+            max: 1024,
+            after: std::mem::take(&mut after),
+        };
+        let (r, _) = b
+            .call(move |mut c, _| async move { c.readdir(req).await })
+            .await?;
+        Error::from_errno(r.errno)?;
+        out.extend(r.entries);
+        if r.eof || r.next.is_empty() {
+            return Ok(out);
+        }
+        after = r.next;
+    }
+}
+
 /// "bricks disagree on a change": at most one line per 10 s.
 static DISAGREE_WARNINGS: RateLimit = RateLimit::new(Duration::from_secs(10));
 
@@ -1444,34 +1468,10 @@ impl Volume {
     /// The whole listing of a directory, from one good copy.
     pub async fn readdir(&self, g: Gfid) -> Result<Vec<pb::DirEntry>> {
         let mut last = Error::NoGoodCopy;
-        'bricks: for b in self.readable_bricks(g).await? {
-            let mut out = Vec::new();
-            loop {
-                let offset = out.len() as u64;
-                let r = b
-                    .call(move |mut c, _| async move {
-                        c.readdir(pb::ReaddirReq {
-                            gfid: g.to_vec(),
-                            offset,
-                            max: 1024,
-                        })
-                        .await
-                    })
-                    .await;
-                match r {
-                    Ok((r, _)) => {
-                        Error::from_errno(r.errno)?;
-                        let n = r.entries.len();
-                        out.extend(r.entries);
-                        if r.eof || n == 0 {
-                            return Ok(out);
-                        }
-                    }
-                    Err(e) => {
-                        last = e;
-                        continue 'bricks;
-                    }
-                }
+        for b in self.readable_bricks(g).await? {
+            match list_dir(&b, g).await {
+                Err(e @ Error::Transport { .. }) => last = e,
+                r => return r,
             }
         }
         Err(last)

@@ -92,6 +92,15 @@ impl Cluster {
 
     /// Like `restart`, with extra `mortar-brick` arguments.
     pub fn restart_with(&mut self, i: usize, extra: &[&str]) {
+        self.start_brick(i, extra, &[]);
+    }
+
+    /// Like `restart`, with extra environment variables for the brick.
+    pub fn restart_env(&mut self, i: usize, env: &[(&str, &str)]) {
+        self.start_brick(i, &[], env);
+    }
+
+    fn start_brick(&mut self, i: usize, extra: &[&str], env: &[(&str, &str)]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -112,6 +121,7 @@ impl Cluster {
             .arg(self.volfile_path())
             .args(["--session-timeout", "4", "--heal-interval", "1"])
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

@@ -868,3 +868,77 @@ fn a_brick_stops_cleanly_on_sigterm() {
     fs::write(m.p("after"), b"2").unwrap();
     assert_eq!(fs::read(m.p("before")).unwrap(), b"1");
 }
+
+/// Liveness and a request's deadline are separate: a brick whose disk is slow (every fsync
+/// takes 7 s here, with a 2 s ping timeout) keeps answering pings, so its long request is
+/// waited for instead of the brick being declared down, and the fsync succeeds with every
+/// copy on disk.
+#[test]
+fn a_long_request_on_a_live_brick_is_not_a_dead_brick() {
+    let mut c = Cluster::start(87, 3);
+    c.kill(1);
+    c.restart_env(1, &[("MORTAR_TEST_FSYNC_DELAY_MS", "7000")]);
+    let m = c.mount("m", "ping-timeout=2");
+    let mut f = fs::File::create(m.p("f")).unwrap();
+    f.write_all(b"durable").unwrap();
+    let t = Instant::now();
+    f.sync_all().expect("fsync on a slow but live brick");
+    println!("fsync took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() >= Duration::from_secs(6),
+        "the slow brick was not waited for"
+    );
+    let log = fs::read_to_string(c.dir.join("m.log")).unwrap_or_default();
+    assert!(
+        !log.contains("brick down"),
+        "a slow request marked a live brick down:\n{log}"
+    );
+}
+
+/// A directory listed while another client creates and removes entries: every entry that
+/// stays all along is listed exactly once in every listing (pages follow names, not indexes
+/// of a list that changes between pages).
+#[test]
+fn listing_a_changing_directory_never_skips_or_repeats_a_stable_entry() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    let c = Cluster::start(88, 3);
+    let m1 = c.mount("m1", "");
+    let m2 = c.mount("m2", "");
+    fs::create_dir(m1.p("d")).unwrap();
+    for i in 0..2500 {
+        fs::write(m1.p(&format!("d/f{i:05}")), b"").unwrap();
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let churn = {
+        let (stop, d) = (stop.clone(), m2.p("d"));
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Relaxed) {
+                // Names before and among the stable ones shift every index after them.
+                let name = d.join(format!("a{:05}", i % 3000));
+                let _ = fs::write(&name, b"");
+                let _ = fs::remove_file(d.join(format!("a{:05}", (i + 1500) % 3000)));
+                i += 1;
+            }
+        })
+    };
+    for round in 0..10 {
+        let mut seen = std::collections::HashMap::new();
+        for e in fs::read_dir(m1.p("d")).unwrap() {
+            let n = e.unwrap().file_name().into_string().unwrap();
+            if n.starts_with('f') {
+                *seen.entry(n).or_insert(0) += 1;
+            }
+        }
+        let missing = 2500 - seen.len();
+        let repeated = seen.values().filter(|n| **n > 1).count();
+        assert_eq!(
+            (missing, repeated),
+            (0, 0),
+            "listing {round}: stable entries missing or listed twice"
+        );
+    }
+    stop.store(true, Relaxed);
+    churn.join().unwrap();
+}
