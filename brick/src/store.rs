@@ -519,11 +519,16 @@ impl Store {
     }
 
     /// Whether every inode is at the version the client expects (else this copy is stale).
+    /// Whether every inode is at the version the client expects (else this copy is stale),
+    /// and the change is made under the newest lock term this brick promised for it: a
+    /// writer whose lock was taken over (a higher term promised to another client since)
+    /// is fenced here, on disk, whatever the in-memory lock table said a moment earlier.
     pub fn versions_match(&self, updates: &[pb::VerUpdate]) -> R<bool> {
         for u in updates {
             let rec = self.record(gfid(&u.gfid)?)?;
             let exp = u.expect.unwrap_or_default();
-            if rec.ver != (exp.term, exp.seq, exp.id) {
+            let new = u.new.unwrap_or_default();
+            if rec.ver != (exp.term, exp.seq, exp.id) || new.term < rec.promised {
                 return Ok(false);
             }
         }
@@ -1188,6 +1193,27 @@ mod tests {
         s.heal_done(Gfid::ROOT);
         assert!(Store::open(&d).unwrap().heal_pending().is_empty());
         std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// Lock terms fence writes on disk: a change made under a term below the one promised
+    /// since (another client took the lock) is refused as stale, even though its expected
+    /// version is right.
+    #[test]
+    fn a_change_under_an_older_term_than_promised_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = Store::open(&tmp.path().join("b")).unwrap();
+        let v = |term, seq| Some(pb::Version { term, seq, id: 7 });
+        let update = |term| pb::VerUpdate {
+            gfid: Gfid::ROOT.to_vec(),
+            expect: v(0, 0).map(|_| pb::Version::default()),
+            new: v(term, 1),
+        };
+        assert_eq!(s.promise(Gfid::ROOT, 10).unwrap().map(|_| ()), Ok(()));
+        assert_eq!(s.versions_match(&[update(10)]), Ok(true));
+        // Another client is promised term 20: the holder of term 10 is fenced.
+        assert_eq!(s.promise(Gfid::ROOT, 20).unwrap().map(|_| ()), Ok(()));
+        assert_eq!(s.versions_match(&[update(10)]), Ok(false));
+        assert_eq!(s.versions_match(&[update(20)]), Ok(true));
     }
 
     #[test]
