@@ -63,6 +63,13 @@ pub struct BrickService {
     stopping: watch::Sender<bool>,
 }
 
+/// Most inodes one Lock request takes.
+const MAX_LOCK_LIST: usize = 16;
+/// Most gfids in one list of a HealIndex request.
+const MAX_INDEX_LIST: usize = 1024;
+/// Most heal index entries in one reply.
+const INDEX_PAGE: u32 = 1000;
+
 /// MORTAR_TEST_FSYNC_DELAY_MS: every fsync waits this long first (tests only: a slow disk).
 fn test_fsync_delay() -> Option<u64> {
     static DELAY: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
@@ -269,8 +276,12 @@ impl pb::brick_server::Brick for BrickService {
                     m = tokio::time::timeout(timeout, inbound.message()) => match m {
                         Ok(Ok(Some(pb::SessionIn { msg: Some(pb::session_in::Msg::Ping(n)) }))) => {
                             let pong = pb::SessionOut { msg: Some(pb::session_out::Msg::Pong(n)) };
-                            if tx.send(Ok(pong)).await.is_err() {
-                                break "stream closed";
+                            // Never wait on a client that stops reading: with its session
+                            // held open by a blocked send, its locks would live forever.
+                            match tx.try_send(Ok(pong)) {
+                                Ok(()) => {}
+                                Err(mpsc::error::TrySendError::Full(_)) => break "client not reading its session",
+                                Err(mpsc::error::TrySendError::Closed(_)) => break "stream closed",
                             }
                         }
                         Ok(Ok(Some(_))) => {}
@@ -281,7 +292,7 @@ impl pb::brick_server::Brick for BrickService {
                     r = volfile.changed() => {
                         if r.is_err() { break "brick stopping"; }
                         let generation = volfile.borrow().vol.generation;
-                        let _ = tx.send(Ok(pb::SessionOut { msg: Some(pb::session_out::Msg::VolfileGeneration(generation)) })).await;
+                        let _ = tx.try_send(Ok(pb::SessionOut { msg: Some(pb::session_out::Msg::VolfileGeneration(generation)) }));
                     }
                 }
             };
@@ -576,6 +587,11 @@ impl pb::brick_server::Brick for BrickService {
         else {
             return fail(libc::EINVAL);
         };
+        // A transaction locks a few inodes (a rename: two directories); a long list is an
+        // attack on the lock table, not a transaction.
+        if gfids.len() > MAX_LOCK_LIST {
+            return fail(libc::E2BIG);
+        }
         let deadline = tokio::time::Instant::now() + LOCK_WAIT;
         loop {
             let released = self.inode_locks.released.notified();
@@ -907,9 +923,17 @@ impl pb::brick_server::Brick for BrickService {
         req: Request<pb::HealIndexReq>,
     ) -> Result<Response<pb::HealIndexReply>, Status> {
         let r = req.into_inner();
+        if [&r.add, &r.remove, &r.split_brain]
+            .iter()
+            .any(|l| l.len() > MAX_INDEX_LIST)
+        {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_INDEX_LIST} gfids per list"
+            )));
+        }
         let store = self.store.clone();
         let wake = self.heal_wake.clone();
-        let entries = blocking(move || {
+        let (entries, total) = blocking(move || {
             let parse = |v: &Vec<Vec<u8>>| {
                 v.iter()
                     .filter_map(|g| Gfid::from_bytes(g))
@@ -929,18 +953,30 @@ impl pb::brick_server::Brick for BrickService {
                 wake.notify_one();
             }
             let mut pending = store.heal_pending();
+            let total = pending.len() as u64;
+            if !r.list {
+                return (Vec::new(), total);
+            }
             pending.sort();
-            pending
+            let max = if r.max == 0 {
+                INDEX_PAGE
+            } else {
+                r.max.min(INDEX_PAGE)
+            } as usize;
+            let entries = pending
                 .into_iter()
+                .filter(|g| g.0.as_slice() > r.after.as_slice())
+                .take(max)
                 .map(|g| pb::HealIndexEntry {
                     gfid: g.to_vec(),
                     path: store.describe(g),
                     split_brain: store.is_split(g),
                 })
-                .collect::<Vec<_>>()
+                .collect::<Vec<_>>();
+            (entries, total)
         })
         .await?;
-        Ok(Response::new(pb::HealIndexReply { entries }))
+        Ok(Response::new(pb::HealIndexReply { entries, total }))
     }
 
     type ManifestStream = BoxStream<pb::ManifestEntry>;

@@ -194,12 +194,11 @@ impl Member {
         r.attr.ok_or(Error::Os(libc::EIO))
     }
 
-    async fn index(&self, req: pb::HealIndexReq) -> Result<Vec<pb::HealIndexEntry>> {
-        let (r, _) = self
-            .brick
+    async fn index(&self, req: pb::HealIndexReq) -> Result<()> {
+        self.brick
             .call(move |mut c, _| async move { c.heal_index(req).await })
-            .await?;
-        Ok(r.entries)
+            .await
+            .map(|_| ())
     }
 }
 
@@ -562,9 +561,26 @@ impl Volume {
     ) -> Vec<(Arc<crate::conn::Brick>, Result<Vec<pb::HealIndexEntry>>)> {
         let bricks = self.bricks();
         let rs = join_all(bricks.iter().map(|b| async move {
-            b.call(|mut c, _| async move { c.heal_index(pb::HealIndexReq::default()).await })
-                .await
-                .map(|(r, _)| r.entries)
+            // Page by page, so that no reply grows with the index.
+            let mut all = Vec::new();
+            loop {
+                let req = pb::HealIndexReq {
+                    list: true,
+                    after: all
+                        .last()
+                        .map(|e: &pb::HealIndexEntry| e.gfid.clone())
+                        .unwrap_or_default(),
+                    ..Default::default()
+                };
+                let (r, _) = b
+                    .call(|mut c, _| async move { c.heal_index(req).await })
+                    .await?;
+                let done = r.entries.is_empty() || all.len() + r.entries.len() >= r.total as usize;
+                all.extend(r.entries);
+                if done {
+                    return Ok(all);
+                }
+            }
         }))
         .await;
         bricks.into_iter().zip(rs).collect()

@@ -942,3 +942,132 @@ fn listing_a_changing_directory_never_skips_or_repeats_a_stable_entry() {
     stop.store(true, Relaxed);
     churn.join().unwrap();
 }
+
+/// Requests shaped as attacks get a bounded answer and the brick keeps serving: a Lock of
+/// thousands of inodes is refused, a HealIndex list over its bound is refused, a change of
+/// the index answers nothing (no reply grows with the index), the index is listed a page at
+/// a time, and a client that stops reading its session stream loses the session instead of
+/// keeping it (and its locks) alive forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_requests_get_bounded_answers() {
+    let c = Cluster::start(89, 3);
+    let mut b = pb::brick_client::BrickClient::connect(format!("http://{}", c.addr(0)))
+        .await
+        .unwrap();
+    let many: Vec<Vec<u8>> = (0..5000).map(|_| Gfid::random().to_vec()).collect();
+
+    // A session of our own, for the Lock request.
+    let session = Gfid::random().to_vec();
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(pb::SessionIn {
+        msg: Some(pb::session_in::Msg::Hello(pb::Hello {
+            session: session.clone(),
+            client: "hostile".into(),
+        })),
+    })
+    .await
+    .unwrap();
+    let _inbound = b
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap();
+    let r = b
+        .lock(pb::LockReq {
+            session: session.clone(),
+            gfids: many.clone(),
+            wait: false,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.errno, libc::E2BIG, "a lock of 5000 inodes");
+
+    let err = b
+        .heal_index(pb::HealIndexReq {
+            add: many.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+    // 3000 entries in, a change answers none, a listing a page.
+    for chunk in many[..3000].chunks(1000) {
+        let r = b
+            .heal_index(pb::HealIndexReq {
+                add: chunk.to_vec(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.entries.is_empty());
+    }
+    let r = b
+        .heal_index(pb::HealIndexReq {
+            list: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // The bricks' heal workers drain these entries (no such inodes) as we look.
+    assert!(r.entries.len() <= 1000, "one page at most");
+    assert_eq!(r.entries.len() as u64, r.total.min(1000));
+    b.heal_index(pb::HealIndexReq {
+        remove: many[..3000].to_vec(),
+        ..Default::default()
+    })
+    .await
+    .unwrap_err(); // over the list bound: refused whole
+    for chunk in many[..3000].chunks(1000) {
+        b.heal_index(pb::HealIndexReq {
+            remove: chunk.to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+
+    // A client that sends pings and never reads the pongs.
+    let silent = Gfid::random().to_vec();
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tx.send(pb::SessionIn {
+        msg: Some(pb::session_in::Msg::Hello(pb::Hello {
+            session: silent,
+            client: "never-reads".into(),
+        })),
+    })
+    .await
+    .unwrap();
+    let never_read = b
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap();
+    let pinger = tokio::spawn(async move {
+        for n in 0..200_000u64 {
+            if tx
+                .send(pb::SessionIn {
+                    msg: Some(pb::session_in::Msg::Ping(n)),
+                })
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let t = Instant::now();
+    while !c.log(0).contains("client not reading its session") {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "a client that does not read kept its session"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pinger.abort();
+    drop(never_read);
+    let h = b.health(pb::Empty {}).await.unwrap().into_inner();
+    assert!(h.up);
+}
