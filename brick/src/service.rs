@@ -80,6 +80,19 @@ fn test_fsync_delay() -> Option<u64> {
     })
 }
 
+fn attr_reply(res: Result<pb::Attr, Errno>) -> pb::AttrReply {
+    match res {
+        Ok(a) => pb::AttrReply {
+            errno: 0,
+            attr: Some(a),
+        },
+        Err(e) => pb::AttrReply {
+            errno: errno(e),
+            attr: None,
+        },
+    }
+}
+
 fn errno(e: Errno) -> i32 {
     e.raw_os_error()
 }
@@ -337,16 +350,7 @@ impl pb::brick_server::Brick for BrickService {
         let store = self.store.clone();
         let res = blocking(move || store.getattr(gfid(&r.gfid)?)).await?;
         self.metrics.reads.fetch_add(1, Relaxed);
-        Ok(Response::new(match res {
-            Ok(a) => pb::AttrReply {
-                errno: 0,
-                attr: Some(a),
-            },
-            Err(e) => pb::AttrReply {
-                errno: errno(e),
-                attr: None,
-            },
-        }))
+        Ok(Response::new(attr_reply(res)))
     }
 
     async fn open(&self, req: Request<pb::OpenReq>) -> Result<Response<pb::AttrReply>, Status> {
@@ -363,16 +367,7 @@ impl pb::brick_server::Brick for BrickService {
             let store = self.store.clone();
             blocking(move || store.released(g, 1)).await?;
         }
-        Ok(Response::new(match res {
-            Ok(a) => pb::AttrReply {
-                errno: 0,
-                attr: Some(a),
-            },
-            Err(e) => pb::AttrReply {
-                errno: errno(e),
-                attr: None,
-            },
-        }))
+        Ok(Response::new(attr_reply(res)))
     }
 
     async fn release(
