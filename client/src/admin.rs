@@ -234,14 +234,20 @@ pub struct HealEntry {
 pub async fn heal_info(target: &str, timeout: Duration) -> Result<Vec<BrickHeal>> {
     let vf = volfile(target, timeout).await?;
     let rs = futures::future::join_all(vf.bricks.iter().map(|b| async move {
-        let mut c = connect_once(&b.address, timeout)
+        let c = connect_once(&b.address, timeout)
             .await
             .map_err(|e| e.to_string())?;
-        match tokio::time::timeout(timeout, c.heal_index(pb::HealIndexReq::default())).await {
-            Ok(Ok(r)) => Ok(r.into_inner().entries),
-            Ok(Err(e)) => Err(e.message().to_string()),
-            Err(_) => Err("timed out".to_string()),
-        }
+        crate::heal::list_index(|req| {
+            let mut c = c.clone();
+            async move {
+                match tokio::time::timeout(timeout, c.heal_index(req)).await {
+                    Ok(Ok(r)) => Ok(r.into_inner()),
+                    Ok(Err(e)) => Err(e.message().to_string()),
+                    Err(_) => Err("timed out".to_string()),
+                }
+            }
+        })
+        .await
     }))
     .await;
     Ok(vf

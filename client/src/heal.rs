@@ -68,6 +68,29 @@ pub struct HealStats {
     pub failed: Vec<Gfid>,
 }
 
+/// A brick's whole heal index, page by page (no reply grows with the index); `fetch` sends
+/// one HealIndex request.
+pub async fn list_index<E, F, Fut>(mut fetch: F) -> std::result::Result<Vec<pb::HealIndexEntry>, E>
+where
+    F: FnMut(pb::HealIndexReq) -> Fut,
+    Fut: Future<Output = std::result::Result<pb::HealIndexReply, E>>,
+{
+    let mut all: Vec<pb::HealIndexEntry> = Vec::new();
+    loop {
+        let req = pb::HealIndexReq {
+            list: true,
+            after: all.last().map(|e| e.gfid.clone()).unwrap_or_default(),
+            ..Default::default()
+        };
+        let r = fetch(req).await?;
+        let done = r.entries.is_empty() || all.len() + r.entries.len() >= r.total as usize;
+        all.extend(r.entries);
+        if done {
+            return Ok(all);
+        }
+    }
+}
+
 fn errno_result(errno: i32) -> Result<()> {
     Error::from_errno(errno)
 }
@@ -560,27 +583,12 @@ impl Volume {
         &self,
     ) -> Vec<(Arc<crate::conn::Brick>, Result<Vec<pb::HealIndexEntry>>)> {
         let bricks = self.bricks();
-        let rs = join_all(bricks.iter().map(|b| async move {
-            // Page by page, so that no reply grows with the index.
-            let mut all = Vec::new();
-            loop {
-                let req = pb::HealIndexReq {
-                    list: true,
-                    after: all
-                        .last()
-                        .map(|e: &pb::HealIndexEntry| e.gfid.clone())
-                        .unwrap_or_default(),
-                    ..Default::default()
-                };
-                let (r, _) = b
-                    .call(|mut c, _| async move { c.heal_index(req).await })
-                    .await?;
-                let done = r.entries.is_empty() || all.len() + r.entries.len() >= r.total as usize;
-                all.extend(r.entries);
-                if done {
-                    return Ok(all);
-                }
-            }
+        let rs = join_all(bricks.iter().map(|b| {
+            list_index(move |req| async move {
+                b.call(|mut c, _| async move { c.heal_index(req).await })
+                    .await
+                    .map(|(r, _)| r)
+            })
         }))
         .await;
         bricks.into_iter().zip(rs).collect()
