@@ -437,7 +437,7 @@ fn check(model: &Model, root: &Path, base: &str) -> Vec<String> {
     bad
 }
 
-fn brick_pid_alive(pid: i32) -> bool {
+fn pid_alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
         s.rsplit_once(')')
             .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
@@ -506,7 +506,7 @@ fn run_seed(seed: u64, secs: u64, net: u8) {
                 if let Some(pid) = ms[i].daemon_pid() {
                     // SAFETY: kill(2) of the test's own FUSE daemon.
                     unsafe { libc::kill(pid, libc::SIGKILL) };
-                    while brick_pid_alive(pid) {
+                    while pid_alive(pid) {
                         std::thread::sleep(Duration::from_millis(20));
                     }
                 }

@@ -323,3 +323,33 @@ pub fn podman_ready() -> Option<PathBuf> {
     )?;
     Some(podman)
 }
+
+/// A container's environment as the kubelet gives it: plain values, and downward-API fields
+/// (node name, pod name, namespace, StatefulSet pod index) with plausible values. Panics on a
+/// source it does not know, so that a new one is added here on purpose.
+pub fn container_env(c: &Value, namespace: &str) -> Vec<(String, String)> {
+    let mut env = Vec::new();
+    for e in c["env"].as_array().into_iter().flatten() {
+        let name = e["name"].as_str().unwrap().to_string();
+        let value = if let Some(v) = e["value"].as_str() {
+            v.to_string()
+        } else {
+            match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+                Some("spec.nodeName") => "node-1".into(),
+                Some("metadata.name") => "pod-0".into(),
+                Some("metadata.namespace") => namespace.into(),
+                Some("metadata.labels['apps.kubernetes.io/pod-index']") => "0".into(),
+                other => panic!("{}: env {name} from {other:?}: add it here", c["name"]),
+            }
+        };
+        env.push((name, value));
+    }
+    env
+}
+
+/// `$(VAR)` in a command or argument replaced from `env`, as the kubelet does.
+pub fn expand(word: &str, env: &[(String, String)]) -> String {
+    env.iter().fold(word.to_string(), |w, (k, v)| {
+        w.replace(&format!("$({k})"), v)
+    })
+}

@@ -622,34 +622,6 @@ fn all_value_sets() -> Vec<(String, Vec<&'static Path>, Vec<&'static str>)> {
     all
 }
 
-/// What the kubelet substitutes for `$(VAR)` in a container's command and args: its env,
-/// with downward-API fields given plausible values.
-fn container_env(c: &Value, namespace: &str) -> Vec<(String, String)> {
-    let mut env = Vec::new();
-    for e in c["env"].as_array().into_iter().flatten() {
-        let name = e["name"].as_str().unwrap().to_string();
-        let value = if let Some(v) = e["value"].as_str() {
-            v.to_string()
-        } else {
-            match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
-                Some("spec.nodeName") => "node-1".into(),
-                Some("metadata.name") => "pod-0".into(),
-                Some("metadata.namespace") => namespace.into(),
-                Some("metadata.labels['apps.kubernetes.io/pod-index']") => "0".into(),
-                other => panic!("{}: env {name} from {other:?}: add it here", c["name"]),
-            }
-        };
-        env.push((name, value));
-    }
-    env
-}
-
-fn expand(word: &str, env: &[(String, String)]) -> String {
-    env.iter().fold(word.to_string(), |w, (k, v)| {
-        w.replace(&format!("$({k})"), v)
-    })
-}
-
 /// Every container that runs a Mortar binary, in every workload the chart renders (with every
 /// value set its tests use) and in the brick StatefulSet the operator makes, has its real
 /// command line parsed and checked by that binary (MORTAR_CHECK_ARGS: parse, validate, exit

@@ -205,17 +205,7 @@ fn start(podman: &Path, host: &Path, workload: &Value, container: &str, extra: &
         ));
     }
 
-    let mut env = Vec::new();
-    for e in c["env"].as_array().into_iter().flatten() {
-        let k = e["name"].as_str().unwrap();
-        let v = match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
-            Some("spec.nodeName") => "node-1".to_string(),
-            Some("metadata.name") => "pod-0".to_string(),
-            Some("metadata.namespace") => NAMESPACE.to_string(),
-            _ => e["value"].as_str().expect("env value").to_string(),
-        };
-        env.push((k.to_string(), v));
-    }
+    let env = container_env(c, NAMESPACE);
     for (k, v) in &env {
         args.push(format!("--env={k}={v}"));
     }
@@ -227,12 +217,7 @@ fn start(podman: &Path, host: &Path, workload: &Value, container: &str, extra: &
         .iter()
         .chain(c["args"].as_array().into_iter().flatten())
     {
-        let w = env
-            .iter()
-            .fold(w.as_str().unwrap().to_string(), |w, (k, v)| {
-                w.replace(&format!("$({k})"), v)
-            });
-        args.push(w);
+        args.push(expand(w.as_str().unwrap(), &env));
     }
     let _ = Command::new(podman).args(["rm", "-f", &name]).output();
     run_ok(Command::new(podman).args(&args));
