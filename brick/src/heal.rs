@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use mortar_client::heal::Source;
-use mortar_client::replicate::{Options, Volume};
+use mortar_replication::heal::Source;
+use mortar_replication::volume::{Options, Volume};
 use tokio::sync::{Notify, watch};
 
 use crate::service::VolfileState;
@@ -60,7 +60,7 @@ impl Worker {
                 _ = self.wake.notified() => {}
                 _ = up => {}
                 // Jittered, so that the bricks' workers do not keep meeting on the same inodes.
-                _ = tokio::time::sleep(self.interval.mul_f64(0.75 + (mortar_client::gfid::rand_u64() % 500) as f64 / 1000.0)) => {}
+                _ = tokio::time::sleep(self.interval.mul_f64(0.75 + (mortar_common::gfid::rand_u64() % 500) as f64 / 1000.0)) => {}
             }
             self.pass(&vol).await;
         }
@@ -101,7 +101,7 @@ impl Worker {
                         self.store.mark_heal(c);
                     }
                 }
-                Err(mortar_client::error::Error::Busy) => {
+                Err(mortar_common::error::Error::Busy) => {
                     left += 1;
                     tracing::debug!(gfid = %g, "heal deferred: busy");
                 }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use mortar_client::gfid::Gfid;
+use mortar_common::gfid::Gfid;
 use tokio::sync::Notify;
 
 pub type SessionId = [u8; 16];

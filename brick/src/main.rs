@@ -7,8 +7,8 @@ use std::time::Duration;
 use clap::Parser;
 use mortar_brick::service::{BrickService, VolfileState};
 use mortar_brick::store::Store;
-use mortar_client::telemetry;
-use mortar_client::volfile::Volfile;
+use mortar_common::telemetry;
+use mortar_common::volfile::Volfile;
 use tokio::sync::watch;
 
 /// Serves one brick of a Mortar volume: a full copy of the volume under --dir.
@@ -57,6 +57,9 @@ fn load_volfile(path: &PathBuf) -> anyhow::Result<VolfileState> {
     let vol = Volfile::parse(&yaml).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     Ok(VolfileState { yaml, vol })
 }
+
+/// How long an inode stays in `.mortar/dirty` after its last change.
+const DIRTY_IDLE: Duration = Duration::from_secs(5);
 
 fn main() {
     let args = Args::parse();
@@ -116,6 +119,16 @@ fn run(args: Args) -> anyhow::Result<()> {
             }
             .run(),
         );
+        // Entries of `.mortar/dirty` whose changes finished go after a few idle seconds, so
+        // that a restart has few to look at (see `Store::recover_dirty`).
+        let sweep = store.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(DIRTY_IDLE).await;
+                let s = sweep.clone();
+                let _ = tokio::task::spawn_blocking(move || s.sweep_dirty(DIRTY_IDLE)).await;
+            }
+        });
         let hm = heal_metrics.clone();
         let m = svc.metrics.clone();
         let st = store.clone();
@@ -133,6 +146,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 telemetry::metric(&mut out, &l("mortar_brick_lock_waits_total"), "counter", "Lock requests that had to wait", m.lock_waits.load(Relaxed));
                 telemetry::metric(&mut out, &l("mortar_brick_sessions_ended_total"), "counter", "Client sessions ended", m.sessions_ended.load(Relaxed));
                 telemetry::metric(&mut out, &l("mortar_brick_heal_pending"), "gauge", "Inodes in the heal index", st.heal_count());
+                telemetry::metric(&mut out, &l("mortar_brick_dirty_inodes"), "gauge", "Inodes changed lately, tracked in case the brick stops mid-change", st.dirty_count());
                 telemetry::metric(&mut out, &l("mortar_brick_healed_total"), "counter", "Inodes healed by this brick's worker", hm.healed.load(Relaxed));
                 telemetry::metric(&mut out, &l("mortar_brick_healed_bytes_total"), "counter", "Bytes copied by self-heal", hm.bytes.load(Relaxed));
                 telemetry::metric(&mut out, &l("mortar_brick_heal_failures_total"), "counter", "Heals deferred after an error", hm.failures.load(Relaxed));

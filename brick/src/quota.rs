@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::sync::Mutex;
 
-use mortar_client::gfid::Gfid;
+use mortar_common::gfid::Gfid;
 use rustix::fs::{self as rfs, FileType};
 use rustix::io::Errno;
 

@@ -1,11 +1,14 @@
 //! Mortar's per-inode record, kept in one extended attribute of the backend inode so that a
 //! lookup costs a single getxattr.
 
-use mortar_client::gfid::Gfid;
+use mortar_common::gfid::Gfid;
 
 pub const XATTR: &str = "trusted.mortar.rec";
-const FORMAT: u8 = 2;
-const LEN: usize = 1 + 16 + 8 * 5;
+const FORMAT: u8 = 3;
+const LEN: usize = 1 + 16 + 8 * 6;
+/// Format 2 (before `pending`): read as a record with nothing pending.
+const FORMAT_2: u8 = 2;
+const LEN_2: usize = 1 + 16 + 8 * 5;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Record {
@@ -16,6 +19,10 @@ pub struct Record {
     pub ver: (u64, u64, u64),
     /// Change time stamped by the client, so that every copy reports the same ctime.
     pub ctime_ns: i64,
+    /// The id of a change begun on this copy and not finished (0: none). Written before the
+    /// change is applied and cleared with the new version, so that a brick that dies in
+    /// the middle leaves evidence: its copy is no longer taken to be at `ver`.
+    pub pending: u64,
 }
 
 impl Record {
@@ -25,6 +32,7 @@ impl Record {
             promised,
             ver: (0, 0, 0),
             ctime_ns,
+            pending: 0,
         }
     }
 
@@ -37,12 +45,14 @@ impl Record {
         b[33..41].copy_from_slice(&self.ver.1.to_le_bytes());
         b[41..49].copy_from_slice(&self.ver.2.to_le_bytes());
         b[49..57].copy_from_slice(&self.ctime_ns.to_le_bytes());
+        b[57..65].copy_from_slice(&self.pending.to_le_bytes());
         b
     }
 
     pub fn decode(b: &[u8]) -> Option<Record> {
-        if b.len() != LEN || b[0] != FORMAT {
-            return None;
+        match (b.len(), b.first()) {
+            (LEN, Some(&FORMAT)) | (LEN_2, Some(&FORMAT_2)) => {}
+            _ => return None,
         }
         let u = |r: std::ops::Range<usize>| u64::from_le_bytes(b[r].try_into().unwrap());
         Some(Record {
@@ -50,6 +60,7 @@ impl Record {
             promised: u(17..25),
             ver: (u(25..33), u(33..41), u(41..49)),
             ctime_ns: u(49..57) as i64,
+            pending: if b.len() == LEN { u(57..65) } else { 0 },
         })
     }
 }
@@ -65,8 +76,14 @@ mod tests {
             promised: 7,
             ver: (5, 9, 11),
             ctime_ns: -3,
+            pending: 4,
         };
         assert_eq!(Record::decode(&r.encode()), Some(r));
+        // A record written before `pending` existed reads as one with nothing pending.
+        let old = &r.encode()[..LEN_2];
+        let mut old = old.to_vec();
+        old[0] = FORMAT_2;
+        assert_eq!(Record::decode(&old), Some(Record { pending: 0, ..r }));
         assert_eq!(Record::decode(&[0u8; 3]), None);
     }
 }

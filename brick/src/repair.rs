@@ -2,7 +2,7 @@
 //! brick's, applied under the healer's inode lock and without version checks (the healer
 //! sets the version last, once the copy really is like the source).
 
-use mortar_client::gfid::Gfid;
+use mortar_common::gfid::Gfid;
 use mortar_proto as pb;
 use rustix::fs::{self as rfs, FileType, Mode, OFlags, Timestamps};
 use rustix::io::Errno;
@@ -71,6 +71,7 @@ impl Store {
                 let mut rec = read_rec(&path)?;
                 rec.ver = (v.term, v.seq, v.id);
                 rec.ctime_ns = ctime;
+                rec.pending = 0;
                 write_rec(&path, &rec)?;
                 stat_loc(&path)
             }

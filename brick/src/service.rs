@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mortar_client::gfid::Gfid;
-use mortar_client::volfile::Volfile;
+use mortar_common::gfid::Gfid;
+use mortar_common::volfile::Volfile;
 use mortar_proto as pb;
 use rustix::io::Errno;
 use tokio::sync::{mpsc, watch};
@@ -78,6 +78,21 @@ fn test_fsync_delay() -> Option<u64> {
             .ok()
             .and_then(|v| v.parse().ok())
     })
+}
+
+/// MORTAR_TEST_DIE_MID_WRITE=before|after (tests only): a write whose data starts with
+/// `DIE_MARKER` makes the brick exit at once, after its pre-op mark and before (or after)
+/// applying the write: a brick that dies in the middle of a change.
+const DIE_MARKER: &[u8] = b"MORTAR-TEST-DIE";
+
+fn test_die_mid_write(op: &pb::mutate_req::Op) -> Option<bool> {
+    static MODE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    let after = (*MODE.get_or_init(|| match std::env::var("MORTAR_TEST_DIE_MID_WRITE").as_deref() {
+        Ok("before") => Some(false),
+        Ok("after") => Some(true),
+        _ => None,
+    }))?;
+    matches!(op, pb::mutate_req::Op::Write(w) if w.data.starts_with(DIE_MARKER)).then_some(after)
 }
 
 fn attr_reply(res: Result<pb::Attr, Errno>) -> pb::AttrReply {
@@ -633,6 +648,7 @@ impl pb::brick_server::Brick for BrickService {
                             gfid: g.to_vec(),
                             ver: None,
                             promised: 0,
+                            pending: false,
                         });
                         continue;
                     }
@@ -647,6 +663,7 @@ impl pb::brick_server::Brick for BrickService {
                             id: rec.ver.2,
                         }),
                         promised: rec.promised,
+                        pending: rec.pending != 0,
                     }),
                     Err(p) => refused = refused.max(p),
                 }
@@ -743,7 +760,19 @@ impl pb::brick_server::Brick for BrickService {
             if !store.versions_match(&updates)? {
                 return Ok(None);
             }
+            store.mark_pending(&updates)?;
+            let die = test_die_mid_write(&op);
+            if die == Some(false) {
+                std::process::exit(86);
+            }
             let mut out = store.apply(&op, now);
+            if die == Some(true) {
+                std::process::exit(86);
+            }
+            if out.is_err() {
+                // Refused (ENOTEMPTY, EDQUOT, ...): nothing was changed, nothing is pending.
+                store.clear_pending(&updates)?;
+            }
             if let Ok((attr, _)) = &mut out {
                 store.set_versions(&updates, now)?;
                 // The reply describes the inode as it is now: at its new version and ctime

@@ -17,8 +17,9 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 
-use mortar_client::gfid::Gfid;
+use mortar_common::gfid::Gfid;
 use mortar_proto as pb;
 use rustix::fs::{self as rfs, FileType, Mode, OFlags, Timespec, Timestamps};
 use rustix::io::Errno;
@@ -30,6 +31,10 @@ use crate::record::{self, Record};
 pub type R<T> = Result<T, Errno>;
 
 const META: &str = ".mortar";
+/// The file in `.mortar` holding the term ceiling (see `Store::raise_ceiling`).
+const CEILING: &str = "term-ceiling";
+/// How far above a promised term the recorded ceiling goes: one minute of a client's clock.
+const CEILING_AHEAD_NS: u64 = 60_000_000_000;
 const MAX_FDS: usize = 4096;
 const MAX_XATTR: usize = 64 * 1024;
 
@@ -45,6 +50,14 @@ pub struct Store {
     /// The 256 subdirectories of the gfid index (`.mortar/gfid/00` … `ff`).
     index_dirs: Vec<Dir>,
     heal_dir: PathBuf,
+    /// Inodes changed lately, each with a file in `.mortar/dirty` made before its first
+    /// pending mark: after a crash, the only place to look for marks left behind.
+    dirty: Mutex<HashMap<Gfid, Instant>>,
+    /// Terms at or below this are refused on every inode: the ceiling recorded before the
+    /// last stop, above every term promised then (see `raise_ceiling`).
+    term_floor: u64,
+    /// Terms above this must be recorded (durably) before they are promised.
+    term_ceiling: Mutex<u64>,
     pub(crate) dirs: RwLock<HashMap<Gfid, DirNode>>,
     fds: Mutex<HashMap<Gfid, Arc<OwnedFd>>>,
     heal: Mutex<HashSet<Gfid>>,
@@ -108,7 +121,7 @@ fn kind_of(mode: u32) -> pb::Kind {
 }
 
 pub fn read_rec(loc: &Loc) -> R<Record> {
-    let mut buf = [0u8; 64];
+    let mut buf = [0u8; 96];
     let n = loc
         .getxattr(OsStr::new(record::XATTR), &mut buf[..])
         .map_err(|e| if e == Errno::NODATA { Errno::IO } else { e })?;
@@ -151,6 +164,7 @@ fn attr_of(st: &rfs::Stat, rec: &Record) -> pb::Attr {
             seq: rec.ver.1,
             id: rec.ver.2,
         }),
+        pending: rec.pending != 0,
     }
 }
 
@@ -180,6 +194,7 @@ impl Store {
             &heal_dir,
             &meta.join("split"),
             &meta.join("orphans"),
+            &meta.join("dirty"),
         ] {
             std::fs::DirBuilder::new()
                 .recursive(true)
@@ -228,11 +243,21 @@ impl Store {
             .map(|i| root_dir.walk([META.as_ref(), "gfid".as_ref(), format!("{i:02x}").as_ref()]))
             .collect::<R<Vec<Dir>>>()
             .map_err(|e| anyhow::anyhow!("opening the gfid index: {e}"))?;
+        let term_floor = match std::fs::read_to_string(meta.join(CEILING)) {
+            Ok(t) => t.trim().parse().map_err(|e| {
+                anyhow::anyhow!("{}: {e}", meta.join(CEILING).display())
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => anyhow::bail!("{}: {e}", meta.join(CEILING).display()),
+        };
         let store = Store {
             root,
             root_dir,
             index_dirs,
             heal_dir,
+            dirty: Mutex::new(HashMap::new()),
+            term_floor,
+            term_ceiling: Mutex::new(term_floor),
             dirs: RwLock::new(HashMap::new()),
             fds: Mutex::new(HashMap::new()),
             heal: Mutex::new(HashSet::new()),
@@ -257,6 +282,7 @@ impl Store {
             }
         }
         drop(heal);
+        store.recover_dirty()?;
         for e in std::fs::read_dir(store.split_dir())? {
             if let Some(g) = e?.file_name().to_str().and_then(Gfid::parse_hex) {
                 store.split.lock().unwrap().insert(g);
@@ -510,12 +536,99 @@ impl Store {
     pub fn promise(&self, g: Gfid, term: u64) -> R<Result<Record, u64>> {
         let path = self.path_of(g)?;
         let mut rec = read_rec(&path)?;
-        if term <= rec.promised {
-            return Ok(Err(rec.promised));
+        let promised = rec.promised.max(self.term_floor);
+        if term <= promised {
+            return Ok(Err(promised));
         }
+        self.raise_ceiling(term)?;
         rec.promised = term;
         write_rec(&path, &rec)?;
         Ok(Ok(rec))
+    }
+
+    /// Makes sure a crash cannot forget a promise of `term`. The record's own copy of it is
+    /// not synced (a sync per lock would cost a disk flush each time); instead the brick
+    /// keeps, synced, a ceiling above every term it promised, and after a restart refuses
+    /// every term up to it (`term_floor`). Terms are the clients' clocks in nanoseconds,
+    /// and the ceiling goes a minute ahead: it is written about once a minute.
+    fn raise_ceiling(&self, term: u64) -> R<()> {
+        let mut ceiling = self.term_ceiling.lock().unwrap();
+        if term <= *ceiling {
+            return Ok(());
+        }
+        let next = term.saturating_add(CEILING_AHEAD_NS);
+        let meta = self.heal_dir.parent().expect("the heal index is in .mortar");
+        let tmp = meta.join(format!("{CEILING}.tmp"));
+        let durable = (|| {
+            let mut f = std::fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut f, format!("{next}\n").as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, meta.join(CEILING))?;
+            std::fs::File::open(&meta)?.sync_all()
+        })();
+        durable.map_err(|e| {
+            tracing::error!("cannot record the term ceiling: {e}");
+            io_errno(&e)
+        })?;
+        *ceiling = next;
+        Ok(())
+    }
+
+    /// After a restart: every inode that was changing when the brick stopped and still has
+    /// a pending mark goes to the heal index (its copy is unknown); the rest are done.
+    fn recover_dirty(&self) -> anyhow::Result<()> {
+        let dir = self.dirty_dir();
+        let mut found = 0;
+        for e in std::fs::read_dir(&dir)? {
+            let e = e?;
+            let Some(g) = e.file_name().to_str().and_then(Gfid::parse_hex) else {
+                continue;
+            };
+            if self.path_of(g).and_then(|p| read_rec(&p)).is_ok_and(|r| r.pending != 0) {
+                tracing::warn!(gfid = %g, "a change was cut short here: the copy goes to heal");
+                self.mark_heal(g);
+                found += 1;
+            }
+            std::fs::remove_file(e.path())?;
+        }
+        if found > 0 {
+            tracing::warn!("{found} inodes had changes cut short by the last stop");
+        }
+        Ok(())
+    }
+
+    fn dirty_dir(&self) -> PathBuf {
+        self.heal_dir.with_file_name("dirty")
+    }
+
+    /// Forgets inodes not changed for `idle` whose last change finished: their entries in
+    /// `.mortar/dirty` go (the brick's sweeper calls this every few seconds).
+    pub fn sweep_dirty(&self, idle: std::time::Duration) {
+        let old: Vec<Gfid> = self
+            .dirty
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, t)| t.elapsed() >= idle)
+            .map(|(g, _)| *g)
+            .collect();
+        for g in old {
+            let mut dirty = self.dirty.lock().unwrap();
+            if dirty.get(&g).is_none_or(|t| t.elapsed() < idle) {
+                continue;
+            }
+            // Read and removed under the lock: a change marking it now waits.
+            let pending = self.path_of(g).and_then(|p| read_rec(&p)).is_ok_and(|r| r.pending != 0);
+            if !pending {
+                dirty.remove(&g);
+                let _ = std::fs::remove_file(self.dirty_dir().join(g.hex()));
+            }
+        }
+    }
+
+    /// Inodes with an entry in `.mortar/dirty` now (for tests and metrics).
+    pub fn dirty_count(&self) -> usize {
+        self.dirty.lock().unwrap().len()
     }
 
     /// Whether every inode is at the version the client expects (else this copy is stale).
@@ -528,11 +641,49 @@ impl Store {
             let rec = self.record(gfid(&u.gfid)?)?;
             let exp = u.expect.unwrap_or_default();
             let new = u.new.unwrap_or_default();
-            if rec.ver != (exp.term, exp.seq, exp.id) || new.term < rec.promised {
+            // A copy with an unfinished change is not at any version: heal levels it.
+            if rec.ver != (exp.term, exp.seq, exp.id)
+                || rec.pending != 0
+                || new.term < rec.promised
+            {
                 return Ok(false);
             }
         }
         Ok(true)
+    }
+
+    /// The pre-op: records in each inode's record that change `new.id` begins, before any of
+    /// it is applied. `set_versions` clears it with the new version; a brick that dies in
+    /// between leaves the mark, and its copy is taken for what it is: unknown.
+    pub fn mark_pending(&self, updates: &[pb::VerUpdate]) -> R<()> {
+        for u in updates {
+            let g = gfid(&u.gfid)?;
+            {
+                // The entry in `.mortar/dirty` comes first: it is how a restart finds the mark.
+                let mut dirty = self.dirty.lock().unwrap();
+                if !dirty.contains_key(&g) {
+                    std::fs::File::create(self.dirty_dir().join(g.hex()))
+                        .map_err(|e| io_errno(&e))?;
+                }
+                dirty.insert(g, Instant::now());
+            }
+            let path = self.path_of(g)?;
+            let mut rec = read_rec(&path)?;
+            rec.pending = u.new.unwrap_or_default().id.max(1);
+            write_rec(&path, &rec)?;
+        }
+        Ok(())
+    }
+
+    /// Takes back `mark_pending` for a change that was refused before it changed anything.
+    pub fn clear_pending(&self, updates: &[pb::VerUpdate]) -> R<()> {
+        for u in updates {
+            let path = self.path_of(gfid(&u.gfid)?)?;
+            let mut rec = read_rec(&path)?;
+            rec.pending = 0;
+            write_rec(&path, &rec)?;
+        }
+        Ok(())
     }
 
     pub fn set_versions(&self, updates: &[pb::VerUpdate], now: i64) -> R<()> {
@@ -542,6 +693,7 @@ impl Store {
             let new = u.new.unwrap_or_default();
             rec.ver = (new.term, new.seq, new.id);
             rec.ctime_ns = now;
+            rec.pending = 0;
             write_rec(&path, &rec)?;
         }
         Ok(())
@@ -1014,7 +1166,7 @@ impl Store {
 
     fn fd_attr(&self, fd: &impl AsFd, g: Gfid) -> R<pb::Attr> {
         let st = rfs::fstat(fd)?;
-        let mut buf = [0u8; 64];
+        let mut buf = [0u8; 96];
         let n = rfs::fgetxattr(fd, record::XATTR, &mut buf[..])?;
         let rec = Record::decode(&buf[..n]).ok_or(Errno::IO)?;
         debug_assert_eq!(rec.gfid, g);
@@ -1214,6 +1366,75 @@ mod tests {
         assert_eq!(s.promise(Gfid::ROOT, 20).unwrap().map(|_| ()), Ok(()));
         assert_eq!(s.versions_match(&[update(10)]), Ok(false));
         assert_eq!(s.versions_match(&[update(20)]), Ok(true));
+    }
+
+    /// Item 5 of the replication issue: a promise must survive a crash that loses the
+    /// record's unsynced copy of it, or a fenced writer could come back after a restart.
+    #[test]
+    fn a_promise_lost_in_a_crash_is_still_kept_after_a_restart() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("b");
+        let s = Store::open(&dir).unwrap();
+        assert!(s.promise(Gfid::ROOT, 1_000).unwrap().is_ok());
+        // The crash: the record's promise was never written back.
+        let root = s.path_of(Gfid::ROOT).unwrap();
+        let mut rec = read_rec(&root).unwrap();
+        rec.promised = 0;
+        write_rec(&root, &rec).unwrap();
+        drop(s);
+        let s = Store::open(&dir).unwrap();
+        let floor = match s.promise(Gfid::ROOT, 999).unwrap() {
+            Err(p) => p,
+            Ok(_) => panic!("a term below one promised before the crash was granted"),
+        };
+        assert!(floor >= 1_000, "refused below {floor}");
+        assert!(s.promise(Gfid::ROOT, 1_000).unwrap().is_err());
+        assert!(s.promise(Gfid::ROOT, floor + 1).unwrap().is_ok());
+    }
+
+    /// Item 4 of the replication issue: a change cut short (the brick died between the
+    /// pre-op mark and the new version) leaves its copy marked, visibly and durably, and a
+    /// restart sends it to heal; a change that finished leaves nothing behind.
+    #[test]
+    fn a_change_cut_short_leaves_a_mark_that_a_restart_sends_to_heal() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("b");
+        let s = Store::open(&dir).unwrap();
+        s.heal_done(Gfid::ROOT);
+        let update = |seq, id| pb::VerUpdate {
+            gfid: Gfid::ROOT.to_vec(),
+            expect: Some(pb::Version { term: 5, seq: seq - 1, id: id - 1 }),
+            new: Some(pb::Version { term: 5, seq, id }),
+        };
+        assert!(s.promise(Gfid::ROOT, 5).unwrap().is_ok());
+        let first = pb::VerUpdate {
+            expect: Some(pb::Version::default()),
+            ..update(1, 1)
+        };
+        // A change that finishes: marked, then cleared with its version.
+        s.mark_pending(std::slice::from_ref(&first)).unwrap();
+        assert!(s.getattr(Gfid::ROOT).unwrap().pending);
+        s.set_versions(std::slice::from_ref(&first), 1).unwrap();
+        assert!(!s.getattr(Gfid::ROOT).unwrap().pending);
+        assert_eq!(s.dirty_count(), 1);
+        s.sweep_dirty(std::time::Duration::ZERO);
+        assert_eq!(s.dirty_count(), 0, "a finished change is forgotten");
+        drop(s);
+        let s = Store::open(&dir).unwrap();
+        assert!(s.heal_pending().is_empty());
+        // A change cut short: the mark stays, the copy refuses further changes (stale) ...
+        s.mark_pending(&[update(2, 2)]).unwrap();
+        s.sweep_dirty(std::time::Duration::ZERO);
+        assert_eq!(s.dirty_count(), 1, "a pending change is not forgotten");
+        let a = s.getattr(Gfid::ROOT).unwrap();
+        assert!(a.pending);
+        assert_eq!(a.ver.unwrap().seq, 1);
+        assert_eq!(s.versions_match(&[update(2, 2)]), Ok(false));
+        drop(s);
+        // ... and a restart puts it in the heal index.
+        let s = Store::open(&dir).unwrap();
+        assert_eq!(s.heal_pending(), vec![Gfid::ROOT]);
+        assert!(s.getattr(Gfid::ROOT).unwrap().pending);
     }
 
     #[test]

@@ -7,10 +7,10 @@ use futures::StreamExt;
 use mortar_proto as pb;
 use serde::Serialize;
 
-use crate::conn::connect_once;
-use crate::error::{Error, Result};
-use crate::replicate::fetch_volfile;
-use crate::volfile::{Volfile, with_default_port};
+use mortar_replication::conn::connect_once;
+use mortar_common::error::{Error, Result};
+use mortar_replication::volume::fetch_volfile;
+use mortar_common::volfile::{Volfile, with_default_port};
 
 #[derive(Debug, Serialize)]
 pub struct BrickStatus {
@@ -99,7 +99,7 @@ pub async fn status(target: &str, timeout: Duration) -> Result<VolumeStatus> {
         bricks_up: bricks.iter().filter(|b| b.up).count(),
         quorum: vf.quorum(),
         heal_pending: bricks.iter().map(|b| b.heal_pending).sum(),
-        ping_timeout_secs: crate::replicate::Options::default()
+        ping_timeout_secs: mortar_replication::volume::Options::default()
             .effective_ping_timeout(Some(&vf))
             .as_secs(),
         ping_timeout_from: if vf.ping_timeout.is_some() {
@@ -237,7 +237,7 @@ pub async fn heal_info(target: &str, timeout: Duration) -> Result<Vec<BrickHeal>
         let c = connect_once(&b.address, timeout)
             .await
             .map_err(|e| e.to_string())?;
-        crate::heal::list_index(|req| {
+        mortar_replication::heal::list_index(|req| {
             let mut c = c.clone();
             async move {
                 match tokio::time::timeout(timeout, c.heal_index(req)).await {
@@ -262,7 +262,7 @@ pub async fn heal_info(target: &str, timeout: Duration) -> Result<Vec<BrickHeal>
                 .unwrap_or_default()
                 .into_iter()
                 .map(|e| HealEntry {
-                    gfid: crate::gfid::Gfid::from_bytes(&e.gfid)
+                    gfid: mortar_common::gfid::Gfid::from_bytes(&e.gfid)
                         .map(|g| g.hex())
                         .unwrap_or_default(),
                     path: e.path,
@@ -277,20 +277,20 @@ pub async fn heal_info(target: &str, timeout: Duration) -> Result<Vec<BrickHeal>
 pub async fn heal_resolve(
     target: &str,
     path: &str,
-    source: crate::heal::Source,
+    source: mortar_replication::heal::Source,
     timeout: Duration,
-) -> Result<crate::heal::HealStats> {
+) -> Result<mortar_replication::heal::HealStats> {
     let (servers, vol) = parse_target(target)?;
-    let opts = crate::replicate::Options {
+    let opts = mortar_replication::volume::Options {
         ping_timeout: Some(timeout),
         client_name: "mortar heal resolve".into(),
         ..Default::default()
     };
-    let v = crate::replicate::Volume::connect(&servers, &vol, opts).await?;
-    let mut g = crate::gfid::Gfid::ROOT;
+    let v = mortar_replication::volume::Volume::connect(&servers, &vol, opts).await?;
+    let mut g = mortar_common::gfid::Gfid::ROOT;
     for part in path.split('/').filter(|p| !p.is_empty()) {
         let a = v.lookup(g, part.as_bytes()).await?;
-        g = crate::gfid::Gfid::from_bytes(&a.gfid).ok_or(Error::Os(libc::EIO))?;
+        g = mortar_common::gfid::Gfid::from_bytes(&a.gfid).ok_or(Error::Os(libc::EIO))?;
     }
     let r = v.heal(g, source).await;
     v.shutdown().await;

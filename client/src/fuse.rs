@@ -17,9 +17,9 @@ use fuser::{
 };
 use mortar_proto as pb;
 
-use crate::error::Error;
-use crate::gfid::Gfid;
-use crate::replicate::Volume;
+use mortar_common::error::Error;
+use mortar_common::gfid::Gfid;
+use mortar_replication::volume::Volume;
 
 pub const MAX_WRITE: u32 = 1 << 20;
 const BLKSIZE: u32 = 128 * 1024;
@@ -261,8 +261,8 @@ fn file_attr(a: &pb::Attr) -> Result<(Gfid, FileAttr), &'static str> {
 }
 
 /// Malformed attributes from bricks: logged at most once per 10 s.
-static BAD_ATTR_WARNINGS: crate::telemetry::RateLimit =
-    crate::telemetry::RateLimit::new(Duration::from_secs(10));
+static BAD_ATTR_WARNINGS: mortar_common::telemetry::RateLimit =
+    mortar_common::telemetry::RateLimit::new(Duration::from_secs(10));
 
 /// The gfid of attributes already checked (or the root's when not).
 fn g_of(a: &pb::Attr) -> Gfid {

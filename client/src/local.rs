@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use crate::admin;
-use crate::volfile::{BrickSpec, DEFAULT_PORT, Volfile};
+use mortar_common::volfile::{BrickSpec, DEFAULT_PORT, Volfile};
 
 pub const BRICKS: usize = 3;
 

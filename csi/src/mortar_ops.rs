@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use mortar_client::error::Error;
-use mortar_client::gfid::Gfid;
-use mortar_client::replicate::{Options, Volume};
+use mortar_common::error::Error;
+use mortar_common::gfid::Gfid;
+use mortar_replication::volume::{Options, Volume};
 
 use crate::ops::{
     DirMeta, DirUsage, FsStats, OpsError, OpsResult, RECLAIM_XATTR, Reclaim, SOURCE_XATTR,

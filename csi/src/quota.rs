@@ -9,9 +9,9 @@
 //! service falls back to it for NodeGetVolumeStats when a mount's statfs reports the
 //! whole volume.
 
-use mortar_client::error::Result;
-use mortar_client::gfid::Gfid;
-use mortar_client::replicate::Volume;
+use mortar_common::error::Result;
+use mortar_common::gfid::Gfid;
+use mortar_replication::volume::Volume;
 
 use crate::ops::LIMIT_XATTR;
 

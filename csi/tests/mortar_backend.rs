@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use mortar_client::gfid::Gfid;
+use mortar_common::gfid::Gfid;
 use mortar_csi::csi::*;
 use mortar_csi::mortar_ops::{MortarOps, MortarResolver};
 use mortar_csi::ops::VolumeOps;

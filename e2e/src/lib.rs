@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mortar_client::volfile::{BrickSpec, Volfile};
+use mortar_common::volfile::{BrickSpec, Volfile};
 
 pub fn bin(name: &str) -> PathBuf {
     // target/<profile>/deps/<test> → target/<profile>/<name>
@@ -289,12 +289,12 @@ impl Cluster {
     }
 
     /// Connects a client library volume directly (for protocol-level tests).
-    pub async fn volume(&self) -> std::sync::Arc<mortar_client::replicate::Volume> {
-        let opts = mortar_client::replicate::Options {
+    pub async fn volume(&self) -> std::sync::Arc<mortar_replication::volume::Volume> {
+        let opts = mortar_replication::volume::Options {
             ping_timeout: Some(Duration::from_secs(2)),
             ..Default::default()
         };
-        mortar_client::replicate::Volume::connect(&[self.addr(0)], "data", opts)
+        mortar_replication::volume::Volume::connect(&[self.addr(0)], "data", opts)
             .await
             .unwrap()
     }

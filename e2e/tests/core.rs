@@ -7,7 +7,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use mortar_client::gfid::Gfid;
+use mortar_common::gfid::Gfid;
 use mortar_e2e::{Cluster, pattern};
 use mortar_proto as pb;
 use sha2::{Digest, Sha256};
@@ -459,7 +459,7 @@ async fn hostile_names_get_clear_errors_and_the_brick_keeps_serving() {
                 .map(|_| ())
         }
     };
-    let errno = |r: Result<(), mortar_client::error::Error>| r.unwrap_err().errno();
+    let errno = |r: Result<(), mortar_common::error::Error>| r.unwrap_err().errno();
     assert_eq!(errno(create(b"a/b".to_vec()).await), libc::EINVAL);
     assert_eq!(errno(create(b"..".to_vec()).await), libc::EINVAL);
     assert_eq!(errno(create(b"../escape".to_vec()).await), libc::EINVAL);
@@ -505,7 +505,7 @@ async fn hostile_names_get_clear_errors_and_the_brick_keeps_serving() {
     );
     assert_eq!(v.read(g, 0, 100).await.unwrap(), b"still serving");
     // Malformed requests straight to a brick: a bad gfid is an error, not a crash.
-    let mut b = mortar_client::conn::connect_once(&c.addr(0), Duration::from_secs(2))
+    let mut b = mortar_replication::conn::connect_once(&c.addr(0), Duration::from_secs(2))
         .await
         .unwrap();
     let r = b

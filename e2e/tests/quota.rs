@@ -3,7 +3,7 @@
 use std::fs;
 use std::io::Write;
 
-use mortar_client::gfid::Gfid;
+use mortar_common::gfid::Gfid;
 use mortar_e2e::Cluster;
 
 #[test]

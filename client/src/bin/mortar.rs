@@ -214,9 +214,9 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 },
         } => {
             let src = match (source, policy.as_deref()) {
-                (Some(b), _) => mortar_client::heal::Source::Brick(b),
-                (None, Some("mtime")) => mortar_client::heal::Source::Mtime,
-                (None, _) => mortar_client::heal::Source::Size,
+                (Some(b), _) => mortar_replication::heal::Source::Brick(b),
+                (None, Some("mtime")) => mortar_replication::heal::Source::Mtime,
+                (None, _) => mortar_replication::heal::Source::Size,
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -1,6 +1,6 @@
 //! The client library's errors; mapped to errno once, at the FUSE edge.
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
     /// The operation itself was refused (the same answer from the bricks that count).
     #[error("{}", std::io::Error::from_raw_os_error(*.0))]

@@ -11,8 +11,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::error::{Error, Result};
-use crate::gfid::Gfid;
+use mortar_common::error::{Error, Result};
+use mortar_common::gfid::Gfid;
 
 pub const MAX_MESSAGE: usize = 64 << 20;
 

@@ -15,9 +15,14 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use mortar_proto as pb;
 
-use crate::error::{Error, Result};
-use crate::gfid::{Gfid, rand_u64};
-use crate::replicate::{InodeTx, Member, Ver, Volume, pver, ver_of};
+use mortar_common::error::{Error, Result};
+use mortar_common::gfid::{Gfid, rand_u64};
+
+pub use crate::arbitrate::Source;
+use crate::arbitrate::{self, Copy, Ver, pver, ver_of};
+use crate::conn::Brick;
+use crate::txn::{InodeTx, Member};
+use crate::volume::Volume;
 
 /// Size of the blocks compared during data heal (the brick's checksum unit).
 pub const BLOCK: u32 = 128 * 1024;
@@ -39,19 +44,6 @@ impl HealLock<'_> {
     fn should_yield(&self) -> bool {
         self.tx.contended.load(Relaxed) && self.since.elapsed() >= YIELD_AFTER
     }
-}
-
-/// Which copy wins.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Source {
-    /// The newest version; contradicting copies are split brain and left alone.
-    Newest,
-    /// This brick's copy (to settle a split brain).
-    Brick(String),
-    /// The copy with the latest mtime.
-    Mtime,
-    /// The largest copy.
-    Size,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -95,14 +87,6 @@ fn errno_result(errno: i32) -> Result<()> {
     Error::from_errno(errno)
 }
 
-/// Whether a copy needs healing from `src`: another version, or (for copies a heal has just
-/// created, which start at the source's initial version) other attributes.
-fn differs(a: &pb::Attr, src: &pb::Attr) -> bool {
-    ver_of(a.ver) != ver_of(src.ver)
-        || (a.mode, a.uid, a.gid, a.mtime_ns) != (src.mode, src.uid, src.gid, src.mtime_ns)
-        || (a.kind() == pb::Kind::File && a.size != src.size)
-}
-
 /// Requests to one brick inside a heal, on the session that holds the lock.
 impl Member {
     async fn attr(&self, g: Gfid) -> Result<Option<pb::Attr>> {
@@ -118,7 +102,7 @@ impl Member {
     }
 
     async fn readdir(&self, g: Gfid) -> Result<Vec<pb::DirEntry>> {
-        crate::replicate::list_dir(&self.brick, g).await
+        crate::read::list_dir(&self.brick, g).await
     }
 
     async fn read(&self, g: Gfid, offset: u64, size: u32) -> Result<Vec<u8>> {
@@ -226,6 +210,43 @@ impl Member {
 }
 
 impl Volume {
+    /// Asks a brick's self-heal worker to look at `g` (at most every few seconds per inode).
+    pub async fn queue_heal(&self, g: Gfid) {
+        {
+            let mut q = self.heal_queued.lock().unwrap();
+            if q.get(&g)
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(5))
+            {
+                return;
+            }
+            if q.len() > 10_000 {
+                q.clear();
+            }
+            q.insert(g, Instant::now());
+        }
+        // To the brick whose worker owns this inode (see the brick's heal worker), else any.
+        let mut bricks: Vec<Arc<Brick>> = self.bricks();
+        let owner = (u64::from_le_bytes(g.0[8..].try_into().unwrap()) % bricks.len().max(1) as u64)
+            as usize;
+        bricks.rotate_left(owner);
+        bricks.retain(|b| b.is_up());
+        tokio::spawn(async move {
+            for b in bricks {
+                let req = pb::HealIndexReq {
+                    add: vec![g.to_vec()],
+                    ..Default::default()
+                };
+                if b.call(move |mut c, _| async move { c.heal_index(req).await })
+                    .await
+                    .is_ok()
+                {
+                    return;
+                }
+            }
+        });
+    }
+
+
     /// Heals `g` and, for directories, whatever below it differs. `source` decides the
     /// winner for `g` itself; everything below follows the newest copy.
     pub async fn heal(&self, g: Gfid, source: Source) -> Result<HealStats> {
@@ -340,48 +361,26 @@ impl Volume {
             self.heal_done(members, g, complete).await;
             return Ok(vec![]);
         }
-        let vers: Vec<Ver> = present.iter().map(|(_, a)| ver_of(a.ver)).collect();
-        let forced = *source != Source::Newest;
-        let src = match source {
-            Source::Newest => match Ver::newest(&vers) {
-                Ok(v) => present
-                    .iter()
-                    .position(|(_, a)| ver_of(a.ver) == v)
-                    .unwrap(),
-                Err(e) => {
-                    tracing::error!(gfid = %g, "split brain: copies at the same version differ");
-                    join_all(members.iter().map(|m| {
-                        m.index(pb::HealIndexReq {
-                            split_brain: vec![g.to_vec()],
-                            ..Default::default()
-                        })
-                    }))
-                    .await;
-                    return Err(e);
-                }
-            },
-            Source::Brick(id) => present
-                .iter()
-                .position(|(m, _)| &m.brick.id == id)
-                .ok_or_else(|| {
-                    Error::Volfile(format!(
-                        "brick {id} has no copy of this file, or is not reachable"
-                    ))
-                })?,
-            Source::Mtime => (0..present.len())
-                .max_by_key(|i| present[*i].1.mtime_ns)
-                .unwrap(),
-            Source::Size => (0..present.len())
-                .max_by_key(|i| present[*i].1.size)
-                .unwrap(),
+        let ids: Vec<&str> = present.iter().map(|(m, _)| m.brick.id.as_str()).collect();
+        let attrs: Vec<&pb::Attr> = present.iter().map(|(_, a)| a).collect();
+        let plan = match arbitrate::heal_plan(source, &ids, &attrs) {
+            Ok(p) => p,
+            Err(e @ Error::SplitBrain) => {
+                tracing::error!(gfid = %g, "split brain: copies at the same version differ");
+                join_all(members.iter().map(|m| {
+                    m.index(pb::HealIndexReq {
+                        split_brain: vec![g.to_vec()],
+                        ..Default::default()
+                    })
+                }))
+                .await;
+                return Err(e);
+            }
+            Err(e) => return Err(e),
         };
-        let (src_m, src_a) = (present[src].0, present[src].1.clone());
-        let sinks: Vec<&Member> = present
-            .iter()
-            .enumerate()
-            .filter(|(i, (_, a))| *i != src && (forced || differs(a, &src_a)))
-            .map(|(_, (m, _))| *m)
-            .collect();
+        let forced = plan.new_version;
+        let (src_m, src_a) = (present[plan.source].0, present[plan.source].1.clone());
+        let sinks: Vec<&Member> = plan.sinks.iter().map(|i| present[*i].0).collect();
         let mut children = Vec::new();
         if !sinks.is_empty() {
             tracing::info!(gfid = %g, source = %src_m.brick.id, sinks = ?sinks.iter().map(|m| &m.brick.id).collect::<Vec<_>>(), "healing");
@@ -397,7 +396,13 @@ impl Volume {
         // The version goes last: a heal cut short, or one that had to leave something for
         // later, leaves the sink visibly stale, so that it is taken up again.
         if forced {
-            // Settling a split brain: one new version, above both, on every copy.
+            // A split brain settled by a choice, or copies that all stopped in the middle of
+            // a change: one new version, above all of them, on every copy; only once every
+            // sink is level, else the copies would agree on a version but not on content.
+            if !finished.iter().all(|d| *d) {
+                stats.complete = false;
+                return Ok(children);
+            }
             let v = Ver {
                 term,
                 seq: 1,
@@ -470,7 +475,7 @@ impl Volume {
                     let cg = Gfid::from_bytes(&ca.gfid).ok_or(Error::Os(libc::EIO))?;
                     match sink_names.get(name) {
                         Some(sa) if sa.gfid == ca.gfid => {
-                            if ver_of(sa.ver) != ver_of(ca.ver) || sa.kind() == pb::Kind::Dir {
+                            if Copy::of(sa) != Copy::of(ca) || sa.kind() == pb::Kind::Dir {
                                 children.push(cg);
                             }
                         }

@@ -1,0 +1,154 @@
+//! Inode writes (write, truncate, setattr, xattrs, fallocate) and directory writes
+//! (create, remove, rename, link): each builds its change and runs it as one transaction.
+
+use mortar_common::error::{Error, Result};
+use mortar_common::gfid::Gfid;
+use mortar_proto as pb;
+
+use crate::volume::Volume;
+
+impl Volume {
+    pub async fn create(
+        &self,
+        parent: Gfid,
+        name: &[u8],
+        kind: pb::Kind,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        rdev: u64,
+        target: &[u8],
+    ) -> Result<pb::Attr> {
+        let op = pb::mutate_req::Op::Create(pb::Create {
+            parent: parent.to_vec(),
+            name: name.to_vec(),
+            gfid: Gfid::random().to_vec(),
+            kind: kind as i32,
+            mode,
+            uid,
+            gid,
+            rdev,
+            target: target.to_vec(),
+            term: 0,
+            open: false,
+        });
+        let r = self.mutate(&[parent], op).await?;
+        r.attr.ok_or(Error::Os(libc::EIO))
+    }
+
+    /// Creates a regular file and opens it, as `open(O_CREAT)` does: the bricks count the
+    /// open (see [`Volume::open`]); [`Volume::release_open`] ends it.
+    pub async fn create_open(
+        &self,
+        parent: Gfid,
+        name: &[u8],
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Result<pb::Attr> {
+        let op = pb::mutate_req::Op::Create(pb::Create {
+            parent: parent.to_vec(),
+            name: name.to_vec(),
+            gfid: Gfid::random().to_vec(),
+            kind: pb::Kind::File as i32,
+            mode,
+            uid,
+            gid,
+            open: true,
+            ..Default::default()
+        });
+        let r = self.mutate(&[parent], op).await?;
+        r.attr.ok_or(Error::Os(libc::EIO))
+    }
+
+    pub async fn remove(&self, parent: Gfid, name: &[u8], dir: bool) -> Result<()> {
+        let op = pb::mutate_req::Op::Remove(pb::Remove {
+            parent: parent.to_vec(),
+            name: name.to_vec(),
+            dir,
+        });
+        self.mutate(&[parent], op).await.map(|_| ())
+    }
+
+    pub async fn rename(
+        &self,
+        parent: Gfid,
+        name: &[u8],
+        newparent: Gfid,
+        newname: &[u8],
+        flags: u32,
+    ) -> Result<()> {
+        let op = pb::mutate_req::Op::Rename(pb::Rename {
+            parent: parent.to_vec(),
+            name: name.to_vec(),
+            newparent: newparent.to_vec(),
+            newname: newname.to_vec(),
+            flags,
+        });
+        self.mutate(&[parent, newparent], op).await.map(|_| ())
+    }
+
+    pub async fn link(&self, g: Gfid, newparent: Gfid, newname: &[u8]) -> Result<pb::Attr> {
+        let op = pb::mutate_req::Op::Link(pb::Link {
+            gfid: g.to_vec(),
+            newparent: newparent.to_vec(),
+            newname: newname.to_vec(),
+        });
+        let r = self.mutate(&[newparent], op).await?;
+        r.attr.ok_or(Error::Os(libc::EIO))
+    }
+
+    pub async fn setattr(&self, s: pb::Setattr) -> Result<pb::Attr> {
+        let g = Gfid::from_bytes(&s.gfid).ok_or(Error::Os(libc::EINVAL))?;
+        let r = self.mutate(&[g], pb::mutate_req::Op::Setattr(s)).await?;
+        r.attr.ok_or(Error::Os(libc::EIO))
+    }
+
+    pub async fn write(&self, g: Gfid, offset: u64, data: Vec<u8>, append: bool) -> Result<u64> {
+        let op = pb::mutate_req::Op::Write(pb::Write {
+            gfid: g.to_vec(),
+            offset,
+            data,
+            append,
+        });
+        Ok(self.mutate(&[g], op).await?.written)
+    }
+
+    pub async fn fallocate(&self, g: Gfid, mode: i32, offset: u64, length: u64) -> Result<()> {
+        let op = pb::mutate_req::Op::Fallocate(pb::Fallocate {
+            gfid: g.to_vec(),
+            mode,
+            offset,
+            length,
+        });
+        self.mutate(&[g], op).await.map(|_| ())
+    }
+
+    pub async fn setxattr(&self, g: Gfid, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
+        let op = pb::mutate_req::Op::Setxattr(pb::Setxattr {
+            gfid: g.to_vec(),
+            name: name.to_vec(),
+            value: value.to_vec(),
+            flags,
+        });
+        self.mutate(&[g], op).await.map(|_| ())
+    }
+
+    pub async fn removexattr(&self, g: Gfid, name: &[u8]) -> Result<()> {
+        let op = pb::mutate_req::Op::Removexattr(pb::Removexattr {
+            gfid: g.to_vec(),
+            name: name.to_vec(),
+        });
+        self.mutate(&[g], op).await.map(|_| ())
+    }
+
+    /// Limits the apparent size of the tree under directory `dir` (0: no limit).
+    pub async fn set_quota(&self, dir: Gfid, limit_bytes: u64) -> Result<()> {
+        let op = pb::mutate_req::Op::SetQuota(pb::SetQuota {
+            gfid: dir.to_vec(),
+            limit: limit_bytes,
+        });
+        self.mutate(&[dir], op).await.map(|_| ())
+    }
+
+}

@@ -1,0 +1,358 @@
+//! Reads: which copy answers (the newest, remembered per inode while it is known), failover
+//! to the next good copy, and lookups decided by the newest copies of the parent.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use futures::future::join_all;
+use mortar_common::error::{Error, Result};
+use mortar_common::gfid::Gfid;
+use mortar_proto as pb;
+
+use crate::arbitrate::{self, Copy};
+use crate::conn::Brick;
+use crate::volume::Volume;
+
+
+/// Every entry of directory `g` on one brick, page by page in name order (each page starts
+/// after the last name of the one before, so concurrent changes never skip or repeat an
+/// entry that stays).
+pub(crate) async fn list_dir(b: &Brick, g: Gfid) -> Result<Vec<pb::DirEntry>> {
+    let mut out = Vec::new();
+    let mut after = Vec::new();
+    loop {
+        let req = pb::ReaddirReq {
+            gfid: g.to_vec(),
+            max: 1024,
+            after: std::mem::take(&mut after),
+        };
+        let (r, _) = b
+            .call(move |mut c, _| async move { c.readdir(req).await })
+            .await?;
+        Error::from_errno(r.errno)?;
+        out.extend(r.entries);
+        if r.eof || r.next.is_empty() {
+            return Ok(out);
+        }
+        after = r.next;
+    }
+}
+
+impl Volume {
+    fn remember_readable(&self, g: Gfid, ids: Vec<String>) {
+        let mut r = self.readable.lock().unwrap();
+        if r.len() > 100_000 {
+            r.clear();
+        }
+        r.insert(g, ids);
+    }
+
+    /// The bricks connected now; an error if none is.
+    fn up_bricks(&self) -> Result<Vec<Arc<Brick>>> {
+        let bricks: Vec<Arc<Brick>> = self.bricks().into_iter().filter(|b| b.is_up()).collect();
+        if bricks.is_empty() {
+            return Err(Error::Transport {
+                brick: "*".into(),
+                msg: "no brick reachable".into(),
+            });
+        }
+        Ok(bricks)
+    }
+
+    /// Asks every brick for the inode and keeps the newest copy's attributes.
+    pub async fn getattr(&self, g: Gfid) -> Result<pb::Attr> {
+        self.attr_everywhere(g, false).await
+    }
+
+    /// Opens a file: its attributes from every brick, fresh (close-to-open), and each brick
+    /// counts the open, so that an unlink keeps the data until [`Volume::release_open`].
+    pub async fn open(&self, g: Gfid) -> Result<pb::Attr> {
+        self.readable.lock().unwrap().remove(&g);
+        self.attr_everywhere(g, true).await
+    }
+
+    /// Ends one open of `g` on every brick; in the background, as close(2) must not wait.
+    pub fn release_open(&self, g: Gfid) {
+        let Ok(bricks) = self.up_bricks() else {
+            return;
+        };
+        for b in bricks {
+            tokio::spawn(async move {
+                let r = b
+                    .call(move |mut c, up| async move {
+                        c.release(pb::ReleaseReq {
+                            session: up.session.to_vec(),
+                            gfids: vec![g.to_vec()],
+                        })
+                        .await
+                    })
+                    .await;
+                if let Err(e) = r {
+                    tracing::debug!(gfid = %g, "release: {e}");
+                }
+            });
+        }
+    }
+
+    async fn attr_everywhere(&self, g: Gfid, open: bool) -> Result<pb::Attr> {
+        let bricks = self.up_bricks()?;
+        let calls = bricks.iter().map(|b| {
+            b.call(move |mut c, up| async move {
+                if open {
+                    let req = pb::OpenReq {
+                        session: up.session.to_vec(),
+                        gfid: g.to_vec(),
+                    };
+                    c.open(req).await
+                } else {
+                    c.getattr(pb::GfidReq { gfid: g.to_vec() }).await
+                }
+            })
+        });
+        let rs = join_all(calls).await;
+        let mut found: Vec<(&Arc<Brick>, pb::Attr)> = Vec::new();
+        let mut errno = None;
+        let mut transport = None;
+        for (b, r) in bricks.iter().zip(rs) {
+            match r {
+                Ok((rep, _)) if rep.errno == 0 && rep.attr.is_some() => {
+                    found.push((b, rep.attr.unwrap()))
+                }
+                Ok((rep, _)) => errno = Some(rep.errno),
+                Err(e) => transport = Some(e),
+            }
+        }
+        if found.is_empty() {
+            return Err(match (errno, transport) {
+                (Some(e), _) => Error::Os(e),
+                (None, Some(t)) => t,
+                (None, None) => Error::Os(libc::EIO),
+            });
+        }
+        let copies: Vec<Copy> = found.iter().map(|(_, a)| Copy::of(a)).collect();
+        let (_, use_, heal) = match arbitrate::readable(&copies) {
+            Ok(r) => r,
+            Err(e) => {
+                self.queue_heal(g).await;
+                return Err(e);
+            }
+        };
+        if heal {
+            // Heal on access: the good copy answers now, the stale ones get healed.
+            self.queue_heal(g).await;
+        }
+        let ids: Vec<String> = use_.iter().map(|i| found[*i].0.id.clone()).collect();
+        self.remember_readable(g, ids);
+        let first = use_[0];
+        Ok(found.swap_remove(first).1)
+    }
+
+    /// Looks a name up on every brick; the answer comes from the bricks with the newest copy
+    /// of the parent directory, so a brick that missed a create or delete is outvoted.
+    pub async fn lookup(&self, parent: Gfid, name: &[u8]) -> Result<pb::Attr> {
+        let bricks = self.up_bricks()?;
+        let rs = join_all(bricks.iter().map(|b| {
+            let req = pb::LookupReq {
+                parent: parent.to_vec(),
+                name: name.to_vec(),
+            };
+            b.call(move |mut c, _| async move { c.lookup(req).await })
+        }))
+        .await;
+        let mut replies: Vec<(&Arc<Brick>, pb::LookupReply)> = Vec::new();
+        let mut last_err = None;
+        for (b, r) in bricks.iter().zip(rs) {
+            match r {
+                Ok((rep, _)) => replies.push((b, rep)),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        let views: Vec<arbitrate::LookupView> = replies
+            .iter()
+            .map(|(_, r)| arbitrate::LookupView {
+                parent: r.parent.as_ref().map(Copy::of),
+                entry: r.entry.as_ref().map(|e| (e.gfid.clone(), Copy::of(e))),
+                errno: r.errno,
+            })
+            .collect();
+        let Some(vote) = arbitrate::lookup_vote(&views) else {
+            if let Some((_, r)) = replies.first() {
+                return Err(Error::Os(if r.errno == 0 { libc::EIO } else { r.errno }));
+            }
+            return Err(last_err.unwrap_or(Error::Os(libc::EIO)));
+        };
+        if vote.heal_parent || replies.len() < bricks.len() {
+            self.queue_heal(parent).await;
+        }
+        let best = vote.answer.map_err(Error::Os)?;
+        let e = replies[best].1.entry.clone().expect("the vote chose an entry");
+        if let Some(g) = Gfid::from_bytes(&e.gfid) {
+            let ids = vote.holders.iter().map(|i| replies[*i].0.id.clone()).collect();
+            self.remember_readable(g, ids);
+        }
+        Ok(e)
+    }
+
+    /// Bricks that hold the newest copy of `g`, best first.
+    async fn readable_bricks(&self, g: Gfid) -> Result<Vec<Arc<Brick>>> {
+        if let Some(tx) = self.inodes.lock().unwrap().get(&g).cloned() {
+            if let Ok(h) = tx.hold.try_lock() {
+                if let Some(h) = h.as_ref() {
+                    let ms: Vec<Arc<Brick>> = h
+                        .members
+                        .iter()
+                        .filter(|m| m.current())
+                        .map(|m| m.brick.clone())
+                        .collect();
+                    if !ms.is_empty() {
+                        return Ok(ms);
+                    }
+                }
+            }
+        }
+        let cached = self.readable.lock().unwrap().get(&g).cloned();
+        let ids = match cached {
+            Some(ids) => ids,
+            None => {
+                self.getattr(g).await?;
+                self.readable
+                    .lock()
+                    .unwrap()
+                    .get(&g)
+                    .cloned()
+                    .unwrap_or_default()
+            }
+        };
+        let all = self.bricks();
+        let mut out: Vec<Arc<Brick>> = all
+            .into_iter()
+            .filter(|b| ids.contains(&b.id) && b.is_up())
+            .collect();
+        if out.is_empty() {
+            return Err(Error::NoGoodCopy);
+        }
+        // Spread reads of different files over the good copies.
+        let n = out.len();
+        out.rotate_left((g.ino() as usize) % n);
+        Ok(out)
+    }
+
+    /// Refreshes what we know of an inode's copies (on open: close-to-open consistency).
+    pub async fn refresh(&self, g: Gfid) -> Result<pb::Attr> {
+        self.readable.lock().unwrap().remove(&g);
+        self.getattr(g).await
+    }
+
+    /// Runs a read on one good copy, failing over to the next on a transport error.
+    async fn read_one<T, F, Fut>(&self, g: Gfid, f: F) -> Result<T>
+    where
+        F: Fn(mortar_proto::brick_client::BrickClient<tonic::transport::Channel>) -> Fut + Clone,
+        Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.stats.reads.fetch_add(1, Relaxed);
+        let mut last = Error::NoGoodCopy;
+        for b in self.readable_bricks(g).await? {
+            let f = f.clone();
+            match b.call(move |c, _| f(c)).await {
+                Ok((r, _)) => return Ok(r),
+                Err(e) => {
+                    self.stats.failovers.fetch_add(1, Relaxed);
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    pub async fn read(&self, g: Gfid, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let r = self
+            .read_one(g, move |mut c| async move {
+                c.read(pb::ReadReq {
+                    gfid: g.to_vec(),
+                    offset,
+                    size,
+                })
+                .await
+            })
+            .await?;
+        Error::from_errno(r.errno)?;
+        Ok(r.data)
+    }
+
+    pub async fn readlink(&self, g: Gfid) -> Result<Vec<u8>> {
+        let r = self
+            .read_one(g, move |mut c| async move {
+                c.readlink(pb::GfidReq { gfid: g.to_vec() }).await
+            })
+            .await?;
+        Error::from_errno(r.errno)?;
+        Ok(r.target)
+    }
+
+    pub async fn getxattr(&self, g: Gfid, name: &[u8]) -> Result<Vec<u8>> {
+        let name = name.to_vec();
+        let r = self
+            .read_one(g, move |mut c| {
+                let name = name.clone();
+                async move {
+                    c.getxattr(pb::XattrReq {
+                        gfid: g.to_vec(),
+                        name,
+                    })
+                    .await
+                }
+            })
+            .await?;
+        Error::from_errno(r.errno)?;
+        Ok(r.value)
+    }
+
+    pub async fn listxattr(&self, g: Gfid) -> Result<Vec<Vec<u8>>> {
+        let r = self
+            .read_one(g, move |mut c| async move {
+                c.listxattr(pb::GfidReq { gfid: g.to_vec() }).await
+            })
+            .await?;
+        Error::from_errno(r.errno)?;
+        Ok(r.names)
+    }
+
+    /// The whole listing of a directory, from one good copy.
+    pub async fn readdir(&self, g: Gfid) -> Result<Vec<pb::DirEntry>> {
+        let mut last = Error::NoGoodCopy;
+        for b in self.readable_bricks(g).await? {
+            match list_dir(&b, g).await {
+                Err(e @ Error::Transport { .. }) => last = e,
+                r => return r,
+            }
+        }
+        Err(last)
+    }
+
+    /// File system statistics as seen from `g`: the whole volume, or inside a directory
+    /// with a quota, that quota's size and usage.
+    pub async fn statfs(&self, g: Gfid) -> Result<pb::StatfsReply> {
+        let r = self
+            .read_one(g, move |mut c| async move {
+                c.statfs(pb::GfidReq { gfid: g.to_vec() }).await
+            })
+            .await?;
+        Error::from_errno(r.errno)?;
+        Ok(r)
+    }
+
+    /// The quota on directory `dir`, if it has one: (limit, used) in bytes.
+    pub async fn quota(&self, dir: Gfid) -> Result<Option<(u64, u64)>> {
+        let r = self
+            .read_one(dir, move |mut c| async move {
+                c.quota(pb::GfidReq { gfid: dir.to_vec() }).await
+            })
+            .await?;
+        match r.errno {
+            0 => Ok(Some((r.limit, r.used))),
+            libc::ENODATA => Ok(None),
+            e => Err(Error::Os(e)),
+        }
+    }
+
+}
