@@ -193,7 +193,7 @@ impl Store {
 
     /// Removes a name; a directory goes with everything under it, keeping the gfid index
     /// and the directory map right.
-    fn remove_tree(&self, path: &Loc) -> R<()> {
+    pub(crate) fn remove_tree(&self, path: &Loc) -> R<()> {
         let st = path.lstat()?;
         let rec = read_rec(path).ok();
         if FileType::from_raw_mode(st.st_mode) == FileType::Directory {

@@ -93,6 +93,19 @@ pub fn init_logging(
     Ok(())
 }
 
+/// Logs to stderr as one JSON object per line (for the operator, whose logs go to a
+/// cluster's log pipeline).
+pub fn init_json_logging(level: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .map_err(|e| anyhow::anyhow!("--log-level {level:?}: {e}"))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .json()
+        .init();
+    Ok(())
+}
+
 /// Serves `/metrics` (Prometheus text format) and `/healthz` over plain HTTP/1.
 pub async fn serve_metrics(
     addr: std::net::SocketAddr,

@@ -99,12 +99,7 @@ fn main() {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
-        .map_err(|e| anyhow::anyhow!("--log-level {:?}: {e}", cli.log_level))?;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    mortar_common::telemetry::init_logging("csi", &cli.log_level, None, false)?;
 
     if cli.mode == Mode::Mounter {
         return run_mounter(cli);

@@ -73,17 +73,6 @@ struct RunArgs {
     identity: Option<String>,
 }
 
-fn init_logging(level: &str) -> Result<(), String> {
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
-        .map_err(|e| format!("invalid --log-level {level:?}: {e}"))?;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .json()
-        .init();
-    Ok(())
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -101,7 +90,7 @@ async fn main() -> ExitCode {
         println!("mortar-operator: arguments accepted");
         return ExitCode::SUCCESS;
     }
-    if let Err(e) = init_logging(&cli.log_level) {
+    if let Err(e) = mortar_common::telemetry::init_json_logging(&cli.log_level) {
         eprintln!("mortar-operator: {e}");
         return ExitCode::from(2);
     }
