@@ -430,17 +430,17 @@ t_end=$(now)
 # Figures in table order: KEY|LABEL|UNIT|KIND|COUNT|GOAL. KIND rate: COUNT / seconds (higher
 # is better); iops: fio's figure; time: the seconds (lower is better).
 figs=(
-  "seqw|seq write, 1 MiB blocks + fsync ($seq_mib MiB)|MiB/s|rate|$seq_mib|2"
-  "seqr|seq read, cold ($seq_mib MiB)|MiB/s|rate|$seq_mib|2"
-  "randw|4 KiB random write, psync, O_DIRECT|IOPS|iops||3"
-  "randr|4 KiB random read, psync, O_DIRECT|IOPS|iops||3"
-  "create|create+write+close 4 KiB, 1 process|files/s|rate|$n|10"
+  "seqw|seq write $seq_mib MiB, 1 MiB blocks + fsync|MiB/s|rate|$seq_mib|2"
+  "seqr|seq read $seq_mib MiB, 1 MiB blocks, cold|MiB/s|rate|$seq_mib|2"
+  "randw|4 KiB random write (fio psync, O_DIRECT)|IOPS|iops||3"
+  "randr|4 KiB random read (fio psync, O_DIRECT), cold|IOPS|iops||3"
+  "create|create+write+close 4 KiB files, 1 process|files/s|rate|$n|10"
   "stat|stat after listdir, cold|files/s|rate|$n|2"
-  "read|open+read+close 4 KiB, cold|files/s|rate|$n|3"
+  "read|open+read+close 4 KiB files by name, cold|files/s|rate|$n|3"
   "unlink|unlink|files/s|rate|$n|10"
   "ls|ls -l of a $n-file directory, cold|s|time||"
-  "untar|untar, $tar_files files|s|time||"
-  "par|$par parallel writers, 4 KiB files|files/s|rate|$n|"
+  "untar|untar of $tar_files files ($((tar_bytes / 1048576)) MiB)|s|time||"
+  "par|create+write+close 4 KiB files, $par processes|files/s|rate|$n|"
 )
 figure() { # KEY KIND COUNT FS: the figure's value for FS
   local v=${val[$4,$1]}
