@@ -161,6 +161,7 @@ if [ -z "$inner" ]; then
   if [ -n "$tarball" ]; then
     tarball=$(readlink -f "$tarball")
     [ -f "$tarball" ] || die "no tarball $tarball"
+    tar -tf "$tarball" >/dev/null || die "$tarball is not a tar file tar can read"
   fi
 
   work=$(mktemp -d "$base/mortar-compare.XXXXXX")
