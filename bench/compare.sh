@@ -199,8 +199,10 @@ if [ -z "$inner" ]; then
   ip -n "$ns" link set mb0 up
   ip -n "$ns" link set mb1 up
 
+  extra=(--tarball "$tarball")
+  [ -n "$json" ] && extra+=(--json "$(readlink -f "$json")")
   rc=0
-  ip netns exec "$ns" "$self" "${argv[@]}" --tarball "$tarball" --_inner "$work" || rc=$?
+  ip netns exec "$ns" bash "$self" "${argv[@]}" "${extra[@]}" --_inner "$work" || rc=$?
   [ "$rc" = 0 ] && failed=0
   exit "$rc"
 fi
