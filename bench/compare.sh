@@ -201,8 +201,11 @@ if [ -z "$inner" ]; then
 
   extra=(--tarball "$tarball")
   [ -n "$json" ] && extra+=(--json "$(readlink -f "$json")")
+  # In the background, so that a signal here is handled at once (the clean-up then stops
+  # everything in the namespace, this run's inner phase included).
   rc=0
-  ip netns exec "$ns" bash "$self" "${argv[@]}" "${extra[@]}" --_inner "$work" || rc=$?
+  ip netns exec "$ns" bash "$self" "${argv[@]}" "${extra[@]}" --_inner "$work" &
+  wait $! || rc=$?
   [ "$rc" = 0 ] && failed=0
   exit "$rc"
 fi
@@ -232,8 +235,8 @@ backing=$(df --output=fstype "$store" | tail -1 | tr -d ' ')
 glusterd_pid=""; gmounted=0; mmounted=0; vol_started=0; mpids=()
 inner_cleanup() {
   set +e
-  if [ "$gmounted" = 1 ]; then umount "$mnt/gluster" 2>/dev/null || umount -l "$mnt/gluster"; fi
-  if [ "$mmounted" = 1 ]; then umount "$mnt/mortar" 2>/dev/null || umount -l "$mnt/mortar"; fi
+  if [ "$gmounted" = 1 ]; then umount "$mnt/gluster" 2>/dev/null || umount -l "$mnt/gluster" 2>/dev/null; fi
+  if [ "$mmounted" = 1 ]; then umount "$mnt/mortar" 2>/dev/null || umount -l "$mnt/mortar" 2>/dev/null; fi
   if [ "$vol_started" = 1 ]; then
     timeout 60 gluster --mode=script volume stop "$VOL" force >/dev/null 2>&1
   fi
@@ -476,7 +479,7 @@ took=$(awk -v a="$t_start" -v b="$t_end" 'BEGIN { printf "%.0f", b - a }')
 echo "Mortar vs GlusterFS -- $date"
 echo
 echo "- host: $(uname -sr), $(nproc) CPUs, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo), load before the run $load"
-echo "- Mortar: ${mver:-mortar-mount}, git $rev; 3 bricks (${MADDR[*]}:$MPORT), one FUSE mount, default options"
+echo "- Mortar: ${mver:-mortar-mount} from $(cat "$work/bin-origin") (this checkout: git $rev); 3 bricks (${MADDR[*]}:$MPORT), one FUSE mount, default options"
 echo "- GlusterFS: $gver; replica 3, bricks $GADDR:$store/gluster/b1..b3, mount -t glusterfs, default options"
 echo "- bricks and raw directory on $storage; all traffic inside a network namespace of this run"
 echo "- seq $seq_mib MiB; random I/O on a $rand_mib MiB file for $runtime s per fio run; $n files of 4 KiB; $par writers; untar: $tar_files files, $((tar_bytes / 1024)) KiB"
