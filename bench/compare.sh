@@ -226,6 +226,7 @@ mkdir -p "$store" "$mnt/gluster" "$mnt/mortar" "$logs/glusterfs" "$work/glusterd
 if [ "$disk" = 0 ]; then
   mount -t tmpfs -o mode=0755 mortar-bench "$store"
 fi
+mkdir -p /var/lib/glusterd /var/log/glusterfs
 mount --bind "$work/glusterd" /var/lib/glusterd
 mount --bind "$logs/glusterfs" /var/log/glusterfs
 mount -t tmpfs -o mode=0755 mortar-bench-run /run
