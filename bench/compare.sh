@@ -179,7 +179,11 @@ if [ -z "$inner" ]; then
     mkdir -p "$work/src-stage"
     for ((i = 1; i <= copies; i++)); do
       mkdir "$work/src-stage/copy$i"
-      git -C "$root" archive --format=tar HEAD | tar -xf - -C "$work/src-stage/copy$i"
+      if git -C "$root" rev-parse -q --verify HEAD >/dev/null 2>&1; then
+        git -C "$root" archive --format=tar HEAD | tar -xf - -C "$work/src-stage/copy$i"
+      else  # not a git checkout: the sources as they are, without target/
+        tar -cf - -C "$root" --exclude=./target --exclude=./.git . | tar -xf - -C "$work/src-stage/copy$i"
+      fi
     done
     tar -cf "$work/src.tar" -C "$work/src-stage" .
     rm -rf "$work/src-stage"
