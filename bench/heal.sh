@@ -3,6 +3,19 @@
 # Prints files/s and MiB/s. Usage: bench/heal.sh [FILES] [FILE_KIB] [BIG_MIB]
 # Uses target/release binaries if built (cargo build --release), else target/debug.
 set -euo pipefail
+case ${1:-} in
+  -h|--help)
+    cat <<'EOF'
+Usage: bench/heal.sh [FILES] [FILE_KIB] [BIG_MIB]        (as root)
+
+Full-heal throughput: starts 3 bricks on 127.0.9.11-13:24100 and one FUSE mount, writes FILES
+files of FILE_KIB KiB (default 2000 of 16) in 20 directories and one BIG_MIB MiB file (default
+256), kills brick b2 and wipes its directory, restarts it and times the heal until
+`mortar heal info` is empty; then `mortar verify`. Prints files/s and MiB/s.
+Uses target/release binaries if built (cargo build --release), else target/debug.
+EOF
+    exit 0 ;;
+esac
 files=${1:-2000}; kib=${2:-16}; big=${3:-256}
 root=$(cd "$(dirname "$0")/.." && pwd)
 bin=$root/target/release; [ -x "$bin/mortar-brick" ] || bin=$root/target/debug

@@ -9,7 +9,8 @@ const SCRIPTS: &[&str] = &[
     "e2e/kind/run.sh",
     "e2e/local/build-image.sh",
     "e2e/local/podman-story.sh",
-    "bench/smallfile.sh",
+    "bench/compare.sh",
+    "bench/heal.sh",
     "test.sh",
     ".ci/run",
 ];
