@@ -1,63 +1,131 @@
 #!/usr/bin/env bash
-# Self-heal throughput: fills a 3-brick volume, wipes one brick, and times its full heal.
-# Prints files/s and MiB/s. Usage: bench/heal.sh [FILES] [FILE_KIB] [BIG_MIB]
-# Uses target/release binaries if built (cargo build --release), else target/debug.
+# Self-heal speed: how fast a brick that was away or wiped is brought back in sync.
 set -euo pipefail
-case ${1:-} in
-  -h|--help)
-    cat <<'EOF'
-Usage: bench/heal.sh [FILES] [FILE_KIB] [BIG_MIB]        (as root)
+usage() {
+  cat <<'EOF'
+Usage: bench/heal.sh [--files N] [--kib K] [--big-mib M] [--writer-secs S] [--dir DIR]   (as root)
 
-Full-heal throughput: starts 3 bricks on 127.0.9.11-13:24100 and one FUSE mount, writes FILES
-files of FILE_KIB KiB (default 2000 of 16) in 20 directories and one BIG_MIB MiB file (default
-256), kills brick b2 and wipes its directory, restarts it and times the heal until
-`mortar heal info` is empty; then `mortar verify`. Prints files/s and MiB/s.
-Uses target/release binaries if built (cargo build --release), else target/debug.
+Three self-heal figures on a 3-brick volume (bricks on 127.0.9.11-13:24100, one FUSE mount),
+each printed with the goal it is measured against:
+
+  small files   N files of K KiB (default 10000 of 4) in 20 directories; brick b2 is killed,
+                its directory wiped, and it is restarted: files/s until `mortar heal info`
+                is empty and `mortar verify` agrees (goal: 1000 files/s or more).
+  large file    one M MiB file (default 512); b2 wiped again: MiB/s of its heal, against the
+                write bandwidth of the bricks' disk measured here with dd (goal: 80% or more).
+  steady writer a file appended to every 10 ms, with b2 down for S seconds (default 10) and
+                back: seconds from b2's restart until nothing is left to heal while the writer
+                goes on (goal: 10 s or less).
+
+--dir DIR puts the bricks in DIR (default /var/tmp). Uses target/release binaries if built
+(cargo build --release -p mortar-brick -p mortar-client), else target/debug; MORTAR_BIN=DIR
+overrides.
 EOF
-    exit 0 ;;
-esac
-files=${1:-2000}; kib=${2:-16}; big=${3:-256}
+}
+files=10000; kib=4; big=512; wsecs=10; base=/var/tmp
+while [ $# -gt 0 ]; do
+  case $1 in
+    --files) files=${2:?}; shift ;;
+    --kib) kib=${2:?}; shift ;;
+    --big-mib) big=${2:?}; shift ;;
+    --writer-secs) wsecs=${2:?}; shift ;;
+    --dir) base=${2:?}; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) usage >&2; exit 2 ;;
+  esac
+  shift
+done
 root=$(cd "$(dirname "$0")/.." && pwd)
-bin=$root/target/release; [ -x "$bin/mortar-brick" ] || bin=$root/target/debug
-work=$(mktemp -d /tmp/mortar-bench-heal.XXXXXX)
-pids=()
+bin=${MORTAR_BIN:-$root/target/release}; [ -x "$bin/mortar-brick" ] || bin=$root/target/debug
+work=$(mktemp -d "$base/mortar-bench-heal.XXXXXX")
+pids=(); writer=""
 cleanup() {
+  [ -n "$writer" ] && kill "$writer" 2>/dev/null
   umount -l "$work/mnt" 2>/dev/null || true
   for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  rm -rf "$work"
+  wait 2>/dev/null || true
+  [ -n "${KEEP:-}" ] || rm -rf "$work"
 }
 trap cleanup EXIT
 addr() { echo "127.0.9.$((11 + $1)):24100"; }
+target="$(addr 0):/data"
 {
   echo "volume: data"; echo "generation: 1"; echo "bricks:"
-  for i in 0 1 2; do echo "  - id: b$i"; echo "    address: $(addr $i)"; done
+  for i in 0 1 2; do echo "  - id: b$i"; echo "    address: $(addr "$i")"; done
 } > "$work/volfile.yaml"
 start() {
   "$bin/mortar-brick" --id "b$1" --dir "$work/b$1" --listen "$(addr "$1")" --volfile "$work/volfile.yaml" \
     --heal-interval 1 --heal-rate-mib 0 >> "$work/b$1.log" 2>&1 &
   pids[$1]=$!
 }
-for i in 0 1 2; do start $i; done
+now() { date +%s.%N; }
+# CPU seconds the three bricks have used so far (the heal runs in b2's heal worker).
+cpu() {
+  local t=0 p
+  for p in "${pids[@]}"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done
+  awk -v t="$t" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f", t / hz }'
+}
+# Waits until no brick has anything left to heal (and all three answer).
+wait_healed() {
+  while :; do
+    out=$("$bin/mortar" heal info --json "$target" 2>/dev/null || echo '"gfid"')
+    grep -q '"gfid"\|"connected": false' <<<"$out" || return 0
+    sleep 0.1
+  done
+}
+kill_b2() { kill -9 "${pids[2]}"; wait "${pids[2]}" 2>/dev/null || true; }
+verify() { "$bin/mortar" verify "$target" >/dev/null || { echo "verify failed after heal" >&2; exit 1; }; }
+for i in 0 1 2; do start "$i"; done
 sleep 1
 mkdir "$work/mnt"
-"$bin/mortar-mount" "$(addr 0):/data" "$work/mnt"
-echo "filling: $files files of $kib KiB in 20 directories, and one $big MiB file ($bin)"
+"$bin/mortar-mount" "$target" "$work/mnt"
+echo "binaries: $bin; bricks in $work ($(df -T "$work" | awk 'NR == 2 {print $2}'))"
+
+# 1. Small files into a wiped brick.
 for d in $(seq 0 19); do mkdir "$work/mnt/d$d"; done
 head -c $((kib * 1024)) /dev/urandom > "$work/sample"
-for f in $(seq 0 $((files - 1))); do cp "$work/sample" "$work/mnt/d$((f % 20))/f$f"; done
-dd if=/dev/urandom of="$work/mnt/big" bs=1M count="$big" status=none
-kill -9 "${pids[2]}"; wait "${pids[2]}" 2>/dev/null || true
-rm -rf "$work/b2"
-t0=$(date +%s.%N)
-start 2
-while :; do
-  out=$("$bin/mortar" heal info --json "$(addr 0):/data" 2>/dev/null || echo '"gfid"')
-  grep -q '"gfid"\|"connected": false' <<<"$out" || break
-  sleep 0.2
+fillers=()
+for d in $(seq 0 19); do
+  ( for f in $(seq "$d" 20 $((files - 1))); do cp "$work/sample" "$work/mnt/d$d/f$f"; done ) &
+  fillers+=($!)
 done
-t1=$(date +%s.%N)
-"$bin/mortar" verify "$(addr 0):/data" >/dev/null || { echo "verify failed after heal"; exit 1; }
-awk -v t0="$t0" -v t1="$t1" -v n="$files" -v kib="$kib" -v big="$big" 'BEGIN {
-  s = t1 - t0; mib = n * kib / 1024 + big
-  printf "full heal: %d files + %d MiB file (%.0f MiB) in %.2f s: %.0f files/s, %.1f MiB/s\n", n, big, mib, s, (n + 1) / s, mib / s
+for p in "${fillers[@]}"; do wait "$p"; done
+kill_b2; rm -rf "$work/b2"
+t0=$(now); start 2; c0=$(cpu); wait_healed; t1=$(now); c1=$(cpu)
+verify
+awk -v t0="$t0" -v t1="$t1" -v n="$files" -v kib="$kib" -v cpu="$(awk -v a="$c0" -v b="$c1" 'BEGIN { print b - a }')" 'BEGIN {
+  s = t1 - t0
+  printf "small files:   %d files of %d KiB into a wiped brick in %.2f s: %.0f files/s (goal: 1000); bricks used %.1f CPU-s\n", n, kib, s, n / s, cpu
+}'
+rm -rf "${work:?}/mnt/"d*
+
+# 2. One large file into a wiped brick, against the disk's own write bandwidth.
+dd if=/dev/zero of="$work/ddtest" bs=1M count="$big" conv=fdatasync status=none
+t0=$(now); dd if=/dev/zero of="$work/ddtest2" bs=1M count="$big" conv=fdatasync status=none; t1=$(now)
+disk=$(awk -v t0="$t0" -v t1="$t1" -v m="$big" 'BEGIN { printf "%.1f", m / (t1 - t0) }')
+rm -f "$work/ddtest" "$work/ddtest2"
+dd if=/dev/urandom of="$work/mnt/big" bs=1M count="$big" status=none
+wait_healed
+kill_b2; rm -rf "$work/b2"
+t0=$(now); start 2; wait_healed; t1=$(now)
+verify
+awk -v t0="$t0" -v t1="$t1" -v m="$big" -v disk="$disk" 'BEGIN {
+  s = t1 - t0; r = m / s
+  printf "large file:    %d MiB into a wiped brick in %.2f s: %.1f MiB/s, %.0f%% of the disk'"'"'s %.1f MiB/s (goal: 80%%)\n", m, s, r, 100 * r / disk, disk
+}'
+rm -f "$work/mnt/big"
+wait_healed
+
+# 3. A file under steady writes, its brick away for a while.
+( exec 3>>"$work/mnt/log"; while :; do head -c 4096 "$work/sample" >&3; sleep 0.01; done ) &
+writer=$!
+sleep 1
+kill_b2
+sleep "$wsecs"
+t0=$(now); start 2; wait_healed; t1=$(now)
+kill "$writer"; wait "$writer" 2>/dev/null || true; writer=""
+wait_healed
+verify
+awk -v t0="$t0" -v t1="$t1" -v w="$wsecs" -v kb="$(( $(stat -c %s "$work/mnt/log") / 1024 ))" 'BEGIN {
+  printf "steady writer: a file appended to every 10 ms (%d KiB in all), its brick away %d s: in sync %.2f s after the brick came back (goal: 10 s)\n", kb, w, t1 - t0
 }'

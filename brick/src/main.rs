@@ -75,6 +75,25 @@ fn main() {
     }
 }
 
+/// Raises the soft limit on open files to the hard one (containers often start bricks at
+/// 1024, which a brick serving many files and connections outgrows) and returns it.
+fn raise_fd_limit() -> u64 {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut lim = getrlimit(Resource::Nofile);
+    let before = lim.current;
+    if lim.current != lim.maximum {
+        lim.current = lim.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, lim) {
+            tracing::warn!("cannot raise the open-file limit from {before:?}: {e}");
+            lim.current = before;
+        }
+    }
+    // `None` is "unlimited"; the kernel's nr_open bounds it anyway.
+    let n = lim.current.unwrap_or(1 << 20);
+    tracing::info!(from = ?before, "open-file limit {n}");
+    n
+}
+
 fn run(args: Args) -> anyhow::Result<()> {
     telemetry::init_logging(
         &format!("brick={}", args.id),
@@ -94,6 +113,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     // Modes come from clients exactly; the brick's own umask must not change them.
     rustix::process::umask(rustix::fs::Mode::empty());
     let store = Arc::new(Store::open(&args.dir)?);
+    store.set_fd_budget(raise_fd_limit());
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let (vtx, vrx) = watch::channel(vf);

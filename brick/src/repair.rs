@@ -67,6 +67,9 @@ impl Store {
                 self.getattr(g)
             }
             Op::SetVersion(v) => {
+                // The entries this heal made below `g` are indexed for good before `g`
+                // stops looking stale.
+                self.sync_heal_index();
                 let path = self.path_of(g)?;
                 let mut rec = read_rec(&path)?;
                 rec.ver = (v.term, v.seq, v.id);
@@ -142,8 +145,8 @@ impl Store {
             return stat_loc(&path);
         }
         // Until healed, the new copy is empty: if this heal stops midway, the index brings
-        // it back to a later one.
-        self.mark_heal(g);
+        // it back to a later one. Synced with the parent's new version (`SetVersion`).
+        self.mark_heal_unsynced(g);
         let rec = Record::new(g, 0, attr.ctime_ns);
         let mode = attr.mode & 0o7777;
         match kind {

@@ -698,10 +698,25 @@ impl pb::brick_server::Brick for BrickService {
         let r = req.into_inner();
         let sid = session_id(&r.session)?;
         let gfids: Vec<Gfid> = r.gfids.iter().filter_map(|g| Gfid::from_bytes(g)).collect();
-        if r.needs_heal {
+        if r.needs_heal || r.healed {
             let store = self.store.clone();
-            let gf = gfids.clone();
-            blocking(move || gf.into_iter().for_each(|g| store.mark_heal(g))).await?;
+            // Only what this session held (and so healed) leaves the index.
+            let gf: Vec<Gfid> = gfids
+                .iter()
+                .copied()
+                .filter(|g| !r.healed || self.inode_locks.holds(sid, *g))
+                .collect();
+            let healed = r.healed && !r.needs_heal;
+            blocking(move || {
+                for g in gf {
+                    if healed {
+                        store.heal_done(g);
+                    } else {
+                        store.mark_heal(g);
+                    }
+                }
+            })
+            .await?;
         }
         if let Some(e) = self.sessions.lock().unwrap().get_mut(&sid) {
             for g in &gfids {

@@ -35,6 +35,7 @@ const META: &str = ".mortar";
 const CEILING: &str = "term-ceiling";
 /// How far above a promised term the recorded ceiling goes: one minute of a client's clock.
 const CEILING_AHEAD_NS: u64 = 60_000_000_000;
+/// At most this many file descriptors are cached, whatever the limit (see `set_fd_budget`).
 const MAX_FDS: usize = 4096;
 const MAX_XATTR: usize = 64 * 1024;
 
@@ -60,7 +61,11 @@ pub struct Store {
     term_ceiling: Mutex<u64>,
     pub(crate) dirs: RwLock<HashMap<Gfid, DirNode>>,
     fds: Mutex<HashMap<Gfid, Arc<OwnedFd>>>,
+    /// How many file descriptors `fds` may hold (a share of the process's limit).
+    fd_cache: std::sync::atomic::AtomicUsize,
     heal: Mutex<HashSet<Gfid>>,
+    /// The heal index has entries not yet synced to disk.
+    heal_unsynced: std::sync::atomic::AtomicBool,
     split: Mutex<HashSet<Gfid>>,
     pub(crate) quotas: crate::quota::QuotaTable,
     /// Files some client session has open, with how many opens: their last name may go,
@@ -145,6 +150,27 @@ fn read_rec_opt(loc: &Loc) -> R<Option<Record>> {
     }
 }
 
+/// "out of file descriptors": at most one line per 10 s.
+static FD_WARNINGS: mortar_common::telemetry::RateLimit =
+    mortar_common::telemetry::RateLimit::new(std::time::Duration::from_secs(10));
+
+/// The file every entry of a gfid set kept in a directory links to (see `mark_in`).
+const BASE: &str = ".base";
+
+/// Adds `g` to a gfid set kept as names in a directory (the heal index, the dirty list): as
+/// a hard link to the directory's `BASE` file, which costs a directory entry and no new
+/// inode. A file per entry was half the CPU of a full heal (the filesystem's inode
+/// allocation). Names that are not gfids (`BASE`) are skipped by the readers.
+fn mark_in(dir: &Path, g: Gfid) -> std::io::Result<()> {
+    let name = dir.join(g.hex());
+    match std::fs::hard_link(dir.join(BASE), &name) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        // No base, or it has too many links (ext4 allows 65,000): a file of its own.
+        Err(_) => std::fs::File::create(&name).map(|_| ()),
+    }
+}
+
 pub(crate) fn write_rec(loc: &Loc, rec: &Record) -> R<()> {
     loc.setxattr(
         OsStr::new(record::XATTR),
@@ -195,7 +221,7 @@ pub fn stat_loc(loc: &Loc) -> R<pb::Attr> {
 impl Store {
     /// Opens (and on first use lays out) a brick directory.
     pub fn open(root: &Path) -> anyhow::Result<Store> {
-        use std::os::unix::fs::DirBuilderExt;
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
         let fresh = !root.exists();
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -224,6 +250,13 @@ impl Store {
         }
         for i in 0..=255u8 {
             std::fs::create_dir_all(index.join(format!("{i:02x}")))?;
+        }
+        for d in [&heal_dir, &meta.join("dirty")] {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(d.join(BASE))?;
         }
         let mut full_heal = false;
         let root_dir = Dir::open_root(&root)
@@ -277,7 +310,9 @@ impl Store {
             term_ceiling: Mutex::new(term_floor),
             dirs: RwLock::new(HashMap::new()),
             fds: Mutex::new(HashMap::new()),
+            fd_cache: std::sync::atomic::AtomicUsize::new(MAX_FDS),
             heal: Mutex::new(HashSet::new()),
+            heal_unsynced: Default::default(),
             split: Mutex::new(HashSet::new()),
             quotas: Default::default(),
             opens: Mutex::new(HashMap::new()),
@@ -418,17 +453,37 @@ impl Store {
         if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
             return Err(Errno::INVAL);
         }
-        let fd = Arc::new(path.open(OFlags::RDWR | OFlags::NOATIME, Mode::empty())?);
+        let open = || path.open(OFlags::RDWR | OFlags::NOATIME, Mode::empty());
+        let fd = match open() {
+            // Out of descriptors: give back the cached ones and try again, rather than wedge.
+            Err(e @ (Errno::MFILE | Errno::NFILE)) => {
+                if let Some(suppressed) = FD_WARNINGS.allow() {
+                    tracing::warn!(suppressed, "{e}: dropping the brick's cache of open files");
+                }
+                self.fds.lock().unwrap().clear();
+                open()?
+            }
+            r => r?,
+        };
+        let fd = Arc::new(fd);
+        let max = self.fd_cache.load(std::sync::atomic::Ordering::Relaxed);
         let mut fds = self.fds.lock().unwrap();
-        if fds.len() >= MAX_FDS {
+        if fds.len() >= max {
             // Cheap eviction: open files are re-opened on demand.
-            let victims: Vec<Gfid> = fds.keys().take(MAX_FDS / 2).copied().collect();
+            let victims: Vec<Gfid> = fds.keys().take(max / 2 + 1).copied().collect();
             for v in victims {
                 fds.remove(&v);
             }
         }
         fds.insert(g, fd.clone());
         Ok(fd)
+    }
+
+    /// Sizes the cache of open files from the file descriptors this process may have:
+    /// a quarter of them, leaving the rest to connections, directories and the gfid index.
+    pub fn set_fd_budget(&self, limit: u64) {
+        let n = ((limit / 4) as usize).clamp(16, MAX_FDS);
+        self.fd_cache.store(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub(crate) fn forget_fd(&self, g: Gfid) {
@@ -715,8 +770,7 @@ impl Store {
                 // The entry in `.mortar/dirty` comes first: it is how a restart finds the mark.
                 let mut dirty = self.dirty.lock().unwrap();
                 if !dirty.contains_key(&g) {
-                    std::fs::File::create(self.dirty_dir().join(g.hex()))
-                        .map_err(|e| io_errno(&e))?;
+                    mark_in(&self.dirty_dir(), g).map_err(|e| io_errno(&e))?;
                 }
                 dirty.insert(g, Instant::now());
             }
@@ -753,13 +807,32 @@ impl Store {
     }
 
     pub fn mark_heal(&self, g: Gfid) {
-        if self.heal.lock().unwrap().insert(g) {
+        if self.mark_heal_unsynced(g) {
             // On disk before the change it announces: a crash must not forget that this
             // copy (or another) needs healing. Only degraded writes get here.
-            let durable = std::fs::File::create(self.heal_dir.join(g.hex()))
-                .and_then(|_| std::fs::File::open(&self.heal_dir)?.sync_all());
-            if let Err(e) = durable {
-                tracing::error!(gfid = %g, "cannot record pending heal: {e}");
+            self.sync_heal_index();
+        }
+    }
+
+    /// Puts `g` in the heal index without waiting for the disk (see `sync_heal_index`);
+    /// whether it was not there before.
+    pub(crate) fn mark_heal_unsynced(&self, g: Gfid) -> bool {
+        if !self.heal.lock().unwrap().insert(g) {
+            return false;
+        }
+        match mark_in(&self.heal_dir, g) {
+            Ok(_) => self.heal_unsynced.store(true, std::sync::atomic::Ordering::Release),
+            Err(e) => tracing::error!(gfid = %g, "cannot record pending heal: {e}"),
+        }
+        true
+    }
+
+    /// Makes the heal index's recent entries durable. A heal creating many copies marks each
+    /// unsynced and syncs once, before the step that makes their parent look healed.
+    pub(crate) fn sync_heal_index(&self) {
+        if self.heal_unsynced.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            if let Err(e) = std::fs::File::open(&self.heal_dir).and_then(|d| d.sync_all()) {
+                tracing::error!("cannot sync the heal index: {e}");
             }
         }
     }

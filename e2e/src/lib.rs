@@ -140,6 +140,20 @@ impl Cluster {
         }
     }
 
+    /// Cuts brick `i` off the network (iptables drops every packet to or from its address,
+    /// silently, as a partition does) until the guard is dropped. The brick keeps running.
+    pub fn partition(&self, i: usize) -> Partition {
+        let host = self.host(i);
+        let rules = vec![
+            vec!["INPUT".to_string(), "-d".into(), host.clone()],
+            vec!["INPUT".to_string(), "-s".into(), host],
+        ];
+        for r in &rules {
+            iptables("-I", r);
+        }
+        Partition { rules }
+    }
+
     pub fn log(&self, i: usize) -> String {
         std::fs::read_to_string(self.dir.join(format!("b{i}.log"))).unwrap_or_default()
     }
@@ -385,6 +399,29 @@ fn print_warnings(dir: &Path) {
             eprintln!("{l}");
         }
     }
+}
+
+/// iptables rules that cut a brick off; removed when dropped (also when a test panics).
+pub struct Partition {
+    rules: Vec<Vec<String>>,
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        for r in &self.rules {
+            iptables("-D", r);
+        }
+    }
+}
+
+fn iptables(op: &str, rule: &[String]) {
+    let st = Command::new("iptables")
+        .arg(op)
+        .args(rule)
+        .args(["-m", "comment", "--comment", "mortar-e2e", "-j", "DROP"])
+        .status()
+        .expect("iptables (the tests install it)");
+    assert!(st.success(), "iptables {op} {rule:?} failed");
 }
 
 pub fn is_mounted(p: &Path) -> bool {

@@ -1,7 +1,8 @@
 //! A randomized fault-injection checker, in the Jepsen spirit: clients on separate mounts run
 //! random operations (create, write at random offsets, truncate, rename within and across
 //! directories, link, unlink, mkdir, rmdir, chmod, setxattr, fsync) while a nemesis SIGKILLs,
-//! SIGSTOPs (past the ping timeout) and restarts bricks and kills clients' FUSE daemons.
+//! SIGSTOPs (past the ping timeout), partitions (iptables drops every packet to and from a
+//! brick) and restarts bricks and kills clients' FUSE daemons.
 //! Every acknowledged operation goes into a model; an operation that failed leaves what it
 //! touched unknown (either outcome is allowed). Once the faults stop and heal settles:
 //! `mortar verify` finds every copy identical, no heal entry is pending, and every path the
@@ -476,7 +477,7 @@ fn run_seed(seed: u64, secs: u64, net: u8) {
     while t.elapsed() < Duration::from_secs(secs) {
         std::thread::sleep(Duration::from_millis(300 + rng.below(1200)));
         let b = rng.below(3) as usize;
-        match rng.below(5) {
+        match rng.below(6) {
             0 | 1 => {
                 c.lock().unwrap().kill(b);
                 std::thread::sleep(Duration::from_millis(500 + rng.below(2500)));
@@ -495,6 +496,17 @@ fn run_seed(seed: u64, secs: u64, net: u8) {
                 unsafe { libc::kill(pid, libc::SIGCONT) };
                 log.push(format!(
                     "{:.1}s stop b{b} {pause} ms",
+                    t.elapsed().as_secs_f64()
+                ));
+            }
+            4 => {
+                // A partition: the brick runs on, but nobody reaches it and it reaches nobody.
+                let cut = 1000 + rng.below(5000);
+                let p = c.lock().unwrap().partition(b);
+                std::thread::sleep(Duration::from_millis(cut));
+                drop(p);
+                log.push(format!(
+                    "{:.1}s partition b{b} {cut} ms",
                     t.elapsed().as_secs_f64()
                 ));
             }

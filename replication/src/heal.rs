@@ -13,6 +13,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
+use futures::StreamExt;
 use mortar_proto as pb;
 
 use mortar_common::error::{Error, Result};
@@ -29,6 +30,10 @@ pub const BLOCK: u32 = 128 * 1024;
 
 /// Inodes healed at once below the one asked for.
 const PARALLEL: usize = 16;
+/// A new copy is filled this much per request ...
+const CHUNK: u32 = 1 << 20;
+/// ... and so many requests of one file's copy are in flight at once.
+const IN_FLIGHT: usize = 4;
 /// How long a heal copies a file's data before it lets a waiting client write: long enough
 /// that every pass gets on, short enough that the client hardly notices.
 const YIELD_AFTER: Duration = Duration::from_secs(1);
@@ -329,8 +334,11 @@ impl Volume {
         let r = self
             .heal_locked(g, term, &members, &lock, source, stats)
             .await;
-        Self::unlock_on(&members, &[g], false).await;
-        r
+        // Healed: every brick has an identical copy, and the unlock takes `g` off the
+        // bricks' heal indexes (in the same request).
+        let healed = matches!(r, Ok((_, true)));
+        Self::unlock_with(&members, &[g], false, healed).await;
+        r.map(|(children, _)| children)
     }
 
     async fn heal_locked(
@@ -341,7 +349,7 @@ impl Volume {
         lock: &HealLock<'_>,
         source: &Source,
         stats: &mut HealStats,
-    ) -> Result<Vec<Gfid>> {
+    ) -> Result<(Vec<Gfid>, bool)> {
         stats.checked += 1;
         let attrs = join_all(members.iter().map(|m| m.attr(g))).await;
         let mut present: Vec<(&Member, pb::Attr)> = Vec::new();
@@ -358,8 +366,7 @@ impl Volume {
             }
         }
         if present.is_empty() {
-            self.heal_done(members, g, complete).await;
-            return Ok(vec![]);
+            return Ok((vec![], complete));
         }
         let ids: Vec<&str> = present.iter().map(|(m, _)| m.brick.id.as_str()).collect();
         let attrs: Vec<&pb::Attr> = present.iter().map(|(_, a)| a).collect();
@@ -387,8 +394,10 @@ impl Volume {
             stats.healed += 1;
         }
         let mut finished = Vec::with_capacity(sinks.len());
-        for sink in &sinks {
-            let (kids, done) = self.heal_copy(src_m, sink, g, &src_a, lock, stats).await?;
+        for (sink, i) in sinks.iter().zip(&plan.sinks) {
+            let (kids, done) = self
+                .heal_copy(src_m, sink, &present[*i].1, g, &src_a, lock, stats)
+                .await?;
             children.extend(kids);
             complete &= done;
             finished.push(done);
@@ -401,7 +410,7 @@ impl Volume {
             // sink is level, else the copies would agree on a version but not on content.
             if !finished.iter().all(|d| *d) {
                 stats.complete = false;
-                return Ok(children);
+                return Ok((children, false));
             }
             let v = Ver {
                 term,
@@ -426,30 +435,18 @@ impl Volume {
             }
         }
         complete &= present.len() == members.len();
-        self.heal_done(members, g, complete).await;
         stats.complete &= complete;
-        Ok(children)
-    }
-
-    /// Takes `g` off every heal index once all bricks have an identical copy.
-    async fn heal_done(&self, members: &[Member], g: Gfid, complete: bool) {
-        if complete {
-            join_all(members.iter().map(|m| {
-                m.index(pb::HealIndexReq {
-                    remove: vec![g.to_vec()],
-                    ..Default::default()
-                })
-            }))
-            .await;
-        }
+        Ok((children, complete))
     }
 
     /// Makes `sink`'s copy of `g` like `src`'s. Returns the children to heal next, and
     /// whether nothing had to be left for later.
+    #[allow(clippy::too_many_arguments)]
     async fn heal_copy(
         &self,
         src: &Member,
         sink: &Member,
+        sink_attr: &pb::Attr,
         g: Gfid,
         a: &pb::Attr,
         lock: &HealLock<'_>,
@@ -470,7 +467,10 @@ impl Volume {
                     .filter_map(|e| e.attr.as_ref().map(|a| (e.name.as_slice(), a)))
                     .collect();
                 // Creations first, so that a renamed or hard-linked inode is linked or moved
-                // into its new name before its old name goes.
+                // into its new name before its old name goes. Several at a time (round trips
+                // bound the heal of many small files), except hard links: two names of one
+                // new inode made at once would each make an inode.
+                let mut make = Vec::new();
                 for (name, ca) in &src_names {
                     let cg = Gfid::from_bytes(&ca.gfid).ok_or(Error::Os(libc::EIO))?;
                     match sink_names.get(name) {
@@ -479,22 +479,37 @@ impl Volume {
                                 children.push(cg);
                             }
                         }
-                        _ => {
-                            let target = if ca.kind() == pb::Kind::Symlink {
-                                src.readlink(cg).await?
-                            } else {
-                                vec![]
-                            };
-                            let entry = pb::HealEntry {
-                                name: name.to_vec(),
-                                attr: Some((*ca).clone()),
-                                target,
-                            };
-                            sink.step(g, a.ctime_ns, pb::heal_req::Op::Entry(entry))
-                                .await?;
-                            children.push(cg);
-                        }
+                        _ => make.push((name.to_vec(), (*ca).clone(), cg)),
                     }
+                }
+                let make_one = |(name, ca, cg): (Vec<u8>, pb::Attr, Gfid)| async move {
+                    let target = if ca.kind() == pb::Kind::Symlink {
+                        src.readlink(cg).await?
+                    } else {
+                        vec![]
+                    };
+                    let entry = pb::HealEntry {
+                        name,
+                        attr: Some(ca),
+                        target,
+                    };
+                    sink.step(g, a.ctime_ns, pb::heal_req::Op::Entry(entry))
+                        .await?;
+                    Ok::<_, Error>(cg)
+                };
+                let (linked, single): (Vec<_>, Vec<_>) = make
+                    .into_iter()
+                    .partition(|(_, ca, _)| ca.kind() != pb::Kind::Dir && ca.nlink > 1);
+                let made: Vec<Result<Gfid>> = futures::stream::iter(single)
+                    .map(make_one)
+                    .buffer_unordered(PARALLEL)
+                    .collect()
+                    .await;
+                for r in made {
+                    children.push(r?);
+                }
+                for l in linked {
+                    children.push(make_one(l).await?);
                 }
                 for (name, sa) in &sink_names {
                     // A name the source has was made right by the loop above, which
@@ -519,6 +534,13 @@ impl Volume {
                         .await?;
                 }
             }
+            pb::Kind::File if sink_attr.size == 0 => {
+                // A new or empty copy: nothing to compare, copy it all.
+                let chunks = (0..a.size.div_ceil(CHUNK as u64))
+                    .map(|i| (i * CHUNK as u64, CHUNK))
+                    .collect();
+                self.copy_blocks(src, sink, g, a, lock, stats, chunks).await?;
+            }
             pb::Kind::File => {
                 // Page by page: each request's cost is bounded, whatever the file's size.
                 let mut first = 0u64;
@@ -530,27 +552,13 @@ impl Volume {
                     if ssums.is_empty() {
                         break;
                     }
-                    for (i, sum) in ssums.iter().enumerate() {
-                        if ksums.get(i) == Some(sum) {
-                            continue;
-                        }
-                        // A client waits to write this file: after a while, let it. The blocks
-                        // copied so far stay; the next pass copies only what still differs.
-                        if lock.should_yield() {
-                            tracing::info!(gfid = %g, "heal yields to a client; resumes later");
-                            return Err(Error::Busy);
-                        }
-                        let off = (first + i as u64) * BLOCK as u64;
-                        let data = src.read(g, off, BLOCK).await?;
-                        stats.bytes += data.len() as u64;
-                        self.heal_throttle(data.len() as u64).await;
-                        sink.step(
-                            g,
-                            a.ctime_ns,
-                            pb::heal_req::Op::Write(pb::HealWrite { offset: off, data }),
-                        )
-                        .await?;
-                    }
+                    let differ = ssums
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, sum)| ksums.get(*i) != Some(sum))
+                        .map(|(i, _)| ((first + i as u64) * BLOCK as u64, BLOCK))
+                        .collect();
+                    self.copy_blocks(src, sink, g, a, lock, stats, differ).await?;
                     first += ssums.len() as u64;
                     if first.saturating_mul(BLOCK as u64) >= size {
                         break;
@@ -581,6 +589,44 @@ impl Volume {
         sink.step(g, a.ctime_ns, pb::heal_req::Op::Meta(meta))
             .await?;
         Ok((children, done))
+    }
+
+    /// Copies byte ranges (offset, length) of `g` from `src` to `sink`, a few at a time
+    /// (latency, not bandwidth, bounds a copy one block after another).
+    #[allow(clippy::too_many_arguments)]
+    async fn copy_blocks(
+        &self,
+        src: &Member,
+        sink: &Member,
+        g: Gfid,
+        a: &pb::Attr,
+        lock: &HealLock<'_>,
+        stats: &mut HealStats,
+        ranges: Vec<(u64, u32)>,
+    ) -> Result<()> {
+        let copy = |(off, len): (u64, u32)| async move {
+            // A client waits to write this file: after a while, let it. The blocks copied
+            // so far stay; the next pass copies only what still differs.
+            if lock.should_yield() {
+                tracing::info!(gfid = %g, "heal yields to a client; resumes later");
+                return Err(Error::Busy);
+            }
+            let data = src.read(g, off, len).await?;
+            let n = data.len() as u64;
+            self.heal_throttle(n).await;
+            if n > 0 {
+                let op = pb::heal_req::Op::Write(pb::HealWrite { offset: off, data });
+                sink.step(g, a.ctime_ns, op).await?;
+            }
+            Ok(n)
+        };
+        let mut copied = futures::stream::iter(ranges)
+            .map(copy)
+            .buffer_unordered(IN_FLIGHT);
+        while let Some(n) = copied.next().await {
+            stats.bytes += n?;
+        }
+        Ok(())
     }
 
     /// Every brick's pending heals (for `mortar heal info`).

@@ -114,12 +114,24 @@ impl Volume {
     }
 
     pub(crate) async fn unlock_on(members: &[Member], gfids: &[Gfid], needs_heal: bool) {
+        Self::unlock_with(members, gfids, needs_heal, false).await
+    }
+
+    /// Unlocks; `needs_heal`: a copy was left behind (keep the inodes in the heal index);
+    /// `healed`: a heal left every copy identical (take them off it).
+    pub(crate) async fn unlock_with(
+        members: &[Member],
+        gfids: &[Gfid],
+        needs_heal: bool,
+        healed: bool,
+    ) {
         let raw: Vec<Vec<u8>> = gfids.iter().map(|g| g.to_vec()).collect();
         join_all(members.iter().filter(|m| m.current()).map(|m| {
             let req = pb::UnlockReq {
                 session: m.session.to_vec(),
                 gfids: raw.clone(),
                 needs_heal,
+                healed,
             };
             m.brick
                 .call(move |mut c, _| async move { c.unlock(req).await })
