@@ -453,19 +453,30 @@ impl Store {
         if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
             return Err(Errno::INVAL);
         }
-        let open = || path.open(OFlags::RDWR | OFlags::NOATIME, Mode::empty());
-        let fd = match open() {
-            // Out of descriptors: give back the cached ones and try again, rather than wedge.
+        let fd = Arc::new(self.fd_retry(|| {
+            path.open(OFlags::RDWR | OFlags::NOATIME, Mode::empty())
+        })?);
+        self.cache_fd(g, fd.clone());
+        Ok(fd)
+    }
+
+    /// Runs `open`; when the process is out of file descriptors, gives back the cached ones
+    /// and tries once more, rather than wedge.
+    fn fd_retry<T>(&self, open: impl Fn() -> R<T>) -> R<T> {
+        match open() {
             Err(e @ (Errno::MFILE | Errno::NFILE)) => {
                 if let Some(suppressed) = FD_WARNINGS.allow() {
                     tracing::warn!(suppressed, "{e}: dropping the brick's cache of open files");
                 }
                 self.fds.lock().unwrap().clear();
-                open()?
+                open()
             }
-            r => r?,
-        };
-        let fd = Arc::new(fd);
+            r => r,
+        }
+    }
+
+    /// Keeps `fd` for the next request on `g`, within the cache's budget.
+    fn cache_fd(&self, g: Gfid, fd: Arc<OwnedFd>) {
         let max = self.fd_cache.load(std::sync::atomic::Ordering::Relaxed);
         let mut fds = self.fds.lock().unwrap();
         if fds.len() >= max {
@@ -475,8 +486,7 @@ impl Store {
                 fds.remove(&v);
             }
         }
-        fds.insert(g, fd.clone());
-        Ok(fd)
+        fds.insert(g, fd);
     }
 
     /// Sizes the cache of open files from the file descriptors this process may have:
@@ -942,7 +952,9 @@ impl Store {
         };
         match kind {
             pb::Kind::File => {
-                let fd = path.open(OFlags::CREATE | OFlags::EXCL | OFlags::RDWR, mode)?;
+                let fd = self.fd_retry(|| {
+                    path.open(OFlags::CREATE | OFlags::EXCL | OFlags::RDWR, mode)
+                })?;
                 let done = (|| {
                     rfs::fchown(
                         &fd,
@@ -958,7 +970,7 @@ impl Store {
                     let _ = path.unlink();
                     return Err(e);
                 }
-                self.fds.lock().unwrap().insert(g, Arc::new(fd));
+                self.cache_fd(g, Arc::new(fd));
                 self.quota_new_file(parent, g);
             }
             pb::Kind::Dir => {

@@ -1071,3 +1071,64 @@ async fn hostile_requests_get_bounded_answers() {
     let h = b.health(pb::Empty {}).await.unwrap().into_inner();
     assert!(h.up);
 }
+
+/// Issue 12 item 4: a brick started under `ulimit -n 1024` (a common container default)
+/// serves 10,000 files: it raises its soft limit to the hard one, sizes its cache of open
+/// files from it, and drops the cache rather than wedge when descriptors run out. Before,
+/// its fd cache (up to 4096) ran it out of descriptors after about 1,000 files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_brick_under_ulimit_1024_serves_10000_files() {
+    use rustix::process::{Resource, Rlimit, setrlimit};
+    // The bricks inherit this process's limits (soft and hard 1024).
+    let lim = Rlimit {
+        current: Some(1024),
+        maximum: Some(1024),
+    };
+    setrlimit(Resource::Nofile, lim).unwrap();
+    let c = Cluster::start(94, 3);
+    let v = c.volume().await;
+    let dirs: Vec<Gfid> = make_dirs(&v, 20).await;
+    let files: usize = 10_000;
+    let mut writers = tokio::task::JoinSet::new();
+    for d in 0..20 {
+        let (v, dir) = (v.clone(), dirs[d]);
+        writers.spawn(async move {
+            let mut made = Vec::new();
+            for i in (d..files).step_by(20) {
+                let a = v
+                    .create(dir, format!("f{i}").as_bytes(), pb::Kind::File, 0o644, 0, 0, 0, b"")
+                    .await
+                    .unwrap_or_else(|e| panic!("create f{i}: {e}"));
+                let g = Gfid::from_bytes(&a.gfid).unwrap();
+                v.write(g, 0, pattern(i as u64, 512), false)
+                    .await
+                    .unwrap_or_else(|e| panic!("write f{i}: {e}"));
+                made.push((i, g));
+            }
+            made
+        });
+    }
+    let results = writers.join_all().await;
+    // Read every file back: many times round the brick's cache of open files.
+    for (i, g) in results.iter().flatten() {
+        let data = v.read(*g, 0, 4096).await.unwrap_or_else(|e| panic!("read f{i}: {e}"));
+        assert_eq!(data, pattern(*i as u64, 512), "f{i}");
+    }
+    let (ok, out) = c.verify(false);
+    assert!(ok, "{out}");
+    for i in 0..3 {
+        assert!(c.log(i).contains("open-file limit 1024"), "b{i} log:\n{}", c.log(i));
+    }
+}
+
+async fn make_dirs(v: &mortar_replication::volume::Volume, n: usize) -> Vec<Gfid> {
+    let mut out = Vec::new();
+    for d in 0..n {
+        let a = v
+            .create(Gfid::ROOT, format!("d{d}").as_bytes(), pb::Kind::Dir, 0o755, 0, 0, 0, b"")
+            .await
+            .unwrap();
+        out.push(Gfid::from_bytes(&a.gfid).unwrap());
+    }
+    out
+}
