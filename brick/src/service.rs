@@ -766,7 +766,10 @@ impl pb::brick_server::Brick for BrickService {
             _ => None,
         };
         let opens_new = matches!(&op, pb::mutate_req::Op::Create(c) if c.open);
-        let (updates, needs_heal, now) = (r.updates, r.needs_heal, r.now_ns);
+        // A client still on an older volfile does not know every brick (one just added):
+        // its change may miss a copy it has never heard of.
+        let behind = r.generation < self.volfile.borrow().vol.generation;
+        let (updates, needs_heal, now) = (r.updates, r.needs_heal || behind, r.now_ns);
         let changed = gfids.clone();
         let res = blocking(move || {
             if needs_heal {

@@ -540,7 +540,13 @@ fn mount_helper_backup_servers_and_umount() {
     let c = Cluster::start(28, 3);
     let helper = Path::new("/sbin/mount.mortar");
     if !helper.exists() {
-        std::os::unix::fs::symlink(mortar_e2e::bin("mortar-mount"), helper).unwrap();
+        // Missing, or left dangling by an earlier `mortar local up` of a deleted build.
+        let _ = fs::remove_file(helper);
+        match std::os::unix::fs::symlink(mortar_e2e::bin("mortar-mount"), helper) {
+            // Another test (the quick start) linked it meanwhile.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            r => r.unwrap(),
+        }
     }
     let dir = c.dir.join("mnt");
     fs::create_dir(&dir).unwrap();

@@ -485,12 +485,14 @@ impl Volume {
             new_vers.push(new);
         }
         let now = now_ns();
+        let generation = self.vol.read().unwrap().generation;
         let results = join_all(targets.iter().map(|m| {
             let req = pb::MutateReq {
                 session: m.session.to_vec(),
                 now_ns: now,
                 updates: updates.clone(),
                 needs_heal,
+                generation,
                 op: Some(op.clone()),
             };
             let epoch = m.epoch;
