@@ -16,22 +16,9 @@ pub struct Ver {
 }
 
 impl Ver {
+    /// What versions are ordered by (see `freshness`).
     pub fn key(&self) -> (u64, u64) {
         (self.term, self.seq)
-    }
-
-    /// The newest of `vs`, or `Err` if copies at that version contradict each other.
-    pub fn newest<'a>(vs: impl IntoIterator<Item = &'a Ver> + Clone) -> Result<Ver> {
-        let Some(max) = vs.clone().into_iter().max_by_key(|v| v.key()).copied() else {
-            return Ok(Ver::default());
-        };
-        if vs
-            .into_iter()
-            .any(|v| v.key() == max.key() && v.id != max.id)
-        {
-            return Err(Error::SplitBrain);
-        }
-        Ok(max)
     }
 }
 

@@ -52,13 +52,13 @@ impl Volume {
                 (b, r.map(|(r, _)| r))
             }
         };
-        if test || typ == libc::F_UNLCK as i32 {
+        if test || typ == libc::F_UNLCK {
             let rs = join_all(bricks.iter().map(|b| send(b, typ, false))).await;
             let mut ok = 0;
             for (_, r) in rs {
                 if let Ok(r) = r {
                     Error::from_errno(r.errno)?;
-                    if test && r.typ != libc::F_UNLCK as i32 {
+                    if test && r.typ != libc::F_UNLCK {
                         return Ok(r);
                     }
                     ok += 1;
@@ -71,7 +71,7 @@ impl Volume {
                 });
             }
             return Ok(pb::LkReply {
-                typ: libc::F_UNLCK as i32,
+                typ: libc::F_UNLCK,
                 ..Default::default()
             });
         }
@@ -101,7 +101,7 @@ impl Volume {
             return Ok(pb::LkReply::default());
         }
         // Undo the partial grant: only the range this request took is ours to drop.
-        join_all(granted.iter().map(|b| send(b, libc::F_UNLCK as i32, false))).await;
+        join_all(granted.iter().map(|b| send(b, libc::F_UNLCK, false))).await;
         match refused {
             Some(e) => Err(Error::Os(e)),
             None => Err(Error::NoQuorum {

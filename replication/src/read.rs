@@ -195,9 +195,9 @@ impl Volume {
 
     /// Bricks that hold the newest copy of `g`, best first.
     async fn readable_bricks(&self, g: Gfid) -> Result<Vec<Arc<Brick>>> {
-        if let Some(tx) = self.inodes.lock().unwrap().get(&g).cloned() {
-            if let Ok(h) = tx.hold.try_lock() {
-                if let Some(h) = h.as_ref() {
+        if let Some(tx) = self.inodes.lock().unwrap().get(&g).cloned()
+            && let Ok(h) = tx.hold.try_lock()
+                && let Some(h) = h.as_ref() {
                     let ms: Vec<Arc<Brick>> = h
                         .members
                         .iter()
@@ -208,8 +208,6 @@ impl Volume {
                         return Ok(ms);
                     }
                 }
-            }
-        }
         let cached = self.readable.lock().unwrap().get(&g).cloned();
         let ids = match cached {
             Some(ids) => ids,

@@ -531,8 +531,8 @@ impl Volume {
             .filter(|r| matches!(r, Reply::Applied | Reply::Refused(_)))
             .collect();
         kinds.dedup();
-        if outcome.result.is_err() && kinds.len() > 1 {
-            if let Some(suppressed) = DISAGREE_WARNINGS.allow() {
+        if outcome.result.is_err() && kinds.len() > 1
+            && let Some(suppressed) = DISAGREE_WARNINGS.allow() {
                 let answers: Vec<(&str, Reply)> = targets
                     .iter()
                     .zip(&replies)
@@ -540,7 +540,6 @@ impl Volume {
                     .collect();
                 tracing::warn!(?answers, suppressed, "bricks disagree on a change");
             }
-        }
         let members: Vec<Member> = outcome.members.iter().map(|i| targets[*i].clone()).collect();
         let advanced = outcome.advanced;
         let result = outcome
