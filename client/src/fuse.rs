@@ -292,8 +292,10 @@ impl Filesystem for MortarFs {
         for cap in [
             InitFlags::FUSE_POSIX_LOCKS,
             InitFlags::FUSE_FLOCK_LOCKS,
+            // Every listing is a readdirplus (not only the kernel's guess of when one pays):
+            // the bricks read each entry's attributes for a listing anyway, and a `find` or
+            // a plain listing followed by stats then costs no lookup per file.
             InitFlags::FUSE_DO_READDIRPLUS,
-            InitFlags::FUSE_READDIRPLUS_AUTO,
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_ATOMIC_O_TRUNC,
         ] {
