@@ -305,10 +305,17 @@ pub struct HealPlan {
 }
 
 /// Chooses a heal's source and sinks among the copies present (`bricks[i]` holds
-/// `attrs[i]`). With `Source::Newest`, the clean newest copy wins; when every newest copy is
-/// dirty (all bricks died in the middle of a change that was never acknowledged), the first
-/// of them wins and all get a new version, so they end identical and clean.
-pub fn heal_plan(source: &Source, bricks: &[&str], attrs: &[&pb::Attr]) -> Result<HealPlan> {
+/// `attrs[i]`; `all_present`: every brick of the volume has a copy here). With
+/// `Source::Newest`, the clean newest copy wins; when every newest copy is dirty (all bricks
+/// died in the middle of a change that was never acknowledged), the first of them wins and
+/// all get a new version, so they end identical and clean — but only with every copy
+/// present: a brick still away may hold a clean one (`NoGoodCopy` until it is back).
+pub fn heal_plan(
+    source: &Source,
+    bricks: &[&str],
+    attrs: &[&pb::Attr],
+    all_present: bool,
+) -> Result<HealPlan> {
     let copies: Vec<Copy> = attrs.iter().map(|a| Copy::of(a)).collect();
     let n = attrs.len();
     let (source, forced) = match source {
@@ -316,7 +323,8 @@ pub fn heal_plan(source: &Source, bricks: &[&str], attrs: &[&pb::Attr]) -> Resul
             let f = freshness(&copies)?;
             match f.clean.first() {
                 Some(i) => (*i, false),
-                None => (f.dirty[0], true),
+                None if all_present => (f.dirty[0], true),
+                None => return Err(Error::NoGoodCopy),
             }
         }
         Source::Brick(id) => (
@@ -487,6 +495,7 @@ mod tests {
             ("one stale copy", Source::Newest, vec![attr(clean(1, 1, 1), 5, 5), attr(clean(1, 2, 2), 6, 6), attr(clean(1, 2, 2), 6, 6)], Ok((1, vec![0], false))),
             ("a dirty copy heals from a clean one", Source::Newest, vec![attr(dirty(1, 2, 2), 6, 6), attr(clean(1, 2, 2), 6, 6), attr(clean(1, 2, 2), 6, 6)], Ok((1, vec![0], false))),
             ("all dirty: the first wins, all get a new version", Source::Newest, vec![attr(dirty(1, 2, 2), 6, 1), attr(dirty(1, 2, 2), 7, 9), attr(dirty(1, 2, 2), 6, 1)], Ok((0, vec![1, 2], true))),
+            ("all present dirty, a brick away: wait for it", Source::Newest, vec![attr(dirty(1, 2, 2), 6, 1), attr(dirty(1, 2, 2), 7, 9)], Err(Error::NoGoodCopy)),
             ("split brain stays for a person", Source::Newest, vec![attr(clean(1, 2, 2), 6, 6), attr(clean(1, 2, 3), 6, 6)], Err(Error::SplitBrain)),
             ("settled by brick", Source::Brick("b1".into()), vec![attr(clean(1, 2, 2), 6, 6), attr(clean(1, 2, 3), 6, 6)], Ok((1, vec![0], true))),
             ("settled by mtime", Source::Mtime, vec![attr(clean(1, 2, 2), 9, 1), attr(clean(1, 2, 3), 6, 7)], Ok((0, vec![1], true))),
@@ -496,7 +505,9 @@ mod tests {
         ];
         for (name, src, attrs, want) in cases {
             let refs: Vec<&pb::Attr> = attrs.iter().collect();
-            let got = heal_plan(&src, &ids[..attrs.len()], &refs).map(|p| (p.source, p.sinks, p.new_version));
+            // The two-copy cases stand for a volume of 3 with one brick away.
+            let all = attrs.len() == 3 || !matches!(src, Source::Newest) || name.contains("split");
+            let got = heal_plan(&src, &ids[..attrs.len()], &refs, all).map(|p| (p.source, p.sinks, p.new_version));
             assert_eq!(got, want, "{name}");
         }
     }

@@ -370,7 +370,8 @@ impl Volume {
         }
         let ids: Vec<&str> = present.iter().map(|(m, _)| m.brick.id.as_str()).collect();
         let attrs: Vec<&pb::Attr> = present.iter().map(|(_, a)| a).collect();
-        let plan = match arbitrate::heal_plan(source, &ids, &attrs) {
+        let all_present = present.len() == self.total();
+        let plan = match arbitrate::heal_plan(source, &ids, &attrs, all_present) {
             Ok(p) => p,
             Err(e @ Error::SplitBrain) => {
                 tracing::error!(gfid = %g, "split brain: copies at the same version differ");
