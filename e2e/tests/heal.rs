@@ -246,7 +246,13 @@ fn bricks_join_and_leave_while_mounted() {
     let took = c.wait_healed(Duration::from_secs(60));
     heal_report("new 4th brick filled", took);
     // The mount may not follow the new volfile yet: the bricks index what it changes
-    // meanwhile (its generation is behind theirs), and heal brings it to b3.
+    // meanwhile (its generation is behind theirs), and heal brings it to b3. That needs b0
+    // (in every change) to have the new volfile itself: wait until it serves it.
+    let t = Instant::now();
+    while !c.heal_info().contains("Brick b3") {
+        assert!(t.elapsed() < Duration::from_secs(30), "b0 never served the new volfile");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     fs::write(m.p("after-join"), b"4 bricks").unwrap();
     c.wait_healed(Duration::from_secs(30));
     assert_eq!(fs::read(c.brick_dir(3).join("after-join")).unwrap(), b"4 bricks");
