@@ -87,11 +87,14 @@ const DIE_MARKER: &[u8] = b"MORTAR-TEST-DIE";
 
 fn test_die_mid_write(op: &pb::mutate_req::Op) -> Option<bool> {
     static MODE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
-    let after = (*MODE.get_or_init(|| match std::env::var("MORTAR_TEST_DIE_MID_WRITE").as_deref() {
-        Ok("before") => Some(false),
-        Ok("after") => Some(true),
-        _ => None,
-    }))?;
+    let after =
+        (*MODE.get_or_init(
+            || match std::env::var("MORTAR_TEST_DIE_MID_WRITE").as_deref() {
+                Ok("before") => Some(false),
+                Ok("after") => Some(true),
+                _ => None,
+            },
+        ))?;
     matches!(op, pb::mutate_req::Op::Write(w) if w.data.starts_with(DIE_MARKER)).then_some(after)
 }
 

@@ -294,9 +294,10 @@ impl Store {
             .collect::<R<Vec<Dir>>>()
             .map_err(|e| anyhow::anyhow!("opening the gfid index: {e}"))?;
         let term_floor = match std::fs::read_to_string(meta.join(CEILING)) {
-            Ok(t) => t.trim().parse().map_err(|e| {
-                anyhow::anyhow!("{}: {e}", meta.join(CEILING).display())
-            })?,
+            Ok(t) => t
+                .trim()
+                .parse()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", meta.join(CEILING).display()))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
             Err(e) => anyhow::bail!("{}: {e}", meta.join(CEILING).display()),
         };
@@ -453,9 +454,8 @@ impl Store {
         if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
             return Err(Errno::INVAL);
         }
-        let fd = Arc::new(self.fd_retry(|| {
-            path.open(OFlags::RDWR | OFlags::NOATIME, Mode::empty())
-        })?);
+        let fd =
+            Arc::new(self.fd_retry(|| path.open(OFlags::RDWR | OFlags::NOATIME, Mode::empty()))?);
         self.cache_fd(g, fd.clone());
         Ok(fd)
     }
@@ -675,7 +675,10 @@ impl Store {
             return Ok(());
         }
         let next = term.saturating_add(CEILING_AHEAD_NS);
-        let meta = self.heal_dir.parent().expect("the heal index is in .mortar");
+        let meta = self
+            .heal_dir
+            .parent()
+            .expect("the heal index is in .mortar");
         let tmp = meta.join(format!("{CEILING}.tmp"));
         let durable = (|| {
             let mut f = std::fs::File::create(&tmp)?;
@@ -702,7 +705,11 @@ impl Store {
             let Some(g) = e.file_name().to_str().and_then(Gfid::parse_hex) else {
                 continue;
             };
-            if self.path_of(g).and_then(|p| read_rec(&p)).is_ok_and(|r| r.pending != 0) {
+            if self
+                .path_of(g)
+                .and_then(|p| read_rec(&p))
+                .is_ok_and(|r| r.pending != 0)
+            {
                 tracing::warn!(gfid = %g, "a change was cut short here: the copy goes to heal");
                 self.mark_heal(g);
                 found += 1;
@@ -736,7 +743,10 @@ impl Store {
                 continue;
             }
             // Read and removed under the lock: a change marking it now waits.
-            let pending = self.path_of(g).and_then(|p| read_rec(&p)).is_ok_and(|r| r.pending != 0);
+            let pending = self
+                .path_of(g)
+                .and_then(|p| read_rec(&p))
+                .is_ok_and(|r| r.pending != 0);
             if !pending {
                 dirty.remove(&g);
                 let _ = std::fs::remove_file(self.dirty_dir().join(g.hex()));
@@ -760,9 +770,7 @@ impl Store {
             let exp = u.expect.unwrap_or_default();
             let new = u.new.unwrap_or_default();
             // A copy with an unfinished change is not at any version: heal levels it.
-            if rec.ver != (exp.term, exp.seq, exp.id)
-                || rec.pending != 0
-                || new.term < rec.promised
+            if rec.ver != (exp.term, exp.seq, exp.id) || rec.pending != 0 || new.term < rec.promised
             {
                 return Ok(false);
             }
@@ -831,7 +839,9 @@ impl Store {
             return false;
         }
         match mark_in(&self.heal_dir, g) {
-            Ok(_) => self.heal_unsynced.store(true, std::sync::atomic::Ordering::Release),
+            Ok(_) => self
+                .heal_unsynced
+                .store(true, std::sync::atomic::Ordering::Release),
             Err(e) => tracing::error!(gfid = %g, "cannot record pending heal: {e}"),
         }
         true
@@ -840,7 +850,10 @@ impl Store {
     /// Makes the heal index's recent entries durable. A heal creating many copies marks each
     /// unsynced and syncs once, before the step that makes their parent look healed.
     pub(crate) fn sync_heal_index(&self) {
-        if self.heal_unsynced.swap(false, std::sync::atomic::Ordering::AcqRel) {
+        if self
+            .heal_unsynced
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
             if let Err(e) = std::fs::File::open(&self.heal_dir).and_then(|d| d.sync_all()) {
                 tracing::error!("cannot sync the heal index: {e}");
             }
@@ -952,9 +965,8 @@ impl Store {
         };
         match kind {
             pb::Kind::File => {
-                let fd = self.fd_retry(|| {
-                    path.open(OFlags::CREATE | OFlags::EXCL | OFlags::RDWR, mode)
-                })?;
+                let fd = self
+                    .fd_retry(|| path.open(OFlags::CREATE | OFlags::EXCL | OFlags::RDWR, mode))?;
                 let done = (|| {
                     rfs::fchown(
                         &fd,
@@ -1549,7 +1561,11 @@ mod tests {
         s.heal_done(Gfid::ROOT);
         let update = |seq, id| pb::VerUpdate {
             gfid: Gfid::ROOT.to_vec(),
-            expect: Some(pb::Version { term: 5, seq: seq - 1, id: id - 1 }),
+            expect: Some(pb::Version {
+                term: 5,
+                seq: seq - 1,
+                id: id - 1,
+            }),
             new: Some(pb::Version { term: 5, seq, id }),
         };
         assert!(s.promise(Gfid::ROOT, 5).unwrap().is_ok());
@@ -1608,15 +1624,29 @@ mod tests {
         let root = tmp.path().join("b");
         // The gfid link never made.
         let g = create(&s, Gfid::ROOT, "f", pb::Kind::File);
-        std::fs::remove_file(root.join(".mortar/gfid").join(format!("{:02x}", g.0[0])).join(g.hex())).unwrap();
+        std::fs::remove_file(
+            root.join(".mortar/gfid")
+                .join(format!("{:02x}", g.0[0]))
+                .join(g.hex()),
+        )
+        .unwrap();
         s.forget_fd(g);
-        assert_eq!(s.getattr(g).err(), Some(Errno::NOENT), "unreachable by gfid");
+        assert_eq!(
+            s.getattr(g).err(),
+            Some(Errno::NOENT),
+            "unreachable by gfid"
+        );
         let (_, a) = s.lookup(Gfid::ROOT, b"f").unwrap();
         assert_eq!(a.unwrap().nlink, 1);
         assert_eq!(s.getattr(g).unwrap().nlink, 1, "reachable by gfid again");
         // The same through a listing.
         let g2 = create(&s, Gfid::ROOT, "f2", pb::Kind::File);
-        std::fs::remove_file(root.join(".mortar/gfid").join(format!("{:02x}", g2.0[0])).join(g2.hex())).unwrap();
+        std::fs::remove_file(
+            root.join(".mortar/gfid")
+                .join(format!("{:02x}", g2.0[0]))
+                .join(g2.hex()),
+        )
+        .unwrap();
         s.forget_fd(g2);
         let (entries, _, _) = s.readdir(Gfid::ROOT, b"", 100).unwrap();
         assert!(entries.iter().any(|e| e.name == b"f2"));

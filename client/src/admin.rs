@@ -7,10 +7,10 @@ use futures::StreamExt;
 use mortar_proto as pb;
 use serde::Serialize;
 
-use mortar_replication::conn::connect_once;
 use mortar_common::error::{Error, Result};
-use mortar_replication::volume::fetch_volfile;
 use mortar_common::volfile::{Volfile, with_default_port};
+use mortar_replication::conn::connect_once;
+use mortar_replication::volume::fetch_volfile;
 
 #[derive(Debug, Serialize)]
 pub struct BrickStatus {

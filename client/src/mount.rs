@@ -8,8 +8,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use crate::fuse::{MortarFs, Timeouts};
-use mortar_replication::volume::{Options, Volume};
 use mortar_common::telemetry;
+use mortar_replication::volume::{Options, Volume};
 
 #[derive(Debug, Clone)]
 pub struct MountArgs {

@@ -1102,7 +1102,16 @@ async fn a_brick_under_ulimit_1024_serves_10000_files() {
             let mut made = Vec::new();
             for i in (d..files).step_by(20) {
                 let a = v
-                    .create(dir, format!("f{i}").as_bytes(), pb::Kind::File, 0o644, 0, 0, 0, b"")
+                    .create(
+                        dir,
+                        format!("f{i}").as_bytes(),
+                        pb::Kind::File,
+                        0o644,
+                        0,
+                        0,
+                        0,
+                        b"",
+                    )
                     .await
                     .unwrap_or_else(|e| panic!("create f{i}: {e}"));
                 let g = Gfid::from_bytes(&a.gfid).unwrap();
@@ -1117,13 +1126,20 @@ async fn a_brick_under_ulimit_1024_serves_10000_files() {
     let results = writers.join_all().await;
     // Read every file back: many times round the brick's cache of open files.
     for (i, g) in results.iter().flatten() {
-        let data = v.read(*g, 0, 4096).await.unwrap_or_else(|e| panic!("read f{i}: {e}"));
+        let data = v
+            .read(*g, 0, 4096)
+            .await
+            .unwrap_or_else(|e| panic!("read f{i}: {e}"));
         assert_eq!(data, pattern(*i as u64, 512), "f{i}");
     }
     let (ok, out) = c.verify(false);
     assert!(ok, "{out}");
     for i in 0..3 {
-        assert!(c.log(i).contains("open-file limit 1024"), "b{i} log:\n{}", c.log(i));
+        assert!(
+            c.log(i).contains("open-file limit 1024"),
+            "b{i} log:\n{}",
+            c.log(i)
+        );
     }
 }
 
@@ -1131,7 +1147,16 @@ async fn make_dirs(v: &mortar_replication::volume::Volume, n: usize) -> Vec<Gfid
     let mut out = Vec::new();
     for d in 0..n {
         let a = v
-            .create(Gfid::ROOT, format!("d{d}").as_bytes(), pb::Kind::Dir, 0o755, 0, 0, 0, b"")
+            .create(
+                Gfid::ROOT,
+                format!("d{d}").as_bytes(),
+                pb::Kind::Dir,
+                0o755,
+                0,
+                0,
+                0,
+                b"",
+            )
             .await
             .unwrap();
         out.push(Gfid::from_bytes(&a.gfid).unwrap());

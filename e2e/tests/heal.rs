@@ -250,12 +250,18 @@ fn bricks_join_and_leave_while_mounted() {
     // (in every change) to have the new volfile itself: wait until it serves it.
     let t = Instant::now();
     while !c.heal_info().contains("Brick b3") {
-        assert!(t.elapsed() < Duration::from_secs(30), "b0 never served the new volfile");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "b0 never served the new volfile"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     fs::write(m.p("after-join"), b"4 bricks").unwrap();
     c.wait_healed(Duration::from_secs(30));
-    assert_eq!(fs::read(c.brick_dir(3).join("after-join")).unwrap(), b"4 bricks");
+    assert_eq!(
+        fs::read(c.brick_dir(3).join("after-join")).unwrap(),
+        b"4 bricks"
+    );
     // Take b0 out: the others keep every copy, writes go on with the new majority.
     c.set_bricks(&[1, 2, 3]);
     std::thread::sleep(Duration::from_millis(2500));
@@ -401,7 +407,10 @@ fn bricks_that_die_in_the_middle_of_a_write_are_healed_to_one_content() {
     // The mount's connections came back (its reads work again) before the fatal write.
     let t = Instant::now();
     while fs::read(m.p("f")).map(|d| d != old).unwrap_or(true) {
-        assert!(t.elapsed() < Duration::from_secs(30), "mount did not reconnect");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "mount did not reconnect"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let mut new = b"MORTAR-TEST-DIE".to_vec();
@@ -418,7 +427,11 @@ fn bricks_that_die_in_the_middle_of_a_write_are_healed_to_one_content() {
     heal_report("after every brick died mid-write", took);
     // The clean copy (b2, which never applied the write) was the source.
     for i in 0..3 {
-        assert_eq!(fs::read(c.brick_dir(i).join("f")).unwrap(), old, "brick b{i}");
+        assert_eq!(
+            fs::read(c.brick_dir(i).join("f")).unwrap(),
+            old,
+            "brick b{i}"
+        );
     }
     assert_eq!(fs::read(m.p("f")).unwrap(), old);
 }
@@ -443,8 +456,14 @@ fn a_partitioned_brick_is_dropped_and_healed_after() {
     drop(cut);
     let took = c.wait_healed(Duration::from_secs(60));
     heal_report("after a partition", took);
-    assert_eq!(fs::read(c.brick_dir(2).join("f")).unwrap(), b"during the partition");
+    assert_eq!(
+        fs::read(c.brick_dir(2).join("f")).unwrap(),
+        b"during the partition"
+    );
     for i in 0..20u64 {
-        assert_eq!(fs::read(c.brick_dir(2).join(format!("g{i}"))).unwrap(), pattern(i, 8192));
+        assert_eq!(
+            fs::read(c.brick_dir(2).join(format!("g{i}"))).unwrap(),
+            pattern(i, 8192)
+        );
     }
 }

@@ -39,7 +39,6 @@ pub fn pver(v: Ver) -> Option<pb::Version> {
     })
 }
 
-
 /// One copy of an inode, as its brick describes it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Copy {
@@ -374,14 +373,46 @@ mod tests {
         type Want = Option<(Ver, Vec<usize>, Vec<usize>)>;
         let cases: Vec<(&str, Vec<Copy>, Want)> = vec![
             ("no copies", vec![], Some((Ver::default(), vec![], vec![]))),
-            ("all agree", vec![clean(1, 2, 9); 3], Some((v(1, 2, 9), vec![0, 1, 2], vec![]))),
-            ("one stale", vec![clean(1, 2, 9), clean(1, 1, 8), clean(1, 2, 9)], Some((v(1, 2, 9), vec![0, 2], vec![]))),
-            ("higher term wins over higher seq", vec![clean(1, 9, 1), clean(2, 1, 2)], Some((v(2, 1, 2), vec![1], vec![]))),
-            ("same version, other change: split brain", vec![clean(1, 2, 9), clean(1, 2, 7)], None),
-            ("a dirty copy at the newest version is not clean", vec![clean(1, 2, 9), dirty(1, 2, 9), clean(1, 2, 9)], Some((v(1, 2, 9), vec![0, 2], vec![1]))),
-            ("all died mid-change: all dirty", vec![dirty(1, 2, 9); 3], Some((v(1, 2, 9), vec![], vec![0, 1, 2]))),
-            ("a dirty copy with another id is no split brain", vec![clean(1, 2, 9), dirty(1, 2, 7)], Some((v(1, 2, 9), vec![0], vec![1]))),
-            ("dirty behind a newer clean copy is just stale", vec![dirty(1, 1, 1), clean(1, 2, 2)], Some((v(1, 2, 2), vec![1], vec![]))),
+            (
+                "all agree",
+                vec![clean(1, 2, 9); 3],
+                Some((v(1, 2, 9), vec![0, 1, 2], vec![])),
+            ),
+            (
+                "one stale",
+                vec![clean(1, 2, 9), clean(1, 1, 8), clean(1, 2, 9)],
+                Some((v(1, 2, 9), vec![0, 2], vec![])),
+            ),
+            (
+                "higher term wins over higher seq",
+                vec![clean(1, 9, 1), clean(2, 1, 2)],
+                Some((v(2, 1, 2), vec![1], vec![])),
+            ),
+            (
+                "same version, other change: split brain",
+                vec![clean(1, 2, 9), clean(1, 2, 7)],
+                None,
+            ),
+            (
+                "a dirty copy at the newest version is not clean",
+                vec![clean(1, 2, 9), dirty(1, 2, 9), clean(1, 2, 9)],
+                Some((v(1, 2, 9), vec![0, 2], vec![1])),
+            ),
+            (
+                "all died mid-change: all dirty",
+                vec![dirty(1, 2, 9); 3],
+                Some((v(1, 2, 9), vec![], vec![0, 1, 2])),
+            ),
+            (
+                "a dirty copy with another id is no split brain",
+                vec![clean(1, 2, 9), dirty(1, 2, 7)],
+                Some((v(1, 2, 9), vec![0], vec![1])),
+            ),
+            (
+                "dirty behind a newer clean copy is just stale",
+                vec![dirty(1, 1, 1), clean(1, 2, 2)],
+                Some((v(1, 2, 2), vec![1], vec![])),
+            ),
         ];
         for (name, copies, want) in cases {
             let got = freshness(&copies).ok().map(|f| (f.ver, f.clean, f.dirty));
@@ -391,13 +422,43 @@ mod tests {
 
     #[test]
     fn writable_needs_a_majority_of_clean_newest_copies() {
-        let cases: Vec<(&str, Vec<Copy>, usize, std::result::Result<Vec<usize>, Error>)> = vec![
+        let cases: Vec<(
+            &str,
+            Vec<Copy>,
+            usize,
+            std::result::Result<Vec<usize>, Error>,
+        )> = vec![
             ("3 of 3", vec![clean(1, 1, 1); 3], 2, Ok(vec![0, 1, 2])),
-            ("2 of 3", vec![clean(1, 1, 1), clean(1, 0, 0), clean(1, 1, 1)], 2, Ok(vec![0, 2])),
-            ("1 of 3: heal first", vec![clean(1, 1, 1), clean(1, 0, 0), clean(1, 0, 0)], 2, Err(Error::NoGoodCopy)),
-            ("a dirty copy does not count", vec![clean(1, 1, 1), dirty(1, 1, 1), clean(1, 0, 0)], 2, Err(Error::NoGoodCopy)),
-            ("all dirty: heal first", vec![dirty(1, 1, 1); 3], 2, Err(Error::NoGoodCopy)),
-            ("split brain", vec![clean(1, 1, 1), clean(1, 1, 2), clean(1, 1, 1)], 2, Err(Error::SplitBrain)),
+            (
+                "2 of 3",
+                vec![clean(1, 1, 1), clean(1, 0, 0), clean(1, 1, 1)],
+                2,
+                Ok(vec![0, 2]),
+            ),
+            (
+                "1 of 3: heal first",
+                vec![clean(1, 1, 1), clean(1, 0, 0), clean(1, 0, 0)],
+                2,
+                Err(Error::NoGoodCopy),
+            ),
+            (
+                "a dirty copy does not count",
+                vec![clean(1, 1, 1), dirty(1, 1, 1), clean(1, 0, 0)],
+                2,
+                Err(Error::NoGoodCopy),
+            ),
+            (
+                "all dirty: heal first",
+                vec![dirty(1, 1, 1); 3],
+                2,
+                Err(Error::NoGoodCopy),
+            ),
+            (
+                "split brain",
+                vec![clean(1, 1, 1), clean(1, 1, 2), clean(1, 1, 1)],
+                2,
+                Err(Error::SplitBrain),
+            ),
         ];
         for (name, copies, quorum, want) in cases {
             assert_eq!(writable(&copies, quorum).map(|(_, c)| c), want, "{name}");
@@ -408,9 +469,24 @@ mod tests {
     fn readable_prefers_clean_copies_and_falls_back_to_dirty_ones() {
         let cases: Vec<(&str, Vec<Copy>, Vec<usize>, bool)> = vec![
             ("in sync", vec![clean(1, 1, 1); 3], vec![0, 1, 2], false),
-            ("one stale", vec![clean(1, 0, 0), clean(1, 1, 1), clean(1, 1, 1)], vec![1, 2], true),
-            ("one dirty", vec![dirty(1, 1, 1), clean(1, 1, 1)], vec![1], true),
-            ("all dirty", vec![dirty(1, 1, 1), dirty(1, 1, 1)], vec![0, 1], true),
+            (
+                "one stale",
+                vec![clean(1, 0, 0), clean(1, 1, 1), clean(1, 1, 1)],
+                vec![1, 2],
+                true,
+            ),
+            (
+                "one dirty",
+                vec![dirty(1, 1, 1), clean(1, 1, 1)],
+                vec![1],
+                true,
+            ),
+            (
+                "all dirty",
+                vec![dirty(1, 1, 1), dirty(1, 1, 1)],
+                vec![0, 1],
+                true,
+            ),
             ("one brick", vec![clean(3, 3, 3)], vec![0], false),
         ];
         for (name, copies, want, heal) in cases {
@@ -425,21 +501,106 @@ mod tests {
         let e = |x| Error::Os(x);
         let nq = |have, need| Error::NoQuorum { have, need };
         // (replies, quorum, result, members, advanced)
-        let cases: Vec<(&str, Vec<Reply>, usize, std::result::Result<usize, Error>, Vec<usize>, bool)> = vec![
-            ("all applied", vec![Applied; 3], 2, Ok(0), vec![0, 1, 2], true),
-            ("majority applied, one lost", vec![Lost, Applied, Applied], 2, Ok(1), vec![1, 2], true),
-            ("majority applied, one stale", vec![Applied, Stale, Applied], 2, Ok(0), vec![0, 2], true),
-            ("all refused alike", vec![Refused(39); 3], 2, Err(e(39)), vec![0, 1, 2], false),
-            ("majority refused alike", vec![Refused(122), Lost, Refused(122)], 2, Err(e(122)), vec![0, 2], false),
-            ("minority applied: ahead, change failed", vec![Applied, Lost, Lost], 2, Err(nq(1, 2)), vec![0], true),
-            ("minority applied, majority refused: the refusal answers", vec![Applied, Refused(28), Refused(28)], 2, Err(e(28)), vec![1, 2], false),
-            ("refusals disagree", vec![Refused(28), Refused(122), Lost], 2, Err(nq(1, 2)), vec![], false),
-            ("nothing answered", vec![Lost, Lost, Stale], 2, Err(nq(0, 2)), vec![], false),
-            ("single brick applied", vec![Applied], 1, Ok(0), vec![0], true),
+        let cases: Vec<(
+            &str,
+            Vec<Reply>,
+            usize,
+            std::result::Result<usize, Error>,
+            Vec<usize>,
+            bool,
+        )> = vec![
+            (
+                "all applied",
+                vec![Applied; 3],
+                2,
+                Ok(0),
+                vec![0, 1, 2],
+                true,
+            ),
+            (
+                "majority applied, one lost",
+                vec![Lost, Applied, Applied],
+                2,
+                Ok(1),
+                vec![1, 2],
+                true,
+            ),
+            (
+                "majority applied, one stale",
+                vec![Applied, Stale, Applied],
+                2,
+                Ok(0),
+                vec![0, 2],
+                true,
+            ),
+            (
+                "all refused alike",
+                vec![Refused(39); 3],
+                2,
+                Err(e(39)),
+                vec![0, 1, 2],
+                false,
+            ),
+            (
+                "majority refused alike",
+                vec![Refused(122), Lost, Refused(122)],
+                2,
+                Err(e(122)),
+                vec![0, 2],
+                false,
+            ),
+            (
+                "minority applied: ahead, change failed",
+                vec![Applied, Lost, Lost],
+                2,
+                Err(nq(1, 2)),
+                vec![0],
+                true,
+            ),
+            (
+                "minority applied, majority refused: the refusal answers",
+                vec![Applied, Refused(28), Refused(28)],
+                2,
+                Err(e(28)),
+                vec![1, 2],
+                false,
+            ),
+            (
+                "refusals disagree",
+                vec![Refused(28), Refused(122), Lost],
+                2,
+                Err(nq(1, 2)),
+                vec![],
+                false,
+            ),
+            (
+                "nothing answered",
+                vec![Lost, Lost, Stale],
+                2,
+                Err(nq(0, 2)),
+                vec![],
+                false,
+            ),
+            (
+                "single brick applied",
+                vec![Applied],
+                1,
+                Ok(0),
+                vec![0],
+                true,
+            ),
         ];
         for (name, replies, quorum, result, members, advanced) in cases {
             let o = mutation_outcome(&replies, quorum);
-            assert_eq!(o, Outcome { result, members, advanced }, "{name}");
+            assert_eq!(
+                o,
+                Outcome {
+                    result,
+                    members,
+                    advanced
+                },
+                "{name}"
+            );
         }
     }
 
@@ -457,16 +618,60 @@ mod tests {
         let p2 = Some(clean(1, 2, 2));
         let e = |g, s| Some((g, clean(1, s, s)));
         // (replies, answer (index or errno), holders, heal_parent); None: no parent anywhere
-        let cases: Vec<(&str, Vec<LookupView>, Option<(std::result::Result<usize, i32>, Vec<usize>, bool)>)> = vec![
-            ("all agree", vec![lv(p1, e(7, 1), 0); 3], Some((Ok(0), vec![0, 1, 2], false))),
-            ("a brick that missed the create is outvoted", vec![lv(p1, None, 2), lv(p2, e(7, 1), 0), lv(p2, e(7, 1), 0)], Some((Ok(1), vec![1, 2], true))),
-            ("a brick that missed the delete is outvoted", vec![lv(p1, e(7, 1), 0), lv(p2, None, 2), lv(p2, None, 2)], Some((Err(2), vec![], true))),
-            ("name replaced: the newer parent's gfid wins", vec![lv(p1, e(7, 1), 0), lv(p2, e(8, 1), 0), lv(p2, e(8, 1), 0)], Some((Ok(1), vec![1, 2], true))),
-            ("newest entry copy among the voters", vec![lv(p2, e(7, 1), 0), lv(p2, e(7, 3), 0)], Some((Ok(1), vec![1], false))),
-            ("brick without the parent", vec![lv(None, None, 2), lv(p1, e(7, 1), 0), lv(p1, e(7, 1), 0)], Some((Ok(1), vec![1, 2], true))),
-            ("no brick has the parent", vec![lv(None, None, 2), lv(None, None, 2)], None),
-            ("not found, errno 0 is EIO", vec![lv(p1, None, 0)], Some((Err(libc::EIO), vec![], false))),
-            ("a dirty parent copy is outvoted by clean ones", vec![lv(Some(dirty(1, 2, 2)), None, 2), lv(p2, e(7, 1), 0), lv(p2, e(7, 1), 0)], Some((Ok(1), vec![1, 2], true))),
+        let cases: Vec<(
+            &str,
+            Vec<LookupView>,
+            Option<(std::result::Result<usize, i32>, Vec<usize>, bool)>,
+        )> = vec![
+            (
+                "all agree",
+                vec![lv(p1, e(7, 1), 0); 3],
+                Some((Ok(0), vec![0, 1, 2], false)),
+            ),
+            (
+                "a brick that missed the create is outvoted",
+                vec![lv(p1, None, 2), lv(p2, e(7, 1), 0), lv(p2, e(7, 1), 0)],
+                Some((Ok(1), vec![1, 2], true)),
+            ),
+            (
+                "a brick that missed the delete is outvoted",
+                vec![lv(p1, e(7, 1), 0), lv(p2, None, 2), lv(p2, None, 2)],
+                Some((Err(2), vec![], true)),
+            ),
+            (
+                "name replaced: the newer parent's gfid wins",
+                vec![lv(p1, e(7, 1), 0), lv(p2, e(8, 1), 0), lv(p2, e(8, 1), 0)],
+                Some((Ok(1), vec![1, 2], true)),
+            ),
+            (
+                "newest entry copy among the voters",
+                vec![lv(p2, e(7, 1), 0), lv(p2, e(7, 3), 0)],
+                Some((Ok(1), vec![1], false)),
+            ),
+            (
+                "brick without the parent",
+                vec![lv(None, None, 2), lv(p1, e(7, 1), 0), lv(p1, e(7, 1), 0)],
+                Some((Ok(1), vec![1, 2], true)),
+            ),
+            (
+                "no brick has the parent",
+                vec![lv(None, None, 2), lv(None, None, 2)],
+                None,
+            ),
+            (
+                "not found, errno 0 is EIO",
+                vec![lv(p1, None, 0)],
+                Some((Err(libc::EIO), vec![], false)),
+            ),
+            (
+                "a dirty parent copy is outvoted by clean ones",
+                vec![
+                    lv(Some(dirty(1, 2, 2)), None, 2),
+                    lv(p2, e(7, 1), 0),
+                    lv(p2, e(7, 1), 0),
+                ],
+                Some((Ok(1), vec![1, 2], true)),
+            ),
         ];
         for (name, replies, want) in cases {
             let got = lookup_vote(&replies).map(|v| (v.answer, v.holders, v.heal_parent));
@@ -491,23 +696,93 @@ mod tests {
         // (source policy, copies, Ok((source, sinks, new_version)) or Err)
         type Want = std::result::Result<(usize, Vec<usize>, bool), Error>;
         let cases: Vec<(&str, Source, Vec<pb::Attr>, Want)> = vec![
-            ("in sync: no sinks", Source::Newest, vec![attr(clean(1, 1, 1), 5, 5); 3], Ok((0, vec![], false))),
-            ("one stale copy", Source::Newest, vec![attr(clean(1, 1, 1), 5, 5), attr(clean(1, 2, 2), 6, 6), attr(clean(1, 2, 2), 6, 6)], Ok((1, vec![0], false))),
-            ("a dirty copy heals from a clean one", Source::Newest, vec![attr(dirty(1, 2, 2), 6, 6), attr(clean(1, 2, 2), 6, 6), attr(clean(1, 2, 2), 6, 6)], Ok((1, vec![0], false))),
-            ("all dirty: the first wins, all get a new version", Source::Newest, vec![attr(dirty(1, 2, 2), 6, 1), attr(dirty(1, 2, 2), 7, 9), attr(dirty(1, 2, 2), 6, 1)], Ok((0, vec![1, 2], true))),
-            ("all present dirty, a brick away: wait for it", Source::Newest, vec![attr(dirty(1, 2, 2), 6, 1), attr(dirty(1, 2, 2), 7, 9)], Err(Error::NoGoodCopy)),
-            ("split brain stays for a person", Source::Newest, vec![attr(clean(1, 2, 2), 6, 6), attr(clean(1, 2, 3), 6, 6)], Err(Error::SplitBrain)),
-            ("settled by brick", Source::Brick("b1".into()), vec![attr(clean(1, 2, 2), 6, 6), attr(clean(1, 2, 3), 6, 6)], Ok((1, vec![0], true))),
-            ("settled by mtime", Source::Mtime, vec![attr(clean(1, 2, 2), 9, 1), attr(clean(1, 2, 3), 6, 7)], Ok((0, vec![1], true))),
-            ("settled by size", Source::Size, vec![attr(clean(1, 2, 2), 9, 1), attr(clean(1, 2, 3), 6, 7)], Ok((1, vec![0], true))),
-            ("unknown brick", Source::Brick("b9".into()), vec![attr(clean(1, 2, 2), 6, 6)], Err(Error::Volfile("brick b9 has no copy of this file, or is not reachable".into()))),
-            ("same version, other attributes (a copy a heal just made)", Source::Newest, vec![attr(clean(1, 1, 1), 5, 5), attr(clean(1, 1, 1), 4, 5)], Ok((0, vec![1], false))),
+            (
+                "in sync: no sinks",
+                Source::Newest,
+                vec![attr(clean(1, 1, 1), 5, 5); 3],
+                Ok((0, vec![], false)),
+            ),
+            (
+                "one stale copy",
+                Source::Newest,
+                vec![
+                    attr(clean(1, 1, 1), 5, 5),
+                    attr(clean(1, 2, 2), 6, 6),
+                    attr(clean(1, 2, 2), 6, 6),
+                ],
+                Ok((1, vec![0], false)),
+            ),
+            (
+                "a dirty copy heals from a clean one",
+                Source::Newest,
+                vec![
+                    attr(dirty(1, 2, 2), 6, 6),
+                    attr(clean(1, 2, 2), 6, 6),
+                    attr(clean(1, 2, 2), 6, 6),
+                ],
+                Ok((1, vec![0], false)),
+            ),
+            (
+                "all dirty: the first wins, all get a new version",
+                Source::Newest,
+                vec![
+                    attr(dirty(1, 2, 2), 6, 1),
+                    attr(dirty(1, 2, 2), 7, 9),
+                    attr(dirty(1, 2, 2), 6, 1),
+                ],
+                Ok((0, vec![1, 2], true)),
+            ),
+            (
+                "all present dirty, a brick away: wait for it",
+                Source::Newest,
+                vec![attr(dirty(1, 2, 2), 6, 1), attr(dirty(1, 2, 2), 7, 9)],
+                Err(Error::NoGoodCopy),
+            ),
+            (
+                "split brain stays for a person",
+                Source::Newest,
+                vec![attr(clean(1, 2, 2), 6, 6), attr(clean(1, 2, 3), 6, 6)],
+                Err(Error::SplitBrain),
+            ),
+            (
+                "settled by brick",
+                Source::Brick("b1".into()),
+                vec![attr(clean(1, 2, 2), 6, 6), attr(clean(1, 2, 3), 6, 6)],
+                Ok((1, vec![0], true)),
+            ),
+            (
+                "settled by mtime",
+                Source::Mtime,
+                vec![attr(clean(1, 2, 2), 9, 1), attr(clean(1, 2, 3), 6, 7)],
+                Ok((0, vec![1], true)),
+            ),
+            (
+                "settled by size",
+                Source::Size,
+                vec![attr(clean(1, 2, 2), 9, 1), attr(clean(1, 2, 3), 6, 7)],
+                Ok((1, vec![0], true)),
+            ),
+            (
+                "unknown brick",
+                Source::Brick("b9".into()),
+                vec![attr(clean(1, 2, 2), 6, 6)],
+                Err(Error::Volfile(
+                    "brick b9 has no copy of this file, or is not reachable".into(),
+                )),
+            ),
+            (
+                "same version, other attributes (a copy a heal just made)",
+                Source::Newest,
+                vec![attr(clean(1, 1, 1), 5, 5), attr(clean(1, 1, 1), 4, 5)],
+                Ok((0, vec![1], false)),
+            ),
         ];
         for (name, src, attrs, want) in cases {
             let refs: Vec<&pb::Attr> = attrs.iter().collect();
             // The two-copy cases stand for a volume of 3 with one brick away.
             let all = attrs.len() == 3 || !matches!(src, Source::Newest) || name.contains("split");
-            let got = heal_plan(&src, &ids[..attrs.len()], &refs, all).map(|p| (p.source, p.sinks, p.new_version));
+            let got = heal_plan(&src, &ids[..attrs.len()], &refs, all)
+                .map(|p| (p.source, p.sinks, p.new_version));
             assert_eq!(got, want, "{name}");
         }
     }

@@ -150,5 +150,4 @@ impl Volume {
         });
         self.mutate(&[dir], op).await.map(|_| ())
     }
-
 }

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use futures::future::join_all;
 use futures::StreamExt;
+use futures::future::join_all;
 use mortar_proto as pb;
 
 use mortar_common::error::{Error, Result};
@@ -250,7 +250,6 @@ impl Volume {
             }
         });
     }
-
 
     /// Heals `g` and, for directories, whatever below it differs. `source` decides the
     /// winner for `g` itself; everything below follows the newest copy.
@@ -540,7 +539,8 @@ impl Volume {
                 let chunks = (0..a.size.div_ceil(CHUNK as u64))
                     .map(|i| (i * CHUNK as u64, CHUNK))
                     .collect();
-                self.copy_blocks(src, sink, g, a, lock, stats, chunks).await?;
+                self.copy_blocks(src, sink, g, a, lock, stats, chunks)
+                    .await?;
             }
             pb::Kind::File => {
                 // Page by page: each request's cost is bounded, whatever the file's size.
@@ -559,7 +559,8 @@ impl Volume {
                         .filter(|(i, sum)| ksums.get(*i) != Some(sum))
                         .map(|(i, _)| ((first + i as u64) * BLOCK as u64, BLOCK))
                         .collect();
-                    self.copy_blocks(src, sink, g, a, lock, stats, differ).await?;
+                    self.copy_blocks(src, sink, g, a, lock, stats, differ)
+                        .await?;
                     first += ssums.len() as u64;
                     if first.saturating_mul(BLOCK as u64) >= size {
                         break;

@@ -13,7 +13,6 @@ use crate::arbitrate::{self, Copy};
 use crate::conn::Brick;
 use crate::volume::Volume;
 
-
 /// Every entry of directory `g` on one brick, page by page in name order (each page starts
 /// after the last name of the one before, so concurrent changes never skip or repeat an
 /// entry that stays).
@@ -185,9 +184,17 @@ impl Volume {
             self.queue_heal(parent).await;
         }
         let best = vote.answer.map_err(Error::Os)?;
-        let e = replies[best].1.entry.clone().expect("the vote chose an entry");
+        let e = replies[best]
+            .1
+            .entry
+            .clone()
+            .expect("the vote chose an entry");
         if let Some(g) = Gfid::from_bytes(&e.gfid) {
-            let ids = vote.holders.iter().map(|i| replies[*i].0.id.clone()).collect();
+            let ids = vote
+                .holders
+                .iter()
+                .map(|i| replies[*i].0.id.clone())
+                .collect();
             self.remember_readable(g, ids);
         }
         Ok(e)
@@ -197,17 +204,18 @@ impl Volume {
     async fn readable_bricks(&self, g: Gfid) -> Result<Vec<Arc<Brick>>> {
         if let Some(tx) = self.inodes.lock().unwrap().get(&g).cloned()
             && let Ok(h) = tx.hold.try_lock()
-                && let Some(h) = h.as_ref() {
-                    let ms: Vec<Arc<Brick>> = h
-                        .members
-                        .iter()
-                        .filter(|m| m.current())
-                        .map(|m| m.brick.clone())
-                        .collect();
-                    if !ms.is_empty() {
-                        return Ok(ms);
-                    }
-                }
+            && let Some(h) = h.as_ref()
+        {
+            let ms: Vec<Arc<Brick>> = h
+                .members
+                .iter()
+                .filter(|m| m.current())
+                .map(|m| m.brick.clone())
+                .collect();
+            if !ms.is_empty() {
+                return Ok(ms);
+            }
+        }
         let cached = self.readable.lock().unwrap().get(&g).cloned();
         let ids = match cached {
             Some(ids) => ids,
@@ -352,5 +360,4 @@ impl Volume {
             e => Err(Error::Os(e)),
         }
     }
-
 }

@@ -381,7 +381,11 @@ impl Volume {
     }
 
     /// Runs one change of `gfids` (the inodes whose version it changes) on the bricks.
-    pub(crate) async fn mutate(&self, gfids: &[Gfid], op: pb::mutate_req::Op) -> Result<pb::MutateReply> {
+    pub(crate) async fn mutate(
+        &self,
+        gfids: &[Gfid],
+        op: pb::mutate_req::Op,
+    ) -> Result<pb::MutateReply> {
         self.healing(gfids, || self.mutate_once(gfids, op.clone()))
             .await
     }
@@ -531,16 +535,22 @@ impl Volume {
             .filter(|r| matches!(r, Reply::Applied | Reply::Refused(_)))
             .collect();
         kinds.dedup();
-        if outcome.result.is_err() && kinds.len() > 1
-            && let Some(suppressed) = DISAGREE_WARNINGS.allow() {
-                let answers: Vec<(&str, Reply)> = targets
-                    .iter()
-                    .zip(&replies)
-                    .map(|(m, r)| (m.brick.id.as_str(), *r))
-                    .collect();
-                tracing::warn!(?answers, suppressed, "bricks disagree on a change");
-            }
-        let members: Vec<Member> = outcome.members.iter().map(|i| targets[*i].clone()).collect();
+        if outcome.result.is_err()
+            && kinds.len() > 1
+            && let Some(suppressed) = DISAGREE_WARNINGS.allow()
+        {
+            let answers: Vec<(&str, Reply)> = targets
+                .iter()
+                .zip(&replies)
+                .map(|(m, r)| (m.brick.id.as_str(), *r))
+                .collect();
+            tracing::warn!(?answers, suppressed, "bricks disagree on a change");
+        }
+        let members: Vec<Member> = outcome
+            .members
+            .iter()
+            .map(|i| targets[*i].clone())
+            .collect();
         let advanced = outcome.advanced;
         let result = outcome
             .result

@@ -289,7 +289,6 @@ impl Volume {
         *bricks = next;
         *cur = vf;
     }
-
 }
 
 #[cfg(test)]
@@ -334,4 +333,3 @@ mod tests {
         assert_eq!(ping_timeout_source(&unset, &volfile(None)), "default");
     }
 }
-
