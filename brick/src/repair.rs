@@ -67,9 +67,11 @@ impl Store {
                 self.getattr(g)
             }
             Op::SetVersion(v) => {
-                // The entries this heal made below `g` are indexed for good before `g`
-                // stops looking stale.
-                self.sync_heal_index();
+                // The entries this heal made below directory `g` are indexed for good
+                // before `g` stops looking stale (a file has no entries below it).
+                if self.is_dir(g) {
+                    self.sync_heal_index();
+                }
                 let path = self.path_of(g)?;
                 let mut rec = read_rec(&path)?;
                 rec.ver = (v.term, v.seq, v.id);

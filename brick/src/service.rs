@@ -778,10 +778,9 @@ impl pb::brick_server::Brick for BrickService {
             if needs_heal {
                 gfids.iter().for_each(|g| store.mark_heal(*g));
             }
-            if !store.versions_match(&updates)? {
+            if !store.begin_change(&updates)? {
                 return Ok(None);
             }
-            store.mark_pending(&updates)?;
             let die = test_die_mid_write(&op);
             if die == Some(false) {
                 std::process::exit(86);

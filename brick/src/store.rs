@@ -171,6 +171,15 @@ fn mark_in(dir: &Path, g: Gfid) -> std::io::Result<()> {
     }
 }
 
+/// Whether a copy is where change `u` expects it: at the expected version, with no change
+/// left unfinished (a pending copy is at no version: heal levels it), and not promised to a
+/// term above the change's (its writer lost the lock).
+fn at_expected(rec: &Record, u: &pb::VerUpdate) -> bool {
+    let exp = u.expect.unwrap_or_default();
+    let new = u.new.unwrap_or_default();
+    rec.ver == (exp.term, exp.seq, exp.id) && rec.pending == 0 && new.term >= rec.promised
+}
+
 pub(crate) fn write_rec(loc: &Loc, rec: &Record) -> R<()> {
     loc.setxattr(
         OsStr::new(record::XATTR),
@@ -764,26 +773,33 @@ impl Store {
     /// and the change is made under the newest lock term this brick promised for it: a
     /// writer whose lock was taken over (a higher term promised to another client since)
     /// is fenced here, on disk, whatever the in-memory lock table said a moment earlier.
+    #[cfg(test)]
     pub fn versions_match(&self, updates: &[pb::VerUpdate]) -> R<bool> {
         for u in updates {
-            let rec = self.record(gfid(&u.gfid)?)?;
-            let exp = u.expect.unwrap_or_default();
-            let new = u.new.unwrap_or_default();
-            // A copy with an unfinished change is not at any version: heal levels it.
-            if rec.ver != (exp.term, exp.seq, exp.id) || rec.pending != 0 || new.term < rec.promised
-            {
+            if !at_expected(&self.record(gfid(&u.gfid)?)?, u) {
                 return Ok(false);
             }
         }
         Ok(true)
     }
 
-    /// The pre-op: records in each inode's record that change `new.id` begins, before any of
-    /// it is applied. `set_versions` clears it with the new version; a brick that dies in
-    /// between leaves the mark, and its copy is taken for what it is: unknown.
-    pub fn mark_pending(&self, updates: &[pb::VerUpdate]) -> R<()> {
+    /// The pre-op of a change: `false` if some inode is not where the change expects it
+    /// (`at_expected`: this copy is stale, or the writer fenced); else records in each
+    /// inode's record that change `new.id` begins, before any of it is applied. Each record
+    /// is read once. `set_versions` clears the mark with the new version; a brick that dies
+    /// in between leaves it, and its copy is taken for what it is: unknown.
+    pub fn begin_change(&self, updates: &[pb::VerUpdate]) -> R<bool> {
+        let mut recs = Vec::with_capacity(updates.len());
         for u in updates {
             let g = gfid(&u.gfid)?;
+            let path = self.path_of(g)?;
+            let rec = read_rec(&path)?;
+            if !at_expected(&rec, u) {
+                return Ok(false);
+            }
+            recs.push((g, path, rec, u.new.unwrap_or_default().id.max(1)));
+        }
+        for (g, path, mut rec, id) in recs {
             {
                 // The entry in `.mortar/dirty` comes first: it is how a restart finds the mark.
                 let mut dirty = self.dirty.lock().unwrap();
@@ -792,15 +808,13 @@ impl Store {
                 }
                 dirty.insert(g, Instant::now());
             }
-            let path = self.path_of(g)?;
-            let mut rec = read_rec(&path)?;
-            rec.pending = u.new.unwrap_or_default().id.max(1);
+            rec.pending = id;
             write_rec(&path, &rec)?;
         }
-        Ok(())
+        Ok(true)
     }
 
-    /// Takes back `mark_pending` for a change that was refused before it changed anything.
+    /// Takes back `begin_change`'s mark for a change that was refused before it changed anything.
     pub fn clear_pending(&self, updates: &[pb::VerUpdate]) -> R<()> {
         for u in updates {
             let path = self.path_of(gfid(&u.gfid)?)?;
@@ -1574,7 +1588,7 @@ mod tests {
             ..update(1, 1)
         };
         // A change that finishes: marked, then cleared with its version.
-        s.mark_pending(std::slice::from_ref(&first)).unwrap();
+        assert_eq!(s.begin_change(std::slice::from_ref(&first)), Ok(true));
         assert!(s.getattr(Gfid::ROOT).unwrap().pending);
         s.set_versions(std::slice::from_ref(&first), 1).unwrap();
         assert!(!s.getattr(Gfid::ROOT).unwrap().pending);
@@ -1585,7 +1599,7 @@ mod tests {
         let s = Store::open(&dir).unwrap();
         assert!(s.heal_pending().is_empty());
         // A change cut short: the mark stays, the copy refuses further changes (stale) ...
-        s.mark_pending(&[update(2, 2)]).unwrap();
+        assert_eq!(s.begin_change(&[update(2, 2)]), Ok(true));
         s.sweep_dirty(std::time::Duration::ZERO);
         assert_eq!(s.dirty_count(), 1, "a pending change is not forgotten");
         let a = s.getattr(Gfid::ROOT).unwrap();
