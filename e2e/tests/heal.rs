@@ -453,6 +453,9 @@ fn a_partitioned_brick_is_dropped_and_healed_after() {
     let took = t.elapsed();
     assert!(took < Duration::from_secs(20), "writes stalled {took:?}");
     std::thread::sleep(Duration::from_secs(1));
+    // The partition was real: the cut-off brick got none of it.
+    assert_eq!(fs::read(c.brick_dir(2).join("f")).unwrap(), b"before");
+    assert!(!c.brick_dir(2).join("g0").exists());
     drop(cut);
     let took = c.wait_healed(Duration::from_secs(60));
     heal_report("after a partition", took);
