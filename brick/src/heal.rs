@@ -34,6 +34,8 @@ pub struct Worker {
     /// Copy at most this many bytes per second, so client I/O keeps flowing.
     pub rate: u64,
     pub metrics: Arc<HealMetrics>,
+    /// This brick's own `Heal` RPC, called in-process (see `Options::local`).
+    pub local: mortar_replication::volume::LocalSteps,
 }
 
 impl Worker {
@@ -43,6 +45,7 @@ impl Worker {
             let servers: Vec<String> = vf.bricks.iter().map(|b| b.address.clone()).collect();
             let opts = Options {
                 client_name: format!("self-heal@{}", self.brick_id),
+                local: Some((self.brick_id.clone(), self.local.clone())),
                 ..Options::default()
             };
             match Volume::connect(&servers, &vf.volume, opts).await {
@@ -54,6 +57,9 @@ impl Worker {
             }
         };
         vol.set_heal_rate(self.rate);
+        // Whatever is indexed already (a wiped brick's root, changes from before a restart)
+        // is healed at once: the bricks' "up" events of the connect itself are past.
+        self.pass(&vol).await;
         loop {
             let up = vol.brick_up.notified();
             tokio::select! {

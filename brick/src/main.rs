@@ -118,7 +118,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     rt.block_on(async move {
         let (vtx, vrx) = watch::channel(vf);
         tokio::spawn(follow_volfile(args.volfile.clone(), vtx));
-        let svc = BrickService::new(args.id.clone(), store.clone(), vrx, Duration::from_secs_f64(args.session_timeout));
+        let svc = Arc::new(BrickService::new(args.id.clone(), store.clone(), vrx, Duration::from_secs_f64(args.session_timeout)));
         let stopper = svc.stopper();
         let grace = Duration::from_secs_f64(args.shutdown_grace);
         let metrics_addr = args.metrics.unwrap_or_else(|| {
@@ -136,6 +136,16 @@ fn run(args: Args) -> anyhow::Result<()> {
                 interval: Duration::from_secs_f64(args.heal_interval),
                 rate: args.heal_rate_mib << 20,
                 metrics: heal_metrics.clone(),
+                local: {
+                    let svc = svc.clone();
+                    mortar_replication::volume::LocalSteps(Arc::new(move |req| {
+                        let svc = svc.clone();
+                        Box::pin(async move {
+                            use mortar_proto::brick_server::Brick;
+                            svc.heal(tonic::Request::new(req)).await.map(|r| r.into_inner())
+                        })
+                    }))
+                },
             }
             .run(),
         );
@@ -180,7 +190,11 @@ fn run(args: Args) -> anyhow::Result<()> {
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(2)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
-            .add_service(mortar_proto::brick_server::BrickServer::new(svc).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
+            // As wide as the clients' windows: a 1 MiB write (a heal's block) should not
+            // wait for window updates.
+            .initial_stream_window_size(Some(8 << 20))
+            .initial_connection_window_size(Some(32 << 20))
+            .add_service(mortar_proto::brick_server::BrickServer::from_arc(svc).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
             .serve_with_shutdown(args.listen, async {
                 let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
                 tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }

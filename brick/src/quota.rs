@@ -293,7 +293,7 @@ mod enospc {
         let write = pb::mutate_req::Op::Write(pb::Write {
             gfid: file.to_vec(),
             offset: 0,
-            data: vec![7u8; 4 << 20],
+            data: vec![7u8; 4 << 20].into(),
             append: false,
         });
         assert_eq!(s.apply(&write, now).err(), Some(Errno::NOSPC));

@@ -85,6 +85,11 @@ impl Store {
 
     fn heal_meta(&self, g: Gfid, m: &pb::HealMeta) -> R<pb::Attr> {
         let path = self.path_of(g)?;
+        self.apply_meta(&path, m)?;
+        stat_loc(&path)
+    }
+
+    fn apply_meta(&self, path: &Loc, m: &pb::HealMeta) -> R<()> {
         let st = path.lstat()?;
         let is_link = FileType::from_raw_mode(st.st_mode) == FileType::Symlink;
         path.chown(Some(m.uid), Some(m.gid))?;
@@ -110,19 +115,33 @@ impl Store {
             last_modification: ts(m.mtime_ns),
         };
         path.utimens(&t)?;
-        stat_loc(&path)
+        Ok(())
     }
 
     /// Makes `name` in directory `parent` the inode described by `e`: links or moves the
     /// inode if this brick has it elsewhere (a rename or hard link it missed), else creates
-    /// it empty with the source's identity; its content and version are healed next.
+    /// it with the source's identity: complete if `e.ver` is set (see `HealEntry`), else
+    /// empty, its content and version healed next.
     fn heal_entry(&self, parent: Gfid, e: &pb::HealEntry) -> R<pb::Attr> {
         let name = check_name(&e.name, parent)?;
         let attr = e.attr.as_ref().ok_or(Errno::INVAL)?;
         let g = gfid(&attr.gfid)?;
+        let complete = match (&e.ver, &e.meta) {
+            (Some(v), Some(m)) if attr.kind() != pb::Kind::Dir => Some((v, m)),
+            (None, _) => None,
+            // A directory is never made complete in one step (its entries are healed), and
+            // a version without the metadata it stands for would be a lie.
+            _ => return Err(Errno::INVAL),
+        };
+        if !e.data.is_empty() && (complete.is_none() || attr.kind() != pb::Kind::File) {
+            return Err(Errno::INVAL);
+        }
         let pdir = self.dir_path(parent)?;
         let path = pdir.join(name);
         match read_rec(&path) {
+            // A complete copy is asked for an inode the healer saw missing here: whatever
+            // is here now, it is not that (the healer takes the usual way).
+            Ok(r) if r.gfid == g && complete.is_some() => return Err(Errno::EXIST),
             Ok(r) if r.gfid == g => return stat_loc(&path),
             Ok(_) => self.remove_tree(&path)?,
             Err(Errno::NOENT) => {}
@@ -143,20 +162,33 @@ impl Store {
                 return stat_loc(&path);
             }
         } else if self.index_path(g).exists() {
+            if complete.is_some() {
+                return Err(Errno::EXIST);
+            }
             self.index_path(g).link_to(&path)?;
             return stat_loc(&path);
         }
-        // Until healed, the new copy is empty: if this heal stops midway, the index brings
-        // it back to a later one. Synced with the parent's new version (`SetVersion`).
-        self.mark_heal_unsynced(g);
-        let rec = Record::new(g, 0, attr.ctime_ns);
+        // Until healed, an empty new copy is stale: if this heal stops midway, the index
+        // brings it back to a later one. Synced with the parent's new version (`SetVersion`).
+        // A complete one takes its version last, after its content: cut short, it has no
+        // record and is cleared by whatever meets the name next.
+        if complete.is_none() {
+            self.mark_heal_unsynced(g);
+        }
+        let mut rec = Record::new(g, 0, attr.ctime_ns);
+        if let Some((v, _)) = complete {
+            rec.ver = (v.term, v.seq, v.id);
+        }
         let mode = attr.mode & 0o7777;
+        let mut file = None;
         match kind {
             pb::Kind::Dir => path.mkdir(mode)?,
-            pb::Kind::File => drop(path.open(
-                OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY,
-                Mode::from_raw_mode(mode),
-            )?),
+            pb::Kind::File => {
+                file = Some(path.open(
+                    OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY,
+                    Mode::from_raw_mode(mode),
+                )?)
+            }
             pb::Kind::Symlink => {
                 if e.target.is_empty() || e.target.contains(&0) {
                     return Err(Errno::INVAL);
@@ -170,9 +202,26 @@ impl Store {
             pb::Kind::Unknown => return Err(Errno::INVAL),
         }
         let done = (|| {
-            path.chown(Some(attr.uid), Some(attr.gid))?;
-            if kind != pb::Kind::Symlink {
-                path.chmod(mode)?;
+            match complete {
+                Some((_, m)) => {
+                    if let (Some(fd), false) = (&file, e.data.is_empty()) {
+                        let mut data = &e.data[..];
+                        let mut off = 0u64;
+                        while !data.is_empty() {
+                            let k = rustix::io::pwrite(fd, data, off)?;
+                            data = &data[k..];
+                            off += k as u64;
+                        }
+                    }
+                    // Owner, mode, xattrs, and the times last (the write changed them).
+                    self.apply_meta(&path, m)?;
+                }
+                None => {
+                    path.chown(Some(attr.uid), Some(attr.gid))?;
+                    if kind != pb::Kind::Symlink {
+                        path.chmod(mode)?;
+                    }
+                }
             }
             write_rec(&path, &rec)?;
             if kind != pb::Kind::Dir {

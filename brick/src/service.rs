@@ -439,11 +439,14 @@ impl pb::brick_server::Brick for BrickService {
                 self.metrics
                     .read_bytes
                     .fetch_add(data.len() as u64, Relaxed);
-                pb::ReadReply { errno: 0, data }
+                pb::ReadReply {
+                    errno: 0,
+                    data: data.into(),
+                }
             }
             Err(e) => pb::ReadReply {
                 errno: errno(e),
-                data: Vec::new(),
+                data: Default::default(),
             },
         }))
     }

@@ -601,17 +601,25 @@ impl Store {
 
     pub fn read(&self, g: Gfid, offset: u64, size: u32) -> R<Vec<u8>> {
         let fd = self.file(g)?;
-        let mut buf = vec![0u8; size.min(16 << 20) as usize];
-        let mut n = 0;
-        while n < buf.len() {
-            match rustix::io::pread(&*fd, &mut buf[n..], offset + n as u64) {
-                Ok(0) => break,
-                Ok(k) => n += k,
+        // Read into spare capacity: no zeroing of a buffer that is mostly larger than the
+        // file (a read past a small file's end, a heal's 1 MiB block).
+        let want = size.min(16 << 20) as usize;
+        let mut buf = Vec::with_capacity(want);
+        while buf.len() < want {
+            let at = offset + buf.len() as u64;
+            let room = want - buf.len();
+            let spare = &mut buf.spare_capacity_mut()[..room];
+            match rustix::io::pread(&*fd, spare, at) {
+                Ok((filled, _)) if filled.is_empty() => break,
+                Ok((filled, _)) => {
+                    let k = filled.len();
+                    // SAFETY: pread initialized the first `k` bytes of the spare capacity.
+                    unsafe { buf.set_len(buf.len() + k) };
+                }
                 Err(Errno::INTR) => {}
                 Err(e) => return Err(e),
             }
         }
-        buf.truncate(n);
         Ok(buf)
     }
 

@@ -47,6 +47,8 @@ pub struct Brick {
     ping_timeout_ms: AtomicU64,
     epochs: AtomicU64,
     stopped: AtomicBool,
+    /// This client runs in this brick: heal steps go to it in-process (`Options::local`).
+    pub(crate) local: Option<crate::volume::LocalSteps>,
 }
 
 /// How long one request may take on a brick that answers pings (see [`Brick::call`]).
@@ -90,6 +92,7 @@ impl Brick {
         ping_timeout: Duration,
         client_name: String,
         events: mpsc::UnboundedSender<Event>,
+        local: Option<crate::volume::LocalSteps>,
     ) -> Arc<Brick> {
         let (state, _) = watch::channel(ConnState::Down("connecting".into()));
         let b = Arc::new(Brick {
@@ -99,6 +102,7 @@ impl Brick {
             ping_timeout_ms: AtomicU64::new(millis(ping_timeout)),
             epochs: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
+            local,
         });
         let weak = Arc::downgrade(&b);
         tokio::spawn(async move {

@@ -104,11 +104,17 @@ impl Volume {
         r.attr.ok_or(Error::Os(libc::EIO))
     }
 
-    pub async fn write(&self, g: Gfid, offset: u64, data: Vec<u8>, append: bool) -> Result<u64> {
+    pub async fn write(
+        &self,
+        g: Gfid,
+        offset: u64,
+        data: impl Into<pb::Bytes>,
+        append: bool,
+    ) -> Result<u64> {
         let op = pb::mutate_req::Op::Write(pb::Write {
             gfid: g.to_vec(),
             offset,
-            data,
+            data: data.into(),
             append,
         });
         Ok(self.mutate(&[g], op).await?.written)

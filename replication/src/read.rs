@@ -270,7 +270,7 @@ impl Volume {
         Err(last)
     }
 
-    pub async fn read(&self, g: Gfid, offset: u64, size: u32) -> Result<Vec<u8>> {
+    pub async fn read(&self, g: Gfid, offset: u64, size: u32) -> Result<pb::Bytes> {
         let r = self
             .read_one(g, move |mut c| async move {
                 c.read(pb::ReadReq {

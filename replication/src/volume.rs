@@ -27,6 +27,27 @@ pub struct Options {
     /// Give up an inode lock this long after its last use.
     pub lock_idle: Duration,
     pub client_name: String,
+    /// The brick this client runs in (its self-heal worker), with a way to hand it heal
+    /// steps in-process: a heal's data then crosses no port of its own brick.
+    pub local: Option<(String, LocalSteps)>,
+}
+
+/// Takes a heal request as the brick's `Heal` RPC would, without the network.
+#[derive(Clone)]
+pub struct LocalSteps(pub Arc<LocalStepFn>);
+
+type LocalStepFn = dyn Fn(
+        mortar_proto::HealReq,
+    ) -> futures::future::BoxFuture<
+        'static,
+        std::result::Result<mortar_proto::MutateReply, tonic::Status>,
+    > + Send
+    + Sync;
+
+impl std::fmt::Debug for LocalSteps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LocalSteps")
+    }
 }
 
 impl Default for Options {
@@ -35,11 +56,19 @@ impl Default for Options {
             ping_timeout: None,
             lock_idle: Duration::from_millis(500),
             client_name: format!("mortar-client@{}", std::process::id()),
+            local: None,
         }
     }
 }
 
 impl Options {
+    fn local_steps(&self, brick: &str) -> Option<LocalSteps> {
+        self.local
+            .as_ref()
+            .filter(|(id, _)| id == brick)
+            .map(|(_, s)| s.clone())
+    }
+
     /// The ping timeout in force: ours if set, else the volfile's `ping-timeout`, else
     /// `DEFAULT_PING_TIMEOUT`. Before the volfile is known (while fetching it), pass `None`.
     pub fn effective_ping_timeout(&self, volfile: Option<&Volfile>) -> Duration {
@@ -141,6 +170,7 @@ impl Volume {
                     ping_timeout,
                     opts.client_name.clone(),
                     tx.clone(),
+                    opts.local_steps(&b.id),
                 )
             })
             .collect();
@@ -273,6 +303,7 @@ impl Volume {
                     ping_timeout,
                     self.opts.client_name.clone(),
                     self.events.clone(),
+                    self.opts.local_steps(&spec.id),
                 )),
             }
         }
