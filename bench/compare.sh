@@ -355,7 +355,7 @@ gmounted=1
 say "starting Mortar: 3 bricks on ${MADDR[*]}:$MPORT ($(cat "$work/bin-origin"), git $(cat "$work/rev"))"
 for i in 0 1 2; do
   "$bin/mortar-brick" --id "b$i" --dir "$store/mortar/b$i" --listen "${MADDR[$i]}:$MPORT" \
-    --volfile "$work/volfile.yaml" > "$logs/mortar-b$i.log" 2>&1 &
+    --volfile "$work/volfile.yaml" --insecure-plaintext > "$logs/mortar-b$i.log" 2>&1 &
   mpids+=($!)
 done
 for i in 0 1 2; do

@@ -55,7 +55,7 @@ target="$(addr 0):/data"
 } > "$work/volfile.yaml"
 start() {
   "$bin/mortar-brick" --id "b$1" --dir "$work/b$1" --listen "$(addr "$1")" --volfile "$work/volfile.yaml" \
-    --heal-interval 1 --heal-rate-mib 0 >> "$work/b$1.log" 2>&1 &
+    --heal-interval 1 --heal-rate-mib 0 --insecure-plaintext >> "$work/b$1.log" 2>&1 &
   pids[$1]=$!
 }
 now() { date +%s.%N; }

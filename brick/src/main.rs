@@ -49,6 +49,13 @@ struct Args {
     /// Also log to this file (e.g. under /var/log/mortar).
     #[arg(long)]
     log_file: Option<PathBuf>,
+    /// Directory with this brick's certificate (`tls.crt`, `tls.key`) and the cluster's CA
+    /// (`ca.crt`): only peers with a certificate of that CA are served (mutual TLS).
+    #[arg(long, env = "MORTAR_TLS_DIR", conflicts_with = "insecure_plaintext")]
+    tls_dir: Option<PathBuf>,
+    /// Serve plain TCP, without authentication: anyone who reaches the port owns the volume.
+    #[arg(long)]
+    insecure_plaintext: bool,
 }
 
 fn load_volfile(path: &PathBuf) -> anyhow::Result<VolfileState> {
@@ -63,6 +70,13 @@ const DIRTY_IDLE: Duration = Duration::from_secs(5);
 
 fn main() {
     let args = Args::parse();
+    if args.tls_dir.is_none() && !args.insecure_plaintext {
+        eprintln!(
+            "mortar-brick: no --tls-dir (or MORTAR_TLS_DIR): give the brick its certificate, \
+             or pass --insecure-plaintext to serve without authentication"
+        );
+        std::process::exit(2);
+    }
     // MORTAR_CHECK_ARGS: the packaging tests run the operator's brick command line through
     // this parser; stop before touching anything.
     if std::env::var_os("MORTAR_CHECK_ARGS").is_some() {
@@ -106,6 +120,20 @@ fn run(args: Args) -> anyhow::Result<()> {
         "--session-timeout must be positive"
     );
     anyhow::ensure!(args.heal_interval > 0.0, "--heal-interval must be positive");
+    let tls = match (&args.tls_dir, args.insecure_plaintext) {
+        (Some(dir), _) => Some(mortar_common::tls::TlsFiles::load(dir)?),
+        (None, true) => {
+            tracing::warn!(
+                "INSECURE: serving plain TCP without authentication (--insecure-plaintext): \
+                 anyone who reaches {} can read, change and delete the volume",
+                args.listen
+            );
+            None
+        }
+        (None, false) => unreachable!("checked in main"),
+    };
+    // The self-heal worker connects to the other bricks as this brick.
+    mortar_common::tls::init_client(args.tls_dir.as_deref())?;
     let vf = load_volfile(&args.volfile)?;
     if vf.vol.brick_index(&args.id).is_none() {
         tracing::warn!(volfile = %args.volfile.display(), "brick id {} is not in the volfile (yet)", args.id);
@@ -118,7 +146,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     rt.block_on(async move {
         let (vtx, vrx) = watch::channel(vf);
         tokio::spawn(follow_volfile(args.volfile.clone(), vtx));
-        let svc = Arc::new(BrickService::new(args.id.clone(), store.clone(), vrx, Duration::from_secs_f64(args.session_timeout)));
+        let svc = Arc::new(BrickService::new(args.id.clone(), store.clone(), vrx, Duration::from_secs_f64(args.session_timeout), tls.is_some()));
         let stopper = svc.stopper();
         let grace = Duration::from_secs_f64(args.shutdown_grace);
         let metrics_addr = args.metrics.unwrap_or_else(|| {
@@ -142,7 +170,9 @@ fn run(args: Args) -> anyhow::Result<()> {
                         let svc = svc.clone();
                         Box::pin(async move {
                             use mortar_proto::brick_server::Brick;
-                            svc.heal(tonic::Request::new(req)).await.map(|r| r.into_inner())
+                            let mut req = tonic::Request::new(req);
+                            req.extensions_mut().insert(mortar_brick::service::InProcess);
+                            svc.heal(req).await.map(|r| r.into_inner())
                         })
                     }))
                 },
@@ -186,7 +216,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("metrics on {metrics_addr}: {e}"))?;
         tracing::info!(dir = %store.root().display(), listen = %args.listen, metrics = %metrics_addr, "brick serving");
-        tonic::transport::Server::builder()
+        let mut server = tonic::transport::Server::builder();
+        if let Some(tls) = &tls {
+            server = server.tls_config(tls.server())?;
+        }
+        server
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(2)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))

@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mortar_common::gfid::Gfid;
+use mortar_common::telemetry::RateLimit;
+use mortar_common::tls::{self, Role};
 use mortar_common::volfile::Volfile;
 use mortar_proto as pb;
 use rustix::io::Errno;
@@ -61,7 +63,21 @@ pub struct BrickService {
     /// Set when the brick stops: every session stream ends, so that the server's graceful
     /// shutdown can finish once the requests in flight are answered.
     stopping: watch::Sender<bool>,
+    /// Peers are authenticated by TLS certificates: their roles can be told apart.
+    authenticated: bool,
 }
+
+/// Marks a request the brick makes of itself, in-process (its self-heal worker).
+#[derive(Clone, Copy)]
+pub struct InProcess;
+
+/// "refused: needs an admin certificate": at most one line per 10 s.
+static REFUSALS: RateLimit = RateLimit::new(Duration::from_secs(10));
+
+/// How far ahead of this brick's clock a lock term may be (terms are the clients' clocks
+/// in nanoseconds; this leaves room for skew). A term far beyond it would fence off every
+/// later writer for good.
+const TERM_AHEAD_NS: u64 = 3600 * 1_000_000_000;
 
 /// Most inodes one Lock request takes.
 const MAX_LOCK_LIST: usize = 16;
@@ -134,8 +150,10 @@ impl BrickService {
         store: Arc<Store>,
         volfile: watch::Receiver<VolfileState>,
         session_timeout: Duration,
+        authenticated: bool,
     ) -> Self {
         BrickService {
+            authenticated,
             id,
             store,
             volfile,
@@ -147,6 +165,32 @@ impl BrickService {
             sessions: Arc::default(),
             stopping: watch::Sender::new(false),
         }
+    }
+
+    /// The peer's role, from its certificate. Without TLS nothing tells peers apart, and
+    /// every peer may do everything (see SECURITY.md).
+    fn role<T>(&self, req: &Request<T>) -> Role {
+        if !self.authenticated || req.extensions().get::<InProcess>().is_some() {
+            return Role::Brick;
+        }
+        req.peer_certs()
+            .and_then(|chain| tls::peer_role(&chain[..]))
+            .unwrap_or(Role::Client)
+    }
+
+    /// Administrative requests (heal steps, heal index changes, quotas) come only from
+    /// bricks and admins, never from a mount's certificate.
+    fn require_admin<T>(&self, req: &Request<T>, what: &str) -> Result<(), Status> {
+        let role = self.role(req);
+        if role.is_admin() {
+            return Ok(());
+        }
+        if REFUSALS.allow().is_some() {
+            tracing::warn!(?role, peer = ?req.remote_addr(), "refused {what}: not a brick or admin certificate");
+        }
+        Err(Status::permission_denied(format!(
+            "{what} needs a brick or admin certificate"
+        )))
     }
 
     /// Ends every client session (the clients reconnect to the other bricks' at once and
@@ -608,6 +652,12 @@ impl pb::brick_server::Brick for BrickService {
         if gfids.len() > MAX_LOCK_LIST {
             return fail(libc::E2BIG);
         }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        if r.term > now.saturating_add(TERM_AHEAD_NS) {
+            return fail(libc::EINVAL);
+        }
         let deadline = tokio::time::Instant::now() + LOCK_WAIT;
         loop {
             let released = self.inode_locks.released.notified();
@@ -701,6 +751,9 @@ impl pb::brick_server::Brick for BrickService {
         &self,
         req: Request<pb::UnlockReq>,
     ) -> Result<Response<pb::ErrnoReply>, Status> {
+        if req.get_ref().healed {
+            self.require_admin(&req, "an unlock as healed")?;
+        }
         let r = req.into_inner();
         let sid = session_id(&r.session)?;
         let gfids: Vec<Gfid> = r.gfids.iter().filter_map(|g| Gfid::from_bytes(g)).collect();
@@ -737,6 +790,9 @@ impl pb::brick_server::Brick for BrickService {
         &self,
         req: Request<pb::MutateReq>,
     ) -> Result<Response<pb::MutateReply>, Status> {
+        if matches!(req.get_ref().op, Some(pb::mutate_req::Op::SetQuota(_))) {
+            self.require_admin(&req, "a quota change")?;
+        }
         let r = req.into_inner();
         let sid = session_id(&r.session)?;
         let fail = |e: i32| {
@@ -916,6 +972,7 @@ impl pb::brick_server::Brick for BrickService {
     }
 
     async fn heal(&self, req: Request<pb::HealReq>) -> Result<Response<pb::MutateReply>, Status> {
+        self.require_admin(&req, "a heal step")?;
         let r = req.into_inner();
         let sid = session_id(&r.session)?;
         let fail = |e: i32| {
@@ -969,6 +1026,10 @@ impl pb::brick_server::Brick for BrickService {
         &self,
         req: Request<pb::HealIndexReq>,
     ) -> Result<Response<pb::HealIndexReply>, Status> {
+        // Anyone may ask for a heal; only who heals takes entries off or marks split brain.
+        if !req.get_ref().remove.is_empty() || !req.get_ref().split_brain.is_empty() {
+            self.require_admin(&req, "a heal index change")?;
+        }
         let r = req.into_inner();
         if [&r.add, &r.remove, &r.split_brain]
             .iter()

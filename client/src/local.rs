@@ -125,6 +125,37 @@ impl Local {
         self.dir.join("mountpoint")
     }
 
+    /// The cluster's certificates: a CA, one TLS directory per brick, one for the mount and
+    /// one for the admin commands (`tls/admin`: `mortar --tls-dir .mortar-local/tls/admin`).
+    pub fn tls_dir(&self, who: &str) -> PathBuf {
+        self.dir.join("tls").join(who)
+    }
+
+    pub fn make_certs(&self) -> anyhow::Result<()> {
+        use mortar_common::tls::{Ca, Role};
+        if self.tls_dir("ca").join("ca.key").exists() {
+            return Ok(());
+        }
+        let ca = Ca::generate("local")?;
+        for i in 0..BRICKS {
+            let host = brick_addr(i)
+                .split(':')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            ca.write_tls_dir(
+                &self.tls_dir(&format!("b{i}")),
+                Role::Brick,
+                &format!("b{i}"),
+                &[host],
+            )?;
+        }
+        ca.write_tls_dir(&self.tls_dir("mount"), Role::Client, "local-mount", &[])?;
+        ca.write_tls_dir(&self.tls_dir("admin"), Role::Admin, "local-admin", &[])?;
+        // The CA's key last: its presence says the set is complete.
+        ca.save(&self.tls_dir("ca"))
+    }
+
     pub fn target(&self) -> String {
         format!("{}:/data", brick_addr(0))
     }
@@ -147,6 +178,7 @@ impl Local {
             std::fs::write(self.volfile_path(), vf.to_yaml())?;
         }
         std::fs::create_dir_all(self.dir.join("logs"))?;
+        self.make_certs()?;
         for i in 0..BRICKS {
             if read_pid(&self.pid_path(i)).is_some_and(pid_alive) {
                 continue;
@@ -158,6 +190,8 @@ impl Local {
                 .arg(self.dir.join(format!("b{i}")))
                 .arg("--volfile")
                 .arg(self.volfile_path())
+                .arg("--tls-dir")
+                .arg(self.tls_dir(&format!("b{i}")))
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)
@@ -194,6 +228,8 @@ impl Local {
         let mnt = mnt.canonicalize()?;
         if !is_mounted(&mnt) {
             let st = Command::new(&mount_bin)
+                .arg("--tls-dir")
+                .arg(self.tls_dir("mount"))
                 .arg(self.target())
                 .arg(&mnt)
                 .arg("-o")

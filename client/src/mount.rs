@@ -24,6 +24,8 @@ pub struct MountArgs {
     pub log_file: Option<PathBuf>,
     pub metrics: Option<std::net::SocketAddr>,
     pub read_only: bool,
+    /// `-o tls-dir` (or `--tls-dir`): the client certificate for mutual TLS with the bricks.
+    pub tls_dir: Option<PathBuf>,
 }
 
 /// Options that mount(8) and fstab pass along and that mean nothing more to us.
@@ -65,6 +67,7 @@ impl MountArgs {
             log_file: None,
             metrics: None,
             read_only: false,
+            tls_dir: None,
         };
         let secs = |k: &str, v: &str| -> Result<Duration, String> {
             let f: f64 = v
@@ -103,6 +106,7 @@ impl MountArgs {
                     )
                 }
                 "ro" => a.read_only = true,
+                "tls-dir" if !v.is_empty() => a.tls_dir = Some(PathBuf::from(v)),
                 _ if IGNORED.contains(&k) => {}
                 _ => return Err(format!("unknown mount option {o:?}")),
             }
@@ -122,6 +126,10 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
         args.mountpoint.display()
     );
     let mountpoint = args.mountpoint.canonicalize()?;
+    // Without it, `MORTAR_TLS_DIR` if set, else plain TCP.
+    if let Some(dir) = &args.tls_dir {
+        mortar_common::tls::init_client(Some(dir))?;
+    }
     let ready = if args.foreground {
         None
     } else {

@@ -4,4 +4,5 @@
 pub mod error;
 pub mod gfid;
 pub mod telemetry;
+pub mod tls;
 pub mod volfile;

@@ -75,7 +75,7 @@ start_brick() {
     --user 0 --cap-add SYS_ADMIN \
     -v "$work/etc:/etc/mortar:ro" -v "$work/b$1:/bricks" \
     "$image" mortar-brick --id "b$1" --dir /bricks/data --listen 0.0.0.0:24100 \
-    --volfile /etc/mortar/volfile.yaml >/dev/null
+    --volfile /etc/mortar/volfile.yaml --insecure-plaintext >/dev/null
 }
 # A one-shot container on the network (admin commands).
 admin() { podman run --rm --network "$net" "$image" "$@"; }

@@ -23,6 +23,52 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// This test process's TLS: one CA for every cluster it starts, and an admin certificate
+/// that the process itself (its `Volume`s) and the `mortar` commands it runs use, through
+/// `MORTAR_TLS_DIR`. Returns the directory holding `ca/`, `admin/` and `client/`.
+pub fn tls_home() -> &'static Path {
+    static HOME: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    HOME.get_or_init(|| {
+        use mortar_common::tls::{Ca, Role};
+        let home = std::env::temp_dir().join(format!("mortar-e2e-tls-{}", std::process::id()));
+        let ca = Ca::generate("e2e").unwrap();
+        ca.save(&home.join("ca")).unwrap();
+        ca.write_tls_dir(&home.join("admin"), Role::Admin, "e2e", &[])
+            .unwrap();
+        ca.write_tls_dir(&home.join("client"), Role::Client, "e2e-mount", &[])
+            .unwrap();
+        // SAFETY: set once, before this process connects anywhere, by the first cluster.
+        unsafe { std::env::set_var(mortar_common::tls::TLS_DIR_ENV, home.join("admin")) };
+        home
+    })
+}
+
+/// A TLS directory for brick `id` of this process's CA, under `dir`.
+pub fn brick_tls(dir: &Path, id: &str) -> PathBuf {
+    use mortar_common::tls::{Ca, Role};
+    let out = dir.join(format!("tls-{id}"));
+    if !out.exists() {
+        Ca::load(&tls_home().join("ca"))
+            .unwrap()
+            .write_tls_dir(&out, Role::Brick, id, &[])
+            .unwrap();
+    }
+    out
+}
+
+/// A raw gRPC client of the brick at `addr`, with this process's (admin) certificate.
+pub async fn brick_client(
+    addr: &str,
+) -> mortar_proto::brick_client::BrickClient<tonic::transport::Channel> {
+    tls_home();
+    let ch = mortar_common::tls::brick_endpoint(addr)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    mortar_proto::brick_client::BrickClient::new(ch).max_decoding_message_size(64 << 20)
+}
+
 pub struct Cluster {
     pub dir: PathBuf,
     tmp: Option<tempfile::TempDir>,
@@ -55,6 +101,7 @@ impl Cluster {
 
     /// Starts `n` bricks and waits until each answers.
     pub fn start(net: u8, n: usize) -> Cluster {
+        tls_home();
         let tmp = tempfile::Builder::new()
             .prefix("mortar-e2e")
             .tempdir()
@@ -119,6 +166,8 @@ impl Cluster {
             .arg(self.brick_dir(i))
             .arg("--volfile")
             .arg(self.volfile_path())
+            .arg("--tls-dir")
+            .arg(brick_tls(&self.dir, &format!("b{i}")))
             .args(["--session-timeout", "4", "--heal-interval", "1"])
             .args(extra)
             .envs(env.iter().copied())
@@ -186,7 +235,9 @@ impl Cluster {
         let path = self.dir.join(name);
         std::fs::create_dir_all(&path).unwrap();
         let mut cmd = Command::new(bin("mortar-mount"));
-        cmd.arg(self.target())
+        cmd.arg("--tls-dir")
+            .arg(tls_home().join("client"))
+            .arg(self.target())
             .arg(&path)
             .arg("--log-file")
             .arg(self.dir.join(format!("{name}.log")));

@@ -777,9 +777,7 @@ async fn checksums_of_a_huge_sparse_file_are_paged_and_bounded() {
         let a = v.lookup(Gfid::ROOT, b"sparse").await.unwrap();
         Gfid::from_bytes(&a.gfid).unwrap()
     };
-    let mut brick = pb::brick_client::BrickClient::connect(format!("http://{}", c.addr(0)))
-        .await
-        .unwrap();
+    let mut brick = mortar_e2e::brick_client(&c.addr(0)).await;
     let t = Instant::now();
     let r = brick
         .checksums(pb::ChecksumReq {
@@ -957,9 +955,7 @@ fn listing_a_changing_directory_never_skips_or_repeats_a_stable_entry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_requests_get_bounded_answers() {
     let c = Cluster::start(89, 3);
-    let mut b = pb::brick_client::BrickClient::connect(format!("http://{}", c.addr(0)))
-        .await
-        .unwrap();
+    let mut b = mortar_e2e::brick_client(&c.addr(0)).await;
     let many: Vec<Vec<u8>> = (0..5000).map(|_| Gfid::random().to_vec()).collect();
 
     // A session of our own, for the Lock request.

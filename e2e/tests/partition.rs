@@ -179,6 +179,7 @@ fn a_partition_never_lets_the_minority_write_and_heals_without_loss() {
         .tempdir()
         .unwrap()
         .keep();
+    let tls = mortar_e2e::tls_home();
     let mut net = Net::up(&dir);
     let volfile = dir.join("volfile.yaml");
     let bricks: String = ["b0", "b1", "b2"]
@@ -207,6 +208,8 @@ fn a_partition_never_lets_the_minority_write_and_heals_without_loss() {
             .arg(dir.join(b))
             .arg("--volfile")
             .arg(&volfile)
+            .arg("--tls-dir")
+            .arg(mortar_e2e::brick_tls(&dir, b))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -229,6 +232,8 @@ fn a_partition_never_lets_the_minority_write_and_heals_without_loss() {
         let m = dir.join(format!("mnt-{c}"));
         fs::create_dir(&m).unwrap();
         let out = in_ns(c, &bin("mortar-mount"))
+            .arg("--tls-dir")
+            .arg(tls.join("client"))
             .arg(format!("{}:/data", ip_of("b0")))
             .arg(&m)
             .args([

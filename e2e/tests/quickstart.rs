@@ -46,11 +46,28 @@ fn local_up_mounts_and_mount_t_mortar_works() {
 
     std::fs::write(mnt.join("hello"), b"from local up\n").unwrap();
 
+    // The bricks serve only peers with a certificate of the cluster's CA.
+    let admin = state.join("tls/admin");
+    let plain = Command::new(bin("mortar"))
+        .args(["status", "127.0.0.11:/data"])
+        .env_remove("MORTAR_TLS_DIR")
+        .output()
+        .unwrap();
+    assert!(!plain.status.success(), "a plain-TCP client was served");
+    mortar(&[
+        "--tls-dir",
+        admin.to_str().unwrap(),
+        "status",
+        "127.0.0.11:/data",
+    ]);
+
     // mount(8) finds /sbin/mount.mortar for -t mortar.
     let second = tmp.path().join("second");
     std::fs::create_dir_all(&second).unwrap();
     let out = Command::new("mount")
-        .args(["-t", "mortar", "127.0.0.11:/data"])
+        .args(["-t", "mortar", "-o"])
+        .arg(format!("tls-dir={}", state.join("tls/mount").display()))
+        .arg("127.0.0.11:/data")
         .arg(&second)
         .output()
         .unwrap();

@@ -5,7 +5,6 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use mortar_proto::Empty;
 use mortar_proto::brick_client::BrickClient;
-use tonic::transport::Endpoint;
 
 /// What one brick says about itself.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -54,7 +53,7 @@ impl HealthProbe for GrpcHealthProbe {
                 reason,
             };
             let call = async {
-                let endpoint = Endpoint::from_shared(format!("http://{address}"))
+                let endpoint = mortar_common::tls::brick_endpoint(address)
                     .map_err(|e| unreachable(e.to_string()))?
                     .connect_timeout(timeout)
                     .timeout(timeout);

@@ -314,6 +314,9 @@ fn brick_container(ssc: &SharedStorageCluster, plan: &Plan) -> Container {
             format!("0.0.0.0:{BRICK_PORT}"),
             "--volfile".into(),
             format!("{VOLFILE_DIR}/{VOLFILE_KEY}"),
+            // Until the operator issues the cluster's certificates, bricks serve plain TCP:
+            // who reaches port 24100 must be restricted otherwise (SECURITY.md).
+            "--insecure-plaintext".into(),
         ]),
         env: Some(vec![EnvVar {
             name: "BRICK_INDEX".into(),
@@ -510,7 +513,7 @@ mod tests {
         let c = &pod.containers[0];
         assert_eq!(
             c.args.as_ref().unwrap().join(" "),
-            "--id b$(BRICK_INDEX) --dir /bricks/data --listen 0.0.0.0:24100 --volfile /etc/mortar/volfile.yaml"
+            "--id b$(BRICK_INDEX) --dir /bricks/data --listen 0.0.0.0:24100 --volfile /etc/mortar/volfile.yaml --insecure-plaintext"
         );
         assert!(
             c.volume_mounts

@@ -54,9 +54,10 @@ pub struct Brick {
 /// How long one request may take on a brick that answers pings (see [`Brick::call`]).
 pub const FRAME_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// An endpoint for the brick at `addr`, with this process's TLS (`mortar_common::tls`).
 pub fn endpoint(addr: &str, timeout: Duration) -> Result<Endpoint> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| Error::Volfile(format!("bad brick address {addr:?}: {e}")))?
+    Ok(mortar_common::tls::brick_endpoint(addr)
+        .map_err(|e| Error::Volfile(format!("{e:#}")))?
         .connect_timeout(timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(timeout / 2)

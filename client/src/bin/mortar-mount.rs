@@ -7,7 +7,7 @@ use mortar_client::mount::{self, MountArgs};
 #[derive(Parser)]
 #[command(
     version,
-    after_help = "Mount options (-o): backup-volfile-servers=H2:H3, ping-timeout=SECS (default: the volfile's ping-timeout, else 5), attribute-timeout=SECS, entry-timeout=SECS, log-level=LEVEL, log-file=PATH, metrics=HOST:PORT, ro"
+    after_help = "Mount options (-o): backup-volfile-servers=H2:H3, ping-timeout=SECS (default: the volfile's ping-timeout, else 5), attribute-timeout=SECS, entry-timeout=SECS, log-level=LEVEL, log-file=PATH, metrics=HOST:PORT, ro, tls-dir=DIR"
 )]
 struct Args {
     /// HOST[:PORT]:/VOLUME — any brick of the volume serves its description.
@@ -24,6 +24,10 @@ struct Args {
     /// Log to this file [default when daemonised: /var/log/mortar/mount-<mountpoint>.log].
     #[arg(long)]
     log_file: Option<PathBuf>,
+    /// Directory with this client's certificate (`tls.crt`, `tls.key`) and the cluster's CA
+    /// (`ca.crt`) for mutual TLS with the bricks [default: plain TCP].
+    #[arg(long, env = "MORTAR_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
 }
 
 fn main() {
@@ -41,6 +45,9 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if a.tls_dir.is_some() {
+        args.tls_dir = a.tls_dir;
+    }
     if let Some(l) = a.log_level {
         args.log_level = l;
     }

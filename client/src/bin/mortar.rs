@@ -11,6 +11,10 @@ struct Cli {
     /// Seconds to wait for each brick.
     #[arg(long, global = true, default_value_t = 5.0)]
     timeout: f64,
+    /// Directory with an admin certificate (`tls.crt`, `tls.key`) and the cluster's CA
+    /// (`ca.crt`) for mutual TLS with the bricks [default: plain TCP].
+    #[arg(long, global = true, env = "MORTAR_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -41,6 +45,41 @@ enum Cmd {
     Local {
         #[command(subcommand)]
         cmd: LocalCmd,
+    },
+    /// The cluster's CA and the certificates of bricks and clients (mutual TLS).
+    Certs {
+        #[command(subcommand)]
+        cmd: CertsCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// A new CA: writes ca.crt and ca.key (keep ca.key secret) into --out.
+    Ca {
+        #[arg(long)]
+        out: PathBuf,
+        /// A name for the cluster, in the CA's subject.
+        #[arg(long, default_value = "mortar")]
+        cluster: String,
+    },
+    /// A certificate of the CA in --ca: writes ca.crt, tls.crt and tls.key into --out.
+    Issue {
+        /// Directory with ca.crt and ca.key.
+        #[arg(long)]
+        ca: PathBuf,
+        /// brick (a brick and its self-heal), admin (CLI, CSI controller, operator) or
+        /// client (a mount: file operations only).
+        #[arg(long, value_parser = ["brick", "admin", "client"])]
+        role: String,
+        /// The holder's name (a brick: its id).
+        #[arg(long)]
+        name: String,
+        /// Host names and addresses a brick is reached at (besides `mortar-brick`).
+        #[arg(long)]
+        host: Vec<String>,
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -119,6 +158,27 @@ fn main() {
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
     anyhow::ensure!(cli.timeout > 0.0, "--timeout must be positive");
+    // `mortar local` finds its own admin certificate.
+    let tls_dir = match (&cli.tls_dir, &cli.cmd) {
+        (
+            None,
+            Cmd::Local {
+                cmd: LocalCmd::Status { dir } | LocalCmd::Down { dir },
+            },
+        ) => Some(local::Local::new(dir)?.tls_dir("admin")).filter(|d| d.exists()),
+        (
+            None,
+            Cmd::Local {
+                cmd: LocalCmd::Up { dir, .. },
+            },
+        ) => {
+            let l = local::Local::new(dir)?;
+            l.make_certs()?;
+            Some(l.tls_dir("admin"))
+        }
+        (d, _) => d.clone(),
+    };
+    mortar_common::tls::init_client(tls_dir.as_deref())?;
     let timeout = Duration::from_secs_f64(cli.timeout);
     let rt = || {
         tokio::runtime::Builder::new_current_thread()
@@ -293,5 +353,31 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 Ok(0)
             }
         },
+        Cmd::Certs { cmd } => {
+            use mortar_common::tls::{Ca, Role};
+            match cmd {
+                CertsCmd::Ca { out, cluster } => {
+                    anyhow::ensure!(
+                        !out.join("ca.key").exists(),
+                        "{} already holds a CA",
+                        out.display()
+                    );
+                    Ca::generate(&cluster)?.save(&out)?;
+                    println!("CA written to {}", out.display());
+                }
+                CertsCmd::Issue {
+                    ca,
+                    role,
+                    name,
+                    host,
+                    out,
+                } => {
+                    let role = Role::parse(&role).expect("clap checked the role");
+                    Ca::load(&ca)?.write_tls_dir(&out, role, &name, &host)?;
+                    println!("{}/{name} written to {}", role.prefix(), out.display());
+                }
+            }
+            Ok(0)
+        }
     }
 }

@@ -1,0 +1,189 @@
+//! Who may talk to a brick, and what each may do: mutual TLS with the cluster's CA, and the
+//! roles its certificates state (SECURITY.md).
+
+use mortar_common::gfid::Gfid;
+use mortar_common::tls::{Ca, Role, TlsFiles};
+use mortar_e2e::{Cluster, tls_home};
+use mortar_proto as pb;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+type Client = pb::brick_client::BrickClient<tonic::transport::Channel>;
+
+/// A client of `addr` with the TLS of `tls` (None: plain TCP); the error if it cannot
+/// even make a first request.
+async fn client(addr: &str, tls: Option<ClientTlsConfig>) -> Result<Client, String> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut e = Endpoint::from_shared(format!("{scheme}://{addr}")).unwrap();
+    if let Some(t) = tls {
+        e = e.tls_config(t).unwrap();
+    }
+    let ch = e.connect().await.map_err(|e| format!("{e:?}"))?;
+    let mut c = pb::brick_client::BrickClient::new(ch);
+    c.health(pb::Empty {}).await.map_err(|e| format!("{e:?}"))?;
+    Ok(c)
+}
+
+fn config(dir: &std::path::Path) -> ClientTlsConfig {
+    TlsFiles::load(dir).unwrap().client()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn strangers_are_refused_and_a_mount_certificate_cannot_administer() {
+    let c = tokio::task::spawn_blocking(|| Cluster::start(95, 3))
+        .await
+        .unwrap();
+    let addr = c.addr(0);
+    let home = tls_home();
+
+    // Plain TCP, TLS without a certificate, and a certificate of another CA: no request
+    // of theirs is answered.
+    assert!(client(&addr, None).await.is_err(), "plain TCP was served");
+    let ca_only = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(
+            std::fs::read(home.join("ca/ca.crt")).unwrap(),
+        ))
+        .domain_name(mortar_common::tls::BRICK_SERVER_NAME);
+    assert!(
+        client(&addr, Some(ca_only)).await.is_err(),
+        "a client without a certificate was served"
+    );
+    let stranger_dir = c.dir.join("stranger");
+    let other = Ca::generate("other").unwrap();
+    other
+        .write_tls_dir(&stranger_dir, Role::Admin, "intruder", &[])
+        .unwrap();
+    // It trusts our CA (it knows whom it calls) but shows a certificate of its own CA.
+    let stranger = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(
+            std::fs::read(home.join("ca/ca.crt")).unwrap(),
+        ))
+        .identity(Identity::from_pem(
+            std::fs::read(stranger_dir.join("tls.crt")).unwrap(),
+            std::fs::read(stranger_dir.join("tls.key")).unwrap(),
+        ))
+        .domain_name(mortar_common::tls::BRICK_SERVER_NAME);
+    assert!(
+        client(&addr, Some(stranger)).await.is_err(),
+        "a certificate of another CA was served"
+    );
+
+    // A mount's certificate: file operations yes, administration no.
+    let mut mount = client(&addr, Some(config(&home.join("client"))))
+        .await
+        .expect("a mount's certificate is served");
+    let g = Gfid::random().to_vec();
+    let denied = |r: Result<tonic::Response<_>, tonic::Status>, what: &str| match r {
+        Err(s) if s.code() == tonic::Code::PermissionDenied => {}
+        other => panic!("{what} from a mount's certificate: {other:?}"),
+    };
+    denied(
+        mount
+            .heal(pb::HealReq {
+                session: vec![0; 16],
+                gfid: g.clone(),
+                ctime_ns: 0,
+                op: Some(pb::heal_req::Op::Truncate(0)),
+            })
+            .await
+            .map(|_| tonic::Response::new(())),
+        "a heal step",
+    );
+    denied(
+        mount
+            .heal_index(pb::HealIndexReq {
+                remove: vec![g.clone()],
+                ..Default::default()
+            })
+            .await
+            .map(|_| tonic::Response::new(())),
+        "taking an entry off the heal index",
+    );
+    denied(
+        mount
+            .heal_index(pb::HealIndexReq {
+                split_brain: vec![g.clone()],
+                ..Default::default()
+            })
+            .await
+            .map(|_| tonic::Response::new(())),
+        "a split-brain mark",
+    );
+    denied(
+        mount
+            .unlock(pb::UnlockReq {
+                session: vec![0; 16],
+                gfids: vec![g.clone()],
+                healed: true,
+                ..Default::default()
+            })
+            .await
+            .map(|_| tonic::Response::new(())),
+        "an unlock as healed",
+    );
+    denied(
+        mount
+            .mutate(pb::MutateReq {
+                session: vec![0; 16],
+                op: Some(pb::mutate_req::Op::SetQuota(pb::SetQuota {
+                    gfid: Gfid::ROOT.to_vec(),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            })
+            .await
+            .map(|_| tonic::Response::new(())),
+        "a quota change",
+    );
+    // Asking for a heal is every client's right.
+    mount
+        .heal_index(pb::HealIndexReq {
+            add: vec![g.clone()],
+            ..Default::default()
+        })
+        .await
+        .expect("a mount queues a heal");
+
+    // An admin's certificate may administer.
+    let mut admin = client(&addr, Some(config(&home.join("admin"))))
+        .await
+        .unwrap();
+    admin
+        .heal_index(pb::HealIndexReq {
+            remove: vec![g.clone()],
+            ..Default::default()
+        })
+        .await
+        .expect("an admin takes an entry off the heal index");
+
+    // A lock term far in the future would fence off every later writer: refused.
+    let session = Gfid::random().to_vec();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::SessionIn {
+        msg: Some(pb::session_in::Msg::Hello(pb::Hello {
+            session: session.clone(),
+            client: "term test".into(),
+        })),
+    })
+    .await
+    .unwrap();
+    let _inbound = mount
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap();
+    let r = mount
+        .lock(pb::LockReq {
+            session: session.clone(),
+            gfids: vec![Gfid::ROOT.to_vec()],
+            term: u64::MAX,
+            wait: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.errno, libc::EINVAL, "a lock with term 2^64-1");
+
+    // The cluster still works for its own mount.
+    let m = c.mount("m", "");
+    std::fs::write(m.p("after"), b"still serving").unwrap();
+    assert_eq!(std::fs::read(m.p("after")).unwrap(), b"still serving");
+}
