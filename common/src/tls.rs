@@ -22,6 +22,8 @@ pub const KEY_FILE: &str = "tls.key";
 /// The name every brick certificate carries and every client checks, whatever address the
 /// brick is reached at (pod IPs change; the CA is the cluster's own).
 pub const BRICK_SERVER_NAME: &str = "mortar-brick";
+/// How long a brick waits for a new connection's TLS handshake.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Environment variable naming the TLS directory, for every Mortar program.
 pub const TLS_DIR_ENV: &str = "MORTAR_TLS_DIR";
 
@@ -82,11 +84,14 @@ impl TlsFiles {
         })
     }
 
-    /// A brick's side: its own certificate, and only clients with one of the same CA.
+    /// A brick's side: its own certificate, and only clients with one of the same CA. A
+    /// connection that has not finished its handshake within `HANDSHAKE_TIMEOUT` is closed:
+    /// idle connections cannot pile up and hold the brick's descriptors.
     pub fn server(&self) -> ServerTlsConfig {
         ServerTlsConfig::new()
             .identity(Identity::from_pem(&self.cert, &self.key))
             .client_ca_root(Certificate::from_pem(&self.ca))
+            .timeout(HANDSHAKE_TIMEOUT)
     }
 
     /// A client's side: its own certificate, and only bricks with one of the same CA.

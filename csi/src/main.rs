@@ -75,6 +75,11 @@ struct Cli {
     /// Node, mounter: seconds to wait for the mount helper.
     #[arg(long, default_value_t = 60)]
     mount_timeout: u64,
+    /// Directory with the certificate (`tls.crt`, `tls.key`) and the cluster's CA (`ca.crt`)
+    /// for mutual TLS with the bricks, for this process and the mounts it starts
+    /// [default: plain TCP].
+    #[arg(long, env = "MORTAR_TLS_DIR")]
+    tls_dir: Option<std::path::PathBuf>,
 }
 
 fn main() {
@@ -99,6 +104,11 @@ fn main() {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(dir) = &cli.tls_dir {
+        // The mounts this process starts inherit it; so does its own client side
+        // (`mortar_common::tls`). SAFETY: no other thread runs yet.
+        unsafe { std::env::set_var(mortar_common::tls::TLS_DIR_ENV, dir) };
+    }
     mortar_common::telemetry::init_logging("csi", &cli.log_level, None, false)?;
 
     if cli.mode == Mode::Mounter {

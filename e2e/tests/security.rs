@@ -187,3 +187,86 @@ async fn strangers_are_refused_and_a_mount_certificate_cannot_administer() {
     std::fs::write(m.p("after"), b"still serving").unwrap();
     assert_eq!(std::fs::read(m.p("after")).unwrap(), b"still serving");
 }
+
+/// Descriptors process `pid` has open.
+fn fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[test]
+fn twenty_thousand_idle_connections_do_not_stop_a_mount() {
+    let c = Cluster::start(96, 3);
+    let m = c.mount("m", "");
+    std::fs::write(m.p("before"), b"x").unwrap();
+    let baseline = fds(c.pid(0));
+    // Two holders of 10,000 connections each (one process could not hold 20,000 under a
+    // limit of 20,000 descriptors), spread over the three bricks, that never say a word.
+    let addrs: Vec<String> = (0..3).map(|i| c.addr(i)).collect();
+    let holder = r#"
+import socket, sys
+addrs, n = sys.argv[1:-1], int(sys.argv[-1])
+socks = []
+for k in range(n):
+    h, p = addrs[k % len(addrs)].rsplit(':', 1)
+    s = socket.socket()
+    s.connect((h, int(p)))
+    socks.append(s)
+print('ready', flush=True)
+sys.stdin.read()
+"#;
+    let mut holders: Vec<std::process::Child> = (0..2)
+        .map(|_| {
+            std::process::Command::new("python3")
+                .arg("-c")
+                .arg(holder)
+                .args(&addrs)
+                .arg("10000")
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for h in &mut holders {
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(h.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(
+            line.trim(),
+            "ready",
+            "a holder could not open its connections"
+        );
+    }
+    // The mount works, and a new mount too, while they are held.
+    for i in 0..200 {
+        std::fs::write(m.p(&format!("f{i}")), format!("file {i}")).unwrap();
+    }
+    let m2 = c.mount("m2", "");
+    for i in 0..200 {
+        assert_eq!(
+            std::fs::read_to_string(m2.p(&format!("f{i}"))).unwrap(),
+            format!("file {i}")
+        );
+    }
+    let held = fds(c.pid(0));
+    assert!(
+        held > baseline + 5000,
+        "the connections did not reach brick b0 ({baseline} -> {held} descriptors)"
+    );
+    // A connection without a handshake is closed after the handshake timeout.
+    std::thread::sleep(mortar_common::tls::HANDSHAKE_TIMEOUT + std::time::Duration::from_secs(5));
+    let after = fds(c.pid(0));
+    assert!(
+        after < baseline + 500,
+        "idle connections still held: {baseline} -> {held} -> {after} descriptors"
+    );
+    for mut h in holders {
+        let _ = h.kill();
+        let _ = h.wait();
+    }
+    std::fs::write(m.p("after"), b"y").unwrap();
+}
