@@ -3,7 +3,7 @@
 set -euo pipefail
 usage() {
   cat <<'EOF'
-Usage: bench/heal.sh [--files N] [--kib K] [--big-mib M] [--writer-secs S] [--dir DIR]   (as root)
+Usage: bench/heal.sh [--files N] [--kib K] [--big-mib M] [--writer-secs S] [--dir DIR] [--tls]   (as root)
 
 Three self-heal figures on a 3-brick volume (bricks on 127.0.9.11-13:24100, one FUSE mount),
 each printed with the goal it is measured against:
@@ -17,12 +17,13 @@ each printed with the goal it is measured against:
                 back: seconds from b2's restart until nothing is left to heal while the writer
                 goes on (goal: 10 s or less).
 
---dir DIR puts the bricks in DIR (default /var/tmp). Uses target/release binaries if built
+--dir DIR puts the bricks in DIR (default /var/tmp). --tls runs bricks and clients with mutual TLS
+(certificates made with `mortar certs`), as `mortar local up` does; the default is plain TCP. Uses target/release binaries if built
 (cargo build --release -p mortar-brick -p mortar-client), else target/debug; MORTAR_BIN=DIR
 overrides.
 EOF
 }
-files=10000; kib=4; big=512; wsecs=10; base=/var/tmp
+files=10000; kib=4; big=512; wsecs=10; base=/var/tmp; tls=
 while [ $# -gt 0 ]; do
   case $1 in
     --files) files=${2:?}; shift ;;
@@ -30,6 +31,7 @@ while [ $# -gt 0 ]; do
     --big-mib) big=${2:?}; shift ;;
     --writer-secs) wsecs=${2:?}; shift ;;
     --dir) base=${2:?}; shift ;;
+    --tls) tls=1 ;;
     -h|--help) usage; exit 0 ;;
     *) usage >&2; exit 2 ;;
   esac
@@ -55,9 +57,21 @@ target="$(addr 0):/data"
 } > "$work/volfile.yaml"
 start() {
   "$bin/mortar-brick" --id "b$1" --dir "$work/b$1" --listen "$(addr "$1")" --volfile "$work/volfile.yaml" \
-    --heal-interval 1 --heal-rate-mib 0 --insecure-plaintext >> "$work/b$1.log" 2>&1 &
+    --heal-interval 1 --heal-rate-mib 0 "${transport[@]/@/$1}" >> "$work/b$1.log" 2>&1 &
   pids[$1]=$!
 }
+# Plain TCP, or each brick with its own certificate (@ stands for its index) and the
+# commands and the mount with the admin's.
+transport=(--insecure-plaintext)
+if [ -n "$tls" ]; then
+  "$bin/mortar" certs ca --out "$work/tls/ca" >/dev/null
+  for i in 0 1 2; do
+    "$bin/mortar" certs issue --ca "$work/tls/ca" --role brick --name "b$i" --out "$work/tls/b$i" >/dev/null
+  done
+  "$bin/mortar" certs issue --ca "$work/tls/ca" --role admin --name bench --out "$work/tls/admin" >/dev/null
+  export MORTAR_TLS_DIR=$work/tls/admin
+  transport=(--tls-dir "$work/tls/b@")
+fi
 now() { date +%s.%N; }
 # CPU seconds the three bricks have used so far (the heal runs in b2's heal worker).
 cpu() {

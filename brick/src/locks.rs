@@ -11,60 +11,116 @@ pub type SessionId = [u8; 16];
 
 /// Exclusive per-inode locks. A client keeps them across many operations (eager locking)
 /// and gives them up when told another session waits.
+/// Most inode locks one session may hold at once (`MORTAR_TEST_SESSION_CAP` lowers it in
+/// tests): a client that keeps taking locks and never gives them back is refused, rather
+/// than growing the table without bound. A mount gives idle locks back within a second.
+pub const SESSION_LOCKS: usize = 65_536;
+
+/// The per-session cap in force (see `SESSION_LOCKS`, `crate::service`'s open cap).
+pub fn session_cap(default: usize) -> usize {
+    static CAP: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    CAP.get_or_init(|| std::env::var("MORTAR_TEST_SESSION_CAP").ok()?.parse().ok())
+        .unwrap_or(default)
+}
+
+#[derive(Default)]
+struct Table {
+    by_inode: HashMap<Gfid, SessionId>,
+    per_session: HashMap<SessionId, usize>,
+}
+
+impl Table {
+    fn take(&mut self, g: Gfid, s: SessionId) {
+        if self.by_inode.insert(g, s) != Some(s) {
+            *self.per_session.entry(s).or_default() += 1;
+        }
+    }
+
+    fn free(&mut self, g: Gfid) {
+        if let Some(s) = self.by_inode.remove(&g) {
+            match self.per_session.get_mut(&s) {
+                Some(n) if *n > 1 => *n -= 1,
+                _ => {
+                    self.per_session.remove(&s);
+                }
+            }
+        }
+    }
+}
+
+/// Why a lock was not granted.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// Another session holds this inode.
+    Busy(SessionId, Gfid),
+    /// The session holds `SESSION_LOCKS` already.
+    TooMany,
+}
+
+/// Exclusive per-inode locks. A client keeps them across many operations (eager locking)
+/// and gives them up when told another session waits.
 #[derive(Default)]
 pub struct InodeLocks {
-    held: Mutex<HashMap<Gfid, SessionId>>,
+    held: Mutex<Table>,
     pub released: Notify,
 }
 
 impl InodeLocks {
     /// Takes all of `gfids` for `s`, or none; on conflict names the holder and the inode.
-    pub fn try_lock_all(&self, s: SessionId, gfids: &[Gfid]) -> Result<(), (SessionId, Gfid)> {
-        let mut held = self.held.lock().unwrap();
+    pub fn try_lock_all(&self, s: SessionId, gfids: &[Gfid]) -> Result<(), Refused> {
+        let mut t = self.held.lock().unwrap();
+        let mut new = 0;
         for g in gfids {
-            if let Some(h) = held.get(g) {
-                if *h != s {
-                    return Err((*h, *g));
-                }
+            match t.by_inode.get(g) {
+                Some(h) if *h != s => return Err(Refused::Busy(*h, *g)),
+                Some(_) => {}
+                None => new += 1,
             }
         }
+        let have = t.per_session.get(&s).copied().unwrap_or(0);
+        if have + new > session_cap(SESSION_LOCKS) {
+            return Err(Refused::TooMany);
+        }
         for g in gfids {
-            held.insert(*g, s);
+            t.take(*g, s);
         }
         Ok(())
     }
 
     pub fn holds(&self, s: SessionId, g: Gfid) -> bool {
-        self.held.lock().unwrap().get(&g) == Some(&s)
+        self.held.lock().unwrap().by_inode.get(&g) == Some(&s)
     }
 
+    /// The creator of a new inode holds its lock (counted, not capped: the create itself
+    /// was allowed).
     pub fn grant_new(&self, s: SessionId, g: Gfid) {
-        self.held.lock().unwrap().insert(g, s);
+        self.held.lock().unwrap().take(g, s);
     }
 
     pub fn unlock(&self, s: SessionId, gfids: &[Gfid]) {
-        let mut held = self.held.lock().unwrap();
+        let mut t = self.held.lock().unwrap();
         for g in gfids {
-            if held.get(g) == Some(&s) {
-                held.remove(g);
+            if t.by_inode.get(g) == Some(&s) {
+                t.free(*g);
             }
         }
-        drop(held);
+        drop(t);
         self.released.notify_waiters();
     }
 
     /// Frees everything a dead session held; returns what it held.
     pub fn release_session(&self, s: SessionId) -> Vec<Gfid> {
-        let mut held = self.held.lock().unwrap();
-        let mine: Vec<Gfid> = held
+        let mut t = self.held.lock().unwrap();
+        let mine: Vec<Gfid> = t
+            .by_inode
             .iter()
             .filter(|(_, h)| **h == s)
             .map(|(g, _)| *g)
             .collect();
         for g in &mine {
-            held.remove(g);
+            t.free(*g);
         }
-        drop(held);
+        drop(t);
         self.released.notify_waiters();
         mine
     }
@@ -193,7 +249,7 @@ mod tests {
             l.try_lock_all(a, &[g1]).is_ok(),
             "re-entrant for the holder"
         );
-        assert_eq!(l.try_lock_all(b, &[g2, g1]), Err((a, g1)));
+        assert_eq!(l.try_lock_all(b, &[g2, g1]), Err(Refused::Busy(a, g1)));
         assert!(!l.holds(b, g2), "all or none");
         assert_eq!(l.release_session(a), vec![g1]);
         assert!(l.try_lock_all(b, &[g2, g1]).is_ok());
@@ -216,5 +272,24 @@ mod tests {
         );
         l.release_session([1; 16]);
         assert!(l.conflict(g, &lk(3, 1, F_WRLCK, 0, 99)).is_none());
+    }
+
+    #[test]
+    fn a_session_holds_at_most_its_cap_of_inode_locks() {
+        let l = InodeLocks::default();
+        let (a, b) = ([1u8; 16], [2u8; 16]);
+        let some = |n: usize| (0..n).map(|_| Gfid::random()).collect::<Vec<_>>();
+        let first = some(SESSION_LOCKS);
+        assert!(l.try_lock_all(a, &first).is_ok());
+        // Taking what it holds again costs nothing; one more is refused.
+        assert!(l.try_lock_all(a, &first[..16]).is_ok());
+        assert_eq!(l.try_lock_all(a, &some(1)), Err(Refused::TooMany));
+        // Other sessions are not affected; giving locks back makes room.
+        assert!(l.try_lock_all(b, &some(16)).is_ok());
+        l.unlock(a, &first[..16]);
+        assert!(l.try_lock_all(a, &some(16)).is_ok());
+        assert_eq!(l.try_lock_all(a, &some(1)), Err(Refused::TooMany));
+        l.release_session(a);
+        assert!(l.try_lock_all(a, &some(SESSION_LOCKS)).is_ok());
     }
 }

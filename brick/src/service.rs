@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::locks::{F_UNLCK, InodeLocks, RangeLock, RangeLocks, SessionId};
+use crate::locks::{F_UNLCK, InodeLocks, RangeLock, RangeLocks, Refused, SessionId};
 use crate::store::{self, Store, gfid};
 
 /// How long a lock request waits for another session to give the lock up.
@@ -79,6 +79,8 @@ static REFUSALS: RateLimit = RateLimit::new(Duration::from_secs(10));
 /// later writer for good.
 const TERM_AHEAD_NS: u64 = 3600 * 1_000_000_000;
 
+/// Most files one session may have open at once (see `locks::SESSION_LOCKS`): EMFILE past it.
+const SESSION_OPENS: usize = 65_536;
 /// Most inodes one Lock request takes.
 const MAX_LOCK_LIST: usize = 16;
 /// Most gfids in one list of a HealIndex request.
@@ -240,15 +242,25 @@ impl BrickService {
 
     /// Counts an open of `g` by session `sid`, if the session is live (an open by a dead
     /// session would never be released).
-    fn note_open(&self, sid: SessionId, g: Gfid) -> bool {
+    /// Counts an open of `g` by `sid` (`capped`: refused past the session's cap; a create's
+    /// own open is not, the file exists by then). Ok(false): no such session.
+    fn note_open(&self, sid: SessionId, g: Gfid, capped: bool) -> Result<bool, Errno> {
         let mut sessions = self.sessions.lock().unwrap();
         let Some(e) = sessions.get_mut(&sid) else {
-            return false;
+            return Ok(false);
         };
+        // Bounded per session, as its locks are: a client that opens and never releases
+        // is refused rather than growing the table.
+        if capped
+            && !e.opened.contains_key(&g)
+            && e.opened.len() >= crate::locks::session_cap(SESSION_OPENS)
+        {
+            return Err(Errno::MFILE);
+        }
         *e.opened.entry(g).or_insert(0) += 1;
         // Under the sessions lock, so that end_session cannot run in between.
         self.store.opened(g);
-        true
+        Ok(true)
     }
 
     /// Takes one open of `g` off session `sid`; false if it had none. The caller then
@@ -421,7 +433,10 @@ impl pb::brick_server::Brick for BrickService {
         let g = gfid(&r.gfid).map_err(|_| Status::invalid_argument("bad gfid"))?;
         // Counted before the stat: an unlink racing with this open either comes first (the
         // stat fails) or finds the open and keeps the data.
-        let counted = self.note_open(sid, g);
+        let counted = match self.note_open(sid, g, true) {
+            Ok(c) => c,
+            Err(e) => return Ok(Response::new(attr_reply(Err(e)))),
+        };
         let store = self.store.clone();
         let res = blocking(move || store.getattr(g)).await?;
         self.metrics.reads.fetch_add(1, Relaxed);
@@ -671,7 +686,8 @@ impl pb::brick_server::Brick for BrickService {
                     return fail(libc::ENOTCONN);
                 }
                 Ok(()) => break,
-                Err((holder, g)) => {
+                Err(Refused::TooMany) => return fail(libc::ENOLCK),
+                Err(Refused::Busy(holder, g)) => {
                     // Whether or not we wait, the holder should let go soon.
                     self.notify_contended(holder, g);
                     if !r.wait {
@@ -882,7 +898,7 @@ impl pb::brick_server::Brick for BrickService {
             },
             Ok(Some(Ok((attr, written)))) => {
                 if let (Some(g), true) = (created, opens_new) {
-                    self.note_open(sid, g);
+                    let _ = self.note_open(sid, g, false);
                 }
                 if let Some(g) = created {
                     self.inode_locks.grant_new(sid, g);
