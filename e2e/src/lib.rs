@@ -69,6 +69,40 @@ pub async fn brick_client(
     mortar_proto::brick_client::BrickClient::new(ch).max_decoding_message_size(64 << 20)
 }
 
+/// A session of a raw client's own (locks and opens need one); it lasts while this lives.
+pub struct RawSession {
+    pub id: Vec<u8>,
+    _out: tokio::sync::mpsc::Sender<mortar_proto::SessionIn>,
+    _inbound: tonic::Streaming<mortar_proto::SessionOut>,
+}
+
+/// Opens a session on `b` as client `name`.
+pub async fn raw_session(
+    b: &mut mortar_proto::brick_client::BrickClient<tonic::transport::Channel>,
+    name: &str,
+) -> RawSession {
+    let id = mortar_common::gfid::Gfid::random().to_vec();
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(mortar_proto::SessionIn {
+        msg: Some(mortar_proto::session_in::Msg::Hello(mortar_proto::Hello {
+            session: id.clone(),
+            client: name.into(),
+        })),
+    })
+    .await
+    .unwrap();
+    let inbound = b
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    RawSession {
+        id,
+        _out: tx,
+        _inbound: inbound,
+    }
+}
+
 pub struct Cluster {
     pub dir: PathBuf,
     tmp: Option<tempfile::TempDir>,

@@ -959,20 +959,8 @@ async fn hostile_requests_get_bounded_answers() {
     let many: Vec<Vec<u8>> = (0..5000).map(|_| Gfid::random().to_vec()).collect();
 
     // A session of our own, for the Lock request.
-    let session = Gfid::random().to_vec();
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tx.send(pb::SessionIn {
-        msg: Some(pb::session_in::Msg::Hello(pb::Hello {
-            session: session.clone(),
-            client: "hostile".into(),
-        })),
-    })
-    .await
-    .unwrap();
-    let _inbound = b
-        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap();
+    let raw = mortar_e2e::raw_session(&mut b, "hostile").await;
+    let session = raw.id.clone();
     let r = b
         .lock(pb::LockReq {
             session: session.clone(),

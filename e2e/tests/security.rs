@@ -156,20 +156,8 @@ async fn strangers_are_refused_and_a_mount_certificate_cannot_administer() {
         .expect("an admin takes an entry off the heal index");
 
     // A lock term far in the future would fence off every later writer: refused.
-    let session = Gfid::random().to_vec();
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(pb::SessionIn {
-        msg: Some(pb::session_in::Msg::Hello(pb::Hello {
-            session: session.clone(),
-            client: "term test".into(),
-        })),
-    })
-    .await
-    .unwrap();
-    let _inbound = mount
-        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap();
+    let raw = mortar_e2e::raw_session(&mut mount, "term test").await;
+    let session = raw.id.clone();
     let r = mount
         .lock(pb::LockReq {
             session: session.clone(),
@@ -308,20 +296,8 @@ async fn a_session_cannot_hold_locks_or_opens_without_bound() {
     .await
     .unwrap();
     let mut b = mortar_e2e::brick_client(&c.addr(0)).await;
-    let session = Gfid::random().to_vec();
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(pb::SessionIn {
-        msg: Some(pb::session_in::Msg::Hello(pb::Hello {
-            session: session.clone(),
-            client: "greedy".into(),
-        })),
-    })
-    .await
-    .unwrap();
-    let _inbound = b
-        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap();
+    let raw = mortar_e2e::raw_session(&mut b, "greedy").await;
+    let session = raw.id.clone();
 
     // Locks: six batches of 16 fit under 100, the seventh does not.
     let now = std::time::SystemTime::now()
