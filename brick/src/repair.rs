@@ -95,7 +95,7 @@ impl Store {
         path.chown(Some(m.uid), Some(m.gid))?;
         if !is_link {
             path.chmod(m.mode)?;
-            let have = store::list_user_xattrs(&path)?;
+            let have = store::list_user_xattrs(path)?;
             for name in have
                 .iter()
                 .filter(|n| !m.xattrs.iter().any(|x| &x.name == *n))
