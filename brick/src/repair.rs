@@ -44,14 +44,7 @@ impl Store {
         use pb::heal_req::Op;
         match op {
             Op::Write(w) => {
-                let fd = self.file(g)?;
-                let mut off = w.offset;
-                let mut data = &w.data[..];
-                while !data.is_empty() {
-                    let k = rustix::io::pwrite(&*fd, data, off)?;
-                    data = &data[k..];
-                    off += k as u64;
-                }
+                store::write_all_at(&*self.file(g)?, &w.data, w.offset)?;
                 self.getattr(g)
             }
             Op::Truncate(size) => {
@@ -204,14 +197,8 @@ impl Store {
         let done = (|| {
             match complete {
                 Some((_, m)) => {
-                    if let (Some(fd), false) = (&file, e.data.is_empty()) {
-                        let mut data = &e.data[..];
-                        let mut off = 0u64;
-                        while !data.is_empty() {
-                            let k = rustix::io::pwrite(fd, data, off)?;
-                            data = &data[k..];
-                            off += k as u64;
-                        }
+                    if let Some(fd) = &file {
+                        store::write_all_at(fd, &e.data, 0)?;
                     }
                     // Owner, mode, xattrs, and the times last (the write changed them).
                     self.apply_meta(&path, m)?;

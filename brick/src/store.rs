@@ -221,6 +221,21 @@ fn attr_of(st: &rfs::Stat, rec: &Record) -> pb::Attr {
 }
 
 /// Reads an inode's attributes and record, without following a symlink.
+/// Writes all of `data` at `off` (a short write is continued, EINTR retried).
+pub fn write_all_at(fd: impl AsFd, mut data: &[u8], mut off: u64) -> R<()> {
+    while !data.is_empty() {
+        match rustix::io::pwrite(&fd, data, off) {
+            Ok(k) => {
+                data = &data[k..];
+                off += k as u64;
+            }
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 pub fn stat_loc(loc: &Loc) -> R<pb::Attr> {
     let st = loc.lstat()?;
     let rec = read_rec(loc)?;
@@ -1307,24 +1322,14 @@ impl Store {
         let g = gfid(&w.gfid)?;
         let fd = self.file(g)?;
         let size = rfs::fstat(&*fd)?.st_size as u64;
-        let mut off = if w.append { size } else { w.offset };
+        let off = if w.append { size } else { w.offset };
         // Refused before anything is written, the same way on every brick.
         let reserved = size.max(off + w.data.len() as u64);
         self.quota_grow(g, size, reserved)?;
-        let mut data = &w.data[..];
-        while !data.is_empty() {
-            match rustix::io::pwrite(&*fd, data, off) {
-                Ok(k) => {
-                    data = &data[k..];
-                    off += k as u64;
-                }
-                Err(Errno::INTR) => {}
-                Err(e) => {
-                    // ENOSPC, EIO...: the quota charges only what the file really grew by.
-                    self.quota_settle(g, &fd, reserved);
-                    return Err(e);
-                }
-            }
+        if let Err(e) = write_all_at(&*fd, &w.data, off) {
+            // ENOSPC, EIO...: the quota charges only what the file really grew by.
+            self.quota_settle(g, &fd, reserved);
+            return Err(e);
         }
         rfs::futimens(
             &*fd,

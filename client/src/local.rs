@@ -132,8 +132,8 @@ impl Local {
     }
 
     pub fn make_certs(&self) -> anyhow::Result<()> {
-        use mortar_common::tls::{Ca, Role};
-        if self.tls_dir("ca").join("ca.key").exists() {
+        use mortar_common::tls::{self, Ca, Role};
+        if self.tls_dir("ca").join(tls::CA_KEY_FILE).exists() {
             return Ok(());
         }
         let ca = Ca::generate("local")?;

@@ -19,6 +19,8 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerT
 pub const CA_FILE: &str = "ca.crt";
 pub const CERT_FILE: &str = "tls.crt";
 pub const KEY_FILE: &str = "tls.key";
+/// The CA's private key, next to its `ca.crt` (kept off the bricks).
+pub const CA_KEY_FILE: &str = "ca.key";
 /// The name every brick certificate carries and every client checks, whatever address the
 /// brick is reached at (pod IPs change; the CA is the cluster's own).
 pub const BRICK_SERVER_NAME: &str = "mortar-brick";
@@ -73,14 +75,10 @@ pub struct TlsFiles {
 
 impl TlsFiles {
     pub fn load(dir: &Path) -> Result<TlsFiles> {
-        let read = |f: &str| {
-            let p = dir.join(f);
-            std::fs::read(&p).with_context(|| format!("TLS: {}", p.display()))
-        };
         Ok(TlsFiles {
-            ca: read(CA_FILE)?,
-            cert: read(CERT_FILE)?,
-            key: read(KEY_FILE)?,
+            ca: read_in(dir, CA_FILE)?,
+            cert: read_in(dir, CERT_FILE)?,
+            key: read_in(dir, KEY_FILE)?,
         })
     }
 
@@ -204,13 +202,12 @@ impl Ca {
 
     /// The CA kept in `dir` (`ca.crt`, `ca.key`).
     pub fn load(dir: &Path) -> Result<Ca> {
-        let read = |f: &str| {
-            let p = dir.join(f);
-            std::fs::read_to_string(&p).with_context(|| format!("CA: {}", p.display()))
+        let pem = |f: &str| -> Result<String> {
+            String::from_utf8(read_in(dir, f)?).with_context(|| format!("{f}: not PEM text"))
         };
         Ok(Ca {
-            cert_pem: read(CA_FILE)?,
-            key_pem: read("ca.key")?,
+            cert_pem: pem(CA_FILE)?,
+            key_pem: pem(CA_KEY_FILE)?,
         })
     }
 
@@ -218,7 +215,7 @@ impl Ca {
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir)?;
         std::fs::write(dir.join(CA_FILE), &self.cert_pem)?;
-        write_private(&dir.join("ca.key"), &self.key_pem)
+        write_private(&dir.join(CA_KEY_FILE), &self.key_pem)
     }
 
     /// A certificate for `role`/`name`, valid for both ends of a connection (a brick is a
@@ -266,6 +263,11 @@ impl Ca {
         write_private(&dir.join(KEY_FILE), &key)?;
         Ok(dir.to_path_buf())
     }
+}
+
+fn read_in(dir: &Path, file: &str) -> Result<Vec<u8>> {
+    let p = dir.join(file);
+    std::fs::read(&p).with_context(|| format!("TLS: {}", p.display()))
 }
 
 fn write_private(path: &Path, pem: &str) -> Result<()> {

@@ -503,54 +503,60 @@ impl Volume {
                 }
             };
             let members: Vec<Member> = held.iter().map(|(_, m)| m.clone()).collect();
+            if held.len() < self.total() {
+                Self::unlock_on(&members, &gfids, false).await;
+                rest.extend(batch);
+                continue;
+            }
             let plain = |i: usize| {
-                held.len() == self.total()
-                    && held.iter().all(|(r, m)| {
-                        let Some(x) = r.inodes.get(i).filter(|x| x.gfid == gfids[i].to_vec())
-                        else {
-                            return false;
-                        };
-                        if m.brick.id == sink.brick.id {
-                            x.ver.is_none()
-                        } else {
-                            x.ver.is_some() && !x.pending && x.ver == batch[i].1.ver
+                held.iter().all(|(r, m)| {
+                    let Some(x) = r.inodes.get(i).filter(|x| x.gfid == gfids[i].to_vec()) else {
+                        return false;
+                    };
+                    if m.brick.id == sink.brick.id {
+                        x.ver.is_none()
+                    } else {
+                        x.ver.is_some() && !x.pending && x.ver == batch[i].1.ver
+                    }
+                })
+            };
+            let entries = &batch;
+            let copies: Vec<(usize, u64)> =
+                futures::stream::iter((0..batch.len()).filter(|i| plain(*i)))
+                    .map(|i| async move {
+                        let (name, ca, cg) = &entries[i];
+                        match self.fill_one(src, sink, g, name, ca, *cg).await {
+                            Ok(n) => Some((i, n)),
+                            Err(e) => {
+                                tracing::debug!(gfid = %cg, "heal: complete copy: {e}");
+                                None
+                            }
                         }
                     })
-            };
-            let chosen: Vec<usize> = (0..batch.len()).filter(|i| plain(*i)).collect();
-            let entries = &batch;
-            let filled: Vec<(usize, Result<u64>)> = futures::stream::iter(chosen)
-                .map(|i| async move {
-                    let (name, ca, cg) = &entries[i];
-                    (i, self.fill_one(src, sink, g, name, ca, *cg).await)
-                })
-                .buffer_unordered(PARALLEL)
-                .collect()
-                .await;
-            let mut done = vec![false; batch.len()];
-            for (i, r) in filled {
-                match r {
-                    Ok(n) => {
-                        done[i] = true;
-                        stats.bytes += n;
-                    }
-                    Err(e) => tracing::debug!(gfid = %gfids[i], "heal: complete copy: {e}"),
+                    .buffer_unordered(PARALLEL)
+                    .filter_map(futures::future::ready)
+                    .collect()
+                    .await;
+            stats.bytes += copies.iter().map(|(_, n)| n).sum::<u64>();
+            let filled: HashSet<usize> = copies.into_iter().map(|(i, _)| i).collect();
+            let (mut made, mut left) = (Vec::new(), Vec::new());
+            for (i, e) in batch.into_iter().enumerate() {
+                if filled.contains(&i) {
+                    made.push(e.2);
+                } else {
+                    left.push(e.2);
+                    rest.push(e);
                 }
             }
-            let (made, left): (Vec<_>, Vec<_>) = batch.into_iter().zip(done).partition(|(_, d)| *d);
-            let made: Vec<Gfid> = made.into_iter().map(|(e, _)| e.2).collect();
             stats.healed += made.len() as u64;
             stats.checked += made.len() as u64;
-            let left: Vec<NewEntry> = left.into_iter().map(|(e, _)| e).collect();
-            let left_gfids: Vec<Gfid> = left.iter().map(|e| e.2).collect();
             // Every copy of what was made is identical now: off the heal index with the
             // unlock. The rest keep whatever index entries they have.
             futures::join!(
                 Self::unlock_with(&members, &made, false, true),
-                Self::unlock_on(&members, &left_gfids, false)
+                Self::unlock_on(&members, &left, false)
             );
             drop(holds);
-            rest.extend(left);
         }
         rest
     }

@@ -358,7 +358,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             match cmd {
                 CertsCmd::Ca { out, cluster } => {
                     anyhow::ensure!(
-                        !out.join("ca.key").exists(),
+                        !out.join(mortar_common::tls::CA_KEY_FILE).exists(),
                         "{} already holds a CA",
                         out.display()
                     );
