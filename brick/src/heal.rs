@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use mortar_common::gfid::Gfid;
 use mortar_replication::heal::Source;
 use mortar_replication::volume::{Options, Volume};
 use tokio::sync::{Notify, watch};
@@ -41,14 +42,15 @@ pub struct Worker {
 impl Worker {
     pub async fn run(self) {
         let vol = loop {
+            // The brick's own volfile, not one fetched from a peer: a peer may not serve the
+            // generation that added this brick yet.
             let vf = self.volfile.borrow().vol.clone();
-            let servers: Vec<String> = vf.bricks.iter().map(|b| b.address.clone()).collect();
             let opts = Options {
                 client_name: format!("self-heal@{}", self.brick_id),
                 local: Some((self.brick_id.clone(), self.local.clone())),
                 ..Options::default()
             };
-            match Volume::connect(&servers, &vf.volume, opts).await {
+            match Volume::with_volfile(vf, opts).await {
                 Ok(v) => break v,
                 Err(e) => {
                     tracing::debug!("self-heal waits for the volume: {e}");
@@ -72,8 +74,46 @@ impl Worker {
         }
     }
 
+    /// Whether every brick of this brick's volfile serves its generation or a newer one.
+    async fn settled(&self, vol: &Volume) -> bool {
+        let vf = self.volfile.borrow().vol.clone();
+        let seen = vol.generations().await;
+        let behind: Vec<&str> = vf
+            .bricks
+            .iter()
+            .filter(|b| {
+                !seen
+                    .iter()
+                    .any(|(id, g)| *id == b.id && g.is_some_and(|g| g >= vf.generation))
+            })
+            .map(|b| b.id.as_str())
+            .collect();
+        if !behind.is_empty() {
+            tracing::debug!(
+                ?behind,
+                generation = vf.generation,
+                "the after-join crawl waits for these bricks to serve the volfile"
+            );
+        }
+        behind.is_empty()
+    }
+
     /// One walk through the heal index.
     async fn pass(&self, vol: &Volume) {
+        // A joining brick's after-join crawl (see `Store::joining`) is a heal of the root
+        // begun in a pass that starts after every brick has the volfile that added it.
+        let crawl = self.store.joining() && self.settled(vol).await;
+        if crawl {
+            self.store.mark_heal(Gfid::ROOT);
+        }
+        self.walk(vol).await;
+        if crawl && !self.store.heal_pending().contains(&Gfid::ROOT) {
+            tracing::info!("after-join crawl done: every change this brick missed is indexed");
+            self.store.joined();
+        }
+    }
+
+    async fn walk(&self, vol: &Volume) {
         let mut pending = self.store.heal_pending();
         if pending.is_empty() {
             return;

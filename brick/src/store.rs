@@ -35,6 +35,9 @@ const META: &str = ".mortar";
 const CEILING: &str = "term-ceiling";
 /// How far above a promised term the recorded ceiling goes: one minute of a client's clock.
 const CEILING_AHEAD_NS: u64 = 60_000_000_000;
+/// The file in `.mortar` that says this brick still needs its after-join crawl (see
+/// `Store::joining`).
+const JOINING: &str = "joining";
 /// At most this many file descriptors are cached, whatever the limit (see `set_fd_budget`).
 const MAX_FDS: usize = 4096;
 const MAX_XATTR: usize = 64 * 1024;
@@ -305,6 +308,9 @@ impl Store {
                 );
                 let now = now_ns();
                 full_heal = true;
+                // Before the root's record: a crash between the two must not leave a brick
+                // that looks settled but never had its after-join crawl.
+                std::fs::write(meta.join(JOINING), b"")?;
                 write_rec(&root_dir.this(), &Record::new(Gfid::ROOT, 0, now)).map_err(|e| {
                     anyhow::anyhow!(
                         "cannot set trusted xattrs on {} (need root and xattr support): {e}",
@@ -903,6 +909,19 @@ impl Store {
 
     pub fn heal_count(&self) -> usize {
         self.heal.lock().unwrap().len()
+    }
+
+    /// A new (or wiped) brick still needs one crawl of the whole tree begun after every
+    /// brick of the volume serves the volfile that added it: until a brick has that volfile,
+    /// a client that does not know the new brick yet can change a file through it without
+    /// indexing the change for the new brick (it does not know there is one to miss it).
+    pub fn joining(&self) -> bool {
+        self.heal_dir.with_file_name(JOINING).exists()
+    }
+
+    /// The after-join crawl is done: from now on every change the new brick misses is indexed.
+    pub fn joined(&self) {
+        let _ = std::fs::remove_file(self.heal_dir.with_file_name(JOINING));
     }
 
     fn split_dir(&self) -> PathBuf {

@@ -173,15 +173,23 @@ impl Cluster {
 
     /// Like `restart`, with extra `mortar-brick` arguments.
     pub fn restart_with(&mut self, i: usize, extra: &[&str]) {
-        self.start_brick(i, extra, &[]);
+        self.start_brick(i, extra, &[], &self.volfile_path());
+    }
+
+    /// Like `restart`, following this volfile instead of the cluster's.
+    pub fn restart_on(&mut self, i: usize, volfile: &Path) {
+        while self.bricks.len() <= i {
+            self.bricks.push(None);
+        }
+        self.start_brick(i, &[], &[], volfile);
     }
 
     /// Like `restart`, with extra environment variables for the brick.
     pub fn restart_env(&mut self, i: usize, env: &[(&str, &str)]) {
-        self.start_brick(i, &[], env);
+        self.start_brick(i, &[], env, &self.volfile_path());
     }
 
-    fn start_brick(&mut self, i: usize, extra: &[&str], env: &[(&str, &str)]) {
+    fn start_brick(&mut self, i: usize, extra: &[&str], env: &[(&str, &str)], volfile: &Path) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -199,7 +207,7 @@ impl Cluster {
             .arg("--dir")
             .arg(self.brick_dir(i))
             .arg("--volfile")
-            .arg(self.volfile_path())
+            .arg(volfile)
             .arg("--tls-dir")
             .arg(brick_tls(&self.dir, &format!("b{i}")))
             .args(["--session-timeout", "4", "--heal-interval", "1"])

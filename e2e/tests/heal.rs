@@ -339,6 +339,63 @@ fn bricks_join_and_leave_while_mounted() {
     assert!(ok, "{out}");
 }
 
+/// A brick added while the other bricks and the mount still follow the old volfile (a
+/// ConfigMap reaches pods at different times): what the mount changes meanwhile goes to the
+/// old bricks only and is indexed nowhere, since none of them knows the new brick. Once they
+/// all serve the new volfile, the new brick's after-join crawl finds it and heals it.
+#[test]
+fn changes_made_before_the_bricks_learn_of_a_new_brick_reach_it() {
+    let mut c = Cluster::start(99, 3);
+    let m = c.mount("m", "");
+    fs::create_dir(m.p("d")).unwrap();
+    for i in 0..10 {
+        fs::write(m.p(&format!("f{i}")), pattern(i, 5000)).unwrap();
+    }
+    let mut four = c.vol.clone();
+    four.generation += 1;
+    four.bricks.push(mortar_common::volfile::BrickSpec {
+        id: "b3".into(),
+        address: c.addr(3),
+    });
+    let own = c.dir.join("volfile-b3.yaml");
+    fs::write(&own, four.to_yaml()).unwrap();
+    c.restart_on(3, &own);
+    let b3 = c.brick_dir(3);
+    let t = Instant::now();
+    while fs::read(b3.join("f9")).ok() != Some(pattern(9, 5000)) || !b3.join("d").is_dir() {
+        assert!(t.elapsed() < Duration::from_secs(30), "b3 was never filled");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    fs::write(m.p("f0"), b"rewritten").unwrap();
+    fs::remove_file(m.p("f1")).unwrap();
+    fs::rename(m.p("f2"), m.p("d/f2")).unwrap();
+    fs::write(m.p("d/new"), b"new").unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        fs::read(b3.join("f0")).unwrap(),
+        pattern(0, 5000),
+        "nothing should have reached b3 yet: the other bricks do not know it"
+    );
+    // The others get the new volfile too.
+    c.set_bricks(&[0, 1, 2, 3]);
+    let t = Instant::now();
+    while fs::read(b3.join("f0")).ok().as_deref() != Some(b"rewritten".as_slice())
+        || b3.join("f1").exists()
+        || !b3.join("d/f2").exists()
+        || fs::read(b3.join("d/new")).ok().as_deref() != Some(b"new".as_slice())
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "b3 never got the changes made before the others knew it"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    heal_report("changes made before the bricks knew the new brick", t.elapsed());
+    c.wait_healed(Duration::from_secs(30));
+    let (ok, out) = c.verify(false);
+    assert!(ok, "{out}");
+}
+
 #[test]
 fn a_heal_cut_short_by_a_restart_finishes_after_it() {
     let mut c = Cluster::start(37, 3);

@@ -151,6 +151,12 @@ impl Volume {
     /// Connects to every brick of the volume described by the first reachable server.
     pub async fn connect(servers: &[String], volume: &str, opts: Options) -> Result<Arc<Volume>> {
         let vf = fetch_volfile(servers, volume, opts.effective_ping_timeout(None)).await?;
+        Self::with_volfile(vf, opts).await
+    }
+
+    /// Connects to every brick of the volume this volfile describes.
+    pub async fn with_volfile(vf: Volfile, opts: Options) -> Result<Arc<Volume>> {
+        let volume = vf.volume.clone();
         let ping_timeout = opts.effective_ping_timeout(Some(&vf));
         tracing::debug!(
             ping_timeout = ?ping_timeout,
@@ -175,7 +181,7 @@ impl Volume {
             })
             .collect();
         let v = Arc::new(Volume {
-            name: volume.to_string(),
+            name: volume,
             vol: RwLock::new(vf),
             bricks: RwLock::new(bricks),
             inodes: Mutex::default(),
@@ -228,6 +234,18 @@ impl Volume {
 
     pub(crate) fn total(&self) -> usize {
         self.vol.read().unwrap().bricks.len()
+    }
+
+    /// The volfile generation each brick serves now (`None`: it did not answer).
+    pub async fn generations(&self) -> Vec<(String, Option<u64>)> {
+        let bricks = self.bricks();
+        join_all(bricks.iter().map(|b| async move {
+            let r = b
+                .call(|mut c, _| async move { c.health(pb::Empty {}).await })
+                .await;
+            (b.id.clone(), r.ok().map(|(h, _)| h.generation))
+        }))
+        .await
     }
 
     pub fn up_count(&self) -> usize {
