@@ -74,6 +74,20 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
+    /// From PEM text held elsewhere than in a directory (a Kubernetes Secret's data): one
+    /// process may then speak for several clusters, each with its own CA and certificate.
+    pub fn from_pem(
+        ca: impl Into<Vec<u8>>,
+        cert: impl Into<Vec<u8>>,
+        key: impl Into<Vec<u8>>,
+    ) -> TlsFiles {
+        TlsFiles {
+            ca: ca.into(),
+            cert: cert.into(),
+            key: key.into(),
+        }
+    }
+
     pub fn load(dir: &Path) -> Result<TlsFiles> {
         Ok(TlsFiles {
             ca: read_in(dir, CA_FILE)?,
@@ -142,7 +156,19 @@ pub fn client_uses_tls() -> bool {
 
 /// An endpoint for a brick at `addr` (host:port), with this process's TLS.
 pub fn brick_endpoint(addr: &str) -> Result<Endpoint> {
-    let tls = client_config();
+    endpoint_with_config(addr, client_config())
+}
+
+/// An endpoint for a brick at `addr` with the client TLS `tls` (a cluster's own, when one
+/// process talks to several clusters), or this process's when `None`.
+pub fn brick_endpoint_with(addr: &str, tls: Option<&ClientTlsConfig>) -> Result<Endpoint> {
+    match tls {
+        Some(t) => endpoint_with_config(addr, Some(t.clone())),
+        None => brick_endpoint(addr),
+    }
+}
+
+fn endpoint_with_config(addr: &str, tls: Option<ClientTlsConfig>) -> Result<Endpoint> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     let e = Endpoint::from_shared(format!("{scheme}://{addr}"))
         .with_context(|| format!("bad brick address {addr:?}"))?;

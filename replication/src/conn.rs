@@ -9,7 +9,7 @@ use mortar_proto as pb;
 use mortar_proto::brick_client::BrickClient;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use mortar_common::error::{Error, Result};
 use mortar_common::gfid::Gfid;
@@ -49,6 +49,8 @@ pub struct Brick {
     stopped: AtomicBool,
     /// This client runs in this brick: heal steps go to it in-process (`Options::local`).
     pub(crate) local: Option<crate::volume::LocalSteps>,
+    /// The volume's own client TLS (`Options::tls`); `None`: this process's.
+    tls: Option<Arc<ClientTlsConfig>>,
 }
 
 /// How long one request may take on a brick that answers pings (see [`Brick::call`]).
@@ -56,7 +58,16 @@ pub const FRAME_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// An endpoint for the brick at `addr`, with this process's TLS (`mortar_common::tls`).
 pub fn endpoint(addr: &str, timeout: Duration) -> Result<Endpoint> {
-    Ok(mortar_common::tls::brick_endpoint(addr)
+    endpoint_with(addr, timeout, None)
+}
+
+/// An endpoint for the brick at `addr` with client TLS `tls`, or this process's when `None`.
+pub fn endpoint_with(
+    addr: &str,
+    timeout: Duration,
+    tls: Option<&ClientTlsConfig>,
+) -> Result<Endpoint> {
+    Ok(mortar_common::tls::brick_endpoint_with(addr, tls)
         .map_err(|e| Error::Volfile(format!("{e:#}")))?
         .connect_timeout(timeout)
         .tcp_nodelay(true)
@@ -75,7 +86,16 @@ pub fn client(ch: Channel) -> BrickClient<Channel> {
 
 /// A one-off connection (for tools): fails within `timeout` if the brick is not there.
 pub async fn connect_once(addr: &str, timeout: Duration) -> Result<BrickClient<Channel>> {
-    let ch = endpoint(addr, timeout)?
+    connect_once_with(addr, timeout, None).await
+}
+
+/// [`connect_once`] with client TLS `tls`, or this process's when `None`.
+pub async fn connect_once_with(
+    addr: &str,
+    timeout: Duration,
+    tls: Option<&ClientTlsConfig>,
+) -> Result<BrickClient<Channel>> {
+    let ch = endpoint_with(addr, timeout, tls)?
         .connect()
         .await
         .map_err(|e| Error::Transport {
@@ -95,6 +115,19 @@ impl Brick {
         events: mpsc::UnboundedSender<Event>,
         local: Option<crate::volume::LocalSteps>,
     ) -> Arc<Brick> {
+        Self::start_with_tls(id, addr, ping_timeout, client_name, events, local, None)
+    }
+
+    /// [`Brick::start`] with client TLS of the volume's own (`None`: this process's).
+    pub fn start_with_tls(
+        id: String,
+        addr: String,
+        ping_timeout: Duration,
+        client_name: String,
+        events: mpsc::UnboundedSender<Event>,
+        local: Option<crate::volume::LocalSteps>,
+        tls: Option<Arc<ClientTlsConfig>>,
+    ) -> Arc<Brick> {
         let (state, _) = watch::channel(ConnState::Down("connecting".into()));
         let b = Arc::new(Brick {
             id,
@@ -104,6 +137,7 @@ impl Brick {
             epochs: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
             local,
+            tls,
         });
         let weak = Arc::downgrade(&b);
         tokio::spawn(async move {
@@ -153,7 +187,7 @@ impl Brick {
         events: &mpsc::UnboundedSender<Event>,
     ) -> String {
         let mut pt = self.ping_timeout();
-        let ch = match endpoint(&self.addr, pt) {
+        let ch = match endpoint_with(&self.addr, pt, self.tls.as_deref()) {
             Ok(e) => match e.connect().await {
                 Ok(ch) => ch,
                 Err(e) => return format!("connect: {e}"),

@@ -30,6 +30,9 @@ pub struct Options {
     /// The brick this client runs in (its self-heal worker), with a way to hand it heal
     /// steps in-process: a heal's data then crosses no port of its own brick.
     pub local: Option<(String, LocalSteps)>,
+    /// Client TLS for this volume's bricks (a cluster's own CA and certificate, when one
+    /// process serves several clusters); `None`: the process's (`mortar_common::tls`).
+    pub tls: Option<Arc<tonic::transport::ClientTlsConfig>>,
 }
 
 /// Takes a heal request as the brick's `Heal` RPC would, without the network.
@@ -57,6 +60,7 @@ impl Default for Options {
             lock_idle: Duration::from_millis(500),
             client_name: format!("mortar-client@{}", std::process::id()),
             local: None,
+            tls: None,
         }
     }
 }
@@ -119,10 +123,20 @@ fn ping_timeout_source(opts: &Options, vf: &Volfile) -> &'static str {
 
 /// Fetches the volfile from the first server that answers.
 pub async fn fetch_volfile(servers: &[String], volume: &str, timeout: Duration) -> Result<Volfile> {
+    fetch_volfile_with(servers, volume, timeout, None).await
+}
+
+/// [`fetch_volfile`] with client TLS `tls`, or this process's when `None`.
+pub async fn fetch_volfile_with(
+    servers: &[String],
+    volume: &str,
+    timeout: Duration,
+    tls: Option<&tonic::transport::ClientTlsConfig>,
+) -> Result<Volfile> {
     let mut errors = Vec::new();
     for s in servers {
         let addr = with_default_port(s);
-        match conn::connect_once(&addr, timeout).await {
+        match conn::connect_once_with(&addr, timeout, tls).await {
             Ok(mut c) => match tokio::time::timeout(timeout, c.get_volfile(pb::Empty {})).await {
                 Ok(Ok(r)) => {
                     let v = Volfile::parse(&r.into_inner().yaml)
@@ -150,7 +164,13 @@ pub async fn fetch_volfile(servers: &[String], volume: &str, timeout: Duration) 
 impl Volume {
     /// Connects to every brick of the volume described by the first reachable server.
     pub async fn connect(servers: &[String], volume: &str, opts: Options) -> Result<Arc<Volume>> {
-        let vf = fetch_volfile(servers, volume, opts.effective_ping_timeout(None)).await?;
+        let vf = fetch_volfile_with(
+            servers,
+            volume,
+            opts.effective_ping_timeout(None),
+            opts.tls.as_deref(),
+        )
+        .await?;
         Self::with_volfile(vf, opts).await
     }
 
@@ -170,13 +190,14 @@ impl Volume {
             .bricks
             .iter()
             .map(|b| {
-                Brick::start(
+                Brick::start_with_tls(
                     b.id.clone(),
                     b.address.clone(),
                     ping_timeout,
                     opts.client_name.clone(),
                     tx.clone(),
                     opts.local_steps(&b.id),
+                    opts.tls.clone(),
                 )
             })
             .collect();
@@ -285,7 +306,14 @@ impl Volume {
             .find(|b| b.id == from)
             .map(|b| b.addr.clone());
         let Some(addr) = addr else { return };
-        let vf = match fetch_volfile(&[addr], &self.name, self.ping_timeout()).await {
+        let vf = match fetch_volfile_with(
+            &[addr],
+            &self.name,
+            self.ping_timeout(),
+            self.opts.tls.as_deref(),
+        )
+        .await
+        {
             Ok(vf) => vf,
             Err(e) => return tracing::warn!("cannot fetch the new volfile: {e}"),
         };
@@ -315,13 +343,14 @@ impl Volume {
                     b.set_ping_timeout(ping_timeout);
                     next.push(b.clone())
                 }
-                None => next.push(Brick::start(
+                None => next.push(Brick::start_with_tls(
                     spec.id.clone(),
                     spec.address.clone(),
                     ping_timeout,
                     self.opts.client_name.clone(),
                     self.events.clone(),
                     self.opts.local_steps(&spec.id),
+                    self.opts.tls.clone(),
                 )),
             }
         }
