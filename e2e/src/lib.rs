@@ -355,8 +355,13 @@ impl Cluster {
 
     /// Entries pending heal over all bricks (a brick that does not answer counts as one).
     pub fn heal_pending(&self) -> usize {
+        self.heal_pending_at(&self.target())
+    }
+
+    /// Like `heal_pending`, for the volume as the brick at `target` (`HOST:PORT:/data`) sees it.
+    pub fn heal_pending_at(&self, target: &str) -> usize {
         let out = Command::new(bin("mortar"))
-            .args(["heal", "info", "--json", &self.target()])
+            .args(["heal", "info", "--json", target])
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
