@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -26,7 +26,11 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::{debug, info, warn};
 
-use crate::crd::{Phase, ReclaimPolicy, SharedStorageCluster, SharedStorageClusterStatus};
+use crate::certs::{self, CertPlan, Leaf, LeafStep, PemData};
+use crate::crd::{
+    CertificateStatus, CertificatesStatus, Phase, ReclaimPolicy, SharedStorageCluster,
+    SharedStorageClusterStatus,
+};
 use crate::health::HealthProbe;
 use crate::metrics::Metrics;
 use crate::resources::{self, Plan, Volfile};
@@ -51,6 +55,8 @@ pub enum Error {
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("{0} has no namespace")]
     MissingNamespace(String),
+    #[error("certificates: {0}")]
+    Certificates(String),
 }
 
 impl Error {
@@ -64,6 +70,7 @@ impl Error {
                 _ => "finalizer",
             },
             Error::MissingNamespace(_) => "missing_namespace",
+            Error::Certificates(_) => "certificates",
         }
     }
 }
@@ -381,8 +388,30 @@ async fn apply(ssc: &SharedStorageCluster, ctx: &Context) -> Result<Action, Erro
         .filter_map(|p| Some((ordinal_of(&p.name_any(), &set_name)?, p)))
         .collect();
 
+    let certificates = match reconcile_certificates(ssc, ctx, &ns).await {
+        Ok(c) => c,
+        Err(Error::Kube(e)) if is_rejection(&e).is_some() => {
+            let message = is_rejection(&e).unwrap_or_default();
+            return fail_invalid(
+                ssc,
+                ctx,
+                &ssc_api,
+                &format!("the API server refused the certificate Secrets: {message}"),
+            )
+            .await;
+        }
+        Err(e) => return Err(e),
+    };
+
     let current = current_bricks(current_volfile.as_ref(), sts.as_ref());
-    let observed = observe_bricks(ssc, ctx, current.unwrap_or(0), &pods_by_ordinal).await;
+    let observed = observe_bricks(
+        ssc,
+        ctx,
+        current.unwrap_or(0),
+        &pods_by_ordinal,
+        certificates.probe_tls.as_ref(),
+    )
+    .await;
     let all_ready = current.is_some_and(|n| {
         (0..n).all(|i| {
             pods_by_ordinal
@@ -413,6 +442,7 @@ async fn apply(ssc: &SharedStorageCluster, ctx: &Context) -> Result<Action, Erro
             .image
             .clone()
             .unwrap_or_else(|| ctx.default_image.clone()),
+        tls_hash: certificates.tls_hash.clone(),
     };
 
     let applied = async {
@@ -508,12 +538,20 @@ async fn apply(ssc: &SharedStorageCluster, ctx: &Context) -> Result<Action, Erro
             pods_by_ordinal.get(&i).copied(),
         ));
     }
-    let new_status = status::build(
+    let mut new_status = status::build(
         ssc.status.as_ref(),
         ssc.metadata.generation,
         &rows,
         volfile.generation,
         &progress,
+    );
+    new_status.certificates = certificates.status.clone();
+    status::set_certificates_condition(
+        &mut new_status,
+        certificates.ready,
+        certificates.reason,
+        certificates.message.clone(),
+        ssc.metadata.generation,
     );
     set_status(&ssc_api, ssc, &new_status).await?;
     publish_phase_change(ctx, ssc, &new_status).await;
@@ -524,6 +562,216 @@ async fn apply(ssc: &SharedStorageCluster, ctx: &Context) -> Result<Action, Erro
     } else {
         PROGRESS_RESYNC
     }))
+}
+
+/// What the certificate step leaves for the rest of the round.
+struct CertOutcome {
+    /// `Plan::tls_hash`: the brick Secret's data as applied (empty when there is none).
+    tls_hash: String,
+    /// The operator's certificate for this cluster's bricks (the admin Secret).
+    probe_tls: Option<mortar_common::tls::TlsFiles>,
+    status: Option<CertificatesStatus>,
+    ready: bool,
+    reason: &'static str,
+    message: String,
+}
+
+fn pem_data(secret: Option<&Secret>) -> Option<PemData> {
+    let secret = secret?;
+    Some(
+        secret
+            .data
+            .iter()
+            .flatten()
+            .filter_map(|(k, v)| Some((k.clone(), String::from_utf8(v.0.clone()).ok()?)))
+            .collect(),
+    )
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn k8s_time(unix: i64) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time> {
+    k8s_openapi::jiff::Timestamp::from_second(unix)
+        .ok()
+        .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time)
+}
+
+/// Observe the cluster's certificate Secrets, plan (`certs::plan`), issue what the plan
+/// asks for and apply the Secrets. The CA Secret is written only when the operator makes
+/// the CA; a CA Secret edited by hand (a bundle, a new CA) is read, never overwritten.
+async fn reconcile_certificates(
+    ssc: &SharedStorageCluster,
+    ctx: &Context,
+    ns: &str,
+) -> Result<CertOutcome, Error> {
+    use mortar_common::tls::{CERT_FILE, Ca, KEY_FILE, TlsFiles};
+    let name = ssc.name_any();
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let ca_secret = api.get_opt(&certs::ca_secret_name(&name)).await?;
+    let mut observed = certs::Observed {
+        ca: pem_data(ca_secret.as_ref()),
+        ..certs::Observed::default()
+    };
+    let mut found = HashMap::new();
+    for leaf in Leaf::ALL {
+        if let Some(secret) = api.get_opt(&leaf.secret_name(&name)).await? {
+            observed
+                .leaves
+                .insert(leaf, pem_data(Some(&secret)).unwrap_or_default());
+            found.insert(leaf, secret);
+        }
+    }
+    let now = unix_now();
+    let (ca, steps) = match certs::plan(&observed, now) {
+        CertPlan::Blocked(why) => {
+            warn!(cluster = %name, why, "the cluster's CA cannot sign; certificates left as they are");
+            // Carry on with what exists: the bricks keep running on their certificates.
+            let admin = observed.leaves.get(&Leaf::Admin);
+            let hash = found
+                .get(&Leaf::Brick)
+                .map(resources::secret_hash)
+                .unwrap_or_default();
+            let probe_tls = admin.and_then(|a| {
+                Some(TlsFiles::from_pem(
+                    a.get(mortar_common::tls::CA_FILE)?.clone(),
+                    a.get(CERT_FILE)?.clone(),
+                    a.get(KEY_FILE)?.clone(),
+                ))
+            });
+            return Ok(CertOutcome {
+                tls_hash: hash,
+                probe_tls,
+                status: ssc.status.as_ref().and_then(|s| s.certificates.clone()),
+                ready: false,
+                reason: "CAUnusable",
+                message: format!(
+                    "Secret {}: {why}; no certificate is issued or renewed until it is fixed",
+                    certs::ca_secret_name(&name)
+                ),
+            });
+        }
+        CertPlan::NewCa => {
+            let made = Ca::generate(&format!("{ns}/{name}"))
+                .map_err(|e| Error::Certificates(format!("making the CA: {e:#}")))?;
+            apply_owned(
+                &ctx.client,
+                ns,
+                &resources::ca_secret(ssc, &made.cert_pem, &made.key_pem),
+            )
+            .await?;
+            info!(cluster = %name, secret = %certs::ca_secret_name(&name), "made the cluster's CA");
+            let steps = Leaf::ALL
+                .into_iter()
+                .map(|l| (l, LeafStep::Issue(certs::Reissue::OtherCa)))
+                .collect();
+            let info = match certs::check_ca(
+                Some(&PemData::from([
+                    (
+                        mortar_common::tls::CA_FILE.to_string(),
+                        made.cert_pem.clone(),
+                    ),
+                    (
+                        mortar_common::tls::CA_KEY_FILE.to_string(),
+                        made.key_pem.clone(),
+                    ),
+                ])),
+                now,
+            ) {
+                certs::CaCheck::Usable(info) => info,
+                other => {
+                    return Err(Error::Certificates(format!(
+                        "a CA just made does not check: {other:?}"
+                    )));
+                }
+            };
+            (info, steps)
+        }
+        CertPlan::Leaves { ca, steps } => (ca, steps),
+    };
+
+    let signer = Ca {
+        cert_pem: ca.signer_pem.clone(),
+        key_pem: ca.key_pem.clone(),
+    };
+    let mut issued = Vec::new();
+    let mut leaves = Vec::new();
+    let mut tls_hash = String::new();
+    let mut probe_tls = None;
+    for (leaf, step) in &steps {
+        let (cert, key) = match step {
+            LeafStep::Keep { .. } => {
+                let data = &observed.leaves[leaf];
+                (data[CERT_FILE].clone(), data[KEY_FILE].clone())
+            }
+            LeafStep::Issue(why) => {
+                let made = signer
+                    .issue(leaf.role(), &name, &[])
+                    .map_err(|e| Error::Certificates(format!("issuing {leaf:?}: {e:#}")))?;
+                issued.push(format!("{} ({why})", leaf.role().prefix()));
+                made
+            }
+        };
+        let secret = resources::tls_secret(ssc, *leaf, &ca.bundle, &cert, &key);
+        // A certificate just issued is checked like any other: what the bricks get must pass.
+        let data = pem_data(Some(&secret)).unwrap_or_default();
+        let LeafStep::Keep { not_after } = certs::check_leaf(&ca, Some(&data), *leaf, now) else {
+            return Err(Error::Certificates(format!(
+                "the {leaf:?} certificate does not check after issuing"
+            )));
+        };
+        apply_owned(&ctx.client, ns, &secret).await?;
+        match leaf {
+            Leaf::Brick => tls_hash = resources::secret_hash(&secret),
+            Leaf::Admin => {
+                probe_tls = Some(TlsFiles::from_pem(ca.bundle.clone(), cert, key));
+            }
+            Leaf::Client => {}
+        }
+        leaves.push(CertificateStatus {
+            role: leaf.role().prefix().to_string(),
+            secret: leaf.secret_name(&name),
+            not_after: k8s_time(not_after),
+        });
+    }
+    let earliest = leaves
+        .iter()
+        .filter_map(|l| l.not_after.as_ref().map(|t| t.0.as_second()))
+        .min();
+    if !issued.is_empty() {
+        info!(cluster = %name, issued = issued.join(", "), "issued certificates");
+        let event = KubeEvent {
+            type_: EventType::Normal,
+            reason: "CertificatesIssued".into(),
+            note: Some(format!("issued: {}", issued.join(", "))),
+            action: "IssueCertificates".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &ssc.object_ref(&())).await {
+            warn!(error = %e, "could not publish event");
+        }
+    }
+    Ok(CertOutcome {
+        tls_hash,
+        probe_tls,
+        status: Some(CertificatesStatus {
+            ca_secret: certs::ca_secret_name(&name),
+            ca_not_after: k8s_time(ca.not_after),
+            not_after: earliest.and_then(k8s_time),
+            leaves,
+        }),
+        ready: true,
+        reason: "Issued",
+        message: format!(
+            "CA until {}; certificates until {} (each renewed 30 days before its end)",
+            certs::format_time(ca.not_after),
+            earliest.map(certs::format_time).unwrap_or_default()
+        ),
+    })
 }
 
 fn observation_without_health(
@@ -545,12 +793,13 @@ async fn observe_bricks(
     ctx: &Context,
     count: i32,
     pods: &HashMap<i32, &Pod>,
+    tls: Option<&mortar_common::tls::TlsFiles>,
 ) -> Vec<BrickObservation> {
     let timeout = Duration::from_secs(ssc.spec.ping_timeout_seconds.max(1) as u64);
     join_all((0..count).map(|i| {
         let mut obs = observation_without_health(ssc, i, pods.get(&i).copied());
         async move {
-            match ctx.health.probe(&obs.address, timeout).await {
+            match ctx.health.probe(&obs.address, tls, timeout).await {
                 Ok(h) => obs.health = Some(h),
                 Err(e) => debug!(brick = %obs.id, error = %e, "brick did not answer"),
             }

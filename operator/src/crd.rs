@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -174,6 +174,36 @@ pub struct SharedStorageClusterStatus {
     pub observed_generation: Option<i64>,
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// The certificates the operator keeps for the cluster (mutual TLS between bricks and
+    /// clients) and when they end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificates: Option<CertificatesStatus>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificatesStatus {
+    /// The Secret holding the cluster's CA (`ca.crt`, `ca.key`).
+    pub ca_secret: String,
+    /// When the CA ends. The operator does not replace it (SECURITY.md, manual rotation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_not_after: Option<Time>,
+    /// The earliest end of the leaf certificates below; each is renewed 30 days before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<Time>,
+    #[serde(default)]
+    pub leaves: Vec<CertificateStatus>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateStatus {
+    /// brick, client or admin.
+    pub role: String,
+    /// The Secret holding it (`ca.crt`, `tls.crt`, `tls.key`).
+    pub secret: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<Time>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]

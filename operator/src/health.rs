@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use mortar_common::tls::TlsFiles;
 use mortar_proto::Empty;
 use mortar_proto::brick_client::BrickClient;
 
@@ -29,9 +30,12 @@ pub enum HealthError {
 
 pub trait HealthProbe: Send + Sync + 'static {
     /// Ask the brick at `address` (host:port) for its health, giving up after `timeout`.
+    /// `tls` is the cluster's own CA and the operator's certificate for it (one operator
+    /// serves many clusters, each with its CA); `None` asks in plain TCP.
     fn probe<'a>(
         &'a self,
         address: &'a str,
+        tls: Option<&'a TlsFiles>,
         timeout: Duration,
     ) -> BoxFuture<'a, Result<BrickHealth, HealthError>>;
 }
@@ -45,6 +49,7 @@ impl HealthProbe for GrpcHealthProbe {
     fn probe<'a>(
         &'a self,
         address: &'a str,
+        tls: Option<&'a TlsFiles>,
         timeout: Duration,
     ) -> BoxFuture<'a, Result<BrickHealth, HealthError>> {
         Box::pin(async move {
@@ -53,10 +58,15 @@ impl HealthProbe for GrpcHealthProbe {
                 reason,
             };
             let call = async {
-                let endpoint = mortar_common::tls::brick_endpoint(address)
-                    .map_err(|e| unreachable(e.to_string()))?
-                    .connect_timeout(timeout)
-                    .timeout(timeout);
+                // Never the process-wide client identity: it would be one CA for all.
+                let endpoint = match tls {
+                    Some(t) => mortar_common::tls::brick_endpoint_with(address, Some(&t.client())),
+                    None => tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+                        .map_err(anyhow::Error::from),
+                }
+                .map_err(|e| unreachable(e.to_string()))?
+                .connect_timeout(timeout)
+                .timeout(timeout);
                 let channel = endpoint
                     .connect()
                     .await
@@ -96,7 +106,7 @@ mod tests {
     async fn unreachable_brick_is_an_error_not_a_hang() {
         // Port 1 on loopback: nothing listens there, so the connection is refused at once.
         let err = GrpcHealthProbe
-            .probe("127.0.0.1:1", Duration::from_secs(2))
+            .probe("127.0.0.1:1", None, Duration::from_secs(2))
             .await
             .unwrap_err();
         assert!(matches!(err, HealthError::Unreachable { .. }), "{err}");

@@ -4,13 +4,14 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar,
     EnvVarSource, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PodAffinityTerm, PodAntiAffinity, PodSpec, PodTemplateSpec, Probe, SecurityContext, Service,
-    ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount, VolumeResourceRequirements,
-    WeightedPodAffinityTerm,
+    PodAffinityTerm, PodAntiAffinity, PodSpec, PodTemplateSpec, Probe, Secret, SecretVolumeSource,
+    SecurityContext, Service, ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount,
+    VolumeResourceRequirements, WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -18,6 +19,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use serde::{Deserialize, Serialize};
 
+use crate::certs::{self, Leaf};
 use crate::crd::{AntiAffinity, SharedStorageCluster};
 
 pub const BRICK_PORT: i32 = 24100;
@@ -28,6 +30,13 @@ pub const BRICK_MOUNT: &str = "/bricks";
 pub const BRICK_DIR: &str = "/bricks/data";
 pub const CLAIM_NAME: &str = "data";
 pub const CONTAINER_NAME: &str = "brick";
+/// Where brick pods see their certificate Secret (`ca.crt`, `tls.crt`, `tls.key`). Not under
+/// `VOLFILE_DIR`: that is a read-only ConfigMap volume, no place for another mount point.
+pub const TLS_DIR: &str = "/etc/mortar-tls";
+/// Pod-template annotation: a hash of the brick certificate Secret's data. A renewed
+/// certificate changes the template, so the bricks are replaced one at a time (each loads
+/// its certificate at start).
+pub const TLS_HASH_ANNOTATION: &str = "mortar.dev/tls-hash";
 /// Long enough for a brick to finish in-flight requests and fsync before the kubelet kills it.
 pub const TERMINATION_GRACE_SECONDS: i64 = 60;
 pub const MANAGED_BY: &str = "mortar-operator";
@@ -78,6 +87,8 @@ pub struct Plan {
     pub bricks: i32,
     pub volfile_generation: u64,
     pub image: String,
+    /// `brick_tls_hash` of the brick certificate Secret the pods mount.
+    pub tls_hash: String,
 }
 
 pub fn brick_set_name(ssc: &SharedStorageCluster) -> String {
@@ -161,6 +172,69 @@ fn meta(ssc: &SharedStorageCluster, name: String) -> ObjectMeta {
         owner_references: ssc.controller_owner_ref(&()).map(|r| vec![r]),
         ..ObjectMeta::default()
     }
+}
+
+/// The cluster's CA: `ca.crt` (possibly several certificates: all are trusted, the first
+/// signs) and `ca.key`. Opaque, since it is no TLS identity of anyone's.
+pub fn ca_secret(ssc: &SharedStorageCluster, ca_crt: &str, ca_key: &str) -> Secret {
+    Secret {
+        metadata: meta(ssc, certs::ca_secret_name(&ssc.name_any())),
+        type_: Some("Opaque".into()),
+        data: Some(BTreeMap::from([
+            (
+                mortar_common::tls::CA_FILE.to_string(),
+                ByteString(ca_crt.as_bytes().to_vec()),
+            ),
+            (
+                mortar_common::tls::CA_KEY_FILE.to_string(),
+                ByteString(ca_key.as_bytes().to_vec()),
+            ),
+        ])),
+        ..Secret::default()
+    }
+}
+
+/// A leaf certificate in the layout of a TLS directory (`kubernetes.io/tls` plus `ca.crt`):
+/// mounted as is by the bricks, written out as is by the CSI node plugin.
+pub fn tls_secret(
+    ssc: &SharedStorageCluster,
+    leaf: Leaf,
+    ca_bundle: &str,
+    cert: &str,
+    key: &str,
+) -> Secret {
+    use mortar_common::tls::{CA_FILE, CERT_FILE, KEY_FILE};
+    let mut metadata = meta(ssc, leaf.secret_name(&ssc.name_any()));
+    metadata
+        .labels
+        .get_or_insert_default()
+        .insert("mortar.dev/role".into(), leaf.role().prefix().into());
+    Secret {
+        metadata,
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(BTreeMap::from([
+            (
+                CA_FILE.to_string(),
+                ByteString(ca_bundle.as_bytes().to_vec()),
+            ),
+            (CERT_FILE.to_string(), ByteString(cert.as_bytes().to_vec())),
+            (KEY_FILE.to_string(), ByteString(key.as_bytes().to_vec())),
+        ])),
+        ..Secret::default()
+    }
+}
+
+/// A hash of a Secret's data (keys and values, in key order), hex.
+pub fn secret_hash(secret: &Secret) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for (k, v) in secret.data.iter().flatten() {
+        h.update((k.len() as u64).to_be_bytes());
+        h.update(k.as_bytes());
+        h.update((v.0.len() as u64).to_be_bytes());
+        h.update(&v.0);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 pub fn volfile(ssc: &SharedStorageCluster, bricks: i32, generation: u64) -> Volfile {
@@ -314,9 +388,9 @@ fn brick_container(ssc: &SharedStorageCluster, plan: &Plan) -> Container {
             format!("0.0.0.0:{BRICK_PORT}"),
             "--volfile".into(),
             format!("{VOLFILE_DIR}/{VOLFILE_KEY}"),
-            // Until the operator issues the cluster's certificates, bricks serve plain TCP:
-            // who reaches port 24100 must be restricted otherwise (SECURITY.md).
-            "--insecure-plaintext".into(),
+            // Mutual TLS with the cluster's CA (the brick certificate Secret).
+            "--tls-dir".into(),
+            TLS_DIR.into(),
         ]),
         env: Some(vec![EnvVar {
             name: "BRICK_INDEX".into(),
@@ -371,6 +445,12 @@ fn brick_container(ssc: &SharedStorageCluster, plan: &Plan) -> Container {
                 read_only: Some(true),
                 ..VolumeMount::default()
             },
+            VolumeMount {
+                name: "tls".into(),
+                mount_path: TLS_DIR.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
         ]),
         ..Container::default()
     }
@@ -422,18 +502,34 @@ pub fn brick_stateful_set(ssc: &SharedStorageCluster, plan: &Plan) -> StatefulSe
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(pod_labels),
+                    annotations: Some(BTreeMap::from([(
+                        TLS_HASH_ANNOTATION.to_string(),
+                        plan.tls_hash.clone(),
+                    )])),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
                     containers: vec![brick_container(ssc, plan)],
-                    volumes: Some(vec![Volume {
-                        name: "volfile".into(),
-                        config_map: Some(ConfigMapVolumeSource {
-                            name: volfile_config_map_name(ssc),
-                            ..ConfigMapVolumeSource::default()
-                        }),
-                        ..Volume::default()
-                    }]),
+                    volumes: Some(vec![
+                        Volume {
+                            name: "volfile".into(),
+                            config_map: Some(ConfigMapVolumeSource {
+                                name: volfile_config_map_name(ssc),
+                                ..ConfigMapVolumeSource::default()
+                            }),
+                            ..Volume::default()
+                        },
+                        Volume {
+                            name: "tls".into(),
+                            secret: Some(SecretVolumeSource {
+                                secret_name: Some(Leaf::Brick.secret_name(&ssc.name_any())),
+                                // The key is the brick's alone (it runs as root).
+                                default_mode: Some(0o400),
+                                ..SecretVolumeSource::default()
+                            }),
+                            ..Volume::default()
+                        },
+                    ]),
                     affinity: Some(affinity(ssc)),
                     node_selector: ssc.spec.node_selector.clone(),
                     tolerations: ssc.spec.tolerations.clone(),
@@ -505,15 +601,37 @@ mod tests {
             bricks: 3,
             volfile_generation: 1,
             image: "img:1".into(),
+            tls_hash: "abc".into(),
         };
         let sts = brick_stateful_set(&ssc(), &plan);
         let spec = sts.spec.unwrap();
         assert_eq!(spec.replicas, Some(3));
+        assert_eq!(
+            spec.template
+                .metadata
+                .as_ref()
+                .unwrap()
+                .annotations
+                .as_ref()
+                .unwrap()[TLS_HASH_ANNOTATION],
+            "abc"
+        );
         let pod = spec.template.spec.unwrap();
         let c = &pod.containers[0];
         assert_eq!(
             c.args.as_ref().unwrap().join(" "),
-            "--id b$(BRICK_INDEX) --dir /bricks/data --listen 0.0.0.0:24100 --volfile /etc/mortar/volfile.yaml --insecure-plaintext"
+            "--id b$(BRICK_INDEX) --dir /bricks/data --listen 0.0.0.0:24100 --volfile /etc/mortar/volfile.yaml --tls-dir /etc/mortar-tls"
+        );
+        let tls = pod
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "tls")
+            .unwrap();
+        assert_eq!(
+            tls.secret.as_ref().unwrap().secret_name.as_deref(),
+            Some("vol-brick-tls")
         );
         assert!(
             c.volume_mounts

@@ -11,6 +11,7 @@ use crate::health::BrickHealth;
 pub const CONDITION_AVAILABLE: &str = "Available";
 pub const CONDITION_DEGRADED: &str = "Degraded";
 pub const CONDITION_PROGRESSING: &str = "Progressing";
+pub const CONDITION_CERTIFICATES: &str = "CertificatesReady";
 
 /// One brick of the volfile as the reconciler saw it this round.
 #[derive(Clone, Debug, Default)]
@@ -241,7 +242,25 @@ pub fn build(
         capacity: capacity(bricks),
         observed_generation: generation,
         conditions,
+        certificates: previous.and_then(|p| p.certificates.clone()),
     }
+}
+
+/// Adds or replaces the CertificatesReady condition, keeping its transition time while its
+/// status stays the same.
+pub fn set_certificates_condition(
+    status: &mut SharedStorageClusterStatus,
+    ready: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+) {
+    let new = condition(CONDITION_CERTIFICATES, ready, reason, message, generation);
+    let merged = merge_conditions(&status.conditions, vec![new]);
+    status
+        .conditions
+        .retain(|c| c.type_ != CONDITION_CERTIFICATES);
+    status.conditions.extend(merged);
 }
 
 /// The status of a cluster whose spec cannot be carried out. What is known about the bricks

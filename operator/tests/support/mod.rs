@@ -17,6 +17,7 @@ use futures::future::BoxFuture;
 use http::{Method, Request, Response, StatusCode};
 use kube::client::Body;
 use kube::runtime::controller::Action;
+use mortar_common::tls::TlsFiles;
 use mortar_operator::controller::{self, Context, Error};
 use mortar_operator::crd::{SharedStorageCluster, SharedStorageClusterSpec};
 use mortar_operator::health::{BrickHealth, HealthError, HealthProbe};
@@ -31,6 +32,11 @@ pub const STS_PATH: &str = "/apis/apps/v1/namespaces/ns/statefulsets/vol-brick";
 pub const CM_PATH: &str = "/api/v1/namespaces/ns/configmaps/vol-volfile";
 pub const PODS_PATH: &str = "/api/v1/namespaces/ns/pods";
 pub const PVCS_PATH: &str = "/api/v1/namespaces/ns/persistentvolumeclaims";
+pub const SECRETS_PATH: &str = "/api/v1/namespaces/ns/secrets";
+pub const CA_SECRET_PATH: &str = "/api/v1/namespaces/ns/secrets/vol-ca";
+pub const BRICK_SECRET_PATH: &str = "/api/v1/namespaces/ns/secrets/vol-brick-tls";
+pub const CLIENT_SECRET_PATH: &str = "/api/v1/namespaces/ns/secrets/vol-client-tls";
+pub const ADMIN_SECRET_PATH: &str = "/api/v1/namespaces/ns/secrets/vol-admin-tls";
 pub const DEFAULT_IMAGE: &str = "mortar:test";
 
 #[derive(Clone, Debug)]
@@ -303,6 +309,62 @@ impl FakeApi {
 pub struct FakeBricks {
     api: Arc<FakeApi>,
     bricks: Mutex<HashMap<i32, BrickHealth>>,
+    /// The common name of the certificate of every probe that passed the TLS check.
+    pub probed_as: Mutex<Vec<String>>,
+}
+
+/// A Secret's data, decoded, as the fake API server holds it.
+pub fn secret_data(api: &FakeApi, path: &str) -> Option<BTreeMap<String, String>> {
+    let secret: k8s_openapi::api::core::v1::Secret =
+        serde_json::from_value(api.get(path)?).unwrap();
+    Some(
+        secret
+            .data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, String::from_utf8(v.0).unwrap()))
+            .collect(),
+    )
+}
+
+pub fn common_name(cert_pem: &str) -> String {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).unwrap();
+    let cert = pem.parse_x509().unwrap();
+    cert.subject()
+        .iter_common_name()
+        .next()
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// What a brick of the cluster does with a connection: it speaks only TLS, and only to a
+/// peer whose certificate its CA (the CA Secret's `ca.crt`) signed, with an admin or brick
+/// role for the operator's questions.
+fn brick_accepts(api: &FakeApi, tls: Option<&TlsFiles>) -> Result<String, String> {
+    let tls = tls.ok_or("plain TCP to a TLS brick")?;
+    let ca = secret_data(api, CA_SECRET_PATH).ok_or("the cluster has no CA")?;
+    let trusted = &ca["ca.crt"];
+    let signer = x509_parser::pem::Pem::iter_from_buffer(trusted.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap();
+    let signer = signer.parse_x509().unwrap();
+    let cert_pem = String::from_utf8(tls.cert.clone()).unwrap();
+    let (_, pem) =
+        x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).map_err(|e| e.to_string())?;
+    let cert = pem.parse_x509().map_err(|e| e.to_string())?;
+    cert.verify_signature(Some(signer.public_key()))
+        .map_err(|_| "certificate of another CA")?;
+    if String::from_utf8(tls.ca.clone()).unwrap() != *trusted {
+        return Err("the client trusts another CA than the brick's".into());
+    }
+    let cn = common_name(&cert_pem);
+    if !(cn.starts_with("admin/") || cn.starts_with("brick/")) {
+        return Err(format!("{cn} may not ask for health"));
+    }
+    Ok(cn)
 }
 
 pub fn address(ordinal: i32) -> String {
@@ -341,9 +403,19 @@ impl HealthProbe for FakeBricks {
     fn probe<'a>(
         &'a self,
         address_: &'a str,
+        tls: Option<&'a TlsFiles>,
         timeout: Duration,
     ) -> BoxFuture<'a, Result<BrickHealth, HealthError>> {
         Box::pin(async move {
+            match brick_accepts(&self.api, tls) {
+                Ok(cn) => self.probed_as.lock().unwrap().push(cn),
+                Err(reason) => {
+                    return Err(HealthError::Unreachable {
+                        address: address_.to_string(),
+                        reason,
+                    });
+                }
+            }
             let ordinal = (0..64).find(|i| address(*i) == address_);
             let health = ordinal.and_then(|i| self.bricks.lock().unwrap().get(&i).cloned());
             match health {
@@ -412,6 +484,7 @@ impl Harness {
         let bricks = Arc::new(FakeBricks {
             api: api.clone(),
             bricks: Mutex::default(),
+            probed_as: Mutex::default(),
         });
         let ctx = Arc::new(Context::new(
             client,
