@@ -37,6 +37,8 @@ command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 export PATH="$PATH:${CARGO_HOME:-$HOME/.cargo}/bin"
 command -v pjdfstest >/dev/null || cargo install --locked pjdfstest@0.2.2
 command -v fsx >/dev/null || cargo install --locked fsx@0.3.2
+# The bounded fuzzing run (e2e/tests/fuzz.rs, fuzz/ci.sh).
+command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz@0.13.2
 id tests >/dev/null 2>&1 || useradd -M tests
 
 # Helm (as a library: PyPI's helm-python-sdk bundles real Helm, render + lint offline) and

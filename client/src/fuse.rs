@@ -228,7 +228,7 @@ macro_rules! on_inode {
 }
 
 /// The one edge where a brick's description of an inode becomes the kernel's: a gfid that is
-/// not 16 bytes, an unknown kind, or inode number 1 (the root's) for another gfid is refused,
+/// not 16 bytes, an unknown kind, inode number 0, or 1 (the root's) for another gfid is refused,
 /// never silently turned into something else (a bad gfid once became the root inode).
 fn file_attr(a: &pb::Attr) -> Result<(Gfid, FileAttr), &'static str> {
     let g = Gfid::from_bytes(&a.gfid).ok_or("gfid")?;
@@ -239,6 +239,11 @@ fn file_attr(a: &pb::Attr) -> Result<(Gfid, FileAttr), &'static str> {
     let ino = g.ino();
     if (ino == 1) != (g == Gfid::ROOT) {
         return Err("inode number 1 for a gfid other than the root's");
+    }
+    // The kernel takes node id 0 in a lookup reply for "no such entry" (and caches it as
+    // such): a file would silently vanish. `Gfid::random` never makes one.
+    if ino == 0 {
+        return Err("inode number 0");
     }
     let fa = FileAttr {
         ino: INodeNo(ino),
@@ -258,6 +263,17 @@ fn file_attr(a: &pb::Attr) -> Result<(Gfid, FileAttr), &'static str> {
         flags: 0,
     };
     Ok((g, fa))
+}
+
+/// The fuzz targets' way in (fuzz/): the checks that brick replies pass before the kernel
+/// sees them, without a mount or a volume.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    pub fn file_attr(a: &pb::Attr) -> Result<(Gfid, FileAttr), &'static str> {
+        super::file_attr(a)
+    }
 }
 
 /// Malformed attributes from bricks: logged at most once per 10 s.
@@ -1106,5 +1122,27 @@ mod tests {
             let got = file_attr(&a).map(|(_, fa)| (fa.ino.0, fa.kind));
             assert_eq!(got, want, "{what}");
         }
+    }
+
+    /// Found by fuzz/ (fuse_attr): a gfid whose first 64 bits are 0 became inode number 0,
+    /// which the kernel reads as a negative lookup. fuzz/corpus/fuse_attr/ino-zero.
+    #[test]
+    fn a_gfid_with_inode_number_zero_is_refused() {
+        let mut g = [0u8; 16];
+        g[14] = 0xf7;
+        g[15] = 0x01;
+        let a = pb::Attr {
+            gfid: g.to_vec(),
+            kind: pb::Kind::Dir as i32,
+            mode: 0o755,
+            nlink: 2,
+            ..Default::default()
+        };
+        assert_eq!(file_attr(&a).map(|(_, fa)| fa.ino.0), Err("inode number 0"));
+        let zero = pb::Attr {
+            gfid: vec![0; 16],
+            ..a
+        };
+        assert_eq!(file_attr(&zero).map(|(_, fa)| fa.ino.0), Err("inode number 0"));
     }
 }

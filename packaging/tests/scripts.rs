@@ -12,6 +12,7 @@ const SCRIPTS: &[&str] = &[
     "bench/compare.sh",
     "bench/heal.sh",
     "test.sh",
+    "fuzz/ci.sh",
     ".ci/run",
 ];
 

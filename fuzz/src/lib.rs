@@ -1,0 +1,3 @@
+//! Shared code of the fuzz targets: the in-process brick that `brick_rpc` drives.
+
+pub mod brick;
