@@ -214,6 +214,7 @@ impl Loc {
     }
 
     pub fn chown(&self, uid: Option<u32>, gid: Option<u32>) -> R<()> {
+        check_owner(uid, gid)?;
         let (u, g) = (uid.map(rfs::Uid::from_raw), gid.map(rfs::Gid::from_raw));
         match &self.name {
             Some(n) => rfs::chownat(
@@ -297,6 +298,15 @@ impl Loc {
     pub fn rename_to(&self, to: &Loc, flags: rfs::RenameFlags) -> R<()> {
         rfs::renameat_with(self.dir.fd(), self.name()?, to.dir.fd(), to.name()?, flags)
     }
+}
+
+/// An owner a request may give: `-1` is chown(2)'s "leave it as it is", never an owner, and
+/// rustix asserts it is never passed as one (a fuzzed request panicked the brick with it).
+pub fn check_owner(uid: Option<u32>, gid: Option<u32>) -> R<()> {
+    if uid == Some(u32::MAX) || gid == Some(u32::MAX) {
+        return Err(Errno::INVAL);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1005,6 +1005,7 @@ impl Store {
         let parent = gfid(&c.parent)?;
         let name = check_name(&c.name, parent)?;
         let g = gfid(&c.gfid)?;
+        crate::at::check_owner(Some(c.uid), Some(c.gid))?;
         if g == Gfid::ROOT || self.is_dir(g) || self.index_path(g).exists() {
             return Err(Errno::EXIST);
         }
@@ -1300,6 +1301,8 @@ impl Store {
 
     fn setattr(&self, s: &pb::Setattr, now: i64) -> R<pb::Attr> {
         let g = gfid(&s.gfid)?;
+        // Before anything changes: a refusal must leave the inode as it was.
+        crate::at::check_owner(s.uid, s.gid)?;
         let path = self.path_of(g)?;
         let st = path.lstat()?;
         let ft = FileType::from_raw_mode(st.st_mode);
@@ -1549,6 +1552,55 @@ mod tests {
         s.heal_done(Gfid::ROOT);
         assert!(Store::open(&d).unwrap().heal_pending().is_empty());
         std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// Found by fuzz/ (brick_rpc): an owner of -1 (chown's "unchanged") in a Setattr or
+    /// Create reached rustix, which asserts against it: the brick's request panicked, with
+    /// the inode left marked pending. Now EINVAL, before anything changes.
+    #[test]
+    fn an_owner_of_minus_one_is_refused_before_anything_changes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = Store::open(&tmp.path().join("b")).unwrap();
+        let file = Gfid::random();
+        let create = |uid, gid| pb::Create {
+            parent: Gfid::ROOT.to_vec(),
+            name: b"f".to_vec(),
+            gfid: file.to_vec(),
+            kind: pb::Kind::File as i32,
+            mode: 0o644,
+            uid,
+            gid,
+            ..Default::default()
+        };
+        let op = |c| pb::mutate_req::Op::Create(c);
+        assert_eq!(s.apply(&op(create(u32::MAX, 0)), 1).err(), Some(Errno::INVAL));
+        assert_eq!(s.apply(&op(create(0, u32::MAX)), 1).err(), Some(Errno::INVAL));
+        assert_eq!(s.lookup(Gfid::ROOT, b"f").unwrap().1, None, "nothing was created");
+        s.apply(&op(create(7, 8)), 1).unwrap();
+        let setattr = |uid, gid| {
+            pb::mutate_req::Op::Setattr(pb::Setattr {
+                gfid: file.to_vec(),
+                uid,
+                gid,
+                size: Some(100),
+                ..Default::default()
+            })
+        };
+        assert_eq!(s.apply(&setattr(Some(u32::MAX), None), 2).err(), Some(Errno::INVAL));
+        assert_eq!(s.apply(&setattr(None, Some(u32::MAX)), 2).err(), Some(Errno::INVAL));
+        let a = s.getattr(file).unwrap();
+        assert_eq!((a.uid, a.gid, a.size), (7, 8, 0), "the refused setattr changed nothing");
+        // u32::MAX - 1 is an owner like any other.
+        s.apply(&setattr(Some(u32::MAX - 1), Some(u32::MAX - 1)), 3).unwrap();
+        let a = s.getattr(file).unwrap();
+        assert_eq!((a.uid, a.gid, a.size), (u32::MAX - 1, u32::MAX - 1, 100));
+        // Heal steps reach the same check.
+        let meta = pb::heal_req::Op::Meta(pb::HealMeta {
+            mode: 0o600,
+            uid: u32::MAX,
+            ..Default::default()
+        });
+        assert_eq!(s.heal_step(file, &meta, 4).err(), Some(Errno::INVAL));
     }
 
     /// Lock terms fence writes on disk: a change made under a term below the one promised

@@ -122,6 +122,12 @@ pub fn run(data: &[u8]) {
     std::fs::remove_dir_all(&dir).expect("wiping the brick");
 }
 
+/// MORTAR_FUZZ_TRACE=1: print every request's answer (to see what a corpus input does).
+fn trace() -> bool {
+    static TRACE: OnceLock<bool> = OnceLock::new();
+    *TRACE.get_or_init(|| std::env::var_os("MORTAR_FUZZ_TRACE").is_some())
+}
+
 /// The brick's parent holds the brick and nothing else.
 fn check_confined(area: &Path) {
     let names: Vec<_> = std::fs::read_dir(area)
@@ -147,6 +153,15 @@ struct Harness {
     ended: Vec<[u8; 16]>,
     gfids: Vec<Gfid>,
     term: u64,
+}
+
+/// A reply stream, for [`Harness::call`]'s trace.
+struct Opaque<T>(T);
+
+impl<T> std::fmt::Debug for Opaque<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("(stream)")
+    }
 }
 
 /// A gRPC message frame: uncompressed, length, message.
@@ -215,13 +230,17 @@ impl Harness {
     }
 
     /// Runs a request on the paused clock; only waiting lock requests may take long.
-    async fn call<T>(
+    async fn call<T: std::fmt::Debug>(
         &self,
         may_wait: bool,
         what: &str,
         f: impl std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     ) -> Option<T> {
-        match tokio::time::timeout(HANG, f).await {
+        let r = tokio::time::timeout(HANG, f).await;
+        if trace() {
+            eprintln!("{what}: {r:?}");
+        }
+        match r {
             Ok(Ok(r)) => Some(r.into_inner()),
             Ok(Err(s)) => {
                 expected(&s);
@@ -469,7 +488,8 @@ impl Harness {
         let svc = self.svc.clone();
         let r = self.req(u, inbound)?;
         // A bad hello makes the brick wait 10 s for a good one: the paused clock skips it.
-        if let Some(out) = self.call(false, "session", svc.session(r)).await {
+        let opened = async { svc.session(r).await.map(|r| r.map(Opaque)) };
+        if let Some(Opaque(out)) = self.call(false, "session", opened).await {
             self.sessions.push(Session {
                 id,
                 tx: Some(tx),
@@ -1027,7 +1047,8 @@ impl Harness {
                         self.call(false, "health", svc.health(r)).await;
                     }
                     _ => {
-                        if let Some(mut s) = self.call(false, "manifest", svc.manifest(r)).await {
+                        let listed = async { svc.manifest(r).await.map(|r| r.map(Opaque)) };
+                        if let Some(Opaque(mut s)) = self.call(false, "manifest", listed).await {
                             let walk = async {
                                 let mut seen = HashSet::new();
                                 while let Some(e) = s.next().await {
