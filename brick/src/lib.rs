@@ -1,6 +1,7 @@
 //! mortar-brick: a storage server holding one full copy of a Mortar volume.
 
 pub mod at;
+pub mod budget;
 pub mod heal;
 pub mod locks;
 pub mod quota;

@@ -361,3 +361,100 @@ async fn a_session_cannot_hold_locks_or_opens_without_bound() {
     .await
     .unwrap();
 }
+
+/// A request body that sends its first `sent` bytes and then never ends: the slowest of
+/// clients, holding whatever the brick set aside for the message.
+struct Stalled(Option<pb::Bytes>);
+
+impl http_body::Body for Stalled {
+    type Data = pb::Bytes;
+    type Error = tonic::Status;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<pb::Bytes>, tonic::Status>>> {
+        match self.0.take() {
+            Some(d) => std::task::Poll::Ready(Some(Ok(http_body::Frame::data(d)))),
+            None => std::task::Poll::Pending,
+        }
+    }
+}
+
+fn rss_mib(pid: i32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb / 1024
+}
+
+/// One connection opens 48 writes that each announce an 8 MiB message, send all of it but
+/// its last byte, and stall. A brick without a cap would hold them all (HTTP/2 allows
+/// hundreds of such streams per connection); this one sets aside 256 MiB per connection,
+/// takes 32 of them and refuses the other 16 at once with RESOURCE_EXHAUSTED. Meanwhile a
+/// mount goes on working through that brick.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_cannot_hold_more_than_its_budget_of_request_bytes() {
+    use tower::{Service, ServiceExt};
+    let c = tokio::task::spawn_blocking(|| Cluster::start(100, 3))
+        .await
+        .unwrap();
+    let pid = c.pid(0);
+    let before = rss_mib(pid);
+    let ch = mortar_common::tls::brick_endpoint(&c.addr(0))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    const MESSAGE: usize = 8 << 20;
+    let mut replies = Vec::new();
+    for _ in 0..48 {
+        let mut data = vec![0u8; MESSAGE + 5 - 1];
+        data[1..5].copy_from_slice(&(MESSAGE as u32).to_be_bytes());
+        let req = http::Request::post("https://mortar-brick/mortar.v1.Brick/Mutate")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(tonic::body::Body::new(Stalled(Some(data.into()))))
+            .unwrap();
+        let mut ch = ch.clone();
+        ch.ready().await.unwrap();
+        replies.push(tokio::spawn(ch.call(req)));
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    let mut refused = 0;
+    for r in &replies {
+        if r.is_finished() {
+            refused += 1;
+        }
+    }
+    let mut statuses = Vec::new();
+    for r in replies.into_iter().filter(|r| r.is_finished()) {
+        let resp = r.await.unwrap().unwrap();
+        statuses.push(
+            resp.headers()
+                .get("grpc-status")
+                .map(|v| v.to_str().unwrap().to_string()),
+        );
+    }
+    assert_eq!(refused, 16, "answered at once: {statuses:?}");
+    assert!(
+        statuses.iter().all(|s| s.as_deref() == Some("8")),
+        "refusals are RESOURCE_EXHAUSTED: {statuses:?}"
+    );
+    let during = rss_mib(pid);
+    eprintln!("brick RSS {before} MiB before, {during} MiB with 32 stalled 8 MiB requests");
+    assert!(
+        during < before + 600,
+        "the brick holds {during} MiB (was {before})"
+    );
+    tokio::task::spawn_blocking(move || {
+        let m = c.mount("m", "");
+        std::fs::write(m.p("f"), vec![7u8; 3 << 20]).unwrap();
+        assert_eq!(std::fs::read(m.p("f")).unwrap(), vec![7u8; 3 << 20]);
+    })
+    .await
+    .unwrap();
+    drop(ch);
+}

@@ -51,7 +51,14 @@ pub struct Brick {
     pub(crate) local: Option<crate::volume::LocalSteps>,
     /// The volume's own client TLS (`Options::tls`); `None`: this process's.
     tls: Option<Arc<ClientTlsConfig>>,
+    /// Bytes of data this client has in flight to the brick (see [`Brick::call_sized`]).
+    payload: Arc<tokio::sync::Semaphore>,
 }
+
+/// Bytes of file data one client keeps in flight to one brick: half of what a brick allows
+/// a connection (`mortar_brick::budget`), so that a busy client waits here rather than be
+/// refused there.
+pub const PAYLOAD_IN_FLIGHT: usize = 128 << 20;
 
 /// How long one request may take on a brick that answers pings (see [`Brick::call`]).
 pub const FRAME_TIMEOUT: Duration = Duration::from_secs(120);
@@ -138,6 +145,7 @@ impl Brick {
             stopped: AtomicBool::new(false),
             local,
             tls,
+            payload: Arc::new(tokio::sync::Semaphore::new(PAYLOAD_IN_FLIGHT)),
         });
         let weak = Arc::downgrade(&b);
         tokio::spawn(async move {
@@ -327,6 +335,18 @@ impl Brick {
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         self.call_within(f, Some(FRAME_TIMEOUT)).await
+    }
+
+    /// Like `call`, for a request carrying `bytes` of file data: it waits its turn while this
+    /// client has [`PAYLOAD_IN_FLIGHT`] bytes in flight to the brick already.
+    pub async fn call_sized<T, F, Fut>(&self, bytes: usize, f: F) -> Result<(T, Up)>
+    where
+        F: FnOnce(BrickClient<Channel>, Up) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let n = bytes.min(PAYLOAD_IN_FLIGHT) as u32;
+        let _permit = self.payload.acquire_many(n).await;
+        self.call(f).await
     }
 
     /// Like `call`, for requests that may rightly wait long (blocking locks): no time limit,

@@ -211,9 +211,14 @@ impl Member {
             return r.attr.ok_or(Error::Os(libc::EIO));
         }
         let epoch = self.epoch;
+        let bytes = match &req.op {
+            Some(pb::heal_req::Op::Write(w)) => w.data.len(),
+            Some(pb::heal_req::Op::Entry(e)) => e.data.len(),
+            _ => 0,
+        };
         let (r, _) = self
             .brick
-            .call(move |mut c, up| async move {
+            .call_sized(bytes, move |mut c, up| async move {
                 if up.epoch != epoch {
                     return Err(tonic::Status::unavailable("reconnected: lock lost"));
                 }

@@ -490,6 +490,10 @@ impl Volume {
         }
         let now = now_ns();
         let generation = self.vol.read().unwrap().generation;
+        let bytes = match &op {
+            pb::mutate_req::Op::Write(w) => w.data.len(),
+            _ => 0,
+        };
         let results = join_all(targets.iter().map(|m| {
             let req = pb::MutateReq {
                 session: m.session.to_vec(),
@@ -500,7 +504,7 @@ impl Volume {
                 op: Some(op.clone()),
             };
             let epoch = m.epoch;
-            m.brick.call(move |mut c, up| async move {
+            m.brick.call_sized(bytes, move |mut c, up| async move {
                 if up.epoch != epoch {
                     return Err(tonic::Status::unavailable("reconnected: lock lost"));
                 }
