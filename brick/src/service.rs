@@ -491,21 +491,36 @@ impl pb::brick_server::Brick for BrickService {
     async fn read(&self, req: Request<pb::ReadReq>) -> Result<Response<pb::ReadReply>, Status> {
         let r = req.into_inner();
         let store = self.store.clone();
-        let res = blocking(move || store.read(gfid(&r.gfid)?, r.offset, r.size)).await?;
+        let res = blocking(move || {
+            let g = gfid(&r.gfid)?;
+            let data = store.read(g, r.offset, r.size)?;
+            let mut xattrs = Vec::new();
+            if r.xattrs {
+                for name in store.listxattr(g)? {
+                    // One removed since the listing is simply not there.
+                    if let Ok(value) = store.getxattr(g, &name) {
+                        xattrs.push(pb::XattrPair { name, value });
+                    }
+                }
+            }
+            Ok::<_, Errno>((data, xattrs))
+        })
+        .await?;
         self.metrics.reads.fetch_add(1, Relaxed);
         Ok(Response::new(match res {
-            Ok(data) => {
+            Ok((data, xattrs)) => {
                 self.metrics
                     .read_bytes
                     .fetch_add(data.len() as u64, Relaxed);
                 pb::ReadReply {
                     errno: 0,
                     data: data.into(),
+                    xattrs,
                 }
             }
             Err(e) => pb::ReadReply {
                 errno: errno(e),
-                data: Default::default(),
+                ..Default::default()
             },
         }))
     }

@@ -521,6 +521,7 @@ async fn hostile_names_get_clear_errors_and_the_brick_keeps_serving() {
             gfid: Gfid::random().to_vec(),
             offset: 0,
             size: 10,
+            xattrs: false,
         })
         .await
         .unwrap()

@@ -120,6 +120,11 @@ impl Member {
     }
 
     async fn read(&self, g: Gfid, offset: u64, size: u32) -> Result<pb::Bytes> {
+        Ok(self.read_with(g, offset, size, false).await?.data)
+    }
+
+    /// A read that may also bring the inode's user xattrs (one round trip for a new copy).
+    async fn read_with(&self, g: Gfid, offset: u64, size: u32, xattrs: bool) -> Result<pb::ReadReply> {
         let (r, _) = self
             .brick
             .call(move |mut c, _| async move {
@@ -127,12 +132,13 @@ impl Member {
                     gfid: g.to_vec(),
                     offset,
                     size,
+                    xattrs,
                 })
                 .await
             })
             .await?;
         errno_result(r.errno)?;
-        Ok(r.data)
+        Ok(r)
     }
 
     async fn readlink(&self, g: Gfid) -> Result<Vec<u8>> {
@@ -576,26 +582,19 @@ impl Volume {
         ca: &pb::Attr,
         cg: Gfid,
     ) -> Result<u64> {
-        let read = async {
-            match ca.kind() {
-                pb::Kind::File if ca.size > 0 => {
-                    let d = src.read(cg, 0, ca.size as u32).await?;
-                    // Under the lock the size cannot change: anything else is a broken reply.
-                    if d.len() as u64 != ca.size {
-                        return Err(Error::Os(libc::EIO));
-                    }
-                    Ok(d)
+        // One request to the source per new copy: a file's content comes with its xattrs.
+        let (data, target, xattrs) = match ca.kind() {
+            pb::Kind::File => {
+                let r = src.read_with(cg, 0, ca.size as u32, true).await?;
+                // Under the lock the size cannot change: anything else is a broken reply.
+                if r.data.len() as u64 != ca.size {
+                    return Err(Error::Os(libc::EIO));
                 }
-                _ => Ok(pb::Bytes::new()),
+                (r.data, vec![], r.xattrs)
             }
+            pb::Kind::Symlink => (pb::Bytes::new(), src.readlink(cg).await?, vec![]),
+            _ => (pb::Bytes::new(), vec![], src.xattrs(cg).await?),
         };
-        let extra = async {
-            match ca.kind() {
-                pb::Kind::Symlink => Ok((src.readlink(cg).await?, vec![])),
-                _ => Ok((vec![], src.xattrs(cg).await?)),
-            }
-        };
-        let (data, (target, xattrs)) = futures::try_join!(read, extra)?;
         let n = data.len() as u64;
         self.heal_throttle(n).await;
         let entry = pb::HealEntry {

@@ -277,6 +277,7 @@ impl Volume {
                     gfid: g.to_vec(),
                     offset,
                     size,
+                    xattrs: false,
                 })
                 .await
             })
