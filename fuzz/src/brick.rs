@@ -920,6 +920,7 @@ impl Harness {
                     gfid: self.gfid(u)?,
                     offset: Self::offset(u)?,
                     size: u.arbitrary()?,
+                    xattrs: u.arbitrary()?,
                 };
                 let r = self.req(u, req)?;
                 self.call(false, "read", svc.read(r)).await;
