@@ -77,4 +77,5 @@ if ! podman image exists "$base"; then
 fi
 
 cargo build --workspace
+fuzz/ci.sh --build-only
 cargo nextest run --workspace "$@"

@@ -6,6 +6,8 @@
 # The build is the dev profile without sanitizer: the AddressSanitizer release build takes
 # about a quarter of an hour on 2 cores, this one a few minutes, and the code is safe Rust
 # apart from a few system calls. Long runs use the default build (README).
+#
+#   fuzz/ci.sh [--build-only]
 set -euo pipefail
 cd "$(dirname "$0")"
 secs="${MORTAR_FUZZ_SECS:-30}"
@@ -21,6 +23,8 @@ build=(--dev --sanitizer none)
 start=$SECONDS
 cargo fuzz build "${build[@]}"
 echo "fuzz/ci.sh: built in $((SECONDS - start)) s"
+# test.sh builds first, so that the build does not compete with the cluster tests for CPU.
+[ "${1:-}" = --build-only ] && exit 0
 # New inputs go to a scratch directory, never into the checked-in corpus.
 work="$(mktemp -d /var/tmp/mortar-fuzz-ci.XXXXXX)"
 trap 'rm -rf "$work"' EXIT
