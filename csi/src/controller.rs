@@ -21,6 +21,7 @@ use crate::error::{CsiError, Result};
 use crate::inflight::InFlight;
 use crate::metrics::observe;
 use crate::ops::{DirMeta, OpsError, Reclaim, VolumeOps, VolumeResolver};
+use crate::tls_secret::TlsSecret;
 use crate::volume_id::{
     ClusterRef, MAX_ID_LEN, VolumeId, VolumeLocation, dir_for_name, is_pvc_dir, is_volume_name,
 };
@@ -55,6 +56,14 @@ impl ControllerService {
 
     async fn open(&self, location: &VolumeLocation) -> Result<Arc<dyn VolumeOps>> {
         Ok(self.resolver.open(location).await?)
+    }
+
+    async fn open_with(
+        &self,
+        location: &VolumeLocation,
+        tls: Option<&TlsSecret>,
+    ) -> Result<Arc<dyn VolumeOps>> {
+        Ok(self.resolver.open_with(location, tls).await?)
     }
 }
 
@@ -220,6 +229,7 @@ impl ControllerService {
         check_caps(&req.volume_capabilities)?;
         let (size, limit) = wanted_size(req.capacity_range.as_ref(), self.default_bytes)?;
         let params = parse_params(&req.parameters)?;
+        let tls = TlsSecret::from_request(&req.secrets, "provisioner secrets")?;
 
         let source = match req
             .volume_content_source
@@ -263,12 +273,15 @@ impl ControllerService {
             )));
         }
         let _guard = self.inflight.try_lock(format!("create/{}", req.name))?;
-        let ops = self.open(&params.location).await.map_err(|e| match e {
-            CsiError::NotFound(_) => {
-                CsiError::Unavailable(format!("Mortar volume {} not found", params.location))
-            }
-            other => other,
-        })?;
+        let ops = self
+            .open_with(&params.location, tls.as_ref())
+            .await
+            .map_err(|e| match e {
+                CsiError::NotFound(_) => {
+                    CsiError::Unavailable(format!("Mortar volume {} not found", params.location))
+                }
+                other => other,
+            })?;
 
         let content_source = req.volume_content_source.clone();
         let respond = |capacity: u64| CreateVolumeResponse {
@@ -357,8 +370,9 @@ impl ControllerService {
             );
             return Ok(DeleteVolumeResponse {});
         };
+        let tls = TlsSecret::from_request(&req.secrets, "provisioner secrets")?;
         let _guard = self.inflight.try_lock(req.volume_id.clone())?;
-        let ops = match self.open(&id.location).await {
+        let ops = match self.open_with(&id.location, tls.as_ref()).await {
             Ok(ops) => ops,
             Err(CsiError::NotFound(_)) => return Ok(DeleteVolumeResponse {}),
             Err(e) => return Err(e),
@@ -392,8 +406,9 @@ impl ControllerService {
             return Err(CsiError::missing("volume_capabilities"));
         }
         let id = parse_id(&req.volume_id)?;
+        let tls = TlsSecret::from_request(&req.secrets, "secrets")?;
         let ops = self
-            .open(&id.location)
+            .open_with(&id.location, tls.as_ref())
             .await
             .map_err(unknown_volume(&req.volume_id))?;
         if let Some(dir) = &id.dir
@@ -552,9 +567,10 @@ impl ControllerService {
                 "a whole Mortar volume has no size limit to expand".into(),
             ));
         };
+        let tls = TlsSecret::from_request(&req.secrets, "controller expand secrets")?;
         let _guard = self.inflight.try_lock(req.volume_id.clone())?;
         let ops = self
-            .open(&id.location)
+            .open_with(&id.location, tls.as_ref())
             .await
             .map_err(unknown_volume(&req.volume_id))?;
         let mut meta = match ops.get_meta(&dir).await {

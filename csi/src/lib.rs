@@ -22,6 +22,7 @@ pub mod ops;
 pub mod ops_conformance;
 pub mod quota;
 pub mod server;
+pub mod tls_secret;
 pub mod volume_id;
 
 /// Generated CSI v1 messages and service traits (from `proto/csi/csi.proto`).

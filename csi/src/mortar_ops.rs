@@ -22,6 +22,7 @@ use crate::ops::{
     VolumeOps, VolumeResolver,
 };
 use crate::quota;
+use crate::tls_secret::TlsSecret;
 use crate::volume_id::VolumeLocation;
 
 // `mortar.proto` Kind values (Attr.kind).
@@ -402,7 +403,14 @@ pub struct MortarResolver {
     opts: Options,
     /// Volumes listed by ListVolumes even before a call has named them.
     configured: Vec<VolumeLocation>,
-    volumes: tokio::sync::Mutex<HashMap<VolumeLocation, Arc<Volume>>>,
+    volumes: tokio::sync::Mutex<HashMap<VolumeLocation, Connected>>,
+}
+
+/// A connected volume, and the fingerprint of the TLS identity it connected with (`None`:
+/// the process's own).
+struct Connected {
+    vol: Arc<Volume>,
+    tls: Option<String>,
 }
 
 impl MortarResolver {
@@ -429,13 +437,29 @@ impl MortarResolver {
 #[async_trait]
 impl VolumeResolver for MortarResolver {
     async fn open(&self, location: &VolumeLocation) -> OpsResult<Arc<dyn VolumeOps>> {
+        self.open_with(location, None).await
+    }
+
+    /// Without an identity, any connection of the volume serves (the one a request with
+    /// secrets made, or one with the process's TLS). With one, the connection must have
+    /// been made with it: a renewed certificate, or another Secret, connects again.
+    async fn open_with(
+        &self,
+        location: &VolumeLocation,
+        tls: Option<&TlsSecret>,
+    ) -> OpsResult<Arc<dyn VolumeOps>> {
         // Held across the connect: concurrent calls for one volume share one connection.
         let mut volumes = self.volumes.lock().await;
-        if let Some(vol) = volumes.get(location) {
-            return Ok(Arc::new(MortarOps::new(vol.clone())));
+        let fingerprint = tls.map(TlsSecret::fingerprint);
+        if let Some(c) = volumes.get(location)
+            && (fingerprint.is_none() || c.tls == fingerprint)
+        {
+            return Ok(Arc::new(MortarOps::new(c.vol.clone())));
         }
         let servers = location.volfile_servers(&self.template);
-        let vol = Volume::connect(&servers, &location.volume, self.opts.clone())
+        let mut opts = self.opts.clone();
+        opts.tls = tls.map(|t| Arc::new(t.client_config()));
+        let vol = Volume::connect(&servers, &location.volume, opts)
             .await
             .map_err(|e| {
                 OpsError::Unavailable(format!(
@@ -443,8 +467,20 @@ impl VolumeResolver for MortarResolver {
                     servers.join(",")
                 ))
             })?;
-        tracing::info!(%location, servers = servers.join(","), "connected to Mortar volume");
-        volumes.insert(location.clone(), vol.clone());
+        tracing::info!(
+            %location,
+            servers = servers.join(","),
+            tls = ?tls,
+            "connected to Mortar volume"
+        );
+        // A connection it replaces stops with its last user.
+        volumes.insert(
+            location.clone(),
+            Connected {
+                vol: vol.clone(),
+                tls: fingerprint,
+            },
+        );
         Ok(Arc::new(MortarOps::new(vol)))
     }
 

@@ -37,6 +37,7 @@ use crate::inflight::InFlight;
 use crate::metrics::observe;
 use crate::mounts::{self, BindFlags, Health, MountEntry};
 use crate::ops::{self, LIMIT_XATTR};
+use crate::tls_secret::TlsSecret;
 use crate::volume_id::{VolumeId, VolumeLocation};
 
 #[derive(Clone, Debug)]
@@ -193,6 +194,35 @@ impl NodeService {
         self.cfg.state_dir.join("volumes").join(location.key())
     }
 
+    /// Where the TLS identity that came with a volume's requests is kept for its mounts:
+    /// `STATE_DIR/tls/<key>`, one per cluster and volume like the shared mount.
+    fn tls_dir(&self, location: &VolumeLocation) -> PathBuf {
+        self.cfg.state_dir.join("tls").join(location.key())
+    }
+
+    /// Keeps the identity a request brought (a renewed certificate replaces the old files;
+    /// mounts made from now on use it) and says which TLS directory mounts of `location`
+    /// use: this one if any request ever brought one, else none (the process's own).
+    async fn tls_for_mount(
+        &self,
+        location: &VolumeLocation,
+        tls: Option<&TlsSecret>,
+    ) -> Result<Option<PathBuf>> {
+        let dir = self.tls_dir(location);
+        if let Some(tls) = tls {
+            let (t, d) = (tls.clone(), dir.clone());
+            blocking(move || {
+                t.write_dir(&d)
+                    .map_err(io_err(format!("writing {}", d.display())))
+            })
+            .await?;
+        }
+        Ok(dir
+            .join(mortar_common::tls::KEY_FILE)
+            .exists()
+            .then_some(dir))
+    }
+
     fn shared_lock(&self, location: &VolumeLocation) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.shared_locks.lock().unwrap_or_else(|p| p.into_inner());
         locks.entry(location.key()).or_default().clone()
@@ -200,24 +230,35 @@ impl NodeService {
 
     /// `mortar-mount` arguments for a volume: the first volfile server, the others as
     /// backups.
-    fn mount_args(&self, location: &VolumeLocation, mount_point: &Path) -> Vec<String> {
+    fn mount_args(
+        &self,
+        location: &VolumeLocation,
+        mount_point: &Path,
+        tls_dir: Option<&Path>,
+    ) -> Vec<String> {
         let servers = location.volfile_servers(&self.cfg.server_template);
         let mut args = vec![
             format!("{}:/{}", servers[0], location.volume),
             mount_point.display().to_string(),
         ];
-        if servers.len() > 1 {
+        let options = mount_options(&servers, tls_dir);
+        if !options.is_empty() {
             args.push("-o".into());
-            args.push(format!("backup-volfile-servers={}", servers[1..].join(":")));
+            args.push(options.join(","));
         }
         args
     }
 
     /// Makes sure the shared mount of `location` is up and answering, mounting it or
     /// replacing a dead one. Returns its mount table entry.
-    async fn ensure_shared(&self, location: &VolumeLocation) -> Result<MountEntry> {
+    async fn ensure_shared(
+        &self,
+        location: &VolumeLocation,
+        tls: Option<&TlsSecret>,
+    ) -> Result<MountEntry> {
         let lock = self.shared_lock(location);
         let _held = lock.lock().await;
+        let tls_dir = self.tls_for_mount(location, tls).await?;
         let path = self.shared_path(location);
         for _ in 0..8 {
             let Some(entry) = mounts::find_now(&path).map_err(io_err("reading mount table"))?
@@ -236,7 +277,7 @@ impl NodeService {
         tokio::fs::create_dir_all(&path)
             .await
             .map_err(io_err(format!("creating {}", path.display())))?;
-        self.run_mount(location, &path).await?;
+        self.run_mount(location, &path, tls_dir.as_deref()).await?;
         let entry = mounts::find_now(&path)
             .map_err(io_err("reading mount table"))?
             .ok_or_else(|| {
@@ -256,14 +297,17 @@ impl NodeService {
         }
     }
 
-    async fn run_mount(&self, location: &VolumeLocation, path: &Path) -> Result<()> {
+    async fn run_mount(
+        &self,
+        location: &VolumeLocation,
+        path: &Path,
+        tls_dir: Option<&Path>,
+    ) -> Result<()> {
         if let Some(socket) = &self.cfg.mounter {
             // The mounter container runs mortar-mount, so the FUSE daemon is not in ours.
+            // It sees the same state directory, so the TLS directory's path holds there too.
             let servers = location.volfile_servers(&self.cfg.server_template);
-            let mut options = Vec::new();
-            if servers.len() > 1 {
-                options.push(format!("backup-volfile-servers={}", servers[1..].join(":")));
-            }
+            let options = mount_options(&servers, tls_dir);
             let req = crate::mounter::MountRequest {
                 source: format!("{}:/{}", servers[0], location.volume),
                 target: path.display().to_string(),
@@ -283,7 +327,7 @@ impl NodeService {
                 self.cfg.mount_command.display()
             ))
         })?;
-        let args = self.mount_args(location, path);
+        let args = self.mount_args(location, path, tls_dir);
         let log_path = self
             .cfg
             .state_dir
@@ -296,8 +340,8 @@ impl NodeService {
 
     /// Binds the volume's directory of the shared mount on `staging`; idempotent, and
     /// repairs a staging mount that lost its FUSE daemon.
-    async fn stage(&self, id: &VolumeId, staging: &Path) -> Result<()> {
-        let shared = self.ensure_shared(&id.location).await?;
+    async fn stage(&self, id: &VolumeId, staging: &Path, tls: Option<&TlsSecret>) -> Result<()> {
+        let shared = self.ensure_shared(&id.location, tls).await?;
         let sub = id.dir.clone().unwrap_or_default();
         let source = self.shared_path(&id.location).join(&sub);
         match mounts::probe(&source, self.cfg.probe_timeout).await {
@@ -391,9 +435,10 @@ impl NodeService {
         required(&req.staging_target_path, "staging_target_path")?;
         check_mount_capability(req.volume_capability.as_ref())?;
         let id = parse_id(&req.volume_id)?;
+        let tls = TlsSecret::from_request(&req.secrets, "node stage secrets")?;
         let _guard = self.inflight.try_lock(req.volume_id.clone())?;
         let staging = absolute_creating_parent(&req.staging_target_path)?;
-        self.stage(&id, &staging).await?;
+        self.stage(&id, &staging, tls.as_ref()).await?;
         Ok(NodeStageVolumeResponse {})
     }
 
@@ -438,6 +483,7 @@ impl NodeService {
             ));
         }
         let id = parse_id(&req.volume_id)?;
+        let tls = TlsSecret::from_request(&req.secrets, "node publish secrets")?;
         let (mut flags, ignored) =
             BindFlags::from_options(mount_flags(cap).iter().map(String::as_str));
         if !ignored.is_empty() {
@@ -470,7 +516,7 @@ impl NodeService {
             .is_broken()
         {
             tracing::warn!(staging = %staging.display(), "staging mount is broken, repairing before publish");
-            self.stage(&id, &staging).await?;
+            self.stage(&id, &staging, tls.as_ref()).await?;
             staged = mounts::find_now(&staging)
                 .map_err(io_err("reading mount table"))?
                 .ok_or_else(|| CsiError::Internal("staging mount vanished during repair".into()))?;
@@ -700,6 +746,19 @@ impl NodeService {
     }
 }
 
+/// `-o` options of a shared mount: backup volfile servers, and the TLS directory of the
+/// cluster's identity when the StorageClass hands one over.
+fn mount_options(servers: &[String], tls_dir: Option<&Path>) -> Vec<String> {
+    let mut options = Vec::new();
+    if servers.len() > 1 {
+        options.push(format!("backup-volfile-servers={}", servers[1..].join(":")));
+    }
+    if let Some(dir) = tls_dir {
+        options.push(format!("tls-dir={}", dir.display()));
+    }
+    options
+}
+
 fn rpc_cap(t: rpc::Type) -> NodeServiceCapability {
     NodeServiceCapability {
         r#type: Some(node_service_capability::Type::Rpc(
@@ -832,13 +891,26 @@ mod tests {
         let svc = NodeService::new(NodeConfig::new("n1"));
         let named: VolumeId = "storage/shared/data/pvc-1".parse().unwrap();
         assert_eq!(
-            svc.mount_args(&named.location, Path::new("/m")),
+            svc.mount_args(&named.location, Path::new("/m"), None),
             vec!["shared.storage.svc:24100:/data", "/m"]
         );
         let servers: VolumeId = "@h1:24100,h2,h3/data".parse().unwrap();
         assert_eq!(
-            svc.mount_args(&servers.location, Path::new("/m")),
+            svc.mount_args(&servers.location, Path::new("/m"), None),
             vec!["h1:24100:/data", "/m", "-o", "backup-volfile-servers=h2:h3"]
+        );
+        assert_eq!(
+            svc.mount_args(
+                &servers.location,
+                Path::new("/m"),
+                Some(Path::new("/s/tls/k"))
+            ),
+            vec![
+                "h1:24100:/data",
+                "/m",
+                "-o",
+                "backup-volfile-servers=h2:h3,tls-dir=/s/tls/k"
+            ]
         );
     }
 }

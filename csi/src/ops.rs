@@ -121,6 +121,17 @@ pub trait VolumeResolver: Send + Sync {
     /// `NotFound` if the cluster or volume does not exist, `Unavailable` if it cannot be
     /// reached now.
     async fn open(&self, location: &VolumeLocation) -> OpsResult<Arc<dyn VolumeOps>>;
+    /// As `open`, with the TLS identity a request brought (the StorageClass's provisioner
+    /// or controller-expand secret): one controller serves clusters of different CAs.
+    /// Resolvers that reach no brick have no use for it.
+    async fn open_with(
+        &self,
+        location: &VolumeLocation,
+        tls: Option<&crate::tls_secret::TlsSecret>,
+    ) -> OpsResult<Arc<dyn VolumeOps>> {
+        let _ = tls;
+        self.open(location).await
+    }
     /// Every volume this controller can enumerate, for ListVolumes.
     async fn known(&self) -> OpsResult<Vec<VolumeLocation>>;
     /// False while the resolver cannot do its job at all (Probe: a missing dependency).
