@@ -126,9 +126,9 @@ impl InodeLocks {
     }
 }
 
-pub const F_RDLCK: i32 = libc::F_RDLCK as i32;
-pub const F_WRLCK: i32 = libc::F_WRLCK as i32;
-pub const F_UNLCK: i32 = libc::F_UNLCK as i32;
+pub const F_RDLCK: i32 = libc::F_RDLCK;
+pub const F_WRLCK: i32 = libc::F_WRLCK;
+pub const F_UNLCK: i32 = libc::F_UNLCK;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RangeLock {
@@ -172,14 +172,14 @@ impl RangeLocks {
     pub fn set(&self, g: Gfid, want: RangeLock) -> Result<(), RangeLock> {
         let mut map = self.by_inode.lock().unwrap();
         let list = map.entry(g).or_default();
-        if want.typ != F_UNLCK {
-            if let Some(c) = list.iter().find(|l| {
+        if want.typ != F_UNLCK
+            && let Some(c) = list.iter().find(|l| {
                 !l.same_owner(&want)
                     && l.overlaps(&want)
                     && (l.typ == F_WRLCK || want.typ == F_WRLCK)
-            }) {
-                return Err(*c);
-            }
+            })
+        {
+            return Err(*c);
         }
         let mut out = Vec::with_capacity(list.len() + 2);
         for l in list.drain(..) {

@@ -177,10 +177,10 @@ impl Store {
     /// A file's last name is gone: its bytes no longer count.
     pub(crate) fn quota_forget(&self, g: Gfid, size: u64) {
         let mut q = self.quota_table();
-        if let Some(root) = q.files.remove(&g) {
-            if let Some(u) = q.roots.get_mut(&root) {
-                u.used = u.used.saturating_sub(size);
-            }
+        if let Some(root) = q.files.remove(&g)
+            && let Some(u) = q.roots.get_mut(&root)
+        {
+            u.used = u.used.saturating_sub(size);
         }
     }
 
@@ -199,10 +199,10 @@ impl Store {
                     let limit = self.quota_table().roots.get(&r)?.limit;
                     Some((r, limit))
                 });
-                if let Some((r, limit)) = found {
-                    if !v.iter().any(|(x, _)| *x == r) {
-                        v.push((r, limit));
-                    }
+                if let Some((r, limit)) = found
+                    && !v.iter().any(|(x, _)| *x == r)
+                {
+                    v.push((r, limit));
                 }
             }
             v

@@ -192,7 +192,7 @@ pub(crate) fn write_rec(loc: &Loc, rec: &Record) -> R<()> {
 }
 
 fn attr_of(st: &rfs::Stat, rec: &Record) -> pb::Attr {
-    let mode = st.st_mode as u32;
+    let mode = st.st_mode;
     let kind = kind_of(mode);
     // The gfid index holds one extra link to every non-directory: hide it.
     let nlink = if kind == pb::Kind::Dir {
@@ -723,7 +723,7 @@ impl Store {
             std::io::Write::write_all(&mut f, format!("{next}\n").as_bytes())?;
             f.sync_all()?;
             std::fs::rename(&tmp, meta.join(CEILING))?;
-            std::fs::File::open(&meta)?.sync_all()
+            std::fs::File::open(meta)?.sync_all()
         })();
         durable.map_err(|e| {
             tracing::error!("cannot record the term ceiling: {e}");
@@ -896,10 +896,9 @@ impl Store {
         if self
             .heal_unsynced
             .swap(false, std::sync::atomic::Ordering::AcqRel)
+            && let Err(e) = std::fs::File::open(&self.heal_dir).and_then(|d| d.sync_all())
         {
-            if let Err(e) = std::fs::File::open(&self.heal_dir).and_then(|d| d.sync_all()) {
-                tracing::error!("cannot sync the heal index: {e}");
-            }
+            tracing::error!("cannot sync the heal index: {e}");
         }
     }
 
@@ -1106,22 +1105,22 @@ impl Store {
     /// unless a session has it open; then it stays, as an orphan, until the last release.
     pub(crate) fn drop_if_unlinked(&self, g: Gfid) {
         let idx = self.index_path(g);
-        if let Ok(st) = idx.lstat() {
-            if st.st_nlink <= 1 {
-                let opens = self.opens.lock().unwrap();
-                if opens.contains_key(&g) {
-                    if self.orphans.lock().unwrap().insert(g) {
-                        if let Err(e) = std::fs::File::create(self.orphan_dir().join(g.hex())) {
-                            tracing::error!(gfid = %g, "cannot record an orphan: {e}");
-                        }
-                    }
-                    return;
+        if let Ok(st) = idx.lstat()
+            && st.st_nlink <= 1
+        {
+            let opens = self.opens.lock().unwrap();
+            if opens.contains_key(&g) {
+                if self.orphans.lock().unwrap().insert(g)
+                    && let Err(e) = std::fs::File::create(self.orphan_dir().join(g.hex()))
+                {
+                    tracing::error!(gfid = %g, "cannot record an orphan: {e}");
                 }
-                drop(opens);
-                let _ = idx.unlink();
-                self.forget_fd(g);
-                self.quota_forget(g, st.st_size as u64);
+                return;
             }
+            drop(opens);
+            let _ = idx.unlink();
+            self.forget_fd(g);
+            self.quota_forget(g, st.st_size as u64);
         }
     }
 
@@ -1230,13 +1229,13 @@ impl Store {
         {
             let mut dirs = self.dirs.write().unwrap();
             if flags.contains(rfs::RenameFlags::EXCHANGE) {
-                if let Some(d) = dst_rec {
-                    if let Some(node) = dirs.get_mut(&d.gfid) {
-                        *node = DirNode {
-                            parent: p,
-                            name: name.to_owned(),
-                        };
-                    }
+                if let Some(d) = dst_rec
+                    && let Some(node) = dirs.get_mut(&d.gfid)
+                {
+                    *node = DirNode {
+                        parent: p,
+                        name: name.to_owned(),
+                    };
                 }
             } else if let Some(d) = dst_rec {
                 dirs.remove(&d.gfid);
@@ -1324,10 +1323,10 @@ impl Store {
             path.chown(s.uid, s.gid)?;
         }
         // After chown, which clears set-id bits, so an explicit mode wins.
-        if let Some(mode) = s.mode {
-            if ft != FileType::Symlink {
-                path.chmod(mode)?;
-            }
+        if let Some(mode) = s.mode
+            && ft != FileType::Symlink
+        {
+            path.chmod(mode)?;
         }
         let mtime = s.mtime_ns.or(s.size.map(|_| now));
         if s.atime_ns.is_some() || mtime.is_some() {
@@ -1573,9 +1572,19 @@ mod tests {
             ..Default::default()
         };
         let op = |c| pb::mutate_req::Op::Create(c);
-        assert_eq!(s.apply(&op(create(u32::MAX, 0)), 1).err(), Some(Errno::INVAL));
-        assert_eq!(s.apply(&op(create(0, u32::MAX)), 1).err(), Some(Errno::INVAL));
-        assert_eq!(s.lookup(Gfid::ROOT, b"f").unwrap().1, None, "nothing was created");
+        assert_eq!(
+            s.apply(&op(create(u32::MAX, 0)), 1).err(),
+            Some(Errno::INVAL)
+        );
+        assert_eq!(
+            s.apply(&op(create(0, u32::MAX)), 1).err(),
+            Some(Errno::INVAL)
+        );
+        assert_eq!(
+            s.lookup(Gfid::ROOT, b"f").unwrap().1,
+            None,
+            "nothing was created"
+        );
         s.apply(&op(create(7, 8)), 1).unwrap();
         let setattr = |uid, gid| {
             pb::mutate_req::Op::Setattr(pb::Setattr {
@@ -1586,12 +1595,23 @@ mod tests {
                 ..Default::default()
             })
         };
-        assert_eq!(s.apply(&setattr(Some(u32::MAX), None), 2).err(), Some(Errno::INVAL));
-        assert_eq!(s.apply(&setattr(None, Some(u32::MAX)), 2).err(), Some(Errno::INVAL));
+        assert_eq!(
+            s.apply(&setattr(Some(u32::MAX), None), 2).err(),
+            Some(Errno::INVAL)
+        );
+        assert_eq!(
+            s.apply(&setattr(None, Some(u32::MAX)), 2).err(),
+            Some(Errno::INVAL)
+        );
         let a = s.getattr(file).unwrap();
-        assert_eq!((a.uid, a.gid, a.size), (7, 8, 0), "the refused setattr changed nothing");
+        assert_eq!(
+            (a.uid, a.gid, a.size),
+            (7, 8, 0),
+            "the refused setattr changed nothing"
+        );
         // u32::MAX - 1 is an owner like any other.
-        s.apply(&setattr(Some(u32::MAX - 1), Some(u32::MAX - 1)), 3).unwrap();
+        s.apply(&setattr(Some(u32::MAX - 1), Some(u32::MAX - 1)), 3)
+            .unwrap();
         let a = s.getattr(file).unwrap();
         assert_eq!((a.uid, a.gid, a.size), (u32::MAX - 1, u32::MAX - 1, 100));
         // Heal steps reach the same check.
