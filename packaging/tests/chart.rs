@@ -604,6 +604,63 @@ fn volfile_server_is_the_operators_client_service() {
     assert!(help.contains(&format!("[default: {template}]")), "{help}");
 }
 
+/// The StorageClass hands the driver the Secrets the operator keeps for the cluster it
+/// names (admin for the controller's calls, client for the node's), in the cluster's
+/// namespace; the sidecars that read them may; `storageClass.tls=false` names none.
+#[test]
+fn storage_class_names_the_operators_certificate_secrets() {
+    use mortar_operator::certs::Leaf;
+    let Some(py) = python() else { return };
+    let sets = [
+        "storageClass.create=true",
+        "storageClass.cluster=vault",
+        "storageClass.clusterNamespace=data",
+    ];
+    let docs = mortar_packaging::docs(&render(&py, "mortar-system", &[], &sets).unwrap());
+    let params = &find(&docs, "StorageClass", "mortar")["parameters"];
+    for (call, leaf) in [
+        ("provisioner", Leaf::Admin),
+        ("controller-expand", Leaf::Admin),
+        ("node-stage", Leaf::Client),
+        ("node-publish", Leaf::Client),
+    ] {
+        assert_eq!(
+            params[format!("csi.storage.k8s.io/{call}-secret-name")],
+            leaf.secret_name("vault"),
+            "{call}: {params}"
+        );
+        assert_eq!(
+            params[format!("csi.storage.k8s.io/{call}-secret-namespace")],
+            "data",
+            "{call}"
+        );
+    }
+    // csi-provisioner and csi-resizer read the admin Secret.
+    let role = find(&docs, "ClusterRole", "mortar-csi-controller");
+    assert!(
+        role["rules"].as_array().unwrap().iter().any(|r| {
+            r["resources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x == "secrets")
+                && r["verbs"].as_array().unwrap().iter().any(|v| v == "get")
+        }),
+        "{role}"
+    );
+    // The operator may write them (and its RBAC is API-CALLS.md, tested above).
+    let op = find(&docs, "ClusterRole", "mortar-operator");
+    assert!(op.to_string().contains("\"secrets\""), "{op}");
+
+    let plain = [&sets[..], &["storageClass.tls=false"]].concat();
+    let docs = mortar_packaging::docs(&render(&py, "mortar-system", &[], &plain).unwrap());
+    let params = &find(&docs, "StorageClass", "mortar")["parameters"];
+    assert!(
+        !params.to_string().contains("secret"),
+        "no Secrets without TLS: {params}"
+    );
+}
+
 /// The value sets of every chart test, for checks that must hold whatever the values.
 fn all_value_sets() -> Vec<(String, Vec<&'static Path>, Vec<&'static str>)> {
     let mut all: Vec<(String, Vec<&'static Path>, Vec<&'static str>)> = scenarios()
@@ -650,6 +707,7 @@ fn chart_command_lines_pass_the_binaries_parsers() {
         bricks: 3,
         volfile_generation: 1,
         image: image.into(),
+        tls_hash: "0123abcd".into(),
     };
     workloads.push((
         "operator".into(),

@@ -7,7 +7,10 @@
 //! - the node plugin answers `Probe` on its socket with ready (it reaches the mounter);
 //! - the CSI controller answers `Probe` on the socket in its emptyDir;
 //! - the operator serves `/healthz` (its API server is unreachable here: it must wait, not
-//!   crash-loop).
+//!   crash-loop);
+//! - the brick of the StatefulSet the operator makes, with the operator's own arguments and
+//!   its certificate Secret as a TLS directory, serves mutual TLS: `mortar status` with an
+//!   admin certificate of the cluster's CA gets an answer, plain TCP does not.
 //!
 //! Not reproduced: mount propagation (the test's host paths are private mounts) and the CSI
 //! sidecars (other images, not available offline). The operator gets a kubeconfig naming a
@@ -110,7 +113,16 @@ fn lay_out_kubelet(host: &Path) {
 }
 
 /// Starts one container of a workload as the kubelet would (see the file's comment).
-fn start(podman: &Path, host: &Path, workload: &Value, container: &str, extra: &[&str]) -> Started {
+/// `given` supplies volumes the kubelet would make from objects (ConfigMaps, Secrets,
+/// claims): the host directory that stands for each, by volume name.
+fn start(
+    podman: &Path,
+    host: &Path,
+    workload: &Value,
+    container: &str,
+    extra: &[&str],
+    given: &[(&str, PathBuf)],
+) -> Started {
     let pod = &workload["spec"]["template"]["spec"];
     let c = pod["containers"]
         .as_array()
@@ -174,6 +186,15 @@ fn start(podman: &Path, host: &Path, workload: &Value, container: &str, extra: &
         }
     }
     for m in c["volumeMounts"].as_array().into_iter().flatten() {
+        if let Some((_, src)) = given.iter().find(|(n, _)| m["name"] == *n) {
+            let ro = if m["readOnly"] == true { ":ro" } else { "" };
+            args.push(format!(
+                "--volume={}:{}{ro}",
+                src.display(),
+                m["mountPath"].as_str().unwrap()
+            ));
+            continue;
+        }
         let v = volumes
             .iter()
             .find(|v| v["name"] == m["name"])
@@ -292,6 +313,7 @@ fn chart_containers_start_under_podman_as_the_kubelet_runs_them() {
         find(&docs, "DaemonSet", "mortar-csi-mounter"),
         "mortar-mounter",
         &[],
+        &[],
     );
     let socket_dir = host.path().join("var/lib/mortar-csi/mounter");
     mounter.wait_ready("its state dir and socket", || {
@@ -304,6 +326,7 @@ fn chart_containers_start_under_podman_as_the_kubelet_runs_them() {
         find(&docs, "DaemonSet", "mortar-csi-node"),
         "mortar-csi",
         &[],
+        &[],
     );
     node.wait_ready("a ready Probe", || {
         probe(&plugin_dir.join("csi.sock")) == Some(true)
@@ -314,6 +337,7 @@ fn chart_containers_start_under_podman_as_the_kubelet_runs_them() {
         host.path(),
         find(&docs, "Deployment", "mortar-csi-controller"),
         "mortar-csi",
+        &[],
         &[],
     );
     let socket = host.path().join("emptydir/socket-dir/csi.sock");
@@ -345,6 +369,7 @@ fn chart_containers_start_under_podman_as_the_kubelet_runs_them() {
             &format!("--volume={}:/kubeconfig:ro", kube.display()),
             "--env=KUBECONFIG=/kubeconfig/config",
         ],
+        &[],
     );
     operator.wait_ready("/healthz", || healthz(&operator, port));
 
@@ -356,4 +381,166 @@ fn chart_containers_start_under_podman_as_the_kubelet_runs_them() {
             .mode();
         assert_eq!(mode & 0o7777, 0o750, "{d}");
     }
+}
+
+/// `mortar ARGS` on the host (the workspace's build), which must succeed.
+fn mortar(args: &[&str]) {
+    run_ok(Command::new(bin("mortar")).args(args));
+}
+
+/// The operator's brick StatefulSet, its brick container under podman as the kubelet runs
+/// it: the operator's command line (`--tls-dir`, no `--insecure-plaintext`), its
+/// securityContext, and its volumes: the certificate Secret as the kubelet projects it
+/// (made with `mortar certs`, files 0400 as the Secret volume's defaultMode), the volfile
+/// ConfigMap, the claim. It must start and answer over mutual TLS, and only so.
+#[test]
+fn the_operators_brick_container_serves_mutual_tls_under_podman() {
+    use mortar_operator::crd::{SharedStorageCluster, SharedStorageClusterSpec};
+    use mortar_operator::resources::{self, Plan};
+    let Some(podman) = podman_ready() else {
+        return;
+    };
+    ensure_image(&podman);
+    let host = tempfile::tempdir_in("/var/tmp").unwrap();
+    let h = host.path();
+
+    let mut ssc = SharedStorageCluster::new("shared", SharedStorageClusterSpec::default());
+    ssc.metadata.namespace = Some("storage".into());
+    ssc.metadata.uid = Some("uid-1".into());
+    let plan = Plan {
+        bricks: 1,
+        volfile_generation: 1,
+        image: IMAGE_TAG.into(),
+        tls_hash: "0".into(),
+    };
+    let sts = serde_json::to_value(resources::brick_stateful_set(&ssc, &plan)).unwrap();
+    let c = &sts["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(!args.contains(&"--insecure-plaintext"), "{args:?}");
+    assert!(args.contains(&"--tls-dir"), "{args:?}");
+
+    // What the operator's Secrets hold, made the way an administrator would by hand.
+    let ca = h.join("ca");
+    let tls = h.join("brick-tls");
+    let admin = h.join("admin-tls");
+    let stranger_ca = h.join("stranger-ca");
+    let stranger = h.join("stranger-tls");
+    let s = |p: &Path| p.display().to_string();
+    mortar(&[
+        "certs",
+        "ca",
+        "--cluster",
+        "storage/shared",
+        "--out",
+        &s(&ca),
+    ]);
+    mortar(&[
+        "certs",
+        "issue",
+        "--ca",
+        &s(&ca),
+        "--role",
+        "brick",
+        "--name",
+        "shared",
+        "--out",
+        &s(&tls),
+    ]);
+    mortar(&[
+        "certs",
+        "issue",
+        "--ca",
+        &s(&ca),
+        "--role",
+        "admin",
+        "--name",
+        "test",
+        "--out",
+        &s(&admin),
+    ]);
+    mortar(&[
+        "certs",
+        "ca",
+        "--cluster",
+        "other",
+        "--out",
+        &s(&stranger_ca),
+    ]);
+    mortar(&[
+        "certs",
+        "issue",
+        "--ca",
+        &s(&stranger_ca),
+        "--role",
+        "admin",
+        "--name",
+        "test",
+        "--out",
+        &s(&stranger),
+    ]);
+    // The Secret volume: the three files only (no ca.key), mode 0400 (defaultMode).
+    let mode = sts["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "tls")
+        .unwrap()["secret"]["defaultMode"]
+        .as_u64()
+        .unwrap() as u32;
+    for f in ["ca.crt", "tls.crt", "tls.key"] {
+        std::fs::set_permissions(tls.join(f), std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    assert!(!tls.join("ca.key").exists());
+    // The volfile the operator would write, with this container's own address.
+    let volfile = h.join("volfile");
+    std::fs::create_dir_all(&volfile).unwrap();
+    std::fs::write(
+        volfile.join(resources::VOLFILE_KEY),
+        "volume: data\ngeneration: 1\nping-timeout: 5\nbricks:\n- id: b0\n  address: 127.0.0.1:24100\n",
+    )
+    .unwrap();
+    let claim = h.join("claim");
+    std::fs::create_dir_all(&claim).unwrap();
+
+    let brick = start(
+        &podman,
+        h,
+        &sts,
+        resources::CONTAINER_NAME,
+        &[
+            &format!("--volume={}:/admin-tls:ro", admin.display()),
+            &format!("--volume={}:/stranger-tls:ro", stranger.display()),
+        ],
+        &[
+            ("tls", tls.clone()),
+            ("volfile", volfile.clone()),
+            (resources::CLAIM_NAME, claim.clone()),
+        ],
+    );
+    let status = |tls_dir: Option<&str>| {
+        let mut cmd = Command::new(&podman);
+        cmd.args(["exec", &brick.name, "mortar"]);
+        if let Some(d) = tls_dir {
+            cmd.args(["--tls-dir", d]);
+        }
+        cmd.args(["status", "127.0.0.1:/data"]);
+        cmd.output().unwrap()
+    };
+    brick.wait_ready("an answer to mortar status over mutual TLS", || {
+        let out = status(Some("/admin-tls"));
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("b0")
+    });
+    let logs = brick.logs();
+    assert!(!logs.contains("INSECURE"), "{logs}");
+    // Plain TCP and a certificate of another CA get nothing.
+    assert!(!status(None).status.success(), "plain TCP answered");
+    assert!(
+        !status(Some("/stranger-tls")).status.success(),
+        "a stranger's certificate answered"
+    );
 }

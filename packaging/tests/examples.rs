@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
+use mortar_operator::certs::Leaf;
 use mortar_operator::crd::SharedStorageCluster;
 use mortar_operator::resources::{self, Plan};
 use mortar_packaging::*;
@@ -81,14 +82,28 @@ fn operator_objects_for_the_example_are_valid_kubernetes() {
         bricks: 3,
         volfile_generation: 1,
         image: "mortar:0.1.0".into(),
+        tls_hash: "0123abcd".into(),
     };
     let volfile = resources::volfile(&ssc, 3, 1);
+    let ca = mortar_common::tls::Ca::generate("shared").unwrap();
+    let (cert, key) = ca
+        .issue(mortar_common::tls::Role::Brick, "shared", &[])
+        .unwrap();
     let objects = [
         serde_json::to_value(resources::volfile_config_map(&ssc, &volfile)).unwrap(),
         serde_json::to_value(resources::headless_service(&ssc)).unwrap(),
         serde_json::to_value(resources::client_service(&ssc)).unwrap(),
         serde_json::to_value(resources::pod_disruption_budget(&ssc)).unwrap(),
         serde_json::to_value(resources::brick_stateful_set(&ssc, &plan)).unwrap(),
+        serde_json::to_value(resources::ca_secret(&ssc, &ca.cert_pem, &ca.key_pem)).unwrap(),
+        serde_json::to_value(resources::tls_secret(
+            &ssc,
+            Leaf::Brick,
+            &ca.cert_pem,
+            &cert,
+            &key,
+        ))
+        .unwrap(),
     ];
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("operator-objects.yaml");
@@ -152,6 +167,26 @@ fn storage_examples_fit_the_csi_driver() {
         sc["parameters"]["clusterNamespace"],
         ssc.metadata.namespace.clone().unwrap()
     );
+    // The Secrets it hands the driver are the ones the operator keeps for that cluster.
+    let name = ssc.metadata.name.clone().unwrap();
+    for (param, leaf) in [
+        ("provisioner", Leaf::Admin),
+        ("controller-expand", Leaf::Admin),
+        ("node-stage", Leaf::Client),
+        ("node-publish", Leaf::Client),
+    ] {
+        let p = &sc["parameters"];
+        assert_eq!(
+            p[format!("csi.storage.k8s.io/{param}-secret-name")],
+            leaf.secret_name(&name),
+            "{param}"
+        );
+        assert_eq!(
+            p[format!("csi.storage.k8s.io/{param}-secret-namespace")],
+            ssc.metadata.namespace.clone().unwrap(),
+            "{param}"
+        );
+    }
 
     let pv = load("examples/static-pv.yaml")
         .into_iter()
@@ -184,6 +219,7 @@ fn brick_pods_get_the_privileges_bricks_need() {
         bricks: 3,
         volfile_generation: 1,
         image: "mortar:0.1.0".into(),
+        tls_hash: "0123abcd".into(),
     };
     let sts = serde_json::to_value(resources::brick_stateful_set(&ssc, &plan)).unwrap();
     let c = &sts["spec"]["template"]["spec"]["containers"][0];
