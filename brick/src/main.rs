@@ -10,8 +10,10 @@ use mortar_brick::store::Store;
 use mortar_common::telemetry;
 use mortar_common::volfile::Volfile;
 
-/// The largest request message a brick decodes (see `budget` for how many at once).
-const MAX_REQUEST: usize = 8 << 20;
+/// The largest request message a brick decodes (see `budget` for how many at once): the
+/// client library's own limit (a library user may write 10 MiB in one call; a mount writes
+/// at most 1 MiB).
+const MAX_REQUEST: usize = mortar_replication::conn::MAX_MESSAGE;
 use tokio::sync::watch;
 
 /// Serves one brick of a Mortar volume: a full copy of the volume under --dir.
@@ -232,8 +234,6 @@ fn run(args: Args) -> anyhow::Result<()> {
             .initial_stream_window_size(Some(8 << 20))
             .initial_connection_window_size(Some(32 << 20))
             .layer(mortar_brick::budget::Budgets::new(mortar_brick::budget::PER_CONNECTION))
-            // The largest request a client sends is a 1 MiB write or heal step with its
-            // metadata; replies (directory pages, reads) may be larger.
             .add_service(mortar_proto::brick_server::BrickServer::from_arc(svc).max_decoding_message_size(MAX_REQUEST).max_encoding_message_size(64 << 20))
             .serve_with_shutdown(args.listen, async {
                 let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
