@@ -7,11 +7,11 @@
 //! bytes; a request takes its message's declared length from it when its first bytes arrive,
 //! and gives it back when its answer is ready.
 //!
-//! A request over budget is refused at once with RESOURCE_EXHAUSTED (`OVER_BUDGET` in the
-//! message), not held: a held request keeps its unread data in the connection's flow-control
-//! window, and enough of them would starve the very requests holding the budget. The client
-//! library waits a moment and sends it again (see `mortar_replication::conn`). A legitimate
-//! client stays far below the budget; only a flood is slowed.
+//! A request over budget is refused at once with RESOURCE_EXHAUSTED, not held: a held
+//! request keeps its unread data in the connection's flow-control window, and enough of them
+//! would starve the very requests holding the budget. The client library keeps half as much
+//! file data in flight per brick and waits on its side beyond that
+//! (`mortar_replication::conn::Brick::call_sized`), so only a hostile or broken peer is refused.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -25,7 +25,8 @@ use mortar_proto::Bytes;
 use tonic::body::Body;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
-pub use mortar_common::error::OVER_BUDGET;
+/// The start of a refusal's message.
+pub const OVER_BUDGET: &str = "over the connection's in-flight budget";
 
 /// Bytes of requests one connection may have in flight.
 pub const PER_CONNECTION: usize = 256 << 20;

@@ -23,10 +23,6 @@ pub enum Error {
     Volfile(String),
 }
 
-/// Marks a brick's refusal of a request over its connection's in-flight budget
-/// (RESOURCE_EXHAUSTED; see `mortar_brick::budget`).
-pub const OVER_BUDGET: &str = "over the connection's in-flight budget";
-
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
