@@ -20,8 +20,8 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 
 use http_body::{Body as _, Frame};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use mortar_proto::Bytes;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::body::Body;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
@@ -131,7 +131,9 @@ where
                     // Handed on: the handler sees the broken stream as it would have.
                     Some(Err(e)) => {
                         let rest = Prefixed::new(head, Body::new(Failed(Some(e))));
-                        return inner.call(http::Request::from_parts(parts, Body::new(rest))).await;
+                        return inner
+                            .call(http::Request::from_parts(parts, Body::new(rest)))
+                            .await;
                     }
                     None => ended = true,
                 }
@@ -219,16 +221,24 @@ mod tests {
     #[test]
     fn a_connection_cannot_take_more_than_its_budget_and_gets_it_back() {
         let b = Budgets::new(100);
-        let (p1, p2): (SocketAddr, SocketAddr) =
-            ("127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap());
+        let (p1, p2): (SocketAddr, SocketAddr) = (
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+        );
         let a = b.take(p1, 60).expect("within budget");
         assert!(b.take(p1, 60).is_none(), "60 + 60 > 100");
-        assert!(b.take(p2, 60).is_some(), "another connection has its own budget");
+        assert!(
+            b.take(p2, 60).is_some(),
+            "another connection has its own budget"
+        );
         let c = b.take(p1, 40).expect("exactly the rest");
         drop(a);
         assert!(b.take(p1, 60).is_some(), "given back when answered");
         drop(c);
-        assert!(b.take(p1, 101).is_none(), "one request over the whole budget");
+        assert!(
+            b.take(p1, 101).is_none(),
+            "one request over the whole budget"
+        );
         assert!(b.take(p1, usize::MAX).is_none());
     }
 }

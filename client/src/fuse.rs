@@ -1143,6 +1143,9 @@ mod tests {
             gfid: vec![0; 16],
             ..a
         };
-        assert_eq!(file_attr(&zero).map(|(_, fa)| fa.ino.0), Err("inode number 0"));
+        assert_eq!(
+            file_attr(&zero).map(|(_, fa)| fa.ino.0),
+            Err("inode number 0")
+        );
     }
 }

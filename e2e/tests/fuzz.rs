@@ -11,5 +11,8 @@ fn fuzz_targets_survive_a_bounded_run() {
     let status = Command::new(&script)
         .status()
         .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-    assert!(status.success(), "fuzz/ci.sh: {status} (see its output above)");
+    assert!(
+        status.success(),
+        "fuzz/ci.sh: {status} (see its output above)"
+    );
 }

@@ -396,7 +396,10 @@ fn changes_made_before_the_bricks_learn_of_a_new_brick_reach_it() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    heal_report("changes made before the bricks knew the new brick", t.elapsed());
+    heal_report(
+        "changes made before the bricks knew the new brick",
+        t.elapsed(),
+    );
     c.wait_healed(Duration::from_secs(30));
     let (ok, out) = c.verify(false);
     assert!(ok, "{out}");

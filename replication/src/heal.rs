@@ -124,7 +124,13 @@ impl Member {
     }
 
     /// A read that may also bring the inode's user xattrs (one round trip for a new copy).
-    async fn read_with(&self, g: Gfid, offset: u64, size: u32, xattrs: bool) -> Result<pb::ReadReply> {
+    async fn read_with(
+        &self,
+        g: Gfid,
+        offset: u64,
+        size: u32,
+        xattrs: bool,
+    ) -> Result<pb::ReadReply> {
         let (r, _) = self
             .brick
             .call(move |mut c, _| async move {
