@@ -16,10 +16,18 @@ fuzz_target!(|data: &[u8]| {
     };
     match file_attr(&a) {
         Ok((g, fa)) => {
-            assert_eq!(a.gfid.len(), 16, "accepted a gfid of {} bytes", a.gfid.len());
+            assert_eq!(
+                a.gfid.len(),
+                16,
+                "accepted a gfid of {} bytes",
+                a.gfid.len()
+            );
             assert_eq!(g.0.as_slice(), a.gfid.as_slice());
             assert_eq!(fa.ino.0, g.ino(), "inode number is not the gfid's");
-            assert!(fa.ino.0 != 1 || g == Gfid::ROOT, "root's inode for another gfid");
+            assert!(
+                fa.ino.0 != 1 || g == Gfid::ROOT,
+                "root's inode for another gfid"
+            );
             assert!(fa.ino.0 != 0, "inode number 0");
             let want = match pb::Kind::try_from(a.kind) {
                 Ok(pb::Kind::Dir) => FileType::Directory,
@@ -33,14 +41,20 @@ fuzz_target!(|data: &[u8]| {
             };
             assert_eq!(fa.kind, want);
             assert!(fa.perm <= 0o7777);
-            assert_eq!((fa.size, fa.nlink, fa.uid, fa.gid), (a.size, a.nlink, a.uid, a.gid));
+            assert_eq!(
+                (fa.size, fa.nlink, fa.uid, fa.gid),
+                (a.size, a.nlink, a.uid, a.gid)
+            );
         }
         Err(_) => {
             let bad_gfid = a.gfid.len() != 16;
             let bad_kind = !matches!(pb::Kind::try_from(a.kind), Ok(k) if k != pb::Kind::Unknown);
             let g = Gfid::from_bytes(&a.gfid);
             let bad_ino = g.is_some_and(|g| (g.ino() == 1) != (g == Gfid::ROOT) || g.ino() == 0);
-            assert!(bad_gfid || bad_kind || bad_ino, "refused a good attr: {a:?}");
+            assert!(
+                bad_gfid || bad_kind || bad_ino,
+                "refused a good attr: {a:?}"
+            );
         }
     }
 });

@@ -42,7 +42,8 @@ const POOL: usize = 64;
 /// end after 30 s; a POSIX lock request that waits may wait for ever (as F_SETLKW does).
 const HANG: Duration = Duration::from_secs(120);
 
-const VOLFILE: &str = "volume: data\ngeneration: 2\nbricks:\n  - id: b0\n    address: 127.0.0.1:24100\n";
+const VOLFILE: &str =
+    "volume: data\ngeneration: 2\nbricks:\n  - id: b0\n    address: 127.0.0.1:24100\n";
 
 /// Where bricks are made: a tmpfs of this process's own mount namespace (see [`init`]).
 static AREA: OnceLock<PathBuf> = OnceLock::new();
@@ -84,7 +85,11 @@ pub fn init() {
             c"size=64m,nr_inodes=20000,mode=0700".as_ptr().cast(),
         ) != 0
         {
-            panic!("mounting a tmpfs on {}: {}", area.display(), std::io::Error::last_os_error());
+            panic!(
+                "mounting a tmpfs on {}: {}",
+                area.display(),
+                std::io::Error::last_os_error()
+            );
         }
     }
     // As mortar-brick does: modes come from clients exactly.
@@ -134,7 +139,11 @@ fn check_confined(area: &Path) {
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    assert_eq!(names, ["brick"], "something was made outside the brick directory");
+    assert_eq!(
+        names,
+        ["brick"],
+        "something was made outside the brick directory"
+    );
 }
 
 /// A client session as a test would hold it: the request side of the stream (a body fed
@@ -313,9 +322,10 @@ impl Harness {
 
     fn session_id(&self, u: &mut Unstructured) -> AResult<Vec<u8>> {
         Ok(match u.int_in_range(0u8..=9)? {
-            0..=6 if !self.sessions.is_empty() => {
-                self.sessions[u.choose_index(self.sessions.len())?].id.to_vec()
-            }
+            0..=6 if !self.sessions.is_empty() => self.sessions
+                [u.choose_index(self.sessions.len())?]
+            .id
+            .to_vec(),
             7 if !self.ended.is_empty() => self.ended[u.choose_index(self.ended.len())?].to_vec(),
             8 => u.arbitrary::<Vec<u8>>()?,
             _ => u.arbitrary::<[u8; 16]>()?.to_vec(),
@@ -457,7 +467,11 @@ impl Harness {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert_eq!(self.svc.session_count(), 0, "sessions outlived their streams");
+        assert_eq!(
+            self.svc.session_count(),
+            0,
+            "sessions outlived their streams"
+        );
     }
 
     async fn open_session(&mut self, u: &mut Unstructured<'_>) -> AResult<()> {
@@ -724,7 +738,13 @@ impl Harness {
                 } else {
                     u.arbitrary()?
                 };
-                (Op::SetQuota(pb::SetQuota { gfid: g.clone(), limit }), vec![g])
+                (
+                    Op::SetQuota(pb::SetQuota {
+                        gfid: g.clone(),
+                        limit,
+                    }),
+                    vec![g],
+                )
             }
         };
         let updates = if u.ratio(3, 4)? {
@@ -878,7 +898,9 @@ impl Harness {
                 }
             }
             1 => {
-                let r = pb::GfidReq { gfid: self.gfid(u)? };
+                let r = pb::GfidReq {
+                    gfid: self.gfid(u)?,
+                };
                 let r = self.req(u, r)?;
                 self.call(false, "getattr", svc.getattr(r)).await;
             }
@@ -926,7 +948,9 @@ impl Harness {
                 self.call(false, "read", svc.read(r)).await;
             }
             6 => {
-                let r = pb::GfidReq { gfid: self.gfid(u)? };
+                let r = pb::GfidReq {
+                    gfid: self.gfid(u)?,
+                };
                 let r = self.req(u, r)?;
                 self.call(false, "readlink", svc.readlink(r)).await;
             }
@@ -939,12 +963,16 @@ impl Harness {
                 self.call(false, "getxattr", svc.getxattr(r)).await;
             }
             8 => {
-                let r = pb::GfidReq { gfid: self.gfid(u)? };
+                let r = pb::GfidReq {
+                    gfid: self.gfid(u)?,
+                };
                 let r = self.req(u, r)?;
                 self.call(false, "listxattr", svc.listxattr(r)).await;
             }
             9 => {
-                let r = pb::GfidReq { gfid: self.gfid(u)? };
+                let r = pb::GfidReq {
+                    gfid: self.gfid(u)?,
+                };
                 let quota = u.arbitrary()?;
                 let r = self.req(u, r)?;
                 if quota {
@@ -1003,7 +1031,11 @@ impl Harness {
                     pid: u.arbitrary()?,
                     typ,
                     start: start.min(end),
-                    end: if u.ratio(1, 8)? { start } else { start.max(end) },
+                    end: if u.ratio(1, 8)? {
+                        start
+                    } else {
+                        start.max(end)
+                    },
                     wait,
                     test: u.arbitrary()?,
                 };
@@ -1054,10 +1086,16 @@ impl Harness {
                                 let mut seen = HashSet::new();
                                 while let Some(e) = s.next().await {
                                     let e = e.expect("manifest entry");
-                                    assert!(seen.insert(e.path.clone()), "listed twice: {}", e.path);
+                                    assert!(
+                                        seen.insert(e.path.clone()),
+                                        "listed twice: {}",
+                                        e.path
+                                    );
                                 }
                             };
-                            tokio::time::timeout(HANG, walk).await.expect("manifest hung");
+                            tokio::time::timeout(HANG, walk)
+                                .await
+                                .expect("manifest hung");
                         }
                     }
                 }
