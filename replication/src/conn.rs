@@ -63,17 +63,9 @@ pub const PAYLOAD_IN_FLIGHT: usize = 128 << 20;
 /// How long one request may take on a brick that answers pings (see [`Brick::call`]).
 pub const FRAME_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// An endpoint for the brick at `addr`, with this process's TLS (`mortar_common::tls`).
-pub fn endpoint(addr: &str, timeout: Duration) -> Result<Endpoint> {
-    endpoint_with(addr, timeout, None)
-}
-
-/// An endpoint for the brick at `addr` with client TLS `tls`, or this process's when `None`.
-pub fn endpoint_with(
-    addr: &str,
-    timeout: Duration,
-    tls: Option<&ClientTlsConfig>,
-) -> Result<Endpoint> {
+/// An endpoint for the brick at `addr` with client TLS `tls`, or this process's
+/// (`mortar_common::tls`) when `None`.
+pub fn endpoint(addr: &str, timeout: Duration, tls: Option<&ClientTlsConfig>) -> Result<Endpoint> {
     Ok(mortar_common::tls::brick_endpoint_with(addr, tls)
         .map_err(|e| Error::Volfile(format!("{e:#}")))?
         .connect_timeout(timeout)
@@ -102,7 +94,7 @@ pub async fn connect_once_with(
     timeout: Duration,
     tls: Option<&ClientTlsConfig>,
 ) -> Result<BrickClient<Channel>> {
-    let ch = endpoint_with(addr, timeout, tls)?
+    let ch = endpoint(addr, timeout, tls)?
         .connect()
         .await
         .map_err(|e| Error::Transport {
@@ -113,20 +105,10 @@ pub async fn connect_once_with(
 }
 
 impl Brick {
-    /// Starts keeping a connection to the brick; events go to `events`.
+    /// Starts keeping a connection to the brick; events go to `events`. `tls`: the volume's
+    /// own client TLS (`None`: this process's).
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
-        id: String,
-        addr: String,
-        ping_timeout: Duration,
-        client_name: String,
-        events: mpsc::UnboundedSender<Event>,
-        local: Option<crate::volume::LocalSteps>,
-    ) -> Arc<Brick> {
-        Self::start_with_tls(id, addr, ping_timeout, client_name, events, local, None)
-    }
-
-    /// [`Brick::start`] with client TLS of the volume's own (`None`: this process's).
-    pub fn start_with_tls(
         id: String,
         addr: String,
         ping_timeout: Duration,
@@ -195,7 +177,7 @@ impl Brick {
         events: &mpsc::UnboundedSender<Event>,
     ) -> String {
         let mut pt = self.ping_timeout();
-        let ch = match endpoint_with(&self.addr, pt, self.tls.as_deref()) {
+        let ch = match endpoint(&self.addr, pt, self.tls.as_deref()) {
             Ok(e) => match e.connect().await {
                 Ok(ch) => ch,
                 Err(e) => return format!("connect: {e}"),

@@ -190,7 +190,7 @@ impl Volume {
             .bricks
             .iter()
             .map(|b| {
-                Brick::start_with_tls(
+                Brick::start(
                     b.id.clone(),
                     b.address.clone(),
                     ping_timeout,
@@ -343,7 +343,7 @@ impl Volume {
                     b.set_ping_timeout(ping_timeout);
                     next.push(b.clone())
                 }
-                None => next.push(Brick::start_with_tls(
+                None => next.push(Brick::start(
                     spec.id.clone(),
                     spec.address.clone(),
                     ping_timeout,
