@@ -76,6 +76,9 @@ if ! podman image exists "$base"; then
   rm -rf "$rootfs"
 fi
 
+# One build, never rebuilt in place: incremental state would only take disk (it once
+# filled CI's).
+export CARGO_INCREMENTAL=0
 cargo build --workspace
 fuzz/ci.sh --build-only
 cargo nextest run --workspace "$@"
