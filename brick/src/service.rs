@@ -36,6 +36,8 @@ struct SessionEntry {
     mutated: HashSet<Gfid>,
     /// Files the session has open, with how many opens: released when it ends.
     opened: HashMap<Gfid, u32>,
+    /// Who the client said it is (for the logs: who holds a lock others wait for).
+    client: String,
 }
 
 #[derive(Default)]
@@ -211,6 +213,7 @@ impl BrickService {
 
     fn notify_contended(&self, holder: SessionId, g: Gfid) {
         if let Some(e) = self.sessions.lock().unwrap().get(&holder) {
+            tracing::debug!(holder = %e.client, gfid = %g, "lock contended");
             let _ = e.tx.try_send(Ok(pb::SessionOut {
                 msg: Some(pb::session_out::Msg::Contended(g.to_vec())),
             }));
@@ -342,6 +345,7 @@ impl pb::brick_server::Brick for BrickService {
                     tx: tx.clone(),
                     mutated: HashSet::new(),
                     opened: HashMap::new(),
+                    client: hello.client.chars().take(128).collect(),
                 },
             );
         }

@@ -65,7 +65,7 @@ pub struct MortarFs {
 fn errno(e: Error) -> Errno {
     if matches!(
         e,
-        Error::NoQuorum { .. } | Error::Transport { .. } | Error::NoGoodCopy
+        Error::NoQuorum { .. } | Error::Transport { .. } | Error::Denied { .. } | Error::NoGoodCopy
     ) {
         tracing::warn!("{e}");
     }

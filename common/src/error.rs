@@ -19,6 +19,10 @@ pub enum Error {
     Busy,
     #[error("brick {brick}: {msg}")]
     Transport { brick: String, msg: String },
+    /// The brick refused the request for who we are (a mount's certificate asking for an
+    /// administrative step).
+    #[error("brick {brick}: {msg}")]
+    Denied { brick: String, msg: String },
     #[error("volfile: {0}")]
     Volfile(String),
 }
@@ -33,6 +37,7 @@ impl Error {
             Error::NoGoodCopy | Error::SplitBrain => libc::EIO,
             Error::Busy => libc::EAGAIN,
             Error::Transport { .. } => libc::ENOTCONN,
+            Error::Denied { .. } => libc::EACCES,
             Error::Volfile(_) => libc::EINVAL,
         }
     }

@@ -69,11 +69,18 @@ pub async fn brick_client(
     mortar_proto::brick_client::BrickClient::new(ch).max_decoding_message_size(64 << 20)
 }
 
-/// A session of a raw client's own (locks and opens need one); it lasts while this lives.
+/// A session of a raw client's own (locks and opens need one); it lasts while this lives:
+/// a task pings for it (a brick ends a session that stops pinging) and reads what the
+/// brick sends (and one that stops reading).
 pub struct RawSession {
     pub id: Vec<u8>,
-    _out: tokio::sync::mpsc::Sender<mortar_proto::SessionIn>,
-    _inbound: tonic::Streaming<mortar_proto::SessionOut>,
+    keeper: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RawSession {
+    fn drop(&mut self) {
+        self.keeper.abort();
+    }
 }
 
 /// Opens a session on `b` as client `name`.
@@ -81,26 +88,38 @@ pub async fn raw_session(
     b: &mut mortar_proto::brick_client::BrickClient<tonic::transport::Channel>,
     name: &str,
 ) -> RawSession {
+    use mortar_proto::{SessionIn, session_in::Msg};
     let id = mortar_common::gfid::Gfid::random().to_vec();
     let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tx.send(mortar_proto::SessionIn {
-        msg: Some(mortar_proto::session_in::Msg::Hello(mortar_proto::Hello {
+    tx.send(SessionIn {
+        msg: Some(Msg::Hello(mortar_proto::Hello {
             session: id.clone(),
             client: name.into(),
         })),
     })
     .await
     .unwrap();
-    let inbound = b
+    let mut inbound = b
         .session(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
         .unwrap()
         .into_inner();
-    RawSession {
-        id,
-        _out: tx,
-        _inbound: inbound,
-    }
+    let keeper = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        for n in 0u64.. {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if tx.send(SessionIn { msg: Some(Msg::Ping(n)) }).await.is_err() {
+                        return;
+                    }
+                }
+                m = inbound.message() => if !matches!(m, Ok(Some(_))) {
+                    return;
+                },
+            }
+        }
+    });
+    RawSession { id, keeper }
 }
 
 pub struct Cluster {

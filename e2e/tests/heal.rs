@@ -627,3 +627,162 @@ fn two_wiped_bricks_are_refilled_from_the_last_copy() {
     assert_eq!(fs::read(m.p("d/f49")).unwrap(), pattern(49, 149));
     assert_eq!(fs::read_link(m.p("d/link")).unwrap().to_str(), Some("f1"));
 }
+
+/// A brick granted a lock whose answer its client never saw (a request cut short, a create
+/// that failed after some bricks applied it). The client must give such a lock back when
+/// another session asks for it: else heal and every other client wait on the inode for as
+/// long as that client lives (the checker's `/c0/d2/n26`, stuck pending for 180 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_granted_to_a_client_that_never_saw_the_grant_is_given_back() {
+    use mortar_common::gfid::Gfid;
+    use mortar_proto as pb;
+    let c = Cluster::start(101, 3);
+    let (v1, v2) = (c.volume().await, c.volume().await);
+    let f = v2
+        .create(Gfid::ROOT, b"f", pb::Kind::File, 0o644, 0, 0, 0, b"")
+        .await
+        .unwrap();
+    let g = Gfid::from_bytes(&f.gfid).unwrap();
+    v2.write(g, 0, b"before".to_vec(), false).await.unwrap();
+    // v1's sessions on b0 and b1 take g's lock behind v1's back: the grants v1 never saw.
+    for b in &v1.bricks()[..2] {
+        let up = b.up().unwrap();
+        let term = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        let r = up
+            .client
+            .clone()
+            .lock(pb::LockReq {
+                session: up.session.to_vec(),
+                gfids: vec![g.to_vec()],
+                term,
+                // v2's eager lock is given back when asked.
+                wait: true,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            r.errno == 0 || r.errno == libc::ESTALE,
+            "{}: errno {}",
+            b.id,
+            r.errno
+        );
+    }
+    // Two of three bricks hold the lock for v1: v2 gets a majority only if v1 lets go (a
+    // brick gives a waiting lock up after 30 s, and then the write fails).
+    v2.write(g, 0, b"after!".to_vec(), false).await.unwrap();
+    assert_eq!(&v1.read(g, 0, 100).await.unwrap()[..], b"after!");
+    let took = tokio::task::spawn_blocking(move || {
+        let took = c.wait_healed(Duration::from_secs(30));
+        drop(c);
+        took
+    })
+    .await
+    .unwrap();
+    heal_report("orphaned locks given back", took);
+}
+
+/// A change that finds too few up-to-date copies (one brick back from an absence, another
+/// away) needs a heal first. A mount's certificate allows no heal steps, so the mount
+/// waits for the bricks' heal rather than fail the change with EIO (a regression of
+/// session 5, seen in the checker's logs of session 6).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_that_needs_a_heal_first_waits_for_the_bricks_heal() {
+    use mortar_common::gfid::Gfid;
+    use mortar_proto as pb;
+    let mut c = Cluster::start(102, 3);
+    let m = c.mount("m", "");
+    fs::write(m.p("f"), b"one").unwrap();
+    c.kill(2);
+    fs::write(m.p("f"), b"two").unwrap();
+    c.kill(1);
+    // b0 holds the only new copy. A session of the test's own holds the file's lock there,
+    // so that no heal runs before the mount's change asks for one.
+    let g = {
+        let v = c.volume().await;
+        let e = v.lookup(Gfid::ROOT, b"f").await.unwrap();
+        Gfid::from_bytes(&e.gfid).unwrap()
+    };
+    let mut b0 = mortar_e2e::brick_client(&c.addr(0)).await;
+    let holder = mortar_e2e::raw_session(&mut b0, "test-holder").await;
+    let r = b0
+        .lock(pb::LockReq {
+            session: holder.id.clone(),
+            gfids: vec![g.to_vec()],
+            term: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64,
+            wait: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.errno == 0 || r.errno == libc::ESTALE, "errno {}", r.errno);
+    let log = c.dir.join("m.log");
+    let b2_ups = || {
+        fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("brick up brick=b2")
+            .count()
+    };
+    let seen = b2_ups();
+    c.restart(2);
+    let t = Instant::now();
+    while b2_ups() == seen {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the mount never saw b2 back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Lock requests that waited at b0 (its metrics endpoint).
+    let metrics = format!("{}:25100", c.host(0));
+    let waits = || {
+        use std::io::{Read, Write};
+        let mut text = String::new();
+        if let Ok(mut s) = std::net::TcpStream::connect(&metrics) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: b0\r\nConnection: close\r\n\r\n");
+            let _ = s.read_to_string(&mut text);
+        }
+        text.lines()
+            .find(|l| l.starts_with("mortar_brick_lock_waits_total"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = waits();
+    // The mount's change, waiting for the lock.
+    let path = m.p("f");
+    let writer = std::thread::spawn(move || fs::write(&path, b"three"));
+    let t = Instant::now();
+    while waits() == before {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the mount never waited for the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Let go: the mount takes the lock, finds b0's copy alone up to date, and must wait for
+    // the bricks to heal b2's.
+    drop(holder);
+    drop(b0);
+    let r = tokio::task::spawn_blocking(move || writer.join().unwrap())
+        .await
+        .unwrap();
+    r.expect("a change after a fault waits for the heal it needs");
+    assert_eq!(fs::read(m.p("f")).unwrap(), b"three");
+    c.restart(1);
+    let took = tokio::task::spawn_blocking(move || {
+        let took = c.wait_healed(Duration::from_secs(30));
+        drop(m);
+        drop(c);
+        took
+    })
+    .await
+    .unwrap();
+    heal_report("after a change that waited for heal", took);
+}

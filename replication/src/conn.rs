@@ -360,6 +360,10 @@ impl Brick {
         tokio::select! {
             r = timed => match r {
                 Some(Ok(r)) => Ok((r.into_inner(), up)),
+                Some(Err(s)) if s.code() == tonic::Code::PermissionDenied => Err(Error::Denied {
+                    brick: self.id.clone(),
+                    msg: s.message().to_string(),
+                }),
                 Some(Err(s)) => Err(self.transport(s.message().to_string())),
                 None => Err(self.transport(format!("no answer within {:?}", deadline.unwrap_or_default()))),
             },

@@ -19,6 +19,9 @@ use crate::arbitrate::{self, Copy, Reply, Ver, pver, ver_of};
 use crate::conn::{self, Brick};
 use crate::volume::Volume;
 
+/// How long a change waits for the bricks to heal the copies it needs (see `healing`).
+const HEAL_WAIT: Duration = Duration::from_secs(5);
+
 /// "bricks disagree on a change": at most one line per 10 s.
 static DISAGREE_WARNINGS: RateLimit = RateLimit::new(Duration::from_secs(10));
 #[derive(Clone)]
@@ -361,22 +364,49 @@ impl Volume {
     // ---- mutations ----
 
     /// Runs `f`; when it finds too few up-to-date copies of `gfids` (a brick just back,
-    /// say), heals them now and runs it again.
+    /// say), heals them now and runs it again. A client that may not heal (a mount's
+    /// certificate allows no heal steps) waits a while for the bricks' own heal instead:
+    /// `acquire` has queued the inodes with them.
     async fn healing<T, F, Fut>(&self, gfids: &[Gfid], f: F) -> Result<T>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
     {
         match f().await {
-            Err(Error::NoGoodCopy) => {
-                for g in gfids {
-                    if let Err(e) = self.heal(*g, crate::heal::Source::Newest).await {
-                        tracing::warn!(gfid = %g, "heal before a change or fsync: {e}");
-                    }
-                }
-                f().await
+            Err(Error::NoGoodCopy) => {}
+            r => return r,
+        }
+        let mut healed = !self.heal_denied.load(Relaxed);
+        for g in gfids {
+            if !healed {
+                break;
             }
-            r => r,
+            match self.heal(*g, crate::heal::Source::Newest).await {
+                Ok(_) => {}
+                Err(Error::Denied { msg, .. }) => {
+                    tracing::info!("{msg}: changes after a fault wait for the bricks' heal");
+                    self.heal_denied.store(true, Relaxed);
+                    healed = false;
+                }
+                Err(e) => {
+                    tracing::warn!(gfid = %g, "heal before a change or fsync: {e}");
+                    healed = false;
+                }
+            }
+        }
+        if healed {
+            return f().await;
+        }
+        let deadline = Instant::now() + HEAL_WAIT;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match f().await {
+                Err(Error::NoGoodCopy) if Instant::now() + pause < deadline => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                r => return r,
+            }
         }
     }
 
@@ -462,8 +492,18 @@ impl Volume {
         }
         let first = guards[0].as_ref().unwrap();
         let term = first.term;
+        // Every brick that applies a create grants its creator the new inode's lock. Its
+        // transaction is entered now, so that nothing else of this client (the orphan check
+        // of a contention notice, see `Volume::on_contended`) acts on the inode before the
+        // outcome says who holds that lock.
+        let mut created = None;
         if let pb::mutate_req::Op::Create(c) = &mut op {
             c.term = term;
+            if let Some(g) = Gfid::from_bytes(&c.gfid) {
+                let tx = self.tx(g);
+                let guard = tx.hold.clone().lock_owned().await;
+                created = Some((g, tx, guard));
+            }
         }
         let mut updates = Vec::new();
         let mut new_vers = Vec::new();
@@ -567,20 +607,29 @@ impl Volume {
                 h.ver = *new;
             }
         }
-        if let (Ok(_), pb::mutate_req::Op::Create(c)) = (&result, &op) {
-            // The creator holds the new inode's lock already: its first write is one round trip.
-            if let Some(g) = Gfid::from_bytes(&c.gfid) {
-                let tx = self.tx(g);
-                if let Ok(mut h) = tx.hold.try_lock() {
-                    *h = Some(Hold {
-                        term,
-                        ver: Ver::default(),
-                        locked: members.clone(),
-                        missing: members.len() < total,
-                        members: members.clone(),
-                    });
-                    *tx.last_used.lock().unwrap() = Some(Instant::now());
-                }
+        if let Some((g, tx, mut guard)) = created {
+            let granted: Vec<Member> = targets
+                .iter()
+                .zip(&replies)
+                .filter(|(_, r)| matches!(r, Reply::Applied))
+                .map(|(m, _)| m.clone())
+                .collect();
+            if result.is_ok() {
+                // The creator holds the new inode's lock already: its first write is one
+                // round trip.
+                *guard = Some(Hold {
+                    term,
+                    ver: Ver::default(),
+                    locked: granted,
+                    missing: members.len() < total,
+                    members: members.clone(),
+                });
+                *tx.last_used.lock().unwrap() = Some(Instant::now());
+            } else if !granted.is_empty() {
+                // A create that failed still left its lock on the bricks that applied it:
+                // give it back, or nobody (heal included) could take the inode again while
+                // this client lives. The copies made go to heal.
+                Self::unlock_on(&granted, &[g], true).await;
             }
         }
         let now = Instant::now();

@@ -101,6 +101,9 @@ pub struct Volume {
     /// Bricks last seen holding the newest copy of an inode.
     pub(crate) readable: Mutex<HashMap<Gfid, Vec<String>>>,
     pub(crate) heal_queued: Mutex<HashMap<Gfid, Instant>>,
+    /// The bricks refused this client a heal step (a mount's certificate): it leaves
+    /// healing to them.
+    pub(crate) heal_denied: std::sync::atomic::AtomicBool,
     pub(crate) heal_bucket: Mutex<crate::heal::Bucket>,
     pub(crate) term_clock: AtomicU64,
     pub(crate) opts: Options,
@@ -208,6 +211,7 @@ impl Volume {
             inodes: Mutex::default(),
             readable: Mutex::default(),
             heal_queued: Mutex::default(),
+            heal_denied: Default::default(),
             heal_bucket: Mutex::default(),
             term_clock: AtomicU64::new(0),
             opts,
@@ -273,16 +277,48 @@ impl Volume {
         self.bricks().iter().filter(|b| b.is_up()).count()
     }
 
+    /// A brick says this client holds `g`'s lock and another session waits for it. Our
+    /// transaction gives it up soon; but if none of our transactions knows of that lock (a
+    /// grant whose answer never came back, say), nothing ever would, and every other
+    /// client and healer would wait on the inode for as long as this client lives: give it
+    /// back now. Only who holds an inode's transaction takes its locks, so a lock unknown to
+    /// a transaction we can enter is one nobody here relies on.
+    fn on_contended(self: &Arc<Self>, brick: &str, g: Gfid) {
+        let tx = self.tx(g);
+        tx.contended.store(true, Relaxed);
+        self.wake_releaser.notify_one();
+        let Ok(guard) = tx.hold.clone().try_lock_owned() else {
+            return;
+        };
+        let known = guard
+            .as_ref()
+            .is_some_and(|h| h.locked.iter().any(|m| m.brick.id == brick && m.current()));
+        let Some(b) = self.bricks().into_iter().find(|b| b.id == brick) else {
+            return;
+        };
+        if known {
+            return;
+        }
+        tracing::info!(brick, gfid = %g, "giving back a lock no transaction of this client knows of");
+        let Some(up) = b.up() else { return };
+        let member = crate::txn::Member {
+            brick: b,
+            epoch: up.epoch,
+            session: up.session,
+        };
+        tokio::spawn(async move {
+            // The inode's transaction stays entered until the brick has answered: a lock
+            // taken again meanwhile must not be the one this unlock frees.
+            Self::unlock_on(&[member], &[g], true).await;
+            drop(guard);
+        });
+    }
+
     async fn handle_events(weak: Weak<Volume>, mut rx: mpsc::UnboundedReceiver<Event>) {
         while let Some(ev) = rx.recv().await {
             let Some(v) = weak.upgrade() else { return };
             match ev {
-                Event::Contended { gfid, .. } => {
-                    if let Some(tx) = v.inodes.lock().unwrap().get(&gfid) {
-                        tx.contended.store(true, Relaxed);
-                    }
-                    v.wake_releaser.notify_one();
-                }
+                Event::Contended { brick, gfid } => v.on_contended(&brick, gfid),
                 Event::Volfile { brick, generation } => {
                     if generation > v.vol.read().unwrap().generation {
                         let v2 = v.clone();
