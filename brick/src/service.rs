@@ -325,6 +325,12 @@ impl pb::brick_server::Brick for BrickService {
         &self,
         req: Request<Streaming<pb::SessionIn>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        // Who the certificate says the peer is, for the log: the name a client gives itself
+        // in its hello is only what it claims.
+        let cert = req
+            .peer_certs()
+            .and_then(|chain| tls::peer_name(&chain[..]))
+            .unwrap_or_else(|| "-".into());
         let mut inbound = req.into_inner();
         let hello = match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {
             Ok(Ok(Some(pb::SessionIn {
@@ -349,7 +355,7 @@ impl pb::brick_server::Brick for BrickService {
                 },
             );
         }
-        tracing::info!(client = %hello.client, "session started");
+        tracing::info!(client = %hello.client, cert = %cert, "session started");
         let (sessions, inode_locks, range_locks, store) = (
             self.sessions.clone(),
             self.inode_locks.clone(),

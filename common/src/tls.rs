@@ -11,7 +11,7 @@
 //! uses it.
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::Mutex;
 
 use anyhow::{Context, Result, bail};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
@@ -115,38 +115,80 @@ impl TlsFiles {
     }
 }
 
-/// How this process connects to bricks: `None` is plain TCP.
-static CLIENT: OnceLock<Option<ClientTlsConfig>> = OnceLock::new();
+/// How this process connects to bricks: the directory of its certificate (`None`: plain
+/// TCP), and what was loaded from it when.
+struct ClientTls {
+    dir: Option<PathBuf>,
+    loaded: Option<(Stamp, ClientTlsConfig)>,
+}
+
+/// The size and modification time of each file of a TLS directory: renewed files (a
+/// Secret's new data, `mortar certs issue` again) change it.
+type Stamp = Vec<Option<(u64, std::time::SystemTime)>>;
+
+fn stamp(dir: &Path) -> Stamp {
+    [CA_FILE, CERT_FILE, KEY_FILE]
+        .iter()
+        .map(|f| {
+            let m = std::fs::metadata(dir.join(f)).ok()?;
+            Some((m.len(), m.modified().ok()?))
+        })
+        .collect()
+}
+
+static CLIENT: Mutex<Option<ClientTls>> = Mutex::new(None);
 
 /// Sets how this process connects to bricks: with the certificate in `dir`, or (None) in
 /// plain TCP. Returns an error if the files do not load, or if it was set already.
 pub fn init_client(dir: Option<&Path>) -> Result<()> {
-    let cfg = dir
-        .map(|d| TlsFiles::load(d).map(|f| f.client()))
+    let loaded = dir
+        .map(|d| TlsFiles::load(d).map(|f| (stamp(d), f.client())))
         .transpose()?;
-    if CLIENT.set(cfg).is_err() {
+    let mut c = CLIENT.lock().unwrap();
+    if c.is_some() {
         bail!("TLS client configuration set twice");
     }
+    *c = Some(ClientTls {
+        dir: dir.map(Path::to_path_buf),
+        loaded,
+    });
     Ok(())
 }
 
 /// This process's client TLS, set by `init_client` or else from `MORTAR_TLS_DIR` (plain TCP
-/// when neither says otherwise).
+/// when neither says otherwise). Read again whenever the directory's files change, so that
+/// a long-running process (a mount, a brick's self-heal) presents its renewed certificate at
+/// its next connection rather than the one it started with.
 fn client_config() -> Option<ClientTlsConfig> {
-    CLIENT
-        .get_or_init(|| {
-            let dir = std::env::var_os(TLS_DIR_ENV)?;
-            match TlsFiles::load(Path::new(&dir)) {
-                Ok(f) => Some(f.client()),
-                Err(e) => {
-                    // A process told to use TLS must not quietly fall back to plain TCP:
-                    // every connection fails, and says why.
-                    tracing::error!("{e:#}");
-                    Some(ClientTlsConfig::new().domain_name("unusable.invalid"))
-                }
+    let mut guard = CLIENT.lock().unwrap();
+    let c = guard.get_or_insert_with(|| ClientTls {
+        dir: std::env::var_os(TLS_DIR_ENV).map(PathBuf::from),
+        loaded: None,
+    });
+    let dir = c.dir.clone()?;
+    let now = stamp(&dir);
+    if c.loaded.as_ref().is_some_and(|(s, _)| *s == now) {
+        return c.loaded.as_ref().map(|(_, t)| t.clone());
+    }
+    match TlsFiles::load(&dir) {
+        Ok(f) => {
+            if c.loaded.is_some() {
+                tracing::info!(dir = %dir.display(), "client certificate changed: new connections use the new one");
             }
-        })
-        .clone()
+            c.loaded = Some((now, f.client()));
+        }
+        // Files caught half-renewed: the last good ones serve until they settle.
+        Err(e) if c.loaded.is_some() => {
+            tracing::warn!("{e:#}; the certificate loaded before is kept")
+        }
+        Err(e) => {
+            // A process told to use TLS must not quietly fall back to plain TCP: every
+            // connection fails, and says why.
+            tracing::error!("{e:#}");
+            return Some(ClientTlsConfig::new().domain_name("unusable.invalid"));
+        }
+    }
+    c.loaded.as_ref().map(|(_, t)| t.clone())
 }
 
 /// Whether connections to bricks use TLS.
@@ -180,10 +222,16 @@ fn endpoint_with_config(addr: &str, tls: Option<ClientTlsConfig>) -> Result<Endp
 
 /// The role of a peer from its certificate chain as TLS gave it (the leaf first).
 pub fn peer_role(chain: &[impl AsRef<[u8]>]) -> Option<Role> {
+    Role::of_common_name(&peer_name(chain)?)
+}
+
+/// The common name of a peer's certificate (`client/<name>`, say), from its chain as TLS
+/// gave it (the leaf first).
+pub fn peer_name(chain: &[impl AsRef<[u8]>]) -> Option<String> {
     let leaf = chain.first()?;
     let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
     let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
-    Role::of_common_name(cn)
+    Some(cn.to_string())
 }
 
 /// A certificate authority of a cluster: it issues the certificates of its bricks and

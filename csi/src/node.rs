@@ -501,6 +501,14 @@ impl NodeService {
         let _guard = self
             .inflight
             .try_lock(format!("{}@{}", req.volume_id, req.target_path))?;
+        // Kubelet publishes again now and then (the CSIDriver's `requiresRepublish`) with
+        // the Secret as it is now: a renewed certificate reaches the cluster's TLS
+        // directory, which the running mount reads again at its next connection.
+        if tls.is_some() {
+            let lock = self.shared_lock(&id.location);
+            let _held = lock.lock().await;
+            self.tls_for_mount(&id.location, tls.as_ref()).await?;
+        }
 
         let staging = mounts::absolute(Path::new(&req.staging_target_path))
             .map_err(io_err("staging_target_path"))?;

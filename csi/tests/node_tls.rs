@@ -107,16 +107,32 @@ async fn stage_with_secrets_writes_a_private_tls_dir_and_mounts_with_it() {
     );
     assert!(is_mount_point(&staging));
 
-    // Publish with node-publish secrets of a renewed certificate: the files follow (for
-    // the next mount); the running mount is left alone.
-    let renewed = client_secrets(&ca);
+    // Publish with node-publish secrets of a renewed certificate: it only binds (no new
+    // mount), but the files follow, and the running mount reads them at its next
+    // connection (e2e `security.rs`).
+    let first = client_secrets(&ca);
     let target = layout.scratch.join("kubelet/pods/p1/volumes/pvc-tls/mount");
+    let mut req = publish_req(&id, &staging, &target, false);
+    req.secrets = first.clone();
+    c.node.node_publish_volume(req).await.unwrap();
+    assert!(is_mount_point(&target));
+    assert_eq!(layout.mount_calls().len(), 1);
+    assert_eq!(
+        std::fs::read_to_string(dir.join(CERT_FILE)).unwrap(),
+        first[CERT_FILE]
+    );
+    // Kubelet's republish of the same target (the chart sets `requiresRepublish`) with the
+    // Secret renewed again: nothing to mount, the files follow once more.
+    let renewed = client_secrets(&ca);
     let mut req = publish_req(&id, &staging, &target, false);
     req.secrets = renewed.clone();
     c.node.node_publish_volume(req).await.unwrap();
-    assert!(is_mount_point(&target));
-    // Publish only binds: its secrets are checked and kept only on a repair.
     assert_eq!(layout.mount_calls().len(), 1);
+    assert_eq!(
+        std::fs::read_to_string(dir.join(CERT_FILE)).unwrap(),
+        renewed[CERT_FILE]
+    );
+    assert_eq!(mode(&dir.join(KEY_FILE)), 0o600);
     let mut bad = publish_req(&id, &staging, &target, false);
     bad.secrets = HashMap::from([(CA_FILE.to_string(), ca.cert_pem.clone())]);
     assert_code(

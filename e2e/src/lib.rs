@@ -296,9 +296,11 @@ impl Cluster {
         let path = self.dir.join(name);
         std::fs::create_dir_all(&path).unwrap();
         let mut cmd = Command::new(bin("mortar-mount"));
-        cmd.arg("--tls-dir")
-            .arg(tls_home().join("client"))
-            .arg(self.target())
+        // The client certificate of this process's CA, unless the options name another.
+        if !opts.split(',').any(|o| o.starts_with("tls-dir=")) {
+            cmd.arg("--tls-dir").arg(tls_home().join("client"));
+        }
+        cmd.arg(self.target())
             .arg(&path)
             .arg("--log-file")
             .arg(self.dir.join(format!("{name}.log")));

@@ -458,3 +458,42 @@ async fn a_connection_cannot_hold_more_than_its_budget_of_request_bytes() {
     .unwrap();
     drop(ch);
 }
+
+/// Certificates are renewed (the operator's Secrets, `mortar certs issue`) while mounts run
+/// for months: a running mount presents its renewed certificate at its next connection,
+/// instead of the one it started with until that expires and every reconnect fails.
+#[test]
+fn a_running_mount_presents_its_renewed_certificate_when_it_reconnects() {
+    use mortar_common::tls::{CA_FILE, CERT_FILE, KEY_FILE};
+    let mut c = Cluster::start(103, 3);
+    let ca = Ca::load(&tls_home().join("ca")).unwrap();
+    let dir = c.dir.join("mount-tls");
+    ca.write_tls_dir(&dir, Role::Client, "first", &[]).unwrap();
+    let m = c.mount("m", &format!("tls-dir={}", dir.display()));
+    std::fs::write(m.p("f"), b"one").unwrap();
+    assert!(
+        c.log(0).contains("cert=client/first"),
+        "the brick names the mount's certificate:\n{}",
+        c.log(0)
+    );
+    // Renewed in place, each file replaced whole (as a Secret's new data arrives).
+    let renewed = c.dir.join("renewed");
+    ca.write_tls_dir(&renewed, Role::Client, "second", &[])
+        .unwrap();
+    for f in [CA_FILE, CERT_FILE, KEY_FILE] {
+        std::fs::rename(renewed.join(f), dir.join(f)).unwrap();
+    }
+    // The mount's next connection to b0.
+    c.restart(0);
+    let t = std::time::Instant::now();
+    while !c.log(0).contains("cert=client/second") {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(20),
+            "the mount came back with its old certificate:\n{}",
+            c.log(0)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::fs::write(m.p("f"), b"two").unwrap();
+    assert_eq!(std::fs::read(m.p("f")).unwrap(), b"two");
+}
