@@ -469,6 +469,9 @@ fn a_running_mount_presents_its_renewed_certificate_when_it_reconnects() {
     let ca = Ca::load(&tls_home().join("ca")).unwrap();
     let dir = c.dir.join("mount-tls");
     ca.write_tls_dir(&dir, Role::Client, "first", &[]).unwrap();
+    // `-o tls-dir=` wins over `MORTAR_TLS_DIR`, which this process sets (to its admin
+    // certificate) as the CSI node does: the mounts it starts inherited that and presented
+    // the node's own certificate instead of the cluster's.
     let m = c.mount("m", &format!("tls-dir={}", dir.display()));
     std::fs::write(m.p("f"), b"one").unwrap();
     assert!(
@@ -484,6 +487,7 @@ fn a_running_mount_presents_its_renewed_certificate_when_it_reconnects() {
         std::fs::rename(renewed.join(f), dir.join(f)).unwrap();
     }
     // The mount's next connection to b0.
+    c.kill(0);
     c.restart(0);
     let t = std::time::Instant::now();
     while !c.log(0).contains("cert=client/second") {

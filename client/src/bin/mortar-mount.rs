@@ -25,8 +25,9 @@ struct Args {
     #[arg(long)]
     log_file: Option<PathBuf>,
     /// Directory with this client's certificate (`tls.crt`, `tls.key`) and the cluster's CA
-    /// (`ca.crt`) for mutual TLS with the bricks [default: plain TCP].
-    #[arg(long, env = "MORTAR_TLS_DIR")]
+    /// (`ca.crt`) for mutual TLS with the bricks; before `-o tls-dir=`, which comes before
+    /// `MORTAR_TLS_DIR` [default: plain TCP].
+    #[arg(long)]
     tls_dir: Option<PathBuf>,
 }
 
