@@ -731,14 +731,7 @@ async fn a_change_that_needs_a_heal_first_waits_for_the_bricks_heal() {
     };
     let seen = b2_ups();
     c.restart(2);
-    let t = Instant::now();
-    while b2_ups() == seen {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "the mount never saw b2 back"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until("the mount never saw b2 back", || b2_ups() != seen).await;
     // Lock requests that waited at b0 (its metrics endpoint).
     let metrics = format!("{}:25100", c.host(0));
     let waits = || {
@@ -758,14 +751,7 @@ async fn a_change_that_needs_a_heal_first_waits_for_the_bricks_heal() {
     // The mount's change, waiting for the lock.
     let path = m.p("f");
     let writer = std::thread::spawn(move || fs::write(&path, b"three"));
-    let t = Instant::now();
-    while waits() == before {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "the mount never waited for the lock"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until("the mount never waited for the lock", || waits() != before).await;
     // Let go: the mount takes the lock, finds b0's copy alone up to date, and must wait for
     // the bricks to heal b2's.
     drop(holder);
@@ -785,4 +771,13 @@ async fn a_change_that_needs_a_heal_first_waits_for_the_bricks_heal() {
     .await
     .unwrap();
     heal_report("after a change that waited for heal", took);
+}
+
+/// Waits until `done`, at most 20 s; fails with `what` after that.
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !done() {
+        assert!(t.elapsed() < Duration::from_secs(20), "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -376,25 +376,7 @@ impl Volume {
             Err(Error::NoGoodCopy) => {}
             r => return r,
         }
-        let mut healed = !self.heal_denied.load(Relaxed);
-        for g in gfids {
-            if !healed {
-                break;
-            }
-            match self.heal(*g, crate::heal::Source::Newest).await {
-                Ok(_) => {}
-                Err(Error::Denied { msg, .. }) => {
-                    tracing::info!("{msg}: changes after a fault wait for the bricks' heal");
-                    self.heal_denied.store(true, Relaxed);
-                    healed = false;
-                }
-                Err(e) => {
-                    tracing::warn!(gfid = %g, "heal before a change or fsync: {e}");
-                    healed = false;
-                }
-            }
-        }
-        if healed {
+        if !self.heal_denied.load(Relaxed) && self.heal_first(gfids).await {
             return f().await;
         }
         let deadline = Instant::now() + HEAL_WAIT;
@@ -408,6 +390,26 @@ impl Volume {
                 r => return r,
             }
         }
+    }
+
+    /// Heals `gfids` before a change; false at the first that could not be healed. A
+    /// refused heal step (a mount's certificate) is remembered: this client stops trying.
+    async fn heal_first(&self, gfids: &[Gfid]) -> bool {
+        for g in gfids {
+            match self.heal(*g, crate::heal::Source::Newest).await {
+                Ok(_) => {}
+                Err(Error::Denied { msg, .. }) => {
+                    tracing::info!("{msg}: changes after a fault wait for the bricks' heal");
+                    self.heal_denied.store(true, Relaxed);
+                    return false;
+                }
+                Err(e) => {
+                    tracing::warn!(gfid = %g, "heal before a change or fsync: {e}");
+                    return false;
+                }
+            }
+        }
+        true
     }
 
     /// Runs one change of `gfids` (the inodes whose version it changes) on the bricks.

@@ -293,14 +293,14 @@ impl Volume {
         let known = guard
             .as_ref()
             .is_some_and(|h| h.locked.iter().any(|m| m.brick.id == brick && m.current()));
-        let Some(b) = self.bricks().into_iter().find(|b| b.id == brick) else {
-            return;
-        };
         if known {
             return;
         }
-        tracing::info!(brick, gfid = %g, "giving back a lock no transaction of this client knows of");
+        let Some(b) = self.bricks().into_iter().find(|b| b.id == brick) else {
+            return;
+        };
         let Some(up) = b.up() else { return };
+        tracing::info!(brick, gfid = %g, "giving back a lock no transaction of this client knows of");
         let member = crate::txn::Member {
             brick: b,
             epoch: up.epoch,
