@@ -6,10 +6,17 @@
 //! without an API server. The reconciler observes the Secrets, asks `plan`, then issues and
 //! applies.
 //!
-//! The CA is made once and never replaced by the operator: a new CA means every mount must
-//! be given new files, which is an operator's (a human's) decision (SECURITY.md). Its
-//! Secret's `ca.crt` may hold several certificates: the first, with `ca.key`, signs; all of
-//! them are trusted, which is how a CA is replaced without a moment where peers disagree.
+//! The CA Secret's `ca.crt` may hold several certificates: the first, with `ca.key`, signs;
+//! all of them are trusted. That is how the operator replaces a CA before it expires
+//! (`ca_step`) without a moment where two peers disagree on whom to trust:
+//! 1. **Introduce**: a new CA is added to `ca.crt`, after the current one, which still
+//!    signs (its key waits in `next.key`). Every peer gets the bundle: bricks restart with
+//!    it, mounts are given it at their next NodePublishVolume.
+//! 2. **Switch**, at least `CA_OVERLAP_SECS` later: the new CA signs (first in `ca.crt`, its
+//!    key in `ca.key`); the old one stays trusted (`retiring.crt`), and every certificate is
+//!    issued again by the new CA.
+//! 3. **Retire**, at least `CA_OVERLAP_SECS` after that and once every certificate is the
+//!    new CA's: the old CA leaves `ca.crt`.
 
 use std::collections::BTreeMap;
 
@@ -21,6 +28,25 @@ use x509_parser::pem::Pem;
 /// A leaf is renewed when less than this is left of it, or less than a third of its whole
 /// life for certificates shorter than 90 days.
 pub const RENEW_BEFORE_SECS: i64 = 30 * 24 * 3600;
+
+const DAY: i64 = 24 * 3600;
+
+/// A CA is replaced when less than this is left of it, or less than a third of its whole
+/// life for CAs shorter than three years.
+pub const CA_RENEW_BEFORE_SECS: i64 = 365 * DAY;
+
+/// The least time between two steps of a CA's replacement: long enough for every peer to
+/// hold the new trust before anything relies on it (the kubelet refreshes a Secret volume
+/// within minutes, and republishes a mount's files about as often; bricks roll one by one).
+pub const CA_OVERLAP_SECS: i64 = DAY;
+
+/// CA Secret keys of a replacement under way: the key of the CA to come (the last
+/// certificate of `ca.crt`) ...
+pub const NEXT_KEY_FILE: &str = "next.key";
+/// ... the CA replaced, trusted until every certificate is the new one's ...
+pub const RETIRING_FILE: &str = "retiring.crt";
+/// ... and when the last step was taken (Unix seconds).
+pub const SINCE_FILE: &str = "rotation-since";
 
 /// The certificates the operator issues for a cluster, each in a Secret of its own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -76,7 +102,36 @@ pub struct CaInfo {
     pub key_pem: String,
     /// All of `ca.crt`: what every peer trusts.
     pub bundle: String,
+    pub not_before: i64,
     pub not_after: i64,
+}
+
+/// The next step of replacing the CA (see the module's doc).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CaStep {
+    Keep,
+    /// Make a new CA and trust it beside the current one, which still signs.
+    Introduce,
+    /// The CA introduced (`next_pem`, `next_key`) signs from now on.
+    Switch {
+        next_pem: String,
+        next_key: String,
+    },
+    /// Every certificate is the new CA's: the old one (`retiring`) is trusted no more.
+    Retire {
+        retiring: String,
+    },
+}
+
+impl std::fmt::Display for CaStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CaStep::Keep => "keep",
+            CaStep::Introduce => "a new CA is trusted beside the current one",
+            CaStep::Switch { .. } => "the new CA signs; the old one is still trusted",
+            CaStep::Retire { .. } => "the old CA is trusted no more",
+        })
+    }
 }
 
 /// Why a leaf certificate is (re)issued.
@@ -117,10 +172,11 @@ pub enum LeafStep {
 pub enum CertPlan {
     /// Make a CA, then every leaf.
     NewCa,
-    /// The CA is usable: one step per leaf.
+    /// The CA is usable: one step per leaf, and the CA's own.
     Leaves {
         ca: CaInfo,
         steps: BTreeMap<Leaf, LeafStep>,
+        rotation: CaStep,
     },
     /// The CA Secret cannot sign: nothing is issued; what exists stays.
     Blocked(String),
@@ -138,13 +194,130 @@ pub fn plan(observed: &Observed, now: i64) -> CertPlan {
         CaCheck::Missing => CertPlan::NewCa,
         CaCheck::Unusable(why) => CertPlan::Blocked(why),
         CaCheck::Usable(ca) => {
-            let steps = Leaf::ALL
+            let steps: BTreeMap<Leaf, LeafStep> = Leaf::ALL
                 .into_iter()
                 .map(|leaf| (leaf, check_leaf(&ca, observed.leaves.get(&leaf), leaf, now)))
                 .collect();
-            CertPlan::Leaves { ca, steps }
+            let current = steps.values().all(|s| matches!(s, LeafStep::Keep { .. }));
+            let data = observed.ca.as_ref().expect("a usable CA was observed");
+            let rotation = ca_step(data, &ca, now, current);
+            CertPlan::Leaves {
+                ca,
+                steps,
+                rotation,
+            }
         }
     }
+}
+
+/// Where the replacement of a usable CA stands, from its Secret's data, the time, and
+/// whether every leaf certificate is the current CA's and kept (`leaves_current`).
+pub fn ca_step(data: &PemData, ca: &CaInfo, now: i64, leaves_current: bool) -> CaStep {
+    let since = data
+        .get(SINCE_FILE)
+        .and_then(|s| s.trim().parse::<i64>().ok())
+        .unwrap_or(i64::MIN / 2);
+    let overlapped = now.saturating_sub(since) >= CA_OVERLAP_SECS;
+    if let Some(key) = nonempty(data, NEXT_KEY_FILE) {
+        // A key whose certificate left the bundle (an edit by hand): start again.
+        let Some(next_pem) = find_by_key(&ca.bundle, key, now) else {
+            return CaStep::Introduce;
+        };
+        return if overlapped {
+            CaStep::Switch {
+                next_pem,
+                next_key: key.to_string(),
+            }
+        } else {
+            CaStep::Keep
+        };
+    }
+    if let Some(retiring) = nonempty(data, RETIRING_FILE) {
+        return if overlapped && leaves_current {
+            CaStep::Retire {
+                retiring: retiring.to_string(),
+            }
+        } else {
+            CaStep::Keep
+        };
+    }
+    let renew_before = CA_RENEW_BEFORE_SECS.min((ca.not_after - ca.not_before) / 3);
+    if ca.not_after - now < renew_before {
+        CaStep::Introduce
+    } else {
+        CaStep::Keep
+    }
+}
+
+/// The certificate of `bundle`, other than the first, that is an unexpired CA with `key`.
+fn find_by_key(bundle: &str, key: &str, now: i64) -> Option<String> {
+    blocks(bundle).into_iter().skip(1).find(|b| {
+        let Ok(p) = pems(b) else { return false };
+        parse(&p[0]).is_ok_and(|c| {
+            c.is_ca() && c.validity().not_after.timestamp() > now && key_matches(&c, key).is_ok()
+        })
+    })
+}
+
+/// The CA Secret's data after `step`. `made` is the new CA, for `Introduce`.
+pub fn rotate(data: &PemData, step: &CaStep, made: Option<(&str, &str)>, now: i64) -> PemData {
+    let mut out = data.clone();
+    let bundle = data.get(CA_FILE).map(String::as_str).unwrap_or_default();
+    let mut set = |k: &str, v: String| out.insert(k.to_string(), v);
+    match step {
+        CaStep::Keep => return out,
+        CaStep::Introduce => {
+            let (cert, key) = made.expect("Introduce comes with the CA it introduces");
+            set(CA_FILE, blocks(bundle).concat() + cert.trim_end() + "\n");
+            set(NEXT_KEY_FILE, key.to_string());
+        }
+        CaStep::Switch { next_pem, next_key } => {
+            let certs = blocks(bundle);
+            let old = certs.first().cloned().unwrap_or_default();
+            let mut order = vec![next_pem.clone()];
+            order.extend(certs.into_iter().filter(|b| b != next_pem));
+            set(CA_FILE, order.concat());
+            set(CA_KEY_FILE, next_key.clone());
+            set(RETIRING_FILE, old);
+            out.remove(NEXT_KEY_FILE);
+        }
+        CaStep::Retire { retiring } => {
+            let gone = der(retiring);
+            let certs: Vec<String> = blocks(bundle)
+                .into_iter()
+                .filter(|b| der(b) != gone)
+                .collect();
+            set(CA_FILE, certs.concat());
+            out.remove(RETIRING_FILE);
+            out.remove(SINCE_FILE);
+            return out;
+        }
+    }
+    out.insert(SINCE_FILE.to_string(), now.to_string());
+    out
+}
+
+/// The certificates of a PEM bundle, each as its own text ending in a newline.
+fn blocks(bundle: &str) -> Vec<String> {
+    const END: &str = "-----END CERTIFICATE-----";
+    let mut out = Vec::new();
+    let mut rest = bundle;
+    while let Some(i) = rest.find(END) {
+        let block = rest[..i + END.len()].trim_start();
+        out.push(format!("{block}\n"));
+        rest = &rest[i + END.len()..];
+    }
+    out
+}
+
+/// A certificate's DER bytes (empty when it is not PEM): the same certificate whatever its
+/// text's line breaks.
+fn der(pem: &str) -> Vec<u8> {
+    pems(pem)
+        .ok()
+        .and_then(|p| p.into_iter().next())
+        .map(|p| p.contents)
+        .unwrap_or_default()
 }
 
 fn pems(text: &str) -> Result<Vec<Pem>, String> {
@@ -190,11 +363,11 @@ pub fn check_ca(data: Option<&PemData>, now: i64) -> CaCheck {
         return CaCheck::Unusable(format!("the CA Secret needs {CA_FILE} and {CA_KEY_FILE}"));
     };
     let checked = (|| {
-        let blocks = pems(bundle)?;
-        for b in &blocks {
+        let all = pems(bundle)?;
+        for b in &all {
             parse(b)?;
         }
-        let signer = parse(&blocks[0])?;
+        let signer = parse(&all[0])?;
         if !signer.is_ca() {
             return Err("the first certificate of ca.crt is not a CA".into());
         }
@@ -204,25 +377,16 @@ pub fn check_ca(data: Option<&PemData>, now: i64) -> CaCheck {
             return Err(format!("the CA expired {}", format_time(not_after)));
         }
         Ok(CaInfo {
-            signer_pem: format!("{}\n", first_block(bundle)),
+            signer_pem: blocks(bundle).swap_remove(0),
             key_pem: key_pem.to_string(),
             bundle: bundle.to_string(),
+            not_before: signer.validity().not_before.timestamp(),
             not_after,
         })
     })();
     match checked {
         Ok(info) => CaCheck::Usable(info),
         Err(why) => CaCheck::Unusable(why),
-    }
-}
-
-/// The text of the first certificate of a PEM bundle (and whatever precedes it, which PEM
-/// readers skip).
-fn first_block(bundle: &str) -> &str {
-    const END: &str = "-----END CERTIFICATE-----";
-    match bundle.find(END) {
-        Some(i) => &bundle[..i + END.len()],
-        None => bundle,
     }
 }
 
@@ -570,5 +734,209 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A CA valid from `from` to `until` (Unix seconds), as `Ca` (cert, key).
+    fn ca_between(name: &str, from: i64, until: i64) -> Ca {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+        p.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let at =
+            |t: i64| rcgen::date_time_ymd(1970, 1, 1) + std::time::Duration::from_secs(t as u64);
+        p.not_before = at(from);
+        p.not_after = at(until);
+        let cert = p.self_signed(&key).unwrap();
+        Ca {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
+    fn info_of(data: &PemData, t: i64) -> CaInfo {
+        match check_ca(Some(data), t) {
+            CaCheck::Usable(info) => info,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Every case of `ca_step`: when a replacement starts, waits, switches, retires.
+    #[test]
+    fn ca_step_table() {
+        let t = now();
+        let ten_years = ca_data(&Ca::generate("vol").unwrap());
+        // Ten years, one month left: the year before the end has begun.
+        let old = ca_between("old", t - 3620 * DAY, t + 30 * DAY);
+        let ending = ca_data(&old);
+        // Thirty days in all, nine left: under a third.
+        let short = ca_data(&ca_between("short", t - 21 * DAY, t + 9 * DAY));
+        let short_fresh = ca_data(&ca_between("short", t - 10 * DAY, t + 20 * DAY));
+        let new = Ca::generate("new").unwrap();
+        let introduced = rotate(
+            &ending,
+            &CaStep::Introduce,
+            Some((&new.cert_pem, &new.key_pem)),
+            t,
+        );
+        let switch = CaStep::Switch {
+            next_pem: blocks(&new.cert_pem).remove(0),
+            next_key: new.key_pem.clone(),
+        };
+        let switched = rotate(&introduced, &switch, None, t + 2 * DAY);
+        let mut lost_key = introduced.clone();
+        lost_key.insert(NEXT_KEY_FILE.into(), Ca::generate("x").unwrap().key_pem);
+        let mut old_since = introduced.clone();
+        old_since.insert(SINCE_FILE.into(), (t - 2 * DAY).to_string());
+        let retire = CaStep::Retire {
+            retiring: blocks(&old.cert_pem).remove(0),
+        };
+
+        let cases: Vec<(&str, &PemData, i64, bool, CaStep)> = vec![
+            (
+                "a new ten-year CA is kept",
+                &ten_years,
+                t,
+                true,
+                CaStep::Keep,
+            ),
+            (
+                "nine years on it is replaced",
+                &ten_years,
+                t + 3300 * DAY,
+                true,
+                CaStep::Introduce,
+            ),
+            ("a month left", &ending, t, true, CaStep::Introduce),
+            (
+                "a short CA under a third of its life",
+                &short,
+                t,
+                true,
+                CaStep::Introduce,
+            ),
+            (
+                "a short CA over a third",
+                &short_fresh,
+                t,
+                true,
+                CaStep::Keep,
+            ),
+            (
+                "just introduced: wait",
+                &introduced,
+                t + 3600,
+                true,
+                CaStep::Keep,
+            ),
+            (
+                "introduced a day ago: switch",
+                &introduced,
+                t + DAY,
+                true,
+                switch.clone(),
+            ),
+            (
+                "the since mark decides, not the clock alone",
+                &old_since,
+                t,
+                true,
+                switch.clone(),
+            ),
+            (
+                "next.key without its certificate: again",
+                &lost_key,
+                t + DAY,
+                true,
+                CaStep::Introduce,
+            ),
+            (
+                "just switched: wait",
+                &switched,
+                t + 2 * DAY + 60,
+                true,
+                CaStep::Keep,
+            ),
+            (
+                "switched a day ago, leaves not reissued yet",
+                &switched,
+                t + 4 * DAY,
+                false,
+                CaStep::Keep,
+            ),
+            (
+                "switched a day ago, leaves reissued: retire",
+                &switched,
+                t + 4 * DAY,
+                true,
+                retire.clone(),
+            ),
+        ];
+        for (what, data, at, current, want) in cases {
+            let info = info_of(data, at);
+            assert_eq!(ca_step(data, &info, at, current), want, "{what}");
+        }
+    }
+
+    /// What each step leaves in the Secret: who signs, whom everyone trusts.
+    #[test]
+    fn a_ca_is_replaced_in_three_steps_and_always_trusts_the_signer_of_the_step_before() {
+        let t = now();
+        let old = ca_between("old", t - 3620 * DAY, t + 30 * DAY);
+        let new = Ca::generate("new").unwrap();
+        let start = ca_data(&old);
+        let d1 = rotate(
+            &start,
+            &CaStep::Introduce,
+            Some((&new.cert_pem, &new.key_pem)),
+            t,
+        );
+        let i1 = info_of(&d1, t);
+        // The old CA still signs; both are trusted.
+        assert_eq!(der(&i1.signer_pem), der(&old.cert_pem));
+        assert_eq!(blocks(&i1.bundle).len(), 2);
+        assert!(
+            blocks(&i1.bundle)
+                .iter()
+                .any(|b| der(b) == der(&new.cert_pem))
+        );
+        assert_eq!(d1[SINCE_FILE], t.to_string());
+        // The old CA's certificates are still current: nothing to reissue yet.
+        let leaf = leaf_data(&old, Role::Client);
+        assert!(matches!(
+            check_leaf(&i1, Some(&leaf), Leaf::Client, t),
+            LeafStep::Keep { .. }
+        ));
+
+        let t2 = t + DAY;
+        let CaStep::Switch { .. } = ca_step(&d1, &i1, t2, true) else {
+            panic!("no switch a day later")
+        };
+        let step = ca_step(&d1, &i1, t2, true);
+        let d2 = rotate(&d1, &step, None, t2);
+        let i2 = info_of(&d2, t2);
+        assert_eq!(der(&i2.signer_pem), der(&new.cert_pem));
+        assert_eq!(i2.key_pem, new.key_pem);
+        assert!(!d2.contains_key(NEXT_KEY_FILE));
+        assert_eq!(der(&d2[RETIRING_FILE]), der(&old.cert_pem));
+        assert_eq!(blocks(&i2.bundle).len(), 2, "the old CA is still trusted");
+        // Now every certificate of the old CA is reissued.
+        assert_eq!(
+            check_leaf(&i2, Some(&leaf), Leaf::Client, t2),
+            LeafStep::Issue(Reissue::OtherCa)
+        );
+
+        let t3 = t2 + DAY;
+        let step = ca_step(&d2, &i2, t3, true);
+        assert!(matches!(step, CaStep::Retire { .. }), "{step:?}");
+        let d3 = rotate(&d2, &step, None, t3);
+        let i3 = info_of(&d3, t3);
+        assert_eq!(blocks(&i3.bundle).len(), 1);
+        assert_eq!(der(&i3.bundle), der(&new.cert_pem));
+        assert!(!d3.contains_key(RETIRING_FILE) && !d3.contains_key(SINCE_FILE));
+        assert_eq!(ca_step(&d3, &i3, t3 + DAY, true), CaStep::Keep);
     }
 }

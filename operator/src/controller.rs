@@ -26,7 +26,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::{debug, info, warn};
 
-use crate::certs::{self, CertPlan, Leaf, LeafStep, PemData};
+use crate::certs::{self, CaStep, CertPlan, Leaf, LeafStep, PemData};
 use crate::crd::{
     CertificateStatus, CertificatesStatus, Phase, ReclaimPolicy, SharedStorageCluster,
     SharedStorageClusterStatus,
@@ -603,7 +603,8 @@ fn k8s_time(unix: i64) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1:
 
 /// Observe the cluster's certificate Secrets, plan (`certs::plan`), issue what the plan
 /// asks for and apply the Secrets. The CA Secret is written only when the operator makes
-/// the CA; a CA Secret edited by hand (a bundle, a new CA) is read, never overwritten.
+/// the CA or takes a step of its replacement; a CA edited by hand (a bundle, a new CA) is
+/// otherwise read, never overwritten.
 async fn reconcile_certificates(
     ssc: &SharedStorageCluster,
     ctx: &Context,
@@ -658,30 +659,23 @@ async fn reconcile_certificates(
         CertPlan::NewCa => {
             let made = Ca::generate(&format!("{ns}/{name}"))
                 .map_err(|e| Error::Certificates(format!("making the CA: {e:#}")))?;
-            apply_owned(
-                &ctx.client,
-                ns,
-                &resources::ca_secret(ssc, &made.cert_pem, &made.key_pem),
-            )
-            .await?;
+            let data = PemData::from([
+                (
+                    mortar_common::tls::CA_FILE.to_string(),
+                    made.cert_pem.clone(),
+                ),
+                (
+                    mortar_common::tls::CA_KEY_FILE.to_string(),
+                    made.key_pem.clone(),
+                ),
+            ]);
+            apply_owned(&ctx.client, ns, &resources::ca_secret(ssc, &data)).await?;
             info!(cluster = %name, secret = %certs::ca_secret_name(&name), "made the cluster's CA");
             let steps = Leaf::ALL
                 .into_iter()
                 .map(|l| (l, LeafStep::Issue(certs::Reissue::OtherCa)))
                 .collect();
-            let info = match certs::check_ca(
-                Some(&PemData::from([
-                    (
-                        mortar_common::tls::CA_FILE.to_string(),
-                        made.cert_pem.clone(),
-                    ),
-                    (
-                        mortar_common::tls::CA_KEY_FILE.to_string(),
-                        made.key_pem.clone(),
-                    ),
-                ])),
-                now,
-            ) {
+            let info = match certs::check_ca(Some(&data), now) {
                 certs::CaCheck::Usable(info) => info,
                 other => {
                     return Err(Error::Certificates(format!(
@@ -691,7 +685,46 @@ async fn reconcile_certificates(
             };
             (info, steps)
         }
-        CertPlan::Leaves { ca, steps } => (ca, steps),
+        CertPlan::Leaves {
+            ca,
+            steps,
+            rotation: CaStep::Keep,
+        } => (ca, steps),
+        CertPlan::Leaves { rotation, .. } => {
+            let made = match rotation {
+                CaStep::Introduce => Some(
+                    Ca::generate(&format!("{ns}/{name} {}", certs::format_time(now)))
+                        .map_err(|e| Error::Certificates(format!("making the new CA: {e:#}")))?,
+                ),
+                _ => None,
+            };
+            let old = observed.ca.clone().unwrap_or_default();
+            let made_pems = made
+                .as_ref()
+                .map(|c| (c.cert_pem.as_str(), c.key_pem.as_str()));
+            let data = certs::rotate(&old, &rotation, made_pems, now);
+            // The leaves are planned again against the Secret as it is about to be: before
+            // it is written, so that a CA that does not check is never applied.
+            observed.ca = Some(data.clone());
+            let CertPlan::Leaves { ca, steps, .. } = certs::plan(&observed, now) else {
+                return Err(Error::Certificates(format!(
+                    "the CA Secret does not check after the step \"{rotation}\""
+                )));
+            };
+            apply_owned(&ctx.client, ns, &resources::ca_secret(ssc, &data)).await?;
+            info!(cluster = %name, step = %rotation, "replacing the cluster's CA");
+            let event = KubeEvent {
+                type_: EventType::Normal,
+                reason: "CARotation".into(),
+                note: Some(rotation.to_string()),
+                action: "RotateCA".into(),
+                secondary: None,
+            };
+            if let Err(e) = ctx.recorder.publish(&event, &ssc.object_ref(&())).await {
+                warn!(error = %e, "could not publish event");
+            }
+            (ca, steps)
+        }
     };
 
     let signer = Ca {

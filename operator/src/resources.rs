@@ -175,21 +175,17 @@ fn meta(ssc: &SharedStorageCluster, name: String) -> ObjectMeta {
 }
 
 /// The cluster's CA: `ca.crt` (possibly several certificates: all are trusted, the first
-/// signs) and `ca.key`. Opaque, since it is no TLS identity of anyone's.
-pub fn ca_secret(ssc: &SharedStorageCluster, ca_crt: &str, ca_key: &str) -> Secret {
+/// signs), `ca.key`, and what a replacement under way keeps (see `certs`). Opaque, since it
+/// is no TLS identity of anyone's.
+pub fn ca_secret(ssc: &SharedStorageCluster, data: &certs::PemData) -> Secret {
     Secret {
         metadata: meta(ssc, certs::ca_secret_name(&ssc.name_any())),
         type_: Some("Opaque".into()),
-        data: Some(BTreeMap::from([
-            (
-                mortar_common::tls::CA_FILE.to_string(),
-                ByteString(ca_crt.as_bytes().to_vec()),
-            ),
-            (
-                mortar_common::tls::CA_KEY_FILE.to_string(),
-                ByteString(ca_key.as_bytes().to_vec()),
-            ),
-        ])),
+        data: Some(
+            data.iter()
+                .map(|(k, v)| (k.clone(), ByteString(v.as_bytes().to_vec())))
+                .collect(),
+        ),
         ..Secret::default()
     }
 }

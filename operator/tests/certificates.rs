@@ -469,3 +469,137 @@ async fn a_ca_bundle_is_trusted_everywhere_and_the_first_ca_signs() {
         json!(k8s_openapi::ByteString(swapped.into_bytes()))
     );
 }
+
+/// A CA near its end is replaced by the operator itself, in three steps a day apart (the
+/// test moves the Secret's `rotation-since` back instead of waiting): at every step each
+/// certificate in use is signed by a CA that every peer trusts.
+#[tokio::test]
+async fn a_ca_near_its_end_is_replaced_in_three_steps_and_every_certificate_follows() {
+    use certs::{NEXT_KEY_FILE, RETIRING_FILE, SINCE_FILE};
+    let h = Harness::ready_cluster(spec(3)).await;
+    let t = now();
+    // A CA of ten years with a month left, made by hand.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "mortar CA ns/vol (old)");
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    p.not_before = time::OffsetDateTime::from_unix_timestamp(t - 3620 * DAY).unwrap();
+    p.not_after = time::OffsetDateTime::from_unix_timestamp(t + 30 * DAY).unwrap();
+    let old_pem = p.self_signed(&key).unwrap().pem();
+    put_data(
+        &h,
+        CA_SECRET_PATH,
+        &[(CA_FILE, &old_pem), (CA_KEY_FILE, &key.serialize_pem())],
+    );
+    let leaves = [
+        (BRICK_SECRET_PATH, Leaf::Brick),
+        (CLIENT_SECRET_PATH, Leaf::Client),
+        (ADMIN_SECRET_PATH, Leaf::Admin),
+    ];
+    let count = |bundle: &str| bundle.matches("BEGIN CERTIFICATE").count();
+    // Every leaf is the signer's and carries the CA Secret's whole bundle.
+    let check_leaves = |h: &Harness, info: &certs::CaInfo| {
+        for (path, leaf) in leaves {
+            let data = secret_data(&h.api, path).unwrap();
+            assert_eq!(
+                data[CA_FILE], info.bundle,
+                "{path}: ca.crt is the CA Secret's"
+            );
+            assert!(
+                matches!(
+                    certs::check_leaf(info, Some(&data), leaf, now()),
+                    LeafStep::Keep { .. }
+                ),
+                "{path} is signed by the current CA"
+            );
+        }
+    };
+    // Moves the last step a day and a minute into the past.
+    let age = |h: &Harness| {
+        let mut data = secret_data(&h.api, CA_SECRET_PATH).unwrap();
+        let since: i64 = data[SINCE_FILE].parse().unwrap();
+        data.insert(SINCE_FILE.into(), (since - DAY - 60).to_string());
+        let pairs: Vec<(&str, &str)> = data.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        put_data(h, CA_SECRET_PATH, &pairs);
+    };
+    let rotation_events = |h: &Harness| {
+        h.calls_matching(Method::POST, "/apis/events.k8s.io/v1/namespaces/ns/events")
+            .iter()
+            .filter(|e| e.body["reason"] == "CARotation")
+            .count()
+    };
+
+    // 1. Introduce: the leaves are issued by the old CA (the one the bricks know), and
+    //    everyone is given the new CA to trust beside it.
+    h.reconcile().await.unwrap();
+    let ca = secret_data(&h.api, CA_SECRET_PATH).unwrap();
+    let i1 = ca_info(&h);
+    assert_eq!(count(&i1.bundle), 2, "both trusted");
+    assert!(i1.bundle.starts_with(&old_pem), "the old CA still signs");
+    assert!(ca.contains_key(NEXT_KEY_FILE) && ca.contains_key(SINCE_FILE));
+    check_leaves(&h, &i1);
+    assert_eq!(rotation_events(&h), 1);
+    let hash1 = tls_hash(&h);
+    let leaf_certs: Vec<String> = leaves
+        .iter()
+        .map(|(p, _)| secret_data(&h.api, p).unwrap()[CERT_FILE].clone())
+        .collect();
+
+    // Nothing more until a day has passed.
+    h.api.clear_calls();
+    h.reconcile().await.unwrap();
+    assert!(h.calls_matching(Method::PATCH, CA_SECRET_PATH).is_empty());
+    assert_eq!(tls_hash(&h), hash1);
+
+    // 2. Switch: the new CA signs, every certificate is issued again, the old CA stays
+    //    trusted (pods not rolled yet still show certificates of it).
+    age(&h);
+    h.reconcile().await.unwrap();
+    let ca = secret_data(&h.api, CA_SECRET_PATH).unwrap();
+    let i2 = ca_info(&h);
+    assert_eq!(count(&i2.bundle), 2);
+    assert!(!i2.bundle.starts_with(&old_pem), "the new CA signs");
+    assert!(i2.bundle.contains(&old_pem), "the old CA is still trusted");
+    assert!(!ca.contains_key(NEXT_KEY_FILE));
+    assert_eq!(ca[RETIRING_FILE], old_pem);
+    check_leaves(&h, &i2);
+    for ((path, _), before) in leaves.iter().zip(&leaf_certs) {
+        assert_ne!(
+            &secret_data(&h.api, path).unwrap()[CERT_FILE],
+            before,
+            "{path}"
+        );
+    }
+    let hash2 = tls_hash(&h);
+    assert_ne!(hash2, hash1, "the bricks roll to their new certificate");
+
+    // 3. Retire: a day later, with every certificate the new CA's, the old one goes.
+    age(&h);
+    h.api.clear_calls();
+    h.reconcile().await.unwrap();
+    // An event again (kube's recorder makes a repeat of one reason a series: a patch).
+    assert!(
+        h.api.calls().iter().any(|c| c
+            .path
+            .starts_with("/apis/events.k8s.io/v1/namespaces/ns/events")),
+        "an event for the retirement"
+    );
+    let ca = secret_data(&h.api, CA_SECRET_PATH).unwrap();
+    let i3 = ca_info(&h);
+    assert_eq!(count(&i3.bundle), 1);
+    assert!(!i3.bundle.contains(&old_pem));
+    assert!(!ca.contains_key(RETIRING_FILE) && !ca.contains_key(SINCE_FILE));
+    check_leaves(&h, &i3);
+    assert_ne!(
+        tls_hash(&h),
+        hash2,
+        "the bricks roll to stop trusting the old CA"
+    );
+
+    // Done: ten years before the next.
+    h.api.clear_calls();
+    h.reconcile().await.unwrap();
+    assert!(h.calls_matching(Method::PATCH, CA_SECRET_PATH).is_empty());
+}
