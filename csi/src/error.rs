@@ -72,6 +72,13 @@ impl CsiError {
             CsiError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOTCONN) => {
                 Code::Unavailable
             }
+            // A brick refused the call for the certificate's role (a mount's where an
+            // admin's is needed): a configuration error, not one to retry.
+            CsiError::Io { source, .. }
+                if matches!(source.raw_os_error(), Some(libc::EACCES | libc::EPERM)) =>
+            {
+                Code::PermissionDenied
+            }
             CsiError::Io { .. } | CsiError::Internal(_) => Code::Internal,
         }
     }

@@ -194,12 +194,9 @@ async fn provisioning_uses_the_secrets_identity_per_request() {
     let mut req = create_req("pvc-tls-2", 10 * MIB);
     req.secrets = secrets(&ca, Role::Client);
     let err = c.controller.create_volume(req).await.unwrap_err();
-    // (Today the replication layer counts a brick that refuses as one that could not take
-    // part: UNAVAILABLE, "no quorum". Either way nothing is provisioned.)
-    assert!(
-        matches!(err.code(), Code::Unavailable | Code::PermissionDenied),
-        "{err}"
-    );
+    // Every brick refused it for the role: PERMISSION_DENIED (not UNAVAILABLE, which the
+    // CO would retry for ever).
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
     assert!(
         !bricks
             .data(0)

@@ -564,6 +564,9 @@ impl Volume {
                 }
                 Ok((rep, _)) if rep.errno == 0 => (Reply::Applied, Some(rep)),
                 Ok((rep, _)) => (Reply::Refused(rep.errno), None),
+                // Refused for this client's role (a mount's certificate setting a quota):
+                // an answer, and the same at every brick; not a brick that is away.
+                Err(Error::Denied { .. }) => (Reply::Refused(libc::EACCES), None),
                 Err(e) => {
                     tracing::warn!("{e}");
                     (Reply::Lost, None)
