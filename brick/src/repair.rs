@@ -7,6 +7,7 @@ use mortar_proto as pb;
 use rustix::fs::{self as rfs, FileType, Mode, OFlags, Timestamps};
 use rustix::io::Errno;
 use std::ffi::OsStr;
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 
 use crate::at::Loc;
@@ -44,7 +45,21 @@ impl Store {
         use pb::heal_req::Op;
         match op {
             Op::Write(w) => {
-                store::write_all_at(&*self.file(g)?, &w.data, w.offset)?;
+                let fd = self.file(g)?;
+                store::write_all_at(&*fd, &w.data, w.offset)?;
+                // Start the write-back of what was just copied now, not after the whole
+                // file: the copy and the disk then work at once, and the sync before the
+                // version (below) has little left to wait for. A hint: its failure only
+                // leaves the work to that sync.
+                // SAFETY: sync_file_range(2) on an open fd; it touches no memory of ours.
+                unsafe {
+                    libc::sync_file_range(
+                        fd.as_raw_fd(),
+                        w.offset as i64,
+                        w.data.len() as i64,
+                        libc::SYNC_FILE_RANGE_WRITE,
+                    )
+                };
                 self.getattr(g)
             }
             Op::Truncate(size) => {
@@ -64,6 +79,13 @@ impl Store {
                 // before `g` stops looking stale (a file has no entries below it).
                 if self.is_dir(g) {
                     self.sync_heal_index();
+                } else if let Ok(fd) = self.file(g) {
+                    // A copy claims its version only once its data is on the disk: the
+                    // heal takes the inode off every brick's index next, and a crash of
+                    // this brick must not leave a copy that looks current with data that
+                    // never reached the disk (the version record, written after, is lost
+                    // with it and the copy just looks stale again).
+                    rfs::fdatasync(&*fd)?;
                 }
                 let path = self.path_of(g)?;
                 let mut rec = read_rec(&path)?;

@@ -428,10 +428,25 @@ impl Volume {
             tracing::info!(gfid = %g, source = %src_m.brick.id, sinks = ?sinks.iter().map(|m| &m.brick.id).collect::<Vec<_>>(), "healing");
             stats.healed += 1;
         }
+        // Every copy left out of the sinks is as good as the source: a file's blocks are
+        // read from all of them in turn, which spreads the copy over more connections.
+        let sources: Vec<&Member> = std::iter::once(src_m)
+            .chain(
+                present
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, (_, a))| {
+                        *i != plan.source
+                            && !plan.sinks.contains(i)
+                            && Copy::of(a) == Copy::of(&src_a)
+                    })
+                    .map(|(_, (m, _))| *m),
+            )
+            .collect();
         let mut finished = Vec::with_capacity(sinks.len());
         for (sink, i) in sinks.iter().zip(&plan.sinks) {
             let (kids, done) = self
-                .heal_copy(src_m, sink, &present[*i].1, g, &src_a, lock, stats)
+                .heal_copy(&sources, sink, &present[*i].1, g, &src_a, lock, stats)
                 .await?;
             children.extend(kids);
             complete &= done;
@@ -627,7 +642,7 @@ impl Volume {
     #[allow(clippy::too_many_arguments)]
     async fn heal_copy(
         &self,
-        src: &Member,
+        sources: &[&Member],
         sink: &Member,
         sink_attr: &pb::Attr,
         g: Gfid,
@@ -635,6 +650,7 @@ impl Volume {
         lock: &HealLock<'_>,
         stats: &mut HealStats,
     ) -> Result<(Vec<Gfid>, bool)> {
+        let src = sources[0];
         let mut children = Vec::new();
         let mut done = true;
         match a.kind() {
@@ -724,7 +740,7 @@ impl Volume {
                 let chunks = (0..a.size.div_ceil(CHUNK as u64))
                     .map(|i| (i * CHUNK as u64, CHUNK))
                     .collect();
-                self.copy_blocks(src, sink, g, a, lock, stats, chunks)
+                self.copy_blocks(sources, sink, g, a, lock, stats, chunks)
                     .await?;
             }
             pb::Kind::File => {
@@ -744,7 +760,7 @@ impl Volume {
                         .filter(|(i, sum)| ksums.get(*i) != Some(sum))
                         .map(|(i, _)| ((first + i as u64) * BLOCK as u64, BLOCK))
                         .collect();
-                    self.copy_blocks(src, sink, g, a, lock, stats, differ)
+                    self.copy_blocks(sources, sink, g, a, lock, stats, differ)
                         .await?;
                     first += ssums.len() as u64;
                     if first.saturating_mul(BLOCK as u64) >= size {
@@ -783,7 +799,7 @@ impl Volume {
     #[allow(clippy::too_many_arguments)]
     async fn copy_blocks(
         &self,
-        src: &Member,
+        sources: &[&Member],
         sink: &Member,
         g: Gfid,
         a: &pb::Attr,
@@ -791,7 +807,8 @@ impl Volume {
         stats: &mut HealStats,
         ranges: Vec<(u64, u32)>,
     ) -> Result<()> {
-        let copy = |(off, len): (u64, u32)| async move {
+        let copy = |(i, (off, len)): (usize, (u64, u32))| async move {
+            let src = sources[i % sources.len()];
             // A client waits to write this file: after a while, let it. The blocks copied
             // so far stay; the next pass copies only what still differs.
             if lock.should_yield() {
@@ -807,7 +824,7 @@ impl Volume {
             }
             Ok(n)
         };
-        let mut copied = futures::stream::iter(ranges)
+        let mut copied = futures::stream::iter(ranges.into_iter().enumerate())
             .map(copy)
             .buffer_unordered(IN_FLIGHT);
         while let Some(n) = copied.next().await {
