@@ -781,3 +781,87 @@ async fn until(what: &str, mut done: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A create that one brick applied and the others never answered fails (no majority). The
+/// brick that applied it granted the creator the new inode's lock; the client must give it
+/// back at once, not hold it while it lives (then only the contention notice of another
+/// client's try would free it, and that try would fail first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_that_fails_after_one_brick_applied_it_gives_the_new_inodes_lock_back() {
+    use mortar_common::gfid::Gfid;
+    use mortar_proto as pb;
+    let c = Cluster::start(104, 3);
+    // The bricks' first heal pass (of the root) is over: it would take the root's lock
+    // from the client below, which then would have to lock it again for the second create.
+    c.wait_healed(Duration::from_secs(30));
+    // Keeps the root's lock between changes (eager), so that the second create is sent
+    // without a lock round trip, to bricks that are stopped by then.
+    let opts = mortar_replication::volume::Options {
+        ping_timeout: Some(Duration::from_secs(2)),
+        lock_idle: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let v = mortar_replication::volume::Volume::connect(&[c.addr(0)], "data", opts)
+        .await
+        .unwrap();
+    v.create(Gfid::ROOT, b"a", pb::Kind::File, 0o644, 0, 0, 0, b"")
+        .await
+        .unwrap();
+    c.signal(1, libc::SIGSTOP);
+    c.signal(2, libc::SIGSTOP);
+    let r = v
+        .create(Gfid::ROOT, b"b", pb::Kind::File, 0o644, 0, 0, 0, b"")
+        .await;
+    assert!(
+        r.is_err(),
+        "a create applied on one brick of three succeeded: {r:?}"
+    );
+    // b0 made the name (and will lose it to heal); its lock must be free now. A busy answer
+    // would also tell v of the contention and so free it: only the first try counts.
+    let mut b0 = mortar_e2e::brick_client(&c.addr(0)).await;
+    let e = b0
+        .lookup(pb::LookupReq {
+            parent: Gfid::ROOT.to_vec(),
+            name: b"b".to_vec(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(e.errno, 0, "b0 did not apply the create");
+    let g = e.entry.unwrap().gfid;
+    let holder = mortar_e2e::raw_session(&mut b0, "test-holder").await;
+    let r = b0
+        .lock(pb::LockReq {
+            session: holder.id.clone(),
+            gfids: vec![g.clone()],
+            term: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64,
+            wait: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.errno, 0, "the failed create's lock is still held at b0");
+    b0.unlock(pb::UnlockReq {
+        session: holder.id.clone(),
+        gfids: vec![g],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    drop(holder);
+    c.signal(1, libc::SIGCONT);
+    c.signal(2, libc::SIGCONT);
+    let took = tokio::task::spawn_blocking(move || {
+        let took = c.wait_healed(Duration::from_secs(30));
+        let (ok, out) = c.verify(false);
+        assert!(ok, "{out}");
+        drop(c);
+        took
+    })
+    .await
+    .unwrap();
+    heal_report("a failed create's copy", took);
+}
