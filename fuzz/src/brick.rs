@@ -98,6 +98,11 @@ pub fn init() {
     AREA.set(area).expect("init runs once");
 }
 
+/// The tmpfs `init` mounted, where bricks are made.
+pub fn area() -> &'static Path {
+    AREA.get().expect("init() first")
+}
+
 /// Runs one input against a fresh brick and checks what the brick left behind.
 pub fn run(data: &[u8]) {
     let area = AREA.get().expect("init() first");
@@ -128,7 +133,7 @@ pub fn run(data: &[u8]) {
 }
 
 /// MORTAR_FUZZ_TRACE=1: print every request's answer (to see what a corpus input does).
-fn trace() -> bool {
+pub(crate) fn trace() -> bool {
     static TRACE: OnceLock<bool> = OnceLock::new();
     *TRACE.get_or_init(|| std::env::var_os("MORTAR_FUZZ_TRACE").is_some())
 }
