@@ -289,19 +289,22 @@ impl Volume {
     /// Heals `g` and, for directories, whatever below it differs. `source` decides the
     /// winner for `g` itself; everything below follows the newest copy.
     pub async fn heal(&self, g: Gfid, source: Source) -> Result<HealStats> {
-        let one = |g: Gfid, source: Source| async move {
+        let one = |g: Gfid, source: Source, wait: bool| async move {
             let mut st = HealStats {
                 complete: true,
                 ..Default::default()
             };
-            let r = self.heal_inode(g, &source, &mut st).await;
+            let r = self.heal_inode(g, &source, wait, &mut st).await;
             (g, r, st)
         };
         // The inode asked for first, alone: its failure is the caller's error. If busy, its
-        // holder was told to let go: give it a moment.
+        // holder was told to let go: give it a moment. A client that keeps writing takes
+        // the lock again before a later try comes (a file under steady writes was never
+        // healed while the writer went on): after two tries the heal waits in the bricks'
+        // queue, in brick order as clients do, so that it comes next.
         let mut tries = 0;
         let (_, r, mut stats) = loop {
-            let out = one(g, source.clone()).await;
+            let out = one(g, source.clone(), tries >= 2).await;
             tries += 1;
             if !matches!(out.1, Err(Error::Busy)) || tries == 10 {
                 break out;
@@ -317,7 +320,7 @@ impl Volume {
             while running.len() < PARALLEL {
                 let Some(c) = pending.pop() else { break };
                 if seen.insert(c) {
-                    running.push(one(c, Source::Newest));
+                    running.push(one(c, Source::Newest, false));
                 }
             }
             let Some((c, r, st)) = futures::StreamExt::next(&mut running).await else {
@@ -346,6 +349,7 @@ impl Volume {
         &self,
         g: Gfid,
         source: &Source,
+        wait: bool,
         stats: &mut HealStats,
     ) -> Result<Vec<Gfid>> {
         // One transaction per inode in this client, heals included: our own eager lock
@@ -357,9 +361,10 @@ impl Volume {
         }
         // Only who waits for this heal's lock counts (see `heal_copy`).
         tx.contended.store(false, Relaxed);
-        // A heal never queues behind other clients: the holder is told to let go, and a
-        // later pass (or the other healer already at it) does the work.
-        let (term, held) = self.lock_raw(&[g], false).await?;
+        // A heal does not queue behind other clients at first: the holder is told to let
+        // go, and a later try (or the other healer already at it) does the work. `wait`
+        // queues it (see `heal`).
+        let (term, held) = self.lock_raw(&[g], wait).await?;
         let members: Vec<Member> = held.into_iter().map(|(_, m)| m).collect();
         let lock = HealLock {
             tx: &tx,
