@@ -85,6 +85,14 @@ pub fn ca_secret_name(cluster: &str) -> String {
 /// counts as missing).
 pub type PemData = BTreeMap<String, String>;
 
+/// A CA Secret's data for a CA that signs alone: `ca.crt` and `ca.key`.
+pub fn ca_data(cert_pem: &str, key_pem: &str) -> PemData {
+    PemData::from([
+        (CA_FILE.to_string(), cert_pem.to_string()),
+        (CA_KEY_FILE.to_string(), key_pem.to_string()),
+    ])
+}
+
 /// What the CA Secret holds, judged.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CaCheck {

@@ -659,16 +659,7 @@ async fn reconcile_certificates(
         CertPlan::NewCa => {
             let made = Ca::generate(&format!("{ns}/{name}"))
                 .map_err(|e| Error::Certificates(format!("making the CA: {e:#}")))?;
-            let data = PemData::from([
-                (
-                    mortar_common::tls::CA_FILE.to_string(),
-                    made.cert_pem.clone(),
-                ),
-                (
-                    mortar_common::tls::CA_KEY_FILE.to_string(),
-                    made.key_pem.clone(),
-                ),
-            ]);
+            let data = certs::ca_data(&made.cert_pem, &made.key_pem);
             apply_owned(&ctx.client, ns, &resources::ca_secret(ssc, &data)).await?;
             info!(cluster = %name, secret = %certs::ca_secret_name(&name), "made the cluster's CA");
             let steps = Leaf::ALL

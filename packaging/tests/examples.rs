@@ -95,7 +95,11 @@ fn operator_objects_for_the_example_are_valid_kubernetes() {
         serde_json::to_value(resources::client_service(&ssc)).unwrap(),
         serde_json::to_value(resources::pod_disruption_budget(&ssc)).unwrap(),
         serde_json::to_value(resources::brick_stateful_set(&ssc, &plan)).unwrap(),
-        serde_json::to_value(resources::ca_secret(&ssc, &ca.cert_pem, &ca.key_pem)).unwrap(),
+        serde_json::to_value(resources::ca_secret(
+            &ssc,
+            &mortar_operator::certs::ca_data(&ca.cert_pem, &ca.key_pem),
+        ))
+        .unwrap(),
         serde_json::to_value(resources::tls_secret(
             &ssc,
             Leaf::Brick,
