@@ -185,7 +185,8 @@ impl Cluster {
         c
     }
 
-    /// (Re)starts brick `i` on its directory and waits until it answers.
+    /// (Re)starts brick `i` on its directory (killing it first if it runs) and waits until
+    /// it answers.
     pub fn restart(&mut self, i: usize) {
         self.restart_with(i, &[]);
     }
@@ -209,6 +210,9 @@ impl Cluster {
     }
 
     fn start_brick(&mut self, i: usize, extra: &[&str], env: &[(&str, &str)], volfile: &Path) {
+        // A restart of a brick still running stops it first: a second process would fail on
+        // the port in use, and the first one would be left behind, untracked.
+        self.kill(i);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
