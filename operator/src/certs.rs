@@ -270,38 +270,41 @@ fn find_by_key(bundle: &str, key: &str, now: i64) -> Option<String> {
 /// The CA Secret's data after `step`. `made` is the new CA, for `Introduce`.
 pub fn rotate(data: &PemData, step: &CaStep, made: Option<(&str, &str)>, now: i64) -> PemData {
     let mut out = data.clone();
-    let bundle = data.get(CA_FILE).map(String::as_str).unwrap_or_default();
-    let mut set = |k: &str, v: String| out.insert(k.to_string(), v);
-    match step {
+    let bundle = blocks(data.get(CA_FILE).map(String::as_str).unwrap_or_default());
+    // Whether a replacement is still under way after this step (its time is then kept).
+    let under_way = match step {
         CaStep::Keep => return out,
         CaStep::Introduce => {
             let (cert, key) = made.expect("Introduce comes with the CA it introduces");
-            set(CA_FILE, blocks(bundle).concat() + cert.trim_end() + "\n");
-            set(NEXT_KEY_FILE, key.to_string());
+            out.insert(CA_FILE.into(), bundle.concat() + cert.trim_end() + "\n");
+            out.insert(NEXT_KEY_FILE.into(), key.into());
+            true
         }
         CaStep::Switch { next_pem, next_key } => {
-            let certs = blocks(bundle);
-            let old = certs.first().cloned().unwrap_or_default();
             let mut order = vec![next_pem.clone()];
-            order.extend(certs.into_iter().filter(|b| b != next_pem));
-            set(CA_FILE, order.concat());
-            set(CA_KEY_FILE, next_key.clone());
-            set(RETIRING_FILE, old);
+            order.extend(bundle.iter().filter(|b| *b != next_pem).cloned());
+            out.insert(CA_FILE.into(), order.concat());
+            out.insert(CA_KEY_FILE.into(), next_key.clone());
+            out.insert(
+                RETIRING_FILE.into(),
+                bundle.first().cloned().unwrap_or_default(),
+            );
             out.remove(NEXT_KEY_FILE);
+            true
         }
         CaStep::Retire { retiring } => {
             let gone = der(retiring);
-            let certs: Vec<String> = blocks(bundle)
-                .into_iter()
-                .filter(|b| der(b) != gone)
-                .collect();
-            set(CA_FILE, certs.concat());
+            let kept: Vec<String> = bundle.into_iter().filter(|b| der(b) != gone).collect();
+            out.insert(CA_FILE.into(), kept.concat());
             out.remove(RETIRING_FILE);
-            out.remove(SINCE_FILE);
-            return out;
+            false
         }
+    };
+    if under_way {
+        out.insert(SINCE_FILE.into(), now.to_string());
+    } else {
+        out.remove(SINCE_FILE);
     }
-    out.insert(SINCE_FILE.to_string(), now.to_string());
     out
 }
 
@@ -920,10 +923,11 @@ mod tests {
         ));
 
         let t2 = t + DAY;
-        let CaStep::Switch { .. } = ca_step(&d1, &i1, t2, true) else {
-            panic!("no switch a day later")
-        };
         let step = ca_step(&d1, &i1, t2, true);
+        assert!(
+            matches!(step, CaStep::Switch { .. }),
+            "no switch a day later: {step:?}"
+        );
         let d2 = rotate(&d1, &step, None, t2);
         let i2 = info_of(&d2, t2);
         assert_eq!(der(&i2.signer_pem), der(&new.cert_pem));
