@@ -3,9 +3,11 @@
 pub mod at;
 pub mod budget;
 pub mod heal;
+pub mod leases;
 pub mod locks;
 pub mod quota;
 pub mod record;
+pub mod rpcstats;
 pub mod repair;
 pub mod service;
 pub mod store;

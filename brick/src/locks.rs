@@ -87,6 +87,11 @@ impl InodeLocks {
         Ok(())
     }
 
+    /// Whether a session other than `s` holds `g`'s lock.
+    pub fn held_by_other(&self, s: SessionId, g: Gfid) -> bool {
+        self.held.lock().unwrap().by_inode.get(&g).is_some_and(|h| *h != s)
+    }
+
     pub fn holds(&self, s: SessionId, g: Gfid) -> bool {
         self.held.lock().unwrap().by_inode.get(&g) == Some(&s)
     }

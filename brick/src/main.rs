@@ -194,6 +194,8 @@ fn run(args: Args) -> anyhow::Result<()> {
                 let _ = tokio::task::spawn_blocking(move || s.sweep_dirty(DIRTY_IDLE)).await;
             }
         });
+        let rpcs = Arc::new(telemetry::RpcStats::new("mortar_brick", &[("brick", &args.id)]));
+        let rpc_text = rpcs.clone();
         let hm = heal_metrics.clone();
         let m = svc.metrics.clone();
         let st = store.clone();
@@ -215,6 +217,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 telemetry::metric(&mut out, &l("mortar_brick_healed_total"), "counter", "Inodes healed by this brick's worker", hm.healed.load(Relaxed));
                 telemetry::metric(&mut out, &l("mortar_brick_healed_bytes_total"), "counter", "Bytes copied by self-heal", hm.bytes.load(Relaxed));
                 telemetry::metric(&mut out, &l("mortar_brick_heal_failures_total"), "counter", "Heals deferred after an error", hm.failures.load(Relaxed));
+                out.push_str(&rpc_text.render());
                 out
             }),
         )
@@ -233,6 +236,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             // wait for window updates.
             .initial_stream_window_size(Some(8 << 20))
             .initial_connection_window_size(Some(32 << 20))
+            .layer(mortar_brick::rpcstats::RpcLayer(rpcs))
             .layer(mortar_brick::budget::Budgets::new(mortar_brick::budget::PER_CONNECTION))
             .add_service(mortar_proto::brick_server::BrickServer::from_arc(svc).max_decoding_message_size(MAX_REQUEST).max_encoding_message_size(64 << 20))
             .serve_with_shutdown(args.listen, async {

@@ -38,6 +38,20 @@ struct SessionEntry {
     opened: HashMap<Gfid, u32>,
     /// Who the client said it is (for the logs: who holds a lock others wait for).
     client: String,
+    /// Ends the session (it did not answer a lease recall).
+    kill: Arc<tokio::sync::Notify>,
+}
+
+/// Inodes fenced against new leases while a change that reaches them by name runs.
+struct Fence {
+    leases: Arc<crate::leases::Leases>,
+    gfids: Vec<Gfid>,
+}
+
+impl Drop for Fence {
+    fn drop(&mut self) {
+        self.leases.unfence(&self.gfids);
+    }
 }
 
 #[derive(Default)]
@@ -62,6 +76,7 @@ pub struct BrickService {
     inode_locks: Arc<InodeLocks>,
     range_locks: Arc<RangeLocks>,
     sessions: Arc<Mutex<HashMap<SessionId, SessionEntry>>>,
+    pub leases: Arc<crate::leases::Leases>,
     /// Set when the brick stops: every session stream ends, so that the server's graceful
     /// shutdown can finish once the requests in flight are answered.
     stopping: watch::Sender<bool>,
@@ -123,10 +138,11 @@ fn attr_reply(res: Result<pb::Attr, Errno>) -> pb::AttrReply {
         Ok(a) => pb::AttrReply {
             errno: 0,
             attr: Some(a),
+            leased: false,
         },
         Err(e) => pb::AttrReply {
             errno: errno(e),
-            attr: None,
+            ..Default::default()
         },
     }
 }
@@ -167,6 +183,7 @@ impl BrickService {
             inode_locks: Arc::default(),
             range_locks: Arc::default(),
             sessions: Arc::default(),
+            leases: Arc::default(),
             stopping: watch::Sender::new(false),
         }
     }
@@ -241,6 +258,75 @@ impl BrickService {
                 store.released(g, n);
             }
         }
+    }
+
+    /// The session a read asks a lease for, if it gave one.
+    fn lease_session(&self, s: &[u8]) -> Option<SessionId> {
+        if s.is_empty() {
+            return None;
+        }
+        session_id(s).ok()
+    }
+
+    /// Grants `s` leases on `gfids` unless another session holds one of their locks.
+    fn grant(&self, s: SessionId, gfids: &[Gfid]) -> bool {
+        self.leases
+            .grant(s, gfids, |g| self.inode_locks.held_by_other(s, g))
+    }
+
+    /// Recalls other sessions' leases on `gfids` and waits for them (see `leases`); a
+    /// session that does not answer is ended.
+    async fn recall(&self, except: Option<SessionId>, gfids: &[Gfid]) {
+        let r = self.leases.recall(except, gfids).await;
+        if !r.broken.is_empty() {
+            let sessions = self.sessions.lock().unwrap();
+            for s in r.broken {
+                if let Some(e) = sessions.get(&s) {
+                    tracing::warn!(client = %e.client, "session did not answer a lease recall: ended");
+                    e.kill.notify_one();
+                }
+            }
+        }
+    }
+
+    /// Fences and recalls the inodes `op` reaches by name (see `mutate`); they are unfenced
+    /// when the returned guard goes. Nothing to do while no other session can hold leases.
+    async fn fence_victims(&self, sid: SessionId, op: &pb::mutate_req::Op) -> Result<Option<Fence>, Status> {
+        use pb::mutate_req::Op;
+        let names: Vec<(Vec<u8>, Vec<u8>)> = match op {
+            Op::Remove(r) => vec![(r.parent.clone(), r.name.clone())],
+            Op::Rename(r) => vec![(r.parent.clone(), r.name.clone()), (r.newparent.clone(), r.newname.clone())],
+            Op::Link(l) => match Gfid::from_bytes(&l.gfid) {
+                Some(g) => return Ok(Some(self.fence(sid, vec![g]).await)),
+                None => return Ok(None),
+            },
+            _ => return Ok(None),
+        };
+        if !self.leases.others_registered(sid) {
+            return Ok(None);
+        }
+        let store = self.store.clone();
+        let victims: Vec<Gfid> = blocking(move || {
+            names
+                .iter()
+                .filter_map(|(p, n)| {
+                    let (_, e) = store.lookup(Gfid::from_bytes(p)?, n).ok()?;
+                    Gfid::from_bytes(&e?.gfid)
+                })
+                .collect()
+        })
+        .await?;
+        Ok(Some(self.fence(sid, victims).await))
+    }
+
+    async fn fence(&self, sid: SessionId, gfids: Vec<Gfid>) -> Fence {
+        self.leases.fence(&gfids);
+        let f = Fence {
+            leases: self.leases.clone(),
+            gfids,
+        };
+        self.recall(Some(sid), &f.gfids).await;
+        f
     }
 
     /// Counts an open of `g` by session `sid`, if the session is live (an open by a dead
@@ -340,6 +426,7 @@ impl pb::brick_server::Brick for BrickService {
         };
         let sid = session_id(&hello.session)?;
         let (tx, rx) = mpsc::channel(256);
+        let kill = Arc::new(tokio::sync::Notify::new());
         {
             let mut sessions = self.sessions.lock().unwrap();
             if sessions.contains_key(&sid) {
@@ -352,9 +439,11 @@ impl pb::brick_server::Brick for BrickService {
                     mutated: HashSet::new(),
                     opened: HashMap::new(),
                     client: hello.client.chars().take(128).collect(),
+                    kill: kill.clone(),
                 },
             );
         }
+        self.leases.register(sid, Duration::from_millis(hello.lease_ms), tx.clone());
         tracing::info!(client = %hello.client, cert = %cert, "session started");
         let (sessions, inode_locks, range_locks, store) = (
             self.sessions.clone(),
@@ -366,12 +455,35 @@ impl pb::brick_server::Brick for BrickService {
         let metrics = self.metrics.clone();
         let mut volfile = self.volfile.clone();
         let mut stopping = self.stopping.subscribe();
+        let (leases, store2) = (self.leases.clone(), self.store.clone());
         tokio::spawn(async move {
             let why = loop {
                 tokio::select! {
                     _ = stopping.changed() => break "brick stopping",
+                    _ = kill.notified() => break "did not answer a lease recall",
                     m = tokio::time::timeout(timeout, inbound.message()) => match m {
+                        Ok(Ok(Some(pb::SessionIn { msg: Some(pb::session_in::Msg::Returned(r)) }))) => {
+                            leases.heard(sid);
+                            // The files it has open through its cache count as opened here
+                            // now, before the leases go: an unlink then keeps their data.
+                            let open: Vec<Gfid> = r.open.iter().filter_map(|g| Gfid::from_bytes(g)).collect();
+                            if !open.is_empty() {
+                                let mut ss = sessions.lock().unwrap();
+                                if let Some(e) = ss.get_mut(&sid) {
+                                    for g in open {
+                                        // Bounded like any open (a hostile list is cut).
+                                        if e.opened.contains_key(&g) || e.opened.len() < crate::locks::session_cap(SESSION_OPENS) {
+                                            *e.opened.entry(g).or_insert(0) += 1;
+                                            store2.opened(g);
+                                        }
+                                    }
+                                }
+                            }
+                            let back: Vec<Gfid> = r.gfids.iter().filter_map(|g| Gfid::from_bytes(g)).collect();
+                            leases.returned(sid, &back);
+                        }
                         Ok(Ok(Some(pb::SessionIn { msg: Some(pb::session_in::Msg::Ping(n)) }))) => {
+                            leases.heard(sid);
                             let pong = pb::SessionOut { msg: Some(pb::session_out::Msg::Pong(n)) };
                             // Never wait on a client that stops reading: with its session
                             // held open by a blocked send, its locks would live forever.
@@ -381,7 +493,7 @@ impl pb::brick_server::Brick for BrickService {
                                 Err(mpsc::error::TrySendError::Closed(_)) => break "stream closed",
                             }
                         }
-                        Ok(Ok(Some(_))) => {}
+                        Ok(Ok(Some(_))) => leases.heard(sid),
                         Ok(Ok(None)) => break "client closed the session",
                         Ok(Err(_)) => break "connection lost",
                         Err(_) => break "no ping within the session timeout",
@@ -395,6 +507,9 @@ impl pb::brick_server::Brick for BrickService {
             };
             tracing::info!(client = %hello.client, "session ended: {why}");
             metrics.sessions_ended.fetch_add(1, Relaxed);
+            // A client that closed its session (or a brick going away) leaves nothing to
+            // wait for; otherwise its leases last until it has stopped trusting them.
+            leases.ended(sid, matches!(why, "client closed the session" | "brick stopping"));
             let _ = tokio::task::spawn_blocking(move || {
                 BrickService::end_session(&sessions, &inode_locks, &range_locks, &store, sid)
             })
@@ -409,18 +524,42 @@ impl pb::brick_server::Brick for BrickService {
     ) -> Result<Response<pb::LookupReply>, Status> {
         let r = req.into_inner();
         let store = self.store.clone();
+        // A lease on the parent is granted before it is read (see `leases`); one on the
+        // entry once its gfid is known, and the entry read again after it.
+        let sid = self.lease_session(&r.session);
+        let parent = Gfid::from_bytes(&r.parent);
+        let mut leased = match (sid, parent) {
+            (Some(s), Some(p)) => self.grant(s, &[p]),
+            _ => false,
+        };
         let res = blocking(move || store.lookup(gfid(&r.parent)?, &r.name)).await?;
+        let res = match res {
+            Ok((p, Some(e))) if leased => {
+                let g = Gfid::from_bytes(&e.gfid);
+                leased = g.is_some_and(|g| self.grant(sid.unwrap(), &[g]));
+                match g {
+                    Some(g) if leased => {
+                        let store = self.store.clone();
+                        blocking(move || store.getattr(g)).await?.map(|e| (p, Some(e)))
+                    }
+                    _ => Ok((p, Some(e))),
+                }
+            }
+            r => r,
+        };
         self.metrics.reads.fetch_add(1, Relaxed);
         Ok(Response::new(match res {
             Ok((p, Some(e))) => pb::LookupReply {
                 errno: 0,
                 parent: Some(p),
                 entry: Some(e),
+                leased,
             },
             Ok((p, None)) => pb::LookupReply {
                 errno: libc::ENOENT,
                 parent: Some(p),
                 entry: None,
+                leased,
             },
             Err(e) => pb::LookupReply {
                 errno: errno(e),
@@ -432,9 +571,15 @@ impl pb::brick_server::Brick for BrickService {
     async fn getattr(&self, req: Request<pb::GfidReq>) -> Result<Response<pb::AttrReply>, Status> {
         let r = req.into_inner();
         let store = self.store.clone();
+        let leased = match (self.lease_session(&r.session), Gfid::from_bytes(&r.gfid)) {
+            (Some(s), Some(g)) => self.grant(s, &[g]),
+            _ => false,
+        };
         let res = blocking(move || store.getattr(gfid(&r.gfid)?)).await?;
         self.metrics.reads.fetch_add(1, Relaxed);
-        Ok(Response::new(attr_reply(res)))
+        let mut reply = attr_reply(res);
+        reply.leased = leased && reply.errno == 0;
+        Ok(Response::new(reply))
     }
 
     async fn open(&self, req: Request<pb::OpenReq>) -> Result<Response<pb::AttrReply>, Status> {
@@ -448,13 +593,16 @@ impl pb::brick_server::Brick for BrickService {
             Err(e) => return Ok(Response::new(attr_reply(Err(e)))),
         };
         let store = self.store.clone();
+        let leased = self.grant(sid, &[g]);
         let res = blocking(move || store.getattr(g)).await?;
         self.metrics.reads.fetch_add(1, Relaxed);
         if res.is_err() && counted && self.note_release(sid, g) {
             let store = self.store.clone();
             blocking(move || store.released(g, 1)).await?;
         }
-        Ok(Response::new(attr_reply(res)))
+        let mut reply = attr_reply(res);
+        reply.leased = leased && reply.errno == 0;
+        Ok(Response::new(reply))
     }
 
     async fn release(
@@ -730,6 +878,8 @@ impl pb::brick_server::Brick for BrickService {
                 }
             }
         }
+        // Nobody may go on trusting a cache of what this session is about to change.
+        self.recall(Some(sid), &gfids).await;
         let store = self.store.clone();
         let term = r.term;
         let gf = gfids.clone();
@@ -869,11 +1019,18 @@ impl pb::brick_server::Brick for BrickService {
             _ => None,
         };
         let opens_new = matches!(&op, pb::mutate_req::Op::Create(c) if c.open);
+        let entry_change = matches!(
+            &op,
+            pb::mutate_req::Op::Create(_) | pb::mutate_req::Op::Remove(_) | pb::mutate_req::Op::Rename(_) | pb::mutate_req::Op::Link(_)
+        );
         // A client still on an older volfile does not know every brick (one just added):
         // its change may miss a copy it has never heard of.
         let behind = r.generation < self.volfile.borrow().vol.generation;
         let (updates, needs_heal, now) = (r.updates, r.needs_heal || behind, r.now_ns);
         let changed = gfids.clone();
+        // The inodes this change reaches by name are not locked: they are fenced (no new
+        // leases) and their leases recalled before it is applied.
+        let fence = self.fence_victims(sid, &op).await?;
         let res = blocking(move || {
             if needs_heal {
                 gfids.iter().for_each(|g| store.mark_heal(*g));
@@ -893,8 +1050,16 @@ impl pb::brick_server::Brick for BrickService {
                 // Refused (ENOTEMPTY, EDQUOT, ...): nothing was changed, nothing is pending.
                 store.clear_pending(&updates)?;
             }
+            let mut dirs = Vec::new();
             if let Ok((attr, _)) = &mut out {
                 store.set_versions(&updates, now)?;
+                if entry_change {
+                    // Every inode of `updates` is a parent whose entries changed.
+                    dirs = updates
+                        .iter()
+                        .filter_map(|u| store.getattr(Gfid::from_bytes(&u.gfid)?).ok())
+                        .collect();
+                }
                 // The reply describes the inode as it is now: at its new version and ctime
                 // (else the kernel caches the old ctime after a chmod, chown or truncate).
                 if let Some(u) = updates.iter().find(|u| u.gfid == attr.gfid) {
@@ -902,9 +1067,12 @@ impl pb::brick_server::Brick for BrickService {
                     attr.ver = u.new;
                 }
             }
-            Ok::<_, Errno>(Some(out))
+            Ok::<_, Errno>(Some(out.map(|(a, w)| (a, w, dirs))))
         })
-        .await?;
+        .await;
+        // Applied: others may lease what it reached again (this session too, below).
+        drop(fence);
+        let res = res?;
         let reply = match res {
             Err(e) => pb::MutateReply {
                 errno: errno(e),
@@ -921,7 +1089,12 @@ impl pb::brick_server::Brick for BrickService {
                 errno: errno(e),
                 ..Default::default()
             },
-            Ok(Some(Ok((attr, written)))) => {
+            Ok(Some(Ok((attr, written, dirs)))) => {
+                let mut leased_gfids = changed.clone();
+                leased_gfids.extend(created);
+                leased_gfids.extend(Gfid::from_bytes(&attr.gfid));
+                leased_gfids.sort();
+                leased_gfids.dedup();
                 if let (Some(g), true) = (created, opens_new) {
                     let _ = self.note_open(sid, g, false);
                 }
@@ -940,6 +1113,8 @@ impl pb::brick_server::Brick for BrickService {
                     stale: false,
                     attr: Some(attr),
                     written,
+                    leased: self.grant(sid, &leased_gfids),
+                    dirs,
                 }
             }
         };

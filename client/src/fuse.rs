@@ -31,7 +31,8 @@ pub struct Timeouts {
 }
 
 enum Handle {
-    File { append: bool },
+    /// `leased`: opened through a lease (see `Volume::open_leased`).
+    File { append: bool, leased: bool },
     Dir { entries: Arc<Vec<pb::DirEntry>> },
 }
 
@@ -194,6 +195,30 @@ impl MortarFs {
     /// Where the mount puts the session's notifier once the session exists.
     pub fn notifier_slot(&self) -> Arc<std::sync::OnceLock<fuser::Notifier>> {
         self.inner.notifier.clone()
+    }
+
+    /// When a brick recalls a lease, the kernel's caches of that inode (attributes, pages)
+    /// go too: they were good while nobody else changed it.
+    pub fn drop_kernel_caches_on_recall(&self) {
+        // One thread, off the runtime: the kernel may wait for pages being read.
+        let (tx, rx) = std::sync::mpsc::channel::<u64>();
+        let notifier = self.inner.notifier.clone();
+        std::thread::spawn(move || {
+            for ino in rx {
+                if let Some(n) = notifier.get() {
+                    let _ = n.inval_inode(INodeNo(ino), 0, 0);
+                }
+            }
+        });
+        let inner = Arc::downgrade(&self.inner);
+        let tx = Mutex::new(tx);
+        let _ = self.inner.vol.on_recall.set(Box::new(move |g: Gfid| {
+            let Some(inner) = inner.upgrade() else { return };
+            let ino = if g == Gfid::ROOT { 1 } else { g.ino() };
+            if ino == 1 || inner.inos.read().unwrap().contains_key(&ino) {
+                let _ = tx.lock().unwrap().send(ino);
+            }
+        }));
     }
 
     pub fn new(vol: Arc<Volume>, rt: tokio::runtime::Handle, t: Timeouts) -> MortarFs {
@@ -534,8 +559,13 @@ impl Filesystem for MortarFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         on_inode!(self, ino, reply, |inner, g| {
-            // Close-to-open: learn which copies are newest before reading.
-            let opened = match inner.vol.open(g).await {
+            // Close-to-open: learn which copies are newest before reading (a lease says
+            // nothing changed since it was granted).
+            let (opened, leased) = match inner.vol.open_leased(g).await {
+                Ok((a, leased)) => (Ok(a), leased),
+                Err(e) => (Err(e), false),
+            };
+            let opened = match opened {
                 // FUSE_ATOMIC_O_TRUNC: the kernel sends O_TRUNC here instead of a setattr, so
                 // the truncation (size 0, mtime and ctime now, replicated like any
                 // truncate) is ours to do; the kernel drops its cached pages itself.
@@ -551,12 +581,13 @@ impl Filesystem for MortarFs {
             };
             match opened {
                 Ok(a) if a.kind() == pb::Kind::Dir => {
-                    inner.vol.release_open(g);
+                    inner.vol.release_leased(g, leased);
                     reply.error(Errno::EISDIR)
                 }
                 Ok(a) => {
                     let fh = inner.new_fh(Handle::File {
                         append: flags.0 & libc::O_APPEND != 0,
+                        leased,
                     });
                     // Unchanged since the last open here (by anyone, this mount included):
                     // whatever the kernel cached since then is still the file's content.
@@ -581,7 +612,7 @@ impl Filesystem for MortarFs {
                 }
                 Err(e) => {
                     // Bricks that counted the open before it failed elsewhere forget it.
-                    inner.vol.release_open(g);
+                    inner.vol.release_leased(g, leased);
                     reply.error(errno(e))
                 }
             }
@@ -621,7 +652,7 @@ impl Filesystem for MortarFs {
     ) {
         let append = matches!(
             self.inner.handles.lock().unwrap().get(&fh.0),
-            Some(Handle::File { append: true })
+            Some(Handle::File { append: true, .. })
         );
         let data = data.to_vec();
         on_inode!(self, ino, reply, |inner, g| {
@@ -657,14 +688,14 @@ impl Filesystem for MortarFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let was_file = matches!(
-            self.inner.handles.lock().unwrap().remove(&fh.0),
-            Some(Handle::File { .. })
-        );
-        if let (true, Ok(g)) = (was_file, self.inner.gfid(ino)) {
+        let leased = match self.inner.handles.lock().unwrap().remove(&fh.0) {
+            Some(Handle::File { leased, .. }) => Some(leased),
+            _ => None,
+        };
+        if let (Some(leased), Ok(g)) = (leased, self.inner.gfid(ino)) {
             // The bricks may now drop the data of a file unlinked while open.
             let _rt = self.rt.enter();
-            self.inner.vol.release_open(g);
+            self.inner.vol.release_leased(g, leased);
         }
         match (self.inner.gfid(ino), lock_owner) {
             (Ok(g), Some(owner)) => {
@@ -937,17 +968,18 @@ impl Filesystem for MortarFs {
         on_inode!(self, parent, reply, |inner, p| {
             match inner
                 .vol
-                .create_open(p, &name, mode & 0o7777, uid, gid)
+                .create_open_leased(p, &name, mode & 0o7777, uid, gid)
                 .await
             {
-                Ok(a) => {
+                Ok((a, leased)) => {
                     let fh = inner.new_fh(Handle::File {
                         append: flags & libc::O_APPEND != 0,
+                        leased,
                     });
                     let attr = match inner.referenced(&a) {
                         Ok(fa) => fa,
                         Err(e) => {
-                            inner.vol.release_open(g_of(&a));
+                            inner.vol.release_leased(g_of(&a), leased);
                             return reply.error(e);
                         }
                     };

@@ -24,6 +24,8 @@ pub struct MountArgs {
     pub log_file: Option<PathBuf>,
     pub metrics: Option<std::net::SocketAddr>,
     pub read_only: bool,
+    /// `-o no-leases`: cache nothing beyond the attribute and entry timeouts.
+    pub no_leases: bool,
     /// `-o tls-dir` (or `--tls-dir`): the client certificate for mutual TLS with the bricks.
     pub tls_dir: Option<PathBuf>,
 }
@@ -67,6 +69,7 @@ impl MountArgs {
             log_file: None,
             metrics: None,
             read_only: false,
+            no_leases: false,
             tls_dir: None,
         };
         let secs = |k: &str, v: &str| -> Result<Duration, String> {
@@ -106,6 +109,7 @@ impl MountArgs {
                     )
                 }
                 "ro" => a.read_only = true,
+                "no-leases" => a.no_leases = true,
                 "tls-dir" if !v.is_empty() => a.tls_dir = Some(PathBuf::from(v)),
                 _ if IGNORED.contains(&k) => {}
                 _ => return Err(format!("unknown mount option {o:?}")),
@@ -212,6 +216,7 @@ fn serve(
         let opts = Options {
             ping_timeout: args.ping_timeout,
             client_name: format!("{}:{}", hostname(), mountpoint.display()),
+            leases: !args.no_leases,
             ..Options::default()
         };
         let vol = rt
@@ -241,6 +246,7 @@ fn serve(
         config.n_threads = Some(2);
         config.clone_fd = true;
         let notifier = fs.notifier_slot();
+        fs.drop_kernel_caches_on_recall();
         let session = fuser::Session::new(fs, mountpoint, &config)
             .map_err(|e| anyhow::anyhow!("mounting on {}: {e}", mountpoint.display()))?;
         let _ = notifier.set(session.notifier());

@@ -509,9 +509,7 @@ async fn hostile_names_get_clear_errors_and_the_brick_keeps_serving() {
         .await
         .unwrap();
     let r = b
-        .getattr(pb::GfidReq {
-            gfid: vec![1, 2, 3],
-        })
+        .getattr(pb::GfidReq { gfid: vec![1, 2, 3], ..Default::default() })
         .await
         .unwrap()
         .into_inner();
@@ -1028,6 +1026,7 @@ async fn hostile_requests_get_bounded_answers() {
         msg: Some(pb::session_in::Msg::Hello(pb::Hello {
             session: silent,
             client: "never-reads".into(),
+            ..Default::default()
         })),
     })
     .await

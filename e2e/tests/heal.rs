@@ -795,6 +795,7 @@ async fn a_create_that_fails_after_one_brick_applied_it_gives_the_new_inodes_loc
         .lookup(pb::LookupReq {
             parent: Gfid::ROOT.to_vec(),
             name: b"b".to_vec(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -326,6 +326,7 @@ async fn a_session_cannot_hold_locks_or_opens_without_bound() {
             .lookup(pb::LookupReq {
                 parent: Gfid::ROOT.to_vec(),
                 name: n.clone().into_bytes(),
+                ..Default::default()
             })
             .await
             .unwrap()

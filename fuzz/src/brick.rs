@@ -494,6 +494,7 @@ impl Harness {
                 msg: Some(pb::session_in::Msg::Hello(pb::Hello {
                     session: id.to_vec(),
                     client: "fuzz".into(),
+                    lease_ms: u.int_in_range(0..=60_000)?,
                 })),
             })
         } else {
@@ -525,9 +526,16 @@ impl Harness {
         let i = u.choose_index(self.sessions.len())?;
         match u.int_in_range(0u8..=4)? {
             0 | 1 => {
-                let ping = frame(&pb::SessionIn {
-                    msg: Some(pb::session_in::Msg::Ping(u.arbitrary()?)),
-                });
+                let msg = if u.ratio(1, 3)? {
+                    // Leases given back, asked for or not, opens included.
+                    pb::session_in::Msg::Returned(pb::Returned {
+                        gfids: vec![self.gfid(u)?, self.gfid(u)?],
+                        open: vec![self.gfid(u)?],
+                    })
+                } else {
+                    pb::session_in::Msg::Ping(u.arbitrary()?)
+                };
+                let ping = frame(&pb::SessionIn { msg: Some(msg) });
                 if let Some(tx) = &self.sessions[i].tx {
                     let _ = tx.try_send(Ok(Frame::data(ping)));
                 }
@@ -896,6 +904,7 @@ impl Harness {
                 let req = pb::LookupReq {
                     parent: self.gfid(u)?,
                     name: Self::name(u)?,
+                    session: self.session_id(u)?,
                 };
                 let r = self.req(u, req)?;
                 if let Some(reply) = self.call(false, "lookup", svc.lookup(r)).await {
@@ -905,6 +914,7 @@ impl Harness {
             1 => {
                 let r = pb::GfidReq {
                     gfid: self.gfid(u)?,
+                    session: self.session_id(u)?,
                 };
                 let r = self.req(u, r)?;
                 self.call(false, "getattr", svc.getattr(r)).await;
@@ -953,9 +963,7 @@ impl Harness {
                 self.call(false, "read", svc.read(r)).await;
             }
             6 => {
-                let r = pb::GfidReq {
-                    gfid: self.gfid(u)?,
-                };
+                let r = pb::GfidReq { gfid: self.gfid(u)?, ..Default::default() };
                 let r = self.req(u, r)?;
                 self.call(false, "readlink", svc.readlink(r)).await;
             }
@@ -968,16 +976,12 @@ impl Harness {
                 self.call(false, "getxattr", svc.getxattr(r)).await;
             }
             8 => {
-                let r = pb::GfidReq {
-                    gfid: self.gfid(u)?,
-                };
+                let r = pb::GfidReq { gfid: self.gfid(u)?, ..Default::default() };
                 let r = self.req(u, r)?;
                 self.call(false, "listxattr", svc.listxattr(r)).await;
             }
             9 => {
-                let r = pb::GfidReq {
-                    gfid: self.gfid(u)?,
-                };
+                let r = pb::GfidReq { gfid: self.gfid(u)?, ..Default::default() };
                 let quota = u.arbitrary()?;
                 let r = self.req(u, r)?;
                 if quota {

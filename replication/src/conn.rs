@@ -37,6 +37,8 @@ pub enum Event {
     Volfile { brick: String, generation: u64 },
     Up { brick: String },
     Down { brick: String },
+    /// A brick recalled these leases (the cache has dropped them already).
+    Recalled { gfids: Vec<Gfid> },
 }
 
 pub struct Brick {
@@ -53,6 +55,20 @@ pub struct Brick {
     tls: Option<Arc<ClientTlsConfig>>,
     /// Bytes of data this client has in flight to the brick (see [`Brick::call_sized`]).
     payload: Arc<tokio::sync::Semaphore>,
+    /// What this client caches under leases (`None`: it asks for none).
+    cache: Option<Arc<crate::lease::Cache>>,
+    /// Until when (milliseconds of [`clock_ms`]) the leases of the current connection count.
+    lease_until_ms: AtomicU64,
+}
+
+/// The lease window a client asks for: the brick keeps a silent client's leases this long
+/// after it last heard from it.
+pub const LEASE_WINDOW: Duration = Duration::from_secs(5);
+
+/// Milliseconds since this process first asked: a monotonic clock for lease deadlines.
+fn clock_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
 }
 
 /// Bytes of file data one client keeps in flight to one brick: half of what a brick allows
@@ -116,6 +132,7 @@ impl Brick {
         events: mpsc::UnboundedSender<Event>,
         local: Option<crate::volume::LocalSteps>,
         tls: Option<Arc<ClientTlsConfig>>,
+        cache: Option<Arc<crate::lease::Cache>>,
     ) -> Arc<Brick> {
         let (state, _) = watch::channel(ConnState::Down("connecting".into()));
         let b = Arc::new(Brick {
@@ -128,6 +145,8 @@ impl Brick {
             local,
             tls,
             payload: Arc::new(tokio::sync::Semaphore::new(PAYLOAD_IN_FLIGHT)),
+            cache,
+            lease_until_ms: AtomicU64::new(0),
         });
         let weak = Arc::downgrade(&b);
         tokio::spawn(async move {
@@ -186,11 +205,16 @@ impl Brick {
         };
         let mut c = client(ch);
         let session = *uuid::Uuid::new_v4().as_bytes();
-        let (tx, rx) = mpsc::channel(16);
+        let (tx, rx) = mpsc::channel(256);
         let hello = pb::Hello {
             session: session.to_vec(),
             client: client_name.to_string(),
+            lease_ms: if self.cache.is_some() { LEASE_WINDOW.as_millis() as u64 } else { 0 },
         };
+        // When each recent ping went: a lease counts until its window after the send of the
+        // last ping answered.
+        let mut sent: std::collections::VecDeque<(u64, u64)> = std::collections::VecDeque::new();
+        sent.push_back((0, clock_ms()));
         let _ = tx
             .send(pb::SessionIn {
                 msg: Some(pb::session_in::Msg::Hello(hello)),
@@ -214,6 +238,7 @@ impl Brick {
         if self.stopped.load(Relaxed) {
             return "stopped".into();
         }
+        self.lease_until_ms.store(sent[0].1 + lease_ms(LEASE_WINDOW), Relaxed);
         self.state.send_replace(ConnState::Up(Up {
             client: c,
             session,
@@ -244,6 +269,10 @@ impl Brick {
                         return format!("no answer to pings for {pt:?}");
                     }
                     n += 1;
+                    if sent.len() >= 64 {
+                        sent.pop_front();
+                    }
+                    sent.push_back((n, clock_ms()));
                     if tx.try_send(pb::SessionIn { msg: Some(pb::session_in::Msg::Ping(n)) }).is_err() {
                         return "session stream full".into();
                     }
@@ -260,7 +289,29 @@ impl Brick {
                             Some(pb::session_out::Msg::VolfileGeneration(generation)) => {
                                 let _ = events.send(Event::Volfile { brick: self.id.clone(), generation });
                             }
-                            _ => {}
+                            Some(pb::session_out::Msg::Pong(k)) => {
+                                if let Some((_, at)) = sent.iter().find(|(i, _)| *i == k) {
+                                    self.lease_until_ms.fetch_max(at + lease_ms(LEASE_WINDOW), Relaxed);
+                                }
+                            }
+                            Some(pb::session_out::Msg::Recall(r)) => {
+                                // Dropped from the cache before the answer goes: the brick
+                                // lets the change go on once it has it.
+                                let gfids: Vec<Gfid> = r.gfids.iter().filter_map(|g| Gfid::from_bytes(g)).collect();
+                                let open = match &self.cache {
+                                    Some(c) => c.recall(&(self.id.clone(), epoch), &gfids),
+                                    None => Vec::new(),
+                                };
+                                let back = pb::SessionIn { msg: Some(pb::session_in::Msg::Returned(pb::Returned {
+                                    gfids: r.gfids,
+                                    open: open.iter().map(|g| g.to_vec()).collect(),
+                                })) };
+                                if tx.try_send(back).is_err() {
+                                    return "session stream full".into();
+                                }
+                                let _ = events.send(Event::Recalled { gfids });
+                            }
+                            None => {}
                         }
                     }
                     Ok(None) => return "session closed by the brick".into(),
@@ -289,6 +340,12 @@ impl Brick {
 
     pub fn is_up(&self) -> bool {
         self.state.borrow().is_up()
+    }
+
+    /// Whether leases granted on connection `epoch` still count (see `lease`).
+    pub fn lease_trusted(&self, epoch: u64) -> bool {
+        self.up().is_some_and(|u| u.epoch == epoch)
+            && clock_ms() < self.lease_until_ms.load(Relaxed)
     }
 
     /// Waits until the brick is up, at most `d`.
@@ -370,6 +427,12 @@ impl Brick {
             _ = gone => Err(self.transport("connection lost")),
         }
     }
+}
+
+/// Nine tenths of a lease window: the margin covers the two processes' clocks running at
+/// slightly different rates.
+fn lease_ms(d: Duration) -> u64 {
+    millis(d) * 9 / 10
 }
 
 fn millis(d: Duration) -> u64 {

@@ -15,6 +15,7 @@
 //! - [`txn`]: the transaction: lock, mark, apply, clear; eager locks; fsync;
 //! - [`fops`]: inode and directory writes, each one transaction;
 //! - [`read`]: the choice of copy to read from, failover, lookups;
+//! - [`lease`]: attributes, entries and small files cached under the bricks' leases;
 //! - [`plock`]: applications' byte-range locks;
 //! - [`heal`]: self-heal of entries, data and metadata;
 //! - [`arbitrate`]: the decisions (freshness, outcome of a change, lookup vote, heal
@@ -24,6 +25,7 @@ pub mod arbitrate;
 pub mod conn;
 pub mod fops;
 pub mod heal;
+pub mod lease;
 pub mod plock;
 pub mod read;
 pub mod txn;

@@ -58,8 +58,16 @@ impl Volume {
         Ok(bricks)
     }
 
-    /// Asks every brick for the inode and keeps the newest copy's attributes.
+    /// The inode's attributes: from the cache while leased, else from every brick (the
+    /// newest copy's).
     pub async fn getattr(&self, g: Gfid) -> Result<pb::Attr> {
+        if let Some(c) = &self.cache
+            && let Some((a, readable)) = c.attr(g, self.trust())
+        {
+            self.remember_readable(g, readable);
+            return Ok(a);
+        }
+        tracing::trace!(gfid = %g, "getattr: not cached");
         self.attr_everywhere(g, false).await
     }
 
@@ -70,11 +78,44 @@ impl Volume {
         self.attr_everywhere(g, true).await
     }
 
+    /// Opens a file through its lease when it has one: nothing to ask, as no other client
+    /// changed it since (a change would have recalled the lease), and the bricks count the
+    /// open only if a recall comes while it lasts. Otherwise as [`Volume::open`]. True when
+    /// leased: end it with [`Volume::release_leased`].
+    pub async fn open_leased(&self, g: Gfid) -> Result<(pb::Attr, bool)> {
+        if let Some(c) = &self.cache
+            && let Some((a, readable)) = c.open(g, self.trust())
+        {
+            self.remember_readable(g, readable);
+            return Ok((a, true));
+        }
+        self.open(g).await.map(|a| (a, false))
+    }
+
+    /// Ends an open of [`Volume::open_leased`].
+    pub fn release_leased(&self, g: Gfid, leased: bool) {
+        if !leased {
+            return self.release_open(g);
+        }
+        let Some(c) = &self.cache else { return };
+        let on = c.close(g);
+        let bricks = self
+            .bricks()
+            .into_iter()
+            .filter(|b| on.iter().any(|(id, epoch)| *id == b.id && b.up().is_some_and(|u| u.epoch == *epoch)))
+            .collect();
+        Self::release_on(bricks, g);
+    }
+
     /// Ends one open of `g` on every brick; in the background, as close(2) must not wait.
     pub fn release_open(&self, g: Gfid) {
         let Ok(bricks) = self.up_bricks() else {
             return;
         };
+        Self::release_on(bricks, g);
+    }
+
+    fn release_on(bricks: Vec<Arc<Brick>>, g: Gfid) {
         for b in bricks {
             tokio::spawn(async move {
                 let r = b
@@ -95,6 +136,8 @@ impl Volume {
 
     async fn attr_everywhere(&self, g: Gfid, open: bool) -> Result<pb::Attr> {
         let bricks = self.up_bricks()?;
+        let lease = self.cache.is_some();
+        let ticket = self.cache.as_ref().map_or(0, |c| c.ticket());
         let calls = bricks.iter().map(|b| {
             b.call(move |mut c, up| async move {
                 if open {
@@ -104,17 +147,22 @@ impl Volume {
                     };
                     c.open(req).await
                 } else {
-                    c.getattr(pb::GfidReq { gfid: g.to_vec() }).await
+                    let session = if lease { up.session.to_vec() } else { Vec::new() };
+                    c.getattr(pb::GfidReq { gfid: g.to_vec(), session }).await
                 }
             })
         });
         let rs = join_all(calls).await;
         let mut found: Vec<(&Arc<Brick>, pb::Attr)> = Vec::new();
+        let mut grants = Vec::new();
+        let mut all_leased = true;
         let mut errno = None;
         let mut transport = None;
         for (b, r) in bricks.iter().zip(rs) {
             match r {
-                Ok((rep, _)) if rep.errno == 0 && rep.attr.is_some() => {
+                Ok((rep, up)) if rep.errno == 0 && rep.attr.is_some() => {
+                    all_leased &= rep.leased;
+                    grants.push((b.id.clone(), up.epoch));
                     found.push((b, rep.attr.unwrap()))
                 }
                 Ok((rep, _)) => errno = Some(rep.errno),
@@ -141,28 +189,64 @@ impl Volume {
             self.queue_heal(g).await;
         }
         let ids: Vec<String> = use_.iter().map(|i| found[*i].0.id.clone()).collect();
-        self.remember_readable(g, ids);
+        self.remember_readable(g, ids.clone());
         let first = use_[0];
-        Ok(found.swap_remove(first).1)
+        let attr = found.swap_remove(first).1;
+        // Cached only when every brick answered alike and leased it.
+        if let Some(c) = &self.cache
+            && all_leased
+            && !heal
+            && grants.len() == bricks.len()
+            && use_.len() == grants.len()
+        {
+            c.put_attr(ticket, g, attr.clone(), ids, grants);
+        }
+        Ok(attr)
     }
 
     /// Looks a name up on every brick; the answer comes from the bricks with the newest copy
     /// of the parent directory, so a brick that missed a create or delete is outvoted.
     pub async fn lookup(&self, parent: Gfid, name: &[u8]) -> Result<pb::Attr> {
+        if let Some(c) = &self.cache {
+            let ok = self.trust();
+            match c.entry(parent, name, &ok) {
+                Some(None) => return Err(Error::Os(libc::ENOENT)),
+                Some(Some(g)) => {
+                    if let Some((a, readable)) = c.attr(g, &ok) {
+                        self.remember_readable(g, readable);
+                        return Ok(a);
+                    }
+                }
+                None => {}
+            }
+        }
+        tracing::trace!(%parent, name = %String::from_utf8_lossy(name), "lookup: not cached");
         let bricks = self.up_bricks()?;
+        let lease = self.cache.is_some();
+        let ticket = self.cache.as_ref().map_or(0, |c| c.ticket());
         let rs = join_all(bricks.iter().map(|b| {
-            let req = pb::LookupReq {
-                parent: parent.to_vec(),
-                name: name.to_vec(),
-            };
-            b.call(move |mut c, _| async move { c.lookup(req).await })
+            let name = name.to_vec();
+            b.call(move |mut c, up| async move {
+                let req = pb::LookupReq {
+                    parent: parent.to_vec(),
+                    name,
+                    session: if lease { up.session.to_vec() } else { Vec::new() },
+                };
+                c.lookup(req).await
+            })
         }))
         .await;
         let mut replies: Vec<(&Arc<Brick>, pb::LookupReply)> = Vec::new();
+        let mut grants = Vec::new();
         let mut last_err = None;
         for (b, r) in bricks.iter().zip(rs) {
             match r {
-                Ok((rep, _)) => replies.push((b, rep)),
+                Ok((rep, up)) => {
+                    if rep.leased {
+                        grants.push((b.id.clone(), up.epoch));
+                    }
+                    replies.push((b, rep))
+                }
                 Err(e) => last_err = Some(e),
             }
         }
@@ -183,6 +267,13 @@ impl Volume {
         if vote.heal_parent || replies.len() < bricks.len() {
             self.queue_heal(parent).await;
         }
+        // Cached only when every brick answered alike and leased what it answered.
+        let agreed = !vote.heal_parent
+            && grants.len() == bricks.len()
+            && replies.iter().all(|(_, r)| r.errno == replies[0].1.errno);
+        if let (Some(c), true) = (&self.cache, agreed) {
+            c.put_lease(ticket, parent, grants.clone());
+        }
         let best = vote.answer.map_err(Error::Os)?;
         let e = replies[best]
             .1
@@ -190,12 +281,16 @@ impl Volume {
             .clone()
             .expect("the vote chose an entry");
         if let Some(g) = Gfid::from_bytes(&e.gfid) {
-            let ids = vote
+            let ids: Vec<String> = vote
                 .holders
                 .iter()
                 .map(|i| replies[*i].0.id.clone())
                 .collect();
-            self.remember_readable(g, ids);
+            self.remember_readable(g, ids.clone());
+            if let (Some(c), true) = (&self.cache, agreed && ids.len() == replies.len()) {
+                c.put_entry(ticket, parent, name, g);
+                c.put_attr(ticket, g, e.clone(), ids, grants);
+            }
         }
         Ok(e)
     }
@@ -270,7 +365,34 @@ impl Volume {
         Err(last)
     }
 
+    /// Reads from the cache while leased; a small file leased is read whole, and kept.
     pub async fn read(&self, g: Gfid, offset: u64, size: u32) -> Result<pb::Bytes> {
+        let Some(c) = &self.cache else {
+            return self.read_copy(g, offset, size).await;
+        };
+        let ok = self.trust();
+        let slice = |d: &pb::Bytes| {
+            let from = (offset as usize).min(d.len());
+            d.slice(from..(from + size as usize).min(d.len()))
+        };
+        if let Some(d) = c.data(g, &ok) {
+            return Ok(slice(&d));
+        }
+        match c.attr(g, &ok) {
+            Some((a, _)) if a.size <= crate::lease::SMALL_FILE && a.kind() == pb::Kind::File => {
+                let ticket = c.ticket();
+                // One byte more than the file: a whole file comes short of it.
+                let d = self.read_copy(g, 0, a.size as u32 + 1).await?;
+                if d.len() as u64 == a.size {
+                    c.put_data(ticket, g, d.clone());
+                }
+                Ok(slice(&d))
+            }
+            _ => self.read_copy(g, offset, size).await,
+        }
+    }
+
+    async fn read_copy(&self, g: Gfid, offset: u64, size: u32) -> Result<pb::Bytes> {
         let r = self
             .read_one(g, move |mut c| async move {
                 c.read(pb::ReadReq {
@@ -289,7 +411,7 @@ impl Volume {
     pub async fn readlink(&self, g: Gfid) -> Result<Vec<u8>> {
         let r = self
             .read_one(g, move |mut c| async move {
-                c.readlink(pb::GfidReq { gfid: g.to_vec() }).await
+                c.readlink(pb::GfidReq { gfid: g.to_vec(), ..Default::default() }).await
             })
             .await?;
         Error::from_errno(r.errno)?;
@@ -317,19 +439,30 @@ impl Volume {
     pub async fn listxattr(&self, g: Gfid) -> Result<Vec<Vec<u8>>> {
         let r = self
             .read_one(g, move |mut c| async move {
-                c.listxattr(pb::GfidReq { gfid: g.to_vec() }).await
+                c.listxattr(pb::GfidReq { gfid: g.to_vec(), ..Default::default() }).await
             })
             .await?;
         Error::from_errno(r.errno)?;
         Ok(r.names)
     }
 
-    /// The whole listing of a directory, from one good copy.
+    /// The whole listing of a directory, from one good copy. Kept when the directory is
+    /// leased (its lease came before the listing was read).
     pub async fn readdir(&self, g: Gfid) -> Result<Vec<pb::DirEntry>> {
+        let ticket = self.cache.as_ref().map(|c| (c.ticket(), c.is_leased(g, self.trust())));
         let mut last = Error::NoGoodCopy;
         for b in self.readable_bricks(g).await? {
             match list_dir(&b, g).await {
                 Err(e @ Error::Transport { .. }) => last = e,
+                Ok(entries) => {
+                    if let (Some(c), Some((t, true))) = (&self.cache, ticket) {
+                        let names = entries
+                            .iter()
+                            .filter_map(|e| Some((e.name.clone(), Gfid::from_bytes(&e.attr.as_ref()?.gfid)?)));
+                        c.put_dir(t, g, names);
+                    }
+                    return Ok(entries);
+                }
                 r => return r,
             }
         }
@@ -341,7 +474,7 @@ impl Volume {
     pub async fn statfs(&self, g: Gfid) -> Result<pb::StatfsReply> {
         let r = self
             .read_one(g, move |mut c| async move {
-                c.statfs(pb::GfidReq { gfid: g.to_vec() }).await
+                c.statfs(pb::GfidReq { gfid: g.to_vec(), ..Default::default() }).await
             })
             .await?;
         Error::from_errno(r.errno)?;
@@ -352,7 +485,7 @@ impl Volume {
     pub async fn quota(&self, dir: Gfid) -> Result<Option<(u64, u64)>> {
         let r = self
             .read_one(dir, move |mut c| async move {
-                c.quota(pb::GfidReq { gfid: dir.to_vec() }).await
+                c.quota(pb::GfidReq { gfid: dir.to_vec(), ..Default::default() }).await
             })
             .await?;
         match r.errno {

@@ -63,6 +63,113 @@ fn now_ns() -> i64 {
         .map(|d| d.as_nanos() as i64)
         .unwrap_or(0)
 }
+/// Brings the cache in line with this client's own change `op` of `gfids` (their locks are
+/// held): `reply` when every brick applied it and leased what it changed, `None` when that
+/// is not known (what was cached of the inodes involved then goes).
+fn cache_change(
+    c: &crate::lease::Cache,
+    op: &pb::mutate_req::Op,
+    gfids: &[Gfid],
+    reply: Option<&pb::MutateReply>,
+    grants: Vec<crate::lease::Grant>,
+) {
+    use pb::mutate_req::Op;
+    let g = |b: &[u8]| Gfid::from_bytes(b);
+    // The inodes reached by name: known only from cached entries. One not known may be any
+    // inode with several links whose attributes are cached; those go.
+    let by_name = |dir: &[u8], name: &[u8]| -> Vec<Gfid> {
+        match g(dir).map(|d| c.dir_get(d, name)) {
+            Some(Some(v)) => vec![v],
+            _ => c.linked(),
+        }
+    };
+    let Some(r) = reply else {
+        c.forget(gfids);
+        match op {
+            Op::Remove(rm) => c.forget(&by_name(&rm.parent, &rm.name)),
+            Op::Rename(rn) => {
+                c.forget(&by_name(&rn.parent, &rn.name));
+                c.forget(&by_name(&rn.newparent, &rn.newname));
+            }
+            Op::Link(l) => c.forget(&g(&l.gfid).into_iter().collect::<Vec<_>>()),
+            _ => {}
+        }
+        return;
+    };
+    // Tickets taken as it goes: forgetting an inode here refuses older ones for it.
+    let ticket = || c.ticket();
+    let ids: Vec<String> = grants.iter().map(|(id, _)| id.clone()).collect();
+    let changed = r.attr.as_ref().and_then(|a| Some((g(&a.gfid)?, a.clone())));
+    for d in gfids {
+        c.touch(*d);
+        c.put_lease(ticket(), *d, grants.clone());
+    }
+    for a in &r.dirs {
+        if let Some(d) = g(&a.gfid).filter(|d| gfids.contains(d)) {
+            c.put_attr(ticket(), d, a.clone(), ids.clone(), grants.clone());
+        }
+    }
+    match op {
+        Op::Create(cr) => {
+            if let (Some(p), Some((new, a))) = (g(&cr.parent), &changed) {
+                c.dir_changed(p, &cr.name, Some(*new));
+                c.put_attr(ticket(), *new, a.clone(), ids.clone(), grants.clone());
+                // Made just now: empty.
+                match a.kind() {
+                    pb::Kind::Dir => c.put_dir(ticket(), *new, []),
+                    pb::Kind::File => c.put_data(ticket(), *new, pb::Bytes::new()),
+                    _ => {}
+                }
+            }
+        }
+        Op::Remove(rm) => {
+            c.forget(&by_name(&rm.parent, &rm.name));
+            if let Some(p) = g(&rm.parent) {
+                c.dir_changed(p, &rm.name, None);
+            }
+        }
+        Op::Rename(rn) => {
+            let moved = by_name(&rn.parent, &rn.name);
+            let replaced = by_name(&rn.newparent, &rn.newname);
+            c.forget(&moved);
+            c.forget(&replaced);
+            match (g(&rn.parent), g(&rn.newparent), &changed) {
+                (Some(p), Some(np), Some((m, _))) if rn.flags & libc::RENAME_EXCHANGE == 0 => {
+                    c.dir_changed(p, &rn.name, None);
+                    c.dir_changed(np, &rn.newname, Some(*m));
+                }
+                _ => c.forget(gfids),
+            }
+        }
+        Op::Link(l) => {
+            if let (Some(np), Some(t)) = (g(&l.newparent), g(&l.gfid)) {
+                c.dir_changed(np, &l.newname, Some(t));
+            }
+        }
+        // Its own bytes: what it cached of the file follows (a write's offset is where
+        // the bytes went: the end for an append).
+        Op::Write(w) => match &changed {
+            Some((i, a)) if r.written == w.data.len() as u64 => {
+                let at = if w.append { a.size.saturating_sub(r.written) } else { w.offset };
+                c.wrote(*i, at, &w.data, a.size)
+            }
+            _ => gfids.iter().for_each(|d| c.drop_data(*d)),
+        },
+        Op::Setattr(s) if s.size.is_some() => match &changed {
+            Some((i, a)) => c.wrote(*i, 0, b"", a.size),
+            None => gfids.iter().for_each(|d| c.drop_data(*d)),
+        },
+        Op::Fallocate(_) => gfids.iter().for_each(|d| c.drop_data(*d)),
+        _ => {}
+    }
+    // The reply's inode as it is now (the leases of a rename's moved inode or a link's
+    // target came with the reply too).
+    if let Some((i, a)) = changed {
+        c.put_lease(ticket(), i, grants.clone());
+        c.put_attr(ticket(), i, a, ids, grants);
+    }
+}
+
 impl Volume {
     pub(crate) fn tx(&self, g: Gfid) -> Arc<InodeTx> {
         self.inodes.lock().unwrap().entry(g).or_default().clone()
@@ -601,6 +708,20 @@ impl Volume {
             .map(|i| targets[*i].clone())
             .collect();
         let advanced = outcome.advanced;
+        if let Some(c) = &self.cache {
+            // What this client caches follows its own change when every brick took it and
+            // leased what it changed; otherwise what it had of those inodes goes.
+            let leased = outcome.result.is_ok()
+                && members.len() == targets.len()
+                && answers.iter().all(|a| a.as_ref().is_some_and(|r| r.leased));
+            let reply = match (&outcome.result, leased) {
+                (Ok(i), true) => answers[*i].as_ref(),
+                _ => None,
+            };
+            let grants: Vec<crate::lease::Grant> =
+                members.iter().map(|m| (m.brick.id.clone(), m.epoch)).collect();
+            cache_change(c, &op, &gfids, reply, grants);
+        }
         let result = outcome
             .result
             .map(|i| answers[i].take().expect("an applied change has its reply"));

@@ -33,6 +33,9 @@ pub struct Options {
     /// Client TLS for this volume's bricks (a cluster's own CA and certificate, when one
     /// process serves several clusters); `None`: the process's (`mortar_common::tls`).
     pub tls: Option<Arc<tonic::transport::ClientTlsConfig>>,
+    /// Cache attributes, entries and small files under the bricks' leases (a mount does;
+    /// tools that must see the bricks as they are do not).
+    pub leases: bool,
 }
 
 /// Takes a heal request as the brick's `Heal` RPC would, without the network.
@@ -61,6 +64,7 @@ impl Default for Options {
             client_name: format!("mortar-client@{}", std::process::id()),
             local: None,
             tls: None,
+            leases: false,
         }
     }
 }
@@ -114,6 +118,11 @@ pub struct Volume {
     pub stats: Stats,
     /// Fires whenever a brick (re)connects: a brick back from away may need healing.
     pub brick_up: Notify,
+    /// What is cached under leases (`Options::leases`).
+    pub(crate) cache: Option<Arc<crate::lease::Cache>>,
+    /// Told of every inode whose lease a brick recalled (the FUSE layer drops the kernel's
+    /// caches of it).
+    pub on_recall: std::sync::OnceLock<Box<dyn Fn(Gfid) + Send + Sync>>,
 }
 /// Where the effective ping timeout comes from, for the logs.
 fn ping_timeout_source(opts: &Options, vf: &Volfile) -> &'static str {
@@ -189,6 +198,7 @@ impl Volume {
             vf.bricks.len()
         );
         let (tx, rx) = mpsc::unbounded_channel();
+        let cache = opts.leases.then(Arc::default);
         let bricks = vf
             .bricks
             .iter()
@@ -201,6 +211,7 @@ impl Volume {
                     tx.clone(),
                     opts.local_steps(&b.id),
                     opts.tls.clone(),
+                    cache.clone(),
                 )
             })
             .collect();
@@ -220,6 +231,8 @@ impl Volume {
             events: tx,
             stats: Stats::default(),
             brick_up: Notify::new(),
+            cache,
+            on_recall: std::sync::OnceLock::new(),
         });
         tokio::spawn(Self::handle_events(Arc::downgrade(&v), rx));
         tokio::spawn(Self::releaser(Arc::downgrade(&v)));
@@ -255,6 +268,19 @@ impl Volume {
 
     pub(crate) fn quorum(&self) -> usize {
         self.vol.read().unwrap().quorum()
+    }
+
+    /// Whether leases `from` still count: from a majority of the volume's bricks, each on
+    /// the connection that granted it and within its window (see `lease`).
+    pub(crate) fn trust(&self) -> impl Fn(&[crate::lease::Grant]) -> bool + use<> {
+        let bricks = self.bricks();
+        let quorum = self.quorum();
+        move |from| {
+            from.iter()
+                .filter(|(id, e)| bricks.iter().any(|b| &b.id == id && b.lease_trusted(*e)))
+                .count()
+                >= quorum
+        }
     }
 
     pub(crate) fn total(&self) -> usize {
@@ -330,6 +356,16 @@ impl Volume {
                     v.brick_up.notify_waiters();
                 }
                 Event::Down { .. } => v.readable.lock().unwrap().clear(),
+                Event::Recalled { gfids } => {
+                    let mut r = v.readable.lock().unwrap();
+                    for g in &gfids {
+                        r.remove(g);
+                    }
+                    drop(r);
+                    if let Some(f) = v.on_recall.get() {
+                        gfids.into_iter().for_each(f);
+                    }
+                }
             }
         }
     }
@@ -387,6 +423,7 @@ impl Volume {
                     self.events.clone(),
                     self.opts.local_steps(&spec.id),
                     self.opts.tls.clone(),
+                    self.cache.clone(),
                 )),
             }
         }
