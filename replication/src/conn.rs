@@ -61,9 +61,6 @@ pub struct Brick {
     lease_until_ms: AtomicU64,
 }
 
-/// The lease window a client asks for: the brick keeps a silent client's leases this long
-/// after it last heard from it.
-pub const LEASE_WINDOW: Duration = Duration::from_secs(5);
 
 /// Milliseconds since this process first asked: a monotonic clock for lease deadlines.
 fn clock_ms() -> u64 {
@@ -209,7 +206,9 @@ impl Brick {
         let hello = pb::Hello {
             session: session.to_vec(),
             client: client_name.to_string(),
-            lease_ms: if self.cache.is_some() { LEASE_WINDOW.as_millis() as u64 } else { 0 },
+            // The lease window is the ping timeout the connection starts with: the brick
+            // keeps a silent client's leases this long after it last heard from it.
+            lease_ms: if self.cache.is_some() { millis(pt) } else { 0 },
         };
         // When each recent ping went: a lease counts until its window after the send of the
         // last ping answered.
@@ -238,7 +237,8 @@ impl Brick {
         if self.stopped.load(Relaxed) {
             return "stopped".into();
         }
-        self.lease_until_ms.store(sent[0].1 + lease_ms(LEASE_WINDOW), Relaxed);
+        let window = pt;
+        self.lease_until_ms.store(sent[0].1 + lease_ms(window), Relaxed);
         self.state.send_replace(ConnState::Up(Up {
             client: c,
             session,
@@ -291,7 +291,7 @@ impl Brick {
                             }
                             Some(pb::session_out::Msg::Pong(k)) => {
                                 if let Some((_, at)) = sent.iter().find(|(i, _)| *i == k) {
-                                    self.lease_until_ms.fetch_max(at + lease_ms(LEASE_WINDOW), Relaxed);
+                                    self.lease_until_ms.fetch_max(at + lease_ms(window), Relaxed);
                                 }
                             }
                             Some(pb::session_out::Msg::Recall(r)) => {

@@ -85,7 +85,40 @@ impl Volume {
         self.open(g).await.map(|a| (a, false))
     }
 
+    /// Before this client unlinks or replaces `name` in `dir`: if it has that file open
+    /// through leases, the bricks count those opens first (an unlink keeps the data of a
+    /// file only while the bricks know it is open; another client's unlink would recall the
+    /// lease and learn of them then, but this client's own is not recalled).
+    async fn count_leased_opens(&self, dir: Gfid, name: &[u8]) {
+        let Some(c) = &self.cache else { return };
+        if !c.any_open() {
+            return;
+        }
+        let victim = match c.dir_get(dir, name) {
+            Some(g) => g,
+            None => match self.lookup(dir, name).await.ok().and_then(|a| Gfid::from_bytes(&a.gfid)) {
+                Some(g) => g,
+                None => return,
+            },
+        };
+        for b in self.bricks() {
+            let Some(up) = b.up() else { continue };
+            for _ in 0..c.to_count(victim, &(b.id.clone(), up.epoch)) {
+                let req = pb::OpenReq {
+                    session: up.session.to_vec(),
+                    gfid: victim.to_vec(),
+                };
+                if let Err(e) = b.call(move |mut cl, _| async move { cl.open(req).await }).await {
+                    tracing::debug!(brick = %b.id, "counting an open before an unlink: {e}");
+                }
+            }
+        }
+    }
+
     pub async fn remove(&self, parent: Gfid, name: &[u8], dir: bool) -> Result<()> {
+        if !dir {
+            self.count_leased_opens(parent, name).await;
+        }
         let op = pb::mutate_req::Op::Remove(pb::Remove {
             parent: parent.to_vec(),
             name: name.to_vec(),
@@ -102,6 +135,7 @@ impl Volume {
         newname: &[u8],
         flags: u32,
     ) -> Result<()> {
+        self.count_leased_opens(newparent, newname).await;
         let op = pb::mutate_req::Op::Rename(pb::Rename {
             parent: parent.to_vec(),
             name: name.to_vec(),

@@ -294,6 +294,22 @@ impl Cache {
         out
     }
 
+    /// Whether any file is open through a lease.
+    pub fn any_open(&self) -> bool {
+        !self.inner.lock().unwrap().opens.is_empty()
+    }
+
+    /// How many opens of `g` made through leases brick `on` does not count yet; from now
+    /// on they count as counted there (the caller tells the brick).
+    pub fn to_count(&self, g: Gfid, on: &Grant) -> u32 {
+        let mut i = self.inner.lock().unwrap();
+        let Some(o) = i.opens.get_mut(&g) else { return 0 };
+        let n = o.registered.entry(on.clone()).or_default();
+        let more = o.local - *n;
+        *n = o.local;
+        more
+    }
+
     /// Brick `from` recalls `gfids`: all that is cached of them goes. The answer lists the
     /// files open through leases that this brick does not count yet (once per open).
     pub fn recall(&self, from: &Grant, gfids: &[Gfid]) -> Vec<Gfid> {

@@ -7,7 +7,7 @@ use mortar_client::mount::{self, MountArgs};
 #[derive(Parser)]
 #[command(
     version,
-    after_help = "Mount options (-o): backup-volfile-servers=H2:H3, ping-timeout=SECS (default: the volfile's ping-timeout, else 5), attribute-timeout=SECS, entry-timeout=SECS, log-level=LEVEL, log-file=PATH, metrics=HOST:PORT, ro, tls-dir=DIR"
+    after_help = "Mount options (-o): backup-volfile-servers=H2:H3, ping-timeout=SECS (default: the volfile's ping-timeout, else 5), attribute-timeout=SECS, entry-timeout=SECS, log-level=LEVEL, log-file=PATH, metrics=HOST:PORT, no-leases (cache nothing beyond the timeouts), ro, tls-dir=DIR"
 )]
 struct Args {
     /// HOST[:PORT]:/VOLUME — any brick of the volume serves its description.
