@@ -31,6 +31,22 @@ fn rpcs(c: &Cluster, method: &str) -> u64 {
         .sum()
 }
 
+/// Reads `name` through `m` until `m` holds its lease (an open then asks no brick). The
+/// lease waits until the writer's mount gives up the file's lock (idle for half a second).
+fn lease(c: &Cluster, m: &Mount, name: &str) -> Vec<u8> {
+    let t = Instant::now();
+    loop {
+        let data = read(&m.p(name));
+        let opens = rpcs(c, "Open");
+        let again = read(&m.p(name));
+        if rpcs(c, "Open") == opens && again == data {
+            return data;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "no lease on {name} after 10 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn read(p: &std::path::Path) -> Vec<u8> {
     let mut f = fs::File::open(p).unwrap();
     let mut v = Vec::new();
@@ -47,7 +63,7 @@ fn a_cached_file_changed_elsewhere_is_seen_by_the_next_open_and_stat() {
     let m1 = c.mount("m1", "");
     let m2 = c.mount("m2", "");
     fs::write(m1.p("f"), b"first").unwrap();
-    assert_eq!(read(&m2.p("f")), b"first");
+    assert_eq!(lease(&c, &m2, "f"), b"first");
     let (opens, reads) = (rpcs(&c, "Open"), rpcs(&c, "Read"));
     for _ in 0..50 {
         assert_eq!(read(&m2.p("f")), b"first");
@@ -61,6 +77,7 @@ fn a_cached_file_changed_elsewhere_is_seen_by_the_next_open_and_stat() {
     for round in 0..20u32 {
         let data = format!("round {round}: {}", "x".repeat(round as usize * 100));
         // m2 has it cached (attributes and data) ...
+        assert_eq!(lease(&c, &m2, "f").len(), before);
         assert_eq!(fs::metadata(m2.p("f")).unwrap().len() as usize, before);
         before = data.len();
         // ... m1 rewrites it and closes ...
@@ -92,12 +109,17 @@ fn a_file_open_through_a_lease_survives_an_unlink_elsewhere() {
     let m1 = c.mount("m1", "");
     let m2 = c.mount("m2", "");
     fs::write(m1.p("f"), b"still here").unwrap();
-    assert_eq!(read(&m2.p("f")), b"still here");
+    assert_eq!(lease(&c, &m2, "f"), b"still here");
     let opens = rpcs(&c, "Open");
     let f = fs::File::open(m2.p("f")).unwrap();
     assert_eq!(rpcs(&c, "Open"), opens, "the open was not made through the lease");
     fs::remove_file(m1.p("f")).unwrap();
-    assert!(!m2.p("f").exists());
+    // The name goes from m2 within the entry timeout (1 s) at most.
+    let t = Instant::now();
+    while m2.p("f").exists() {
+        assert!(t.elapsed() < Duration::from_millis(1500), "the name stays in m2");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let mut buf = [0u8; 10];
     f.read_exact_at(&mut buf, 0).unwrap();
     assert_eq!(&buf, b"still here");
@@ -120,7 +142,7 @@ fn a_hung_mount_delays_a_writer_by_its_lease_window_and_then_serves_nothing_stal
     let m1 = c.mount("m1", "");
     let m2 = c.mount("m2", "");
     fs::write(m1.p("f"), b"old").unwrap();
-    assert_eq!(read(&m2.p("f")), b"old");
+    assert_eq!(lease(&c, &m2, "f"), b"old");
     let pid = m2.daemon_pid().expect("m2's daemon");
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     let t = Instant::now();
@@ -130,7 +152,23 @@ fn a_hung_mount_delays_a_writer_by_its_lease_window_and_then_serves_nothing_stal
     // The mounts' ping timeout (2 s) is the lease window.
     assert!(took >= Duration::from_millis(1500), "the writer did not wait for the lease: {took:?}");
     assert!(took < Duration::from_secs(10), "the writer waited {took:?}");
-    assert_eq!(read(&m2.p("f")), b"new", "a stale cached copy was served");
+    // Woken up, m2 finds its bricks silent for longer than its ping timeout and reconnects;
+    // reads may fail meanwhile, but none returns the old content.
+    let t = Instant::now();
+    loop {
+        let r = fs::File::open(m2.p("f")).and_then(|mut f| {
+            let mut v = Vec::new();
+            f.read_to_end(&mut v).map(|_| v)
+        });
+        match r {
+            Ok(v) => {
+                assert_eq!(v, b"new", "a stale cached copy was served");
+                break;
+            }
+            Err(e) => assert!(t.elapsed() < Duration::from_secs(10), "m2 does not read: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let (ok, out) = c.verify(false);
     assert!(ok, "{out}");
 }
