@@ -37,10 +37,11 @@ use crate::locks::SessionId;
 /// The longest lease window a client may ask for: a hostile client must not stall writers
 /// for long.
 pub const MAX_WINDOW: Duration = Duration::from_secs(30);
-/// Leases one session may hold; past it, nothing more is granted (the client asks again).
-const SESSION_LEASES: usize = 1 << 20;
+/// Leases one session may hold; past it, nothing more is granted (the client asks the
+/// bricks again). About 100 bytes each.
+const SESSION_LEASES: usize = 256 << 10;
 /// Leases the brick holds for all sessions together.
-const TOTAL_LEASES: usize = 8 << 20;
+const TOTAL_LEASES: usize = 2 << 20;
 
 type Tx = mpsc::Sender<Result<pb::SessionOut, Status>>;
 
