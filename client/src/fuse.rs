@@ -178,6 +178,55 @@ impl Inner {
         }
     }
 
+    /// Answers an open of `ino` (`g`) once it is made (`leased`: through a lease).
+    fn opened(
+        &self,
+        ino: INodeNo,
+        g: Gfid,
+        flags: OpenFlags,
+        opened: Result<pb::Attr, Error>,
+        leased: bool,
+        reply: ReplyOpen,
+    ) {
+        match opened {
+            Ok(a) if a.kind() == pb::Kind::Dir => {
+                self.vol.release_leased(g, leased);
+                reply.error(Errno::EISDIR)
+            }
+            Ok(a) => {
+                let fh = self.new_fh(Handle::File {
+                    append: flags.0 & libc::O_APPEND != 0,
+                    leased,
+                });
+                // Unchanged since the last open here (by anyone, this mount included):
+                // whatever the kernel cached since then is still the file's content.
+                let unchanged = match a.ver {
+                    Some(v) => self.opened_at.lock().unwrap().insert(g, v) == Some(v),
+                    None => false,
+                };
+                let keep = if unchanged {
+                    FopenFlags::FOPEN_KEEP_CACHE
+                } else {
+                    // Changed since this mount last opened it (or never opened here): the
+                    // size and times the kernel cached from an earlier stat are stale too.
+                    // Close-to-open means this open sees the last close of any client, so
+                    // drop them (attributes only: the page cache goes with the missing
+                    // KEEP_CACHE).
+                    if let Some(n) = self.notifier.get() {
+                        let _ = n.inval_inode(ino, -1, 0);
+                    }
+                    FopenFlags::empty()
+                };
+                reply.opened(FileHandle(fh), keep);
+            }
+            Err(e) => {
+                // Bricks that counted the open before it failed elsewhere forget it.
+                self.vol.release_leased(g, leased);
+                reply.error(errno(e))
+            }
+        }
+    }
+
     async fn unlock_owner(&self, g: Gfid, owner: u64) {
         if self.lock_owners.lock().unwrap().remove(&(g, owner)) {
             if let Err(e) = self
@@ -359,6 +408,12 @@ impl Filesystem for MortarFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let name = bytes(name);
+        // Answered here when the cache knows (no hop to the runtime and back).
+        if let Ok(p) = self.inner.gfid(parent)
+            && let Some(r) = self.inner.vol.cached_lookup(p, &name)
+        {
+            return self.inner.entry(reply, r);
+        }
         on_inode!(self, parent, reply, |inner, p| {
             let r = inner.vol.lookup(p, &name).await;
             inner.entry(reply, r);
@@ -366,6 +421,14 @@ impl Filesystem for MortarFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        if let Ok(g) = self.inner.gfid(ino)
+            && let Some(a) = self.inner.vol.cached_attr(g)
+        {
+            return match self.inner.attr(&a) {
+                Ok(fa) => reply.attr(&self.inner.t.attr, &fa),
+                Err(e) => reply.error(e),
+            };
+        }
         on_inode!(
             self,
             ino,
@@ -558,6 +621,12 @@ impl Filesystem for MortarFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.0 & libc::O_TRUNC == 0
+            && let Ok(g) = self.inner.gfid(ino)
+            && let Some(a) = self.inner.vol.cached_open(g)
+        {
+            return self.inner.opened(ino, g, flags, Ok(a), true, reply);
+        }
         on_inode!(self, ino, reply, |inner, g| {
             // Close-to-open: learn which copies are newest before reading (a lease says
             // nothing changed since it was granted).
@@ -579,43 +648,7 @@ impl Filesystem for MortarFs {
                 }
                 other => other,
             };
-            match opened {
-                Ok(a) if a.kind() == pb::Kind::Dir => {
-                    inner.vol.release_leased(g, leased);
-                    reply.error(Errno::EISDIR)
-                }
-                Ok(a) => {
-                    let fh = inner.new_fh(Handle::File {
-                        append: flags.0 & libc::O_APPEND != 0,
-                        leased,
-                    });
-                    // Unchanged since the last open here (by anyone, this mount included):
-                    // whatever the kernel cached since then is still the file's content.
-                    let unchanged = match a.ver {
-                        Some(v) => inner.opened_at.lock().unwrap().insert(g, v) == Some(v),
-                        None => false,
-                    };
-                    let keep = if unchanged {
-                        FopenFlags::FOPEN_KEEP_CACHE
-                    } else {
-                        // Changed since this mount last opened it (or never opened here):
-                        // the size and times the kernel cached from an earlier stat are
-                        // stale too. Close-to-open means this open sees the last close of
-                        // any client, so drop them (attributes only: the page cache goes
-                        // with the missing KEEP_CACHE).
-                        if let Some(n) = inner.notifier.get() {
-                            let _ = n.inval_inode(ino, -1, 0);
-                        }
-                        FopenFlags::empty()
-                    };
-                    reply.opened(FileHandle(fh), keep);
-                }
-                Err(e) => {
-                    // Bricks that counted the open before it failed elsewhere forget it.
-                    inner.vol.release_leased(g, leased);
-                    reply.error(errno(e))
-                }
-            }
+            inner.opened(ino, g, flags, opened, leased, reply);
         });
     }
 
@@ -630,6 +663,11 @@ impl Filesystem for MortarFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        if let Ok(g) = self.inner.gfid(ino)
+            && let Some(d) = self.inner.vol.cached_read(g, offset, size)
+        {
+            return reply.data(&d);
+        }
         on_inode!(self, ino, reply, |inner, g| {
             match inner.vol.read(g, offset, size).await {
                 Ok(d) => reply.data(&d),
@@ -671,7 +709,13 @@ impl Filesystem for MortarFs {
         lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // close() drops the POSIX locks the closing process holds on the file.
+        // close() drops the POSIX locks the closing process holds on the file; with none,
+        // there is nothing to wait for.
+        if let Ok(g) = self.inner.gfid(ino)
+            && !self.inner.lock_owners.lock().unwrap().contains(&(g, lock_owner.0))
+        {
+            return reply.ok();
+        }
         on_inode!(self, ino, reply, |inner, g| {
             inner.unlock_owner(g, lock_owner.0).await;
             reply.ok();

@@ -61,7 +61,6 @@ pub struct Brick {
     lease_until_ms: AtomicU64,
 }
 
-
 /// Milliseconds since this process first asked: a monotonic clock for lease deadlines.
 fn clock_ms() -> u64 {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();

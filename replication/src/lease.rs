@@ -65,13 +65,18 @@ impl Inner {
         ticket >= self.floor && self.recalled_at.get(&g).is_none_or(|s| *s <= ticket)
     }
 
-    fn drop_inode(&mut self, g: Gfid) {
+    /// Refuses what reads of `g` begun before now bring (see `fresh`).
+    fn refuse_older(&mut self, g: Gfid) {
         self.seq += 1;
         if self.recalled_at.len() >= INODES {
             self.recalled_at.clear();
             self.floor = self.seq;
         }
         self.recalled_at.insert(g, self.seq);
+    }
+
+    fn drop_inode(&mut self, g: Gfid) {
+        self.refuse_older(g);
         self.leases.remove(&g);
         self.attrs.remove(&g);
         self.dirs.remove(&g);
@@ -328,6 +333,15 @@ impl Cache {
         open
     }
 
+    /// This client changed `gfids`: what reads begun before bring of them is not kept (it
+    /// may predate the change); what is cached stays, for the caller to bring up to date.
+    pub fn changed(&self, gfids: &[Gfid]) {
+        let mut i = self.inner.lock().unwrap();
+        for g in gfids {
+            i.refuse_older(*g);
+        }
+    }
+
     /// This client is changing `gfids` itself, or could not tell how a change ended: what
     /// it had cached of them goes (replies on their way included).
     pub fn forget(&self, gfids: &[Gfid]) {
@@ -478,6 +492,20 @@ mod tests {
         // A size that does not add up: the cached copy was not the file; it goes.
         c.wrote(g(1), 0, b"q", 9);
         assert!(c.data(g(1), yes).is_none());
+    }
+
+    #[test]
+    fn a_read_begun_before_an_own_change_is_not_kept() {
+        let c = Cache::default();
+        let t = c.ticket();
+        c.put_attr(t, g(1), attr(1, 3), vec![], grants());
+        let before = c.ticket();
+        c.changed(&[g(1)]);
+        c.put_data(before, g(1), pb::Bytes::from_static(b"old"));
+        assert!(c.data(g(1), yes).is_none());
+        c.put_attr(before, g(1), attr(1, 3), vec![], grants());
+        c.put_data(c.ticket(), g(1), pb::Bytes::from_static(b"new"));
+        assert_eq!(&c.data(g(1), yes).unwrap()[..], b"new");
     }
 
     #[test]

@@ -58,13 +58,57 @@ impl Volume {
         Ok(bricks)
     }
 
+    /// The inode's attributes if the cache has them under leases (these `cached_*` calls
+    /// never wait: the FUSE layer answers with them on its own thread).
+    pub fn cached_attr(&self, g: Gfid) -> Option<pb::Attr> {
+        let (a, readable) = self.cache.as_ref()?.attr(g, self.trust())?;
+        self.remember_readable(g, readable);
+        Some(a)
+    }
+
+    /// What the cache knows of `name` in `parent`: its attributes, or ENOENT. A name the
+    /// bricks would refuse (EINVAL, ENAMETOOLONG, EPERM) is theirs to answer.
+    pub fn cached_lookup(&self, parent: Gfid, name: &[u8]) -> Option<Result<pb::Attr>> {
+        let invalid = name.is_empty()
+            || name.len() > 255
+            || name == b"."
+            || name == b".."
+            || name.contains(&b'/')
+            || name.contains(&0)
+            || (parent == Gfid::ROOT && name == b".mortar");
+        if invalid {
+            return None;
+        }
+        let c = self.cache.as_ref()?;
+        let ok = self.trust();
+        match c.entry(parent, name, &ok)? {
+            None => Some(Err(Error::Os(libc::ENOENT))),
+            Some(g) => {
+                let (a, readable) = c.attr(g, &ok)?;
+                self.remember_readable(g, readable);
+                Some(Ok(a))
+            }
+        }
+    }
+
+    /// Opens `g` through its lease (see [`Volume::open_leased`]), if leased.
+    pub fn cached_open(&self, g: Gfid) -> Option<pb::Attr> {
+        let (a, readable) = self.cache.as_ref()?.open(g, self.trust())?;
+        self.remember_readable(g, readable);
+        Some(a)
+    }
+
+    /// Bytes of a small file the cache holds under leases.
+    pub fn cached_read(&self, g: Gfid, offset: u64, size: u32) -> Option<pb::Bytes> {
+        let d = self.cache.as_ref()?.data(g, self.trust())?;
+        let from = (offset as usize).min(d.len());
+        Some(d.slice(from..(from + size as usize).min(d.len())))
+    }
+
     /// The inode's attributes: from the cache while leased, else from every brick (the
     /// newest copy's).
     pub async fn getattr(&self, g: Gfid) -> Result<pb::Attr> {
-        if let Some(c) = &self.cache
-            && let Some((a, readable)) = c.attr(g, self.trust())
-        {
-            self.remember_readable(g, readable);
+        if let Some(a) = self.cached_attr(g) {
             return Ok(a);
         }
         tracing::trace!(gfid = %g, "getattr: not cached");
@@ -83,10 +127,7 @@ impl Volume {
     /// open only if a recall comes while it lasts. Otherwise as [`Volume::open`]. True when
     /// leased: end it with [`Volume::release_leased`].
     pub async fn open_leased(&self, g: Gfid) -> Result<(pb::Attr, bool)> {
-        if let Some(c) = &self.cache
-            && let Some((a, readable)) = c.open(g, self.trust())
-        {
-            self.remember_readable(g, readable);
+        if let Some(a) = self.cached_open(g) {
             return Ok((a, true));
         }
         self.open(g).await.map(|a| (a, false))
@@ -207,18 +248,8 @@ impl Volume {
     /// Looks a name up on every brick; the answer comes from the bricks with the newest copy
     /// of the parent directory, so a brick that missed a create or delete is outvoted.
     pub async fn lookup(&self, parent: Gfid, name: &[u8]) -> Result<pb::Attr> {
-        if let Some(c) = &self.cache {
-            let ok = self.trust();
-            match c.entry(parent, name, &ok) {
-                Some(None) => return Err(Error::Os(libc::ENOENT)),
-                Some(Some(g)) => {
-                    if let Some((a, readable)) = c.attr(g, &ok) {
-                        self.remember_readable(g, readable);
-                        return Ok(a);
-                    }
-                }
-                None => {}
-            }
+        if let Some(r) = self.cached_lookup(parent, name) {
+            return r;
         }
         tracing::trace!(%parent, name = %String::from_utf8_lossy(name), "lookup: not cached");
         let bricks = self.up_bricks()?;
@@ -370,15 +401,14 @@ impl Volume {
         let Some(c) = &self.cache else {
             return self.read_copy(g, offset, size).await;
         };
-        let ok = self.trust();
+        if let Some(d) = self.cached_read(g, offset, size) {
+            return Ok(d);
+        }
         let slice = |d: &pb::Bytes| {
             let from = (offset as usize).min(d.len());
             d.slice(from..(from + size as usize).min(d.len()))
         };
-        if let Some(d) = c.data(g, &ok) {
-            return Ok(slice(&d));
-        }
-        match c.attr(g, &ok) {
+        match c.attr(g, self.trust()) {
             Some((a, _)) if a.size <= crate::lease::SMALL_FILE && a.kind() == pb::Kind::File => {
                 let ticket = c.ticket();
                 // One byte more than the file: a whole file comes short of it.

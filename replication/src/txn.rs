@@ -96,6 +96,11 @@ fn cache_change(
         }
         return;
     };
+    // Reads of these inodes begun before the change bring nothing to keep.
+    c.changed(gfids);
+    if let Some(i) = r.attr.as_ref().and_then(|a| g(&a.gfid)) {
+        c.changed(&[i]);
+    }
     // Tickets taken as it goes: forgetting an inode here refuses older ones for it.
     let ticket = || c.ticket();
     let ids: Vec<String> = grants.iter().map(|(id, _)| id.clone()).collect();
