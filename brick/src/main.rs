@@ -196,6 +196,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         });
         let rpcs = Arc::new(telemetry::RpcStats::new("mortar_brick", &[("brick", &args.id)]));
         let rpc_text = rpcs.clone();
+        let leases = svc.leases.clone();
         let hm = heal_metrics.clone();
         let m = svc.metrics.clone();
         let st = store.clone();
@@ -217,6 +218,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 telemetry::metric(&mut out, &l("mortar_brick_healed_total"), "counter", "Inodes healed by this brick's worker", hm.healed.load(Relaxed));
                 telemetry::metric(&mut out, &l("mortar_brick_healed_bytes_total"), "counter", "Bytes copied by self-heal", hm.bytes.load(Relaxed));
                 telemetry::metric(&mut out, &l("mortar_brick_heal_failures_total"), "counter", "Heals deferred after an error", hm.failures.load(Relaxed));
+                telemetry::metric(&mut out, &l("mortar_brick_leases"), "gauge", "Leases clients hold on this brick's inodes", leases.count());
                 out.push_str(&rpc_text.render());
                 out
             }),

@@ -191,9 +191,19 @@ async fn provisioning_uses_the_secrets_identity_per_request() {
     assert_eq!(r.capacity_bytes, 20 * MIB);
 
     // A mount's certificate may not set quotas (the bricks check the role): no volume.
-    let mut req = create_req("pvc-tls-2", 10 * MIB);
-    req.secrets = secrets(&ca, Role::Client);
-    let err = c.controller.create_volume(req).await.unwrap_err();
+    // A busy machine may keep the new connections from coming up within the ping timeout
+    // (2 s here): that is Unavailable, which the CO retries, and so does this test.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let err = loop {
+        let mut req = create_req("pvc-tls-2", 10 * MIB);
+        req.secrets = secrets(&ca, Role::Client);
+        match c.controller.create_volume(req).await {
+            Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            r => break r.unwrap_err(),
+        }
+    };
     // Every brick refused it for the role: PERMISSION_DENIED (not UNAVAILABLE, which the
     // CO would retry for ever).
     assert_eq!(err.code(), Code::PermissionDenied, "{err}");
