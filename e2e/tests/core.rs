@@ -1147,3 +1147,15 @@ async fn make_dirs(v: &mortar_replication::volume::Volume, n: usize) -> Vec<Gfid
     }
     out
 }
+
+/// The kernel caps a FUSE mount's readahead at 128 KiB; the mount raises it to its largest
+/// request (1 MiB), so a sequential read takes an eighth of the round trips.
+#[test]
+fn a_mount_reads_ahead_in_requests_of_1_mib() {
+    let c = Cluster::start(109, 3);
+    let m = c.mount("m", "");
+    let out = std::process::Command::new("mountpoint").arg("-d").arg(m.p("")).output().unwrap();
+    let dev = String::from_utf8(out.stdout).unwrap();
+    let kib = fs::read_to_string(format!("/sys/class/bdi/{}/read_ahead_kb", dev.trim())).unwrap();
+    assert_eq!(kib.trim(), "1024");
+}
