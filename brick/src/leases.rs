@@ -170,17 +170,32 @@ impl Leases {
 
     /// Grants `s` leases on `gfids`, all or none; `locked_by_other(g)` tells whether another
     /// session holds `g`'s lock. Called before the inodes are read.
-    pub fn grant(&self, s: SessionId, gfids: &[Gfid], locked_by_other: impl Fn(Gfid) -> bool) -> bool {
+    pub fn grant(
+        &self,
+        s: SessionId,
+        gfids: &[Gfid],
+        locked_by_other: impl Fn(Gfid) -> bool,
+    ) -> bool {
         let mut t = self.table.lock().unwrap();
         let t = &mut *t;
-        if gfids.iter().any(|g| t.fenced.contains_key(g) || locked_by_other(*g)) {
+        if gfids
+            .iter()
+            .any(|g| t.fenced.contains_key(g) || locked_by_other(*g))
+        {
             return false;
         }
         let Some(h) = t.holders.get_mut(&s) else {
             return false;
         };
-        let new: Vec<Gfid> = gfids.iter().copied().filter(|g| !h.gfids.contains(g)).collect();
-        if h.ended || h.gfids.len() + new.len() > SESSION_LEASES || t.total + new.len() > TOTAL_LEASES {
+        let new: Vec<Gfid> = gfids
+            .iter()
+            .copied()
+            .filter(|g| !h.gfids.contains(g))
+            .collect();
+        if h.ended
+            || h.gfids.len() + new.len() > SESSION_LEASES
+            || t.total + new.len() > TOTAL_LEASES
+        {
             return false;
         }
         for g in new {
@@ -250,10 +265,16 @@ impl Leases {
                 }
                 let mut until: Option<Instant> = None;
                 for (s, g) in holders {
-                    let Some(h) = t.holders.get_mut(&s) else { continue };
+                    let Some(h) = t.holders.get_mut(&s) else {
+                        continue;
+                    };
                     if !h.ended {
                         let sent = *h.recalling.entry(g).or_insert_with(|| {
-                            sends.entry(s).or_insert_with(|| (h.tx.clone(), Vec::new())).1.push(g);
+                            sends
+                                .entry(s)
+                                .or_insert_with(|| (h.tx.clone(), Vec::new()))
+                                .1
+                                .push(g);
                             now
                         });
                         if sent + h.window > now {
@@ -327,11 +348,19 @@ mod tests {
         let l2 = l.clone();
         let recall = tokio::spawn(async move { l2.recall(Some(sid(2)), &[g(1)]).await });
         let msg = rx.recv().await.unwrap().unwrap();
-        assert!(matches!(msg.msg, Some(pb::session_out::Msg::Recall(r)) if r.gfids == vec![g(1).to_vec()]));
+        assert!(
+            matches!(msg.msg, Some(pb::session_out::Msg::Recall(r)) if r.gfids == vec![g(1).to_vec()])
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!recall.is_finished(), "the recall returned before the lease came back");
+        assert!(
+            !recall.is_finished(),
+            "the recall returned before the lease came back"
+        );
         l.returned(sid(1), &[g(1)]);
-        let r = tokio::time::timeout(Duration::from_secs(1), recall).await.unwrap().unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(1), recall)
+            .await
+            .unwrap()
+            .unwrap();
         assert!(r.broken.is_empty());
         assert_eq!(l.count(), 0);
     }
@@ -342,7 +371,9 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(8);
         l.register(sid(1), Duration::from_secs(5), tx);
         assert!(l.grant(sid(1), &[g(1)], |_| false));
-        tokio::time::timeout(Duration::from_secs(1), l.recall(Some(sid(1)), &[g(1)])).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(1), l.recall(Some(sid(1)), &[g(1)]))
+            .await
+            .unwrap();
         assert!(rx.try_recv().is_err());
         assert_eq!(l.count(), 1);
     }
@@ -352,15 +383,24 @@ mod tests {
         let l = Leases::default();
         let (tx, _rx) = mpsc::channel(8);
         l.register(sid(1), Duration::from_secs(5), tx);
-        assert!(!l.grant(sid(1), &[g(1), g(2)], |x| x == g(2)), "g2 is locked by another");
+        assert!(
+            !l.grant(sid(1), &[g(1), g(2)], |x| x == g(2)),
+            "g2 is locked by another"
+        );
         assert_eq!(l.count(), 0, "all or none");
         l.fence(&[g(3)]);
         assert!(!l.grant(sid(1), &[g(3)], |_| false));
         l.unfence(&[g(3)]);
         assert!(l.grant(sid(1), &[g(3)], |_| false));
-        assert!(!l.grant(sid(9), &[g(3)], |_| false), "an unknown session gets none");
+        assert!(
+            !l.grant(sid(9), &[g(3)], |_| false),
+            "an unknown session gets none"
+        );
         l.ended(sid(1), false);
-        assert!(!l.grant(sid(1), &[g(4)], |_| false), "an ended session gets none");
+        assert!(
+            !l.grant(sid(1), &[g(4)], |_| false),
+            "an ended session gets none"
+        );
         assert_eq!(l.count(), 1, "its lease lasts until it runs out");
     }
 
@@ -374,7 +414,10 @@ mod tests {
         let t0 = tokio::time::Instant::now();
         let r = l.recall(None, &[g(1)]).await;
         let waited = t0.elapsed();
-        assert!(waited >= Duration::from_secs(2) && waited <= Duration::from_secs(4), "{waited:?}");
+        assert!(
+            waited >= Duration::from_secs(2) && waited <= Duration::from_secs(4),
+            "{waited:?}"
+        );
         assert!(r.broken.is_empty());
         assert_eq!(l.count(), 0);
     }

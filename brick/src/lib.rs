@@ -7,7 +7,7 @@ pub mod leases;
 pub mod locks;
 pub mod quota;
 pub mod record;
-pub mod rpcstats;
 pub mod repair;
+pub mod rpcstats;
 pub mod service;
 pub mod store;

@@ -89,7 +89,12 @@ impl InodeLocks {
 
     /// Whether a session other than `s` holds `g`'s lock.
     pub fn held_by_other(&self, s: SessionId, g: Gfid) -> bool {
-        self.held.lock().unwrap().by_inode.get(&g).is_some_and(|h| *h != s)
+        self.held
+            .lock()
+            .unwrap()
+            .by_inode
+            .get(&g)
+            .is_some_and(|h| *h != s)
     }
 
     pub fn holds(&self, s: SessionId, g: Gfid) -> bool {

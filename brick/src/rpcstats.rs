@@ -41,7 +41,13 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         // "/mortar.v1.Brick/Lookup" → "Lookup".
-        let method = req.uri().path().rsplit('/').next().unwrap_or("").to_string();
+        let method = req
+            .uri()
+            .path()
+            .rsplit('/')
+            .next()
+            .unwrap_or("")
+            .to_string();
         let stats = self.stats.clone();
         let start = Instant::now();
         let fut = self.inner.call(req);

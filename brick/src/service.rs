@@ -291,11 +291,18 @@ impl BrickService {
 
     /// Fences and recalls the inodes `op` reaches by name (see `mutate`); they are unfenced
     /// when the returned guard goes. Nothing to do while no other session can hold leases.
-    async fn fence_victims(&self, sid: SessionId, op: &pb::mutate_req::Op) -> Result<Option<Fence>, Status> {
+    async fn fence_victims(
+        &self,
+        sid: SessionId,
+        op: &pb::mutate_req::Op,
+    ) -> Result<Option<Fence>, Status> {
         use pb::mutate_req::Op;
         let names: Vec<(Vec<u8>, Vec<u8>)> = match op {
             Op::Remove(r) => vec![(r.parent.clone(), r.name.clone())],
-            Op::Rename(r) => vec![(r.parent.clone(), r.name.clone()), (r.newparent.clone(), r.newname.clone())],
+            Op::Rename(r) => vec![
+                (r.parent.clone(), r.name.clone()),
+                (r.newparent.clone(), r.newname.clone()),
+            ],
             Op::Link(l) => match Gfid::from_bytes(&l.gfid) {
                 Some(g) => return Ok(Some(self.fence(sid, vec![g]).await)),
                 None => return Ok(None),
@@ -443,7 +450,8 @@ impl pb::brick_server::Brick for BrickService {
                 },
             );
         }
-        self.leases.register(sid, Duration::from_millis(hello.lease_ms), tx.clone());
+        self.leases
+            .register(sid, Duration::from_millis(hello.lease_ms), tx.clone());
         tracing::info!(client = %hello.client, cert = %cert, "session started");
         let (sessions, inode_locks, range_locks, store) = (
             self.sessions.clone(),
@@ -509,7 +517,10 @@ impl pb::brick_server::Brick for BrickService {
             metrics.sessions_ended.fetch_add(1, Relaxed);
             // A client that closed its session (or a brick going away) leaves nothing to
             // wait for; otherwise its leases last until it has stopped trusting them.
-            leases.ended(sid, matches!(why, "client closed the session" | "brick stopping"));
+            leases.ended(
+                sid,
+                matches!(why, "client closed the session" | "brick stopping"),
+            );
             let _ = tokio::task::spawn_blocking(move || {
                 BrickService::end_session(&sessions, &inode_locks, &range_locks, &store, sid)
             })
@@ -540,7 +551,9 @@ impl pb::brick_server::Brick for BrickService {
                 match g {
                     Some(g) if leased => {
                         let store = self.store.clone();
-                        blocking(move || store.getattr(g)).await?.map(|e| (p, Some(e)))
+                        blocking(move || store.getattr(g))
+                            .await?
+                            .map(|e| (p, Some(e)))
                     }
                     _ => Ok((p, Some(e))),
                 }
@@ -1021,7 +1034,10 @@ impl pb::brick_server::Brick for BrickService {
         let opens_new = matches!(&op, pb::mutate_req::Op::Create(c) if c.open);
         let entry_change = matches!(
             &op,
-            pb::mutate_req::Op::Create(_) | pb::mutate_req::Op::Remove(_) | pb::mutate_req::Op::Rename(_) | pb::mutate_req::Op::Link(_)
+            pb::mutate_req::Op::Create(_)
+                | pb::mutate_req::Op::Remove(_)
+                | pb::mutate_req::Op::Rename(_)
+                | pb::mutate_req::Op::Link(_)
         );
         // A client still on an older volfile does not know every brick (one just added):
         // its change may miss a copy it has never heard of.

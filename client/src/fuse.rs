@@ -32,8 +32,13 @@ pub struct Timeouts {
 
 enum Handle {
     /// `leased`: opened through a lease (see `Volume::open_leased`).
-    File { append: bool, leased: bool },
-    Dir { entries: Arc<Vec<pb::DirEntry>> },
+    File {
+        append: bool,
+        leased: bool,
+    },
+    Dir {
+        entries: Arc<Vec<pb::DirEntry>>,
+    },
 }
 
 struct Inner {
@@ -712,7 +717,12 @@ impl Filesystem for MortarFs {
         // close() drops the POSIX locks the closing process holds on the file; with none,
         // there is nothing to wait for.
         if let Ok(g) = self.inner.gfid(ino)
-            && !self.inner.lock_owners.lock().unwrap().contains(&(g, lock_owner.0))
+            && !self
+                .inner
+                .lock_owners
+                .lock()
+                .unwrap()
+                .contains(&(g, lock_owner.0))
         {
             return reply.ok();
         }

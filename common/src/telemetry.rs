@@ -221,7 +221,10 @@ mod rate_limit_tests {
 /// trips an operation costs and where its time goes (`bench/rpcs.sh` reads them).
 pub struct RpcStats {
     registry: prometheus_client::registry::Registry,
-    calls: prometheus_client::metrics::family::Family<RpcLabels, prometheus_client::metrics::counter::Counter>,
+    calls: prometheus_client::metrics::family::Family<
+        RpcLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
     seconds: prometheus_client::metrics::family::Family<
         RpcLabels,
         prometheus_client::metrics::histogram::Histogram,
@@ -250,16 +253,23 @@ impl RpcStats {
     pub fn new(prefix: &str, labels: &[(&str, &str)]) -> RpcStats {
         let mut registry = prometheus_client::registry::Registry::with_prefix_and_labels(
             prefix,
-            labels
-                .iter()
-                .map(|(k, v)| (std::borrow::Cow::Owned(k.to_string()), std::borrow::Cow::Owned(v.to_string()))),
+            labels.iter().map(|(k, v)| {
+                (
+                    std::borrow::Cow::Owned(k.to_string()),
+                    std::borrow::Cow::Owned(v.to_string()),
+                )
+            }),
         );
         let calls = prometheus_client::metrics::family::Family::default();
         let seconds = prometheus_client::metrics::family::Family::new_with_constructor(
             rpc_histogram as fn() -> _,
         );
         registry.register("rpcs", "Requests served, by method", calls.clone());
-        registry.register("rpc_seconds", "Time from a request's arrival to its answer, by method", seconds.clone());
+        registry.register(
+            "rpc_seconds",
+            "Time from a request's arrival to its answer, by method",
+            seconds.clone(),
+        );
         RpcStats {
             registry,
             calls,

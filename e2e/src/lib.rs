@@ -95,7 +95,7 @@ pub async fn raw_session(
         msg: Some(Msg::Hello(mortar_proto::Hello {
             session: id.clone(),
             client: name.into(),
-        ..Default::default()
+            ..Default::default()
         })),
     })
     .await

@@ -509,7 +509,10 @@ async fn hostile_names_get_clear_errors_and_the_brick_keeps_serving() {
         .await
         .unwrap();
     let r = b
-        .getattr(pb::GfidReq { gfid: vec![1, 2, 3], ..Default::default() })
+        .getattr(pb::GfidReq {
+            gfid: vec![1, 2, 3],
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -1154,7 +1157,11 @@ async fn make_dirs(v: &mortar_replication::volume::Volume, n: usize) -> Vec<Gfid
 fn a_mount_reads_ahead_in_requests_of_1_mib() {
     let c = Cluster::start(109, 3);
     let m = c.mount("m", "");
-    let out = std::process::Command::new("mountpoint").arg("-d").arg(m.p("")).output().unwrap();
+    let out = std::process::Command::new("mountpoint")
+        .arg("-d")
+        .arg(m.p(""))
+        .output()
+        .unwrap();
     let dev = String::from_utf8(out.stdout).unwrap();
     let kib = fs::read_to_string(format!("/sys/class/bdi/{}/read_ahead_kb", dev.trim())).unwrap();
     assert_eq!(kib.trim(), "1024");

@@ -20,7 +20,8 @@ fn rpcs(c: &Cluster, method: &str) -> u64 {
             let metrics = format!("{host}:{}", port.parse::<u16>().unwrap() + 1000);
             let mut s = std::net::TcpStream::connect(metrics).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: mortar\r\n\r\n").unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: mortar\r\n\r\n")
+                .unwrap();
             let mut text = String::new();
             s.read_to_string(&mut text).unwrap();
             let key = format!("mortar_brick_rpcs_total{{brick=\"b{i}\",method=\"{method}\"}} ");
@@ -42,7 +43,10 @@ fn lease(c: &Cluster, m: &Mount, name: &str) -> Vec<u8> {
         if rpcs(c, "Open") == opens && again == data {
             return data;
         }
-        assert!(t.elapsed() < Duration::from_secs(10), "no lease on {name} after 10 s");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no lease on {name} after 10 s"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -83,11 +87,18 @@ fn a_cached_file_changed_elsewhere_is_seen_by_the_next_open_and_stat() {
         // ... m1 rewrites it and closes ...
         fs::write(m1.p("f"), &data).unwrap();
         // ... and m2's next open reads all of it.
-        assert_eq!(read(&m2.p("f")), data.as_bytes(), "round {round}: stale content");
+        assert_eq!(
+            read(&m2.p("f")),
+            data.as_bytes(),
+            "round {round}: stale content"
+        );
         // The size through stat too, within the attribute timeout (1 s).
         let t = Instant::now();
         while fs::metadata(m2.p("f")).unwrap().len() as usize != data.len() {
-            assert!(t.elapsed() < Duration::from_millis(1500), "round {round}: stale size");
+            assert!(
+                t.elapsed() < Duration::from_millis(1500),
+                "round {round}: stale size"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -95,13 +106,19 @@ fn a_cached_file_changed_elsewhere_is_seen_by_the_next_open_and_stat() {
     // whole (pjdfstest found ENOENT from the cache where ENAMETOOLONG is due).
     fs::create_dir(m2.p("d")).unwrap();
     let long = m2.p(&format!("d/{}", "n".repeat(256)));
-    assert_eq!(fs::metadata(&long).unwrap_err().raw_os_error(), Some(libc::ENAMETOOLONG));
+    assert_eq!(
+        fs::metadata(&long).unwrap_err().raw_os_error(),
+        Some(libc::ENAMETOOLONG)
+    );
     // Names too: one made and one removed elsewhere are seen at once.
     assert!(!m2.p("g").exists());
     fs::write(m1.p("g"), b"g").unwrap();
     assert_eq!(read(&m2.p("g")), b"g");
     fs::remove_file(m1.p("g")).unwrap();
-    assert!(fs::File::open(m2.p("g")).is_err(), "a removed name still opens");
+    assert!(
+        fs::File::open(m2.p("g")).is_err(),
+        "a removed name still opens"
+    );
     let (ok, out) = c.verify(false);
     assert!(ok, "{out}");
 }
@@ -117,12 +134,19 @@ fn a_file_open_through_a_lease_survives_an_unlink_elsewhere() {
     assert_eq!(lease(&c, &m2, "f"), b"still here");
     let opens = rpcs(&c, "Open");
     let f = fs::File::open(m2.p("f")).unwrap();
-    assert_eq!(rpcs(&c, "Open"), opens, "the open was not made through the lease");
+    assert_eq!(
+        rpcs(&c, "Open"),
+        opens,
+        "the open was not made through the lease"
+    );
     fs::remove_file(m1.p("f")).unwrap();
     // The name goes from m2 within the entry timeout (1 s) at most.
     let t = Instant::now();
     while m2.p("f").exists() {
-        assert!(t.elapsed() < Duration::from_millis(1500), "the name stays in m2");
+        assert!(
+            t.elapsed() < Duration::from_millis(1500),
+            "the name stays in m2"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let mut buf = [0u8; 10];
@@ -131,10 +155,13 @@ fn a_file_open_through_a_lease_survives_an_unlink_elsewhere() {
     drop(f);
     // The bricks let the orphan go once it is closed.
     let t = Instant::now();
-    while (0..3).any(|i| {
-        fs::read_dir(c.brick_dir(i).join(".mortar/orphans")).map_or(0, |d| d.count()) > 0
-    }) {
-        assert!(t.elapsed() < Duration::from_secs(10), "the orphan stays after the last close");
+    while (0..3)
+        .any(|i| fs::read_dir(c.brick_dir(i).join(".mortar/orphans")).map_or(0, |d| d.count()) > 0)
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the orphan stays after the last close"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -155,7 +182,10 @@ fn a_hung_mount_delays_a_writer_by_its_lease_window_and_then_serves_nothing_stal
     let took = t.elapsed();
     unsafe { libc::kill(pid, libc::SIGCONT) };
     // The mounts' ping timeout (2 s) is the lease window.
-    assert!(took >= Duration::from_millis(1500), "the writer did not wait for the lease: {took:?}");
+    assert!(
+        took >= Duration::from_millis(1500),
+        "the writer did not wait for the lease: {took:?}"
+    );
     assert!(took < Duration::from_secs(10), "the writer waited {took:?}");
     // Woken up, m2 finds its bricks silent for longer than its ping timeout and reconnects;
     // reads may fail meanwhile, but none returns the old content.
@@ -170,7 +200,10 @@ fn a_hung_mount_delays_a_writer_by_its_lease_window_and_then_serves_nothing_stal
                 assert_eq!(v, b"new", "a stale cached copy was served");
                 break;
             }
-            Err(e) => assert!(t.elapsed() < Duration::from_secs(10), "m2 does not read: {e}"),
+            Err(e) => assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "m2 does not read: {e}"
+            ),
         }
         std::thread::sleep(Duration::from_millis(50));
     }

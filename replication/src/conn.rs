@@ -33,12 +33,24 @@ pub struct Up {
 
 #[derive(Debug)]
 pub enum Event {
-    Contended { brick: String, gfid: Gfid },
-    Volfile { brick: String, generation: u64 },
-    Up { brick: String },
-    Down { brick: String },
+    Contended {
+        brick: String,
+        gfid: Gfid,
+    },
+    Volfile {
+        brick: String,
+        generation: u64,
+    },
+    Up {
+        brick: String,
+    },
+    Down {
+        brick: String,
+    },
     /// A brick recalled these leases (the cache has dropped them already).
-    Recalled { gfids: Vec<Gfid> },
+    Recalled {
+        gfids: Vec<Gfid>,
+    },
 }
 
 pub struct Brick {
@@ -64,7 +76,10 @@ pub struct Brick {
 /// Milliseconds since this process first asked: a monotonic clock for lease deadlines.
 fn clock_ms() -> u64 {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
 }
 
 /// Bytes of file data one client keeps in flight to one brick: half of what a brick allows
@@ -237,7 +252,8 @@ impl Brick {
             return "stopped".into();
         }
         let window = pt;
-        self.lease_until_ms.store(sent[0].1 + lease_ms(window), Relaxed);
+        self.lease_until_ms
+            .store(sent[0].1 + lease_ms(window), Relaxed);
         self.state.send_replace(ConnState::Up(Up {
             client: c,
             session,

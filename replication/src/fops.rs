@@ -74,9 +74,14 @@ impl Volume {
         gid: u32,
     ) -> Result<(pb::Attr, bool)> {
         let Some(c) = &self.cache else {
-            return self.create_open(parent, name, mode, uid, gid).await.map(|a| (a, false));
+            return self
+                .create_open(parent, name, mode, uid, gid)
+                .await
+                .map(|a| (a, false));
         };
-        let a = self.create(parent, name, pb::Kind::File, mode, uid, gid, 0, b"").await?;
+        let a = self
+            .create(parent, name, pb::Kind::File, mode, uid, gid, 0, b"")
+            .await?;
         let g = Gfid::from_bytes(&a.gfid).ok_or(Error::Os(libc::EIO))?;
         if c.open(g, self.trust()).is_some() {
             return Ok((a, true));
@@ -96,7 +101,12 @@ impl Volume {
         }
         let victim = match c.dir_get(dir, name) {
             Some(g) => g,
-            None => match self.lookup(dir, name).await.ok().and_then(|a| Gfid::from_bytes(&a.gfid)) {
+            None => match self
+                .lookup(dir, name)
+                .await
+                .ok()
+                .and_then(|a| Gfid::from_bytes(&a.gfid))
+            {
                 Some(g) => g,
                 None => return,
             },
@@ -108,7 +118,10 @@ impl Volume {
                     session: up.session.to_vec(),
                     gfid: victim.to_vec(),
                 };
-                if let Err(e) = b.call(move |mut cl, _| async move { cl.open(req).await }).await {
+                if let Err(e) = b
+                    .call(move |mut cl, _| async move { cl.open(req).await })
+                    .await
+                {
                     tracing::debug!(brick = %b.id, "counting an open before an unlink: {e}");
                 }
             }

@@ -106,7 +106,13 @@ impl Member {
     async fn attr(&self, g: Gfid) -> Result<Option<pb::Attr>> {
         let (r, _) = self
             .brick
-            .call(move |mut c, _| async move { c.getattr(pb::GfidReq { gfid: g.to_vec(), ..Default::default() }).await })
+            .call(move |mut c, _| async move {
+                c.getattr(pb::GfidReq {
+                    gfid: g.to_vec(),
+                    ..Default::default()
+                })
+                .await
+            })
             .await?;
         match r.errno {
             0 => Ok(r.attr),
@@ -150,7 +156,13 @@ impl Member {
     async fn readlink(&self, g: Gfid) -> Result<Vec<u8>> {
         let (r, _) = self
             .brick
-            .call(move |mut c, _| async move { c.readlink(pb::GfidReq { gfid: g.to_vec(), ..Default::default() }).await })
+            .call(move |mut c, _| async move {
+                c.readlink(pb::GfidReq {
+                    gfid: g.to_vec(),
+                    ..Default::default()
+                })
+                .await
+            })
             .await?;
         errno_result(r.errno)?;
         Ok(r.target)
@@ -159,9 +171,13 @@ impl Member {
     async fn xattrs(&self, g: Gfid) -> Result<Vec<pb::XattrPair>> {
         let (r, _) = self
             .brick
-            .call(
-                move |mut c, _| async move { c.listxattr(pb::GfidReq { gfid: g.to_vec(), ..Default::default() }).await },
-            )
+            .call(move |mut c, _| async move {
+                c.listxattr(pb::GfidReq {
+                    gfid: g.to_vec(),
+                    ..Default::default()
+                })
+                .await
+            })
             .await?;
         errno_result(r.errno)?;
         let mut out = Vec::new();

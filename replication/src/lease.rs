@@ -104,7 +104,14 @@ impl Cache {
 
     /// Keeps `g`'s attributes (and where its newest copies are), leased by `from`, unless
     /// a recall of `g` came after `ticket`.
-    pub fn put_attr(&self, ticket: u64, g: Gfid, attr: pb::Attr, readable: Vec<String>, from: Vec<Grant>) {
+    pub fn put_attr(
+        &self,
+        ticket: u64,
+        g: Gfid,
+        attr: pb::Attr,
+        readable: Vec<String>,
+        from: Vec<Grant>,
+    ) {
         let mut i = self.inner.lock().unwrap();
         if !i.fresh(ticket, g) {
             return;
@@ -159,7 +166,12 @@ impl Cache {
     }
 
     /// Keeps the whole listing of `dir` (its lease was taken before the listing was read).
-    pub fn put_dir(&self, ticket: u64, dir: Gfid, entries: impl IntoIterator<Item = (Vec<u8>, Gfid)>) {
+    pub fn put_dir(
+        &self,
+        ticket: u64,
+        dir: Gfid,
+        entries: impl IntoIterator<Item = (Vec<u8>, Gfid)>,
+    ) {
         let mut i = self.inner.lock().unwrap();
         if !i.fresh(ticket, dir) || !i.leases.contains_key(&dir) {
             return;
@@ -168,7 +180,13 @@ impl Cache {
             i.dirs.clear();
         }
         let names = entries.into_iter().collect();
-        i.dirs.insert(dir, Dir { names, complete: true });
+        i.dirs.insert(
+            dir,
+            Dir {
+                names,
+                complete: true,
+            },
+        );
     }
 
     /// Keeps one entry of `dir`, found by a lookup under `dir`'s lease.
@@ -180,7 +198,11 @@ impl Cache {
         if i.dirs.len() >= INODES {
             i.dirs.clear();
         }
-        i.dirs.entry(dir).or_default().names.insert(name.to_vec(), g);
+        i.dirs
+            .entry(dir)
+            .or_default()
+            .names
+            .insert(name.to_vec(), g);
     }
 
     /// This client changed `dir`'s entries (holding its lock): the listing follows.
@@ -196,7 +218,14 @@ impl Cache {
 
     /// What `name` in `dir` is, if known (the inode a change by name reaches).
     pub fn dir_get(&self, dir: Gfid, name: &[u8]) -> Option<Gfid> {
-        self.inner.lock().unwrap().dirs.get(&dir)?.names.get(name).copied()
+        self.inner
+            .lock()
+            .unwrap()
+            .dirs
+            .get(&dir)?
+            .names
+            .get(name)
+            .copied()
     }
 
     /// This client wrote `data` at `offset` of `g` (or resized it, with `data` empty), and
@@ -308,7 +337,9 @@ impl Cache {
     /// on they count as counted there (the caller tells the brick).
     pub fn to_count(&self, g: Gfid, on: &Grant) -> u32 {
         let mut i = self.inner.lock().unwrap();
-        let Some(o) = i.opens.get_mut(&g) else { return 0 };
+        let Some(o) = i.opens.get_mut(&g) else {
+            return 0;
+        };
         let n = o.registered.entry(on.clone()).or_default();
         let more = o.local - *n;
         *n = o.local;
@@ -355,7 +386,11 @@ impl Cache {
     /// what an unlink or rename by name reached when the cache did not know that name.
     pub fn linked(&self) -> Vec<Gfid> {
         let i = self.inner.lock().unwrap();
-        i.attrs.iter().filter(|(_, (a, _))| a.nlink > 1).map(|(g, _)| *g).collect()
+        i.attrs
+            .iter()
+            .filter(|(_, (a, _))| a.nlink > 1)
+            .map(|(g, _)| *g)
+            .collect()
     }
 }
 

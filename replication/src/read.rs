@@ -143,7 +143,10 @@ impl Volume {
         let bricks = self
             .bricks()
             .into_iter()
-            .filter(|b| on.iter().any(|(id, epoch)| *id == b.id && b.up().is_some_and(|u| u.epoch == *epoch)))
+            .filter(|b| {
+                on.iter()
+                    .any(|(id, epoch)| *id == b.id && b.up().is_some_and(|u| u.epoch == *epoch))
+            })
             .collect();
         Self::release_on(bricks, g);
     }
@@ -188,8 +191,16 @@ impl Volume {
                     };
                     c.open(req).await
                 } else {
-                    let session = if lease { up.session.to_vec() } else { Vec::new() };
-                    c.getattr(pb::GfidReq { gfid: g.to_vec(), session }).await
+                    let session = if lease {
+                        up.session.to_vec()
+                    } else {
+                        Vec::new()
+                    };
+                    c.getattr(pb::GfidReq {
+                        gfid: g.to_vec(),
+                        session,
+                    })
+                    .await
                 }
             })
         });
@@ -261,7 +272,11 @@ impl Volume {
                 let req = pb::LookupReq {
                     parent: parent.to_vec(),
                     name,
-                    session: if lease { up.session.to_vec() } else { Vec::new() },
+                    session: if lease {
+                        up.session.to_vec()
+                    } else {
+                        Vec::new()
+                    },
                 };
                 c.lookup(req).await
             })
@@ -441,7 +456,11 @@ impl Volume {
     pub async fn readlink(&self, g: Gfid) -> Result<Vec<u8>> {
         let r = self
             .read_one(g, move |mut c| async move {
-                c.readlink(pb::GfidReq { gfid: g.to_vec(), ..Default::default() }).await
+                c.readlink(pb::GfidReq {
+                    gfid: g.to_vec(),
+                    ..Default::default()
+                })
+                .await
             })
             .await?;
         Error::from_errno(r.errno)?;
@@ -469,7 +488,11 @@ impl Volume {
     pub async fn listxattr(&self, g: Gfid) -> Result<Vec<Vec<u8>>> {
         let r = self
             .read_one(g, move |mut c| async move {
-                c.listxattr(pb::GfidReq { gfid: g.to_vec(), ..Default::default() }).await
+                c.listxattr(pb::GfidReq {
+                    gfid: g.to_vec(),
+                    ..Default::default()
+                })
+                .await
             })
             .await?;
         Error::from_errno(r.errno)?;
@@ -479,16 +502,19 @@ impl Volume {
     /// The whole listing of a directory, from one good copy. Kept when the directory is
     /// leased (its lease came before the listing was read).
     pub async fn readdir(&self, g: Gfid) -> Result<Vec<pb::DirEntry>> {
-        let ticket = self.cache.as_ref().map(|c| (c.ticket(), c.is_leased(g, self.trust())));
+        let ticket = self
+            .cache
+            .as_ref()
+            .map(|c| (c.ticket(), c.is_leased(g, self.trust())));
         let mut last = Error::NoGoodCopy;
         for b in self.readable_bricks(g).await? {
             match list_dir(&b, g).await {
                 Err(e @ Error::Transport { .. }) => last = e,
                 Ok(entries) => {
                     if let (Some(c), Some((t, true))) = (&self.cache, ticket) {
-                        let names = entries
-                            .iter()
-                            .filter_map(|e| Some((e.name.clone(), Gfid::from_bytes(&e.attr.as_ref()?.gfid)?)));
+                        let names = entries.iter().filter_map(|e| {
+                            Some((e.name.clone(), Gfid::from_bytes(&e.attr.as_ref()?.gfid)?))
+                        });
                         c.put_dir(t, g, names);
                     }
                     return Ok(entries);
@@ -504,7 +530,11 @@ impl Volume {
     pub async fn statfs(&self, g: Gfid) -> Result<pb::StatfsReply> {
         let r = self
             .read_one(g, move |mut c| async move {
-                c.statfs(pb::GfidReq { gfid: g.to_vec(), ..Default::default() }).await
+                c.statfs(pb::GfidReq {
+                    gfid: g.to_vec(),
+                    ..Default::default()
+                })
+                .await
             })
             .await?;
         Error::from_errno(r.errno)?;
@@ -515,7 +545,11 @@ impl Volume {
     pub async fn quota(&self, dir: Gfid) -> Result<Option<(u64, u64)>> {
         let r = self
             .read_one(dir, move |mut c| async move {
-                c.quota(pb::GfidReq { gfid: dir.to_vec(), ..Default::default() }).await
+                c.quota(pb::GfidReq {
+                    gfid: dir.to_vec(),
+                    ..Default::default()
+                })
+                .await
             })
             .await?;
         match r.errno {

@@ -155,7 +155,11 @@ fn cache_change(
         // the bytes went: the end for an append).
         Op::Write(w) => match &changed {
             Some((i, a)) if r.written == w.data.len() as u64 => {
-                let at = if w.append { a.size.saturating_sub(r.written) } else { w.offset };
+                let at = if w.append {
+                    a.size.saturating_sub(r.written)
+                } else {
+                    w.offset
+                };
                 c.wrote(*i, at, &w.data, a.size)
             }
             _ => gfids.iter().for_each(|d| c.drop_data(*d)),
@@ -723,8 +727,10 @@ impl Volume {
                 (Ok(i), true) => answers[*i].as_ref(),
                 _ => None,
             };
-            let grants: Vec<crate::lease::Grant> =
-                members.iter().map(|m| (m.brick.id.clone(), m.epoch)).collect();
+            let grants: Vec<crate::lease::Grant> = members
+                .iter()
+                .map(|m| (m.brick.id.clone(), m.epoch))
+                .collect();
             cache_change(c, &op, &gfids, reply, grants);
         }
         let result = outcome
