@@ -9,7 +9,7 @@ Usage: bench/rpcs.sh [--n N] [--no-leases] [--tls]   (as root)
 Starts 3 bricks (127.0.9.21-23, plain TCP unless --tls, directories in a tmpfs) and one
 mount, runs each operation N times (default 500) and prints, per operation, the requests
 the three bricks served for one operation (by method, from their metrics
-mortar_brick_rpcs_total) and the mean time a brick took to serve each (mortar_brick_rpc_seconds),
+mortar_brick_rpc_seconds_count) and the mean time a brick took to serve each (mortar_brick_rpc_seconds),
 with the operation's rate. --no-leases mounts with -o no-leases (the mount asks the bricks on
 every open, as before leases). Uses target/release binaries if built, else target/debug;
 MORTAR_BIN=DIR overrides.
@@ -85,7 +85,7 @@ def metrics():
                 continue
             name, value = line.rsplit(" ", 1)
             method = name.split('method="')[1].split('"')[0]
-            if name.startswith("mortar_brick_rpcs_total"):
+            if name.startswith("mortar_brick_rpc_seconds_count"):
                 calls[method] = calls.get(method, 0) + float(value)
             elif name.startswith("mortar_brick_rpc_seconds_sum"):
                 secs[method] = secs.get(method, 0) + float(value)

@@ -262,9 +262,6 @@ impl BrickService {
 
     /// The session a read asks a lease for, if it gave one.
     fn lease_session(&self, s: &[u8]) -> Option<SessionId> {
-        if s.is_empty() {
-            return None;
-        }
         session_id(s).ok()
     }
 
@@ -341,7 +338,18 @@ impl BrickService {
     /// Counts an open of `g` by `sid` (`capped`: refused past the session's cap; a create's
     /// own open is not, the file exists by then). Ok(false): no such session.
     fn note_open(&self, sid: SessionId, g: Gfid, capped: bool) -> Result<bool, Errno> {
-        let mut sessions = self.sessions.lock().unwrap();
+        Self::count_open(&self.sessions, &self.store, sid, g, capped)
+    }
+
+    /// [`BrickService::note_open`] for the session task, which holds no `self`.
+    fn count_open(
+        sessions: &Mutex<HashMap<SessionId, SessionEntry>>,
+        store: &Store,
+        sid: SessionId,
+        g: Gfid,
+        capped: bool,
+    ) -> Result<bool, Errno> {
+        let mut sessions = sessions.lock().unwrap();
         let Some(e) = sessions.get_mut(&sid) else {
             return Ok(false);
         };
@@ -355,7 +363,7 @@ impl BrickService {
         }
         *e.opened.entry(g).or_insert(0) += 1;
         // Under the sessions lock, so that end_session cannot run in between.
-        self.store.opened(g);
+        store.opened(g);
         Ok(true)
     }
 
@@ -474,18 +482,9 @@ impl pb::brick_server::Brick for BrickService {
                             leases.heard(sid);
                             // The files it has open through its cache count as opened here
                             // now, before the leases go: an unlink then keeps their data.
-                            let open: Vec<Gfid> = r.open.iter().filter_map(|g| Gfid::from_bytes(g)).collect();
-                            if !open.is_empty() {
-                                let mut ss = sessions.lock().unwrap();
-                                if let Some(e) = ss.get_mut(&sid) {
-                                    for g in open {
-                                        // Bounded like any open (a hostile list is cut).
-                                        if e.opened.contains_key(&g) || e.opened.len() < crate::locks::session_cap(SESSION_OPENS) {
-                                            *e.opened.entry(g).or_insert(0) += 1;
-                                            store2.opened(g);
-                                        }
-                                    }
-                                }
+                            // Bounded like any open (past the cap, a hostile list is cut).
+                            for g in r.open.iter().filter_map(|g| Gfid::from_bytes(g)) {
+                                let _ = BrickService::count_open(&sessions, &store2, sid, g, true);
                             }
                             let back: Vec<Gfid> = r.gfids.iter().filter_map(|g| Gfid::from_bytes(g)).collect();
                             leases.returned(sid, &back);

@@ -30,7 +30,7 @@ use crate::record::{self, Record};
 
 pub type R<T> = Result<T, Errno>;
 
-const META: &str = ".mortar";
+use mortar_common::gfid::META;
 /// The file in `.mortar` holding the term ceiling (see `Store::raise_ceiling`).
 const CEILING: &str = "term-ceiling";
 /// How far above a promised term the recorded ceiling goes: one minute of a client's clock.
@@ -86,17 +86,10 @@ pub fn io_errno(e: &std::io::Error) -> Errno {
 /// A name as one path component: not empty, no `/` or NUL, not `.`/`..`, at most 255 bytes,
 /// and never Mortar's own directory at the root.
 pub fn check_name(name: &[u8], parent: Gfid) -> R<&OsStr> {
-    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
-    {
-        return Err(Errno::INVAL);
+    match mortar_common::gfid::name_errno(parent, name) {
+        Some(e) => Err(Errno::from_raw_os_error(e)),
+        None => Ok(OsStr::from_bytes(name)),
     }
-    if name.len() > 255 {
-        return Err(Errno::NAMETOOLONG);
-    }
-    if parent == Gfid::ROOT && name == META.as_bytes() {
-        return Err(Errno::PERM);
-    }
-    Ok(OsStr::from_bytes(name))
 }
 
 pub fn gfid(b: &[u8]) -> R<Gfid> {

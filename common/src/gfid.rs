@@ -81,3 +81,23 @@ mod tests {
         assert_eq!(Gfid::parse_hex("zz"), None);
     }
 }
+
+/// The brick's own directory at the root of every brick, never a user's name.
+pub const META: &str = ".mortar";
+
+/// Why `name` cannot be an entry of directory `parent`, as an errno: EINVAL (empty, `.`,
+/// `..`, a `/` or a NUL in it), ENAMETOOLONG (over 255 bytes), EPERM (the brick's own
+/// directory at the root). `None`: a valid name. One rule for bricks and clients.
+pub fn name_errno(parent: Gfid, name: &[u8]) -> Option<i32> {
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
+    {
+        return Some(libc::EINVAL);
+    }
+    if name.len() > 255 {
+        return Some(libc::ENAMETOOLONG);
+    }
+    if parent == Gfid::ROOT && name == META.as_bytes() {
+        return Some(libc::EPERM);
+    }
+    None
+}

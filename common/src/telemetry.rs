@@ -221,10 +221,7 @@ mod rate_limit_tests {
 /// trips an operation costs and where its time goes (`bench/rpcs.sh` reads them).
 pub struct RpcStats {
     registry: prometheus_client::registry::Registry,
-    calls: prometheus_client::metrics::family::Family<
-        RpcLabels,
-        prometheus_client::metrics::counter::Counter,
-    >,
+    /// Its `_count` is the number of requests; no counter of its own is needed.
     seconds: prometheus_client::metrics::family::Family<
         RpcLabels,
         prometheus_client::metrics::histogram::Histogram,
@@ -260,19 +257,16 @@ impl RpcStats {
                 )
             }),
         );
-        let calls = prometheus_client::metrics::family::Family::default();
         let seconds = prometheus_client::metrics::family::Family::new_with_constructor(
             rpc_histogram as fn() -> _,
         );
-        registry.register("rpcs", "Requests served, by method", calls.clone());
         registry.register(
             "rpc_seconds",
-            "Time from a request's arrival to its answer, by method",
+            "Requests served, by method (_count), and the time from each one's arrival to its answer",
             seconds.clone(),
         );
         RpcStats {
             registry,
-            calls,
             seconds,
             known: Default::default(),
         }
@@ -293,9 +287,9 @@ impl RpcStats {
                 }
             }
         }
-        let l = RpcLabels { method };
-        self.calls.get_or_create(&l).inc();
-        self.seconds.get_or_create(&l).observe(secs);
+        self.seconds
+            .get_or_create(&RpcLabels { method })
+            .observe(secs);
     }
 
     /// The Prometheus text of these figures (without the closing `# EOF`, so that it can be

@@ -24,7 +24,8 @@ fn rpcs(c: &Cluster, method: &str) -> u64 {
                 .unwrap();
             let mut text = String::new();
             s.read_to_string(&mut text).unwrap();
-            let key = format!("mortar_brick_rpcs_total{{brick=\"b{i}\",method=\"{method}\"}} ");
+            let key =
+                format!("mortar_brick_rpc_seconds_count{{brick=\"b{i}\",method=\"{method}\"}} ");
             text.lines()
                 .find_map(|l| l.strip_prefix(&key))
                 .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)

@@ -37,6 +37,12 @@ pub(crate) async fn list_dir(b: &Brick, g: Gfid) -> Result<Vec<pb::DirEntry>> {
     }
 }
 
+/// `size` bytes of a whole file's content `d` from `offset` (fewer at its end).
+fn slice(d: &pb::Bytes, offset: u64, size: u32) -> pb::Bytes {
+    let from = (offset as usize).min(d.len());
+    d.slice(from..(from + size as usize).min(d.len()))
+}
+
 impl Volume {
     fn remember_readable(&self, g: Gfid, ids: Vec<String>) {
         let mut r = self.readable.lock().unwrap();
@@ -69,14 +75,7 @@ impl Volume {
     /// What the cache knows of `name` in `parent`: its attributes, or ENOENT. A name the
     /// bricks would refuse (EINVAL, ENAMETOOLONG, EPERM) is theirs to answer.
     pub fn cached_lookup(&self, parent: Gfid, name: &[u8]) -> Option<Result<pb::Attr>> {
-        let invalid = name.is_empty()
-            || name.len() > 255
-            || name == b"."
-            || name == b".."
-            || name.contains(&b'/')
-            || name.contains(&0)
-            || (parent == Gfid::ROOT && name == b".mortar");
-        if invalid {
+        if mortar_common::gfid::name_errno(parent, name).is_some() {
             return None;
         }
         let c = self.cache.as_ref()?;
@@ -101,8 +100,7 @@ impl Volume {
     /// Bytes of a small file the cache holds under leases.
     pub fn cached_read(&self, g: Gfid, offset: u64, size: u32) -> Option<pb::Bytes> {
         let d = self.cache.as_ref()?.data(g, self.trust())?;
-        let from = (offset as usize).min(d.len());
-        Some(d.slice(from..(from + size as usize).min(d.len())))
+        Some(slice(&d, offset, size))
     }
 
     /// The inode's attributes: from the cache while leased, else from every brick (the
@@ -419,10 +417,6 @@ impl Volume {
         if let Some(d) = self.cached_read(g, offset, size) {
             return Ok(d);
         }
-        let slice = |d: &pb::Bytes| {
-            let from = (offset as usize).min(d.len());
-            d.slice(from..(from + size as usize).min(d.len()))
-        };
         match c.attr(g, self.trust()) {
             Some((a, _)) if a.size <= crate::lease::SMALL_FILE && a.kind() == pb::Kind::File => {
                 let ticket = c.ticket();
@@ -431,7 +425,7 @@ impl Volume {
                 if d.len() as u64 == a.size {
                     c.put_data(ticket, g, d.clone());
                 }
-                Ok(slice(&d))
+                Ok(slice(&d, offset, size))
             }
             _ => self.read_copy(g, offset, size).await,
         }

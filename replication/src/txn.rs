@@ -101,28 +101,28 @@ fn cache_change(
     if let Some(i) = r.attr.as_ref().and_then(|a| g(&a.gfid)) {
         c.changed(&[i]);
     }
-    // Tickets taken as it goes: forgetting an inode here refuses older ones for it.
-    let ticket = || c.ticket();
+    // Tickets taken as it goes (`c.ticket()` at each put): forgetting an inode here
+    // refuses older ones for it.
     let ids: Vec<String> = grants.iter().map(|(id, _)| id.clone()).collect();
     let changed = r.attr.as_ref().and_then(|a| Some((g(&a.gfid)?, a.clone())));
     for d in gfids {
         c.touch(*d);
-        c.put_lease(ticket(), *d, grants.clone());
+        c.put_lease(c.ticket(), *d, grants.clone());
     }
     for a in &r.dirs {
         if let Some(d) = g(&a.gfid).filter(|d| gfids.contains(d)) {
-            c.put_attr(ticket(), d, a.clone(), ids.clone(), grants.clone());
+            c.put_attr(c.ticket(), d, a.clone(), ids.clone(), grants.clone());
         }
     }
     match op {
         Op::Create(cr) => {
             if let (Some(p), Some((new, a))) = (g(&cr.parent), &changed) {
                 c.dir_changed(p, &cr.name, Some(*new));
-                c.put_attr(ticket(), *new, a.clone(), ids.clone(), grants.clone());
+                c.put_attr(c.ticket(), *new, a.clone(), ids.clone(), grants.clone());
                 // Made just now: empty.
                 match a.kind() {
-                    pb::Kind::Dir => c.put_dir(ticket(), *new, []),
-                    pb::Kind::File => c.put_data(ticket(), *new, pb::Bytes::new()),
+                    pb::Kind::Dir => c.put_dir(c.ticket(), *new, []),
+                    pb::Kind::File => c.put_data(c.ticket(), *new, pb::Bytes::new()),
                     _ => {}
                 }
             }
@@ -174,8 +174,8 @@ fn cache_change(
     // The reply's inode as it is now (the leases of a rename's moved inode or a link's
     // target came with the reply too).
     if let Some((i, a)) = changed {
-        c.put_lease(ticket(), i, grants.clone());
-        c.put_attr(ticket(), i, a, ids, grants);
+        c.put_lease(c.ticket(), i, grants.clone());
+        c.put_attr(c.ticket(), i, a, ids, grants);
     }
 }
 
