@@ -34,6 +34,9 @@ for t in $(cargo fuzz list); do
   if ! cargo fuzz run "${build[@]}" "$t" "$work/$t" "corpus/$t" -- \
     -max_total_time="$secs" -rss_limit_mb=2048 -timeout=60 -print_final_stats=1 \
     >"$work/$t.log" 2>&1; then
+    # The panic's own message first: a backtrace alone fills the tail (CI once showed
+    # only its last frames, and the input did not fail again when replayed alone).
+    grep -E -A 6 'panicked at|ERROR: libFuzzer' "$work/$t.log" | head -n 40 >&2 || true
     tail -n 60 "$work/$t.log" >&2
     echo "fuzz/ci.sh: $t failed; the input is in fuzz/artifacts/$t/" >&2
     exit 1

@@ -16,3 +16,89 @@ fn fuzz_targets_survive_a_bounded_run() {
         "fuzz/ci.sh: {status} (see its output above)"
     );
 }
+
+/// Regression: CI's bounded run once failed in `fuse_requests` with a panic the log cut off;
+/// it was "reading a reply: Interrupted system call". libFuzzer's timeout alarm (SIGALRM,
+/// no SA_RESTART) landed in the harness's read of a reply, which did not retry. Here the
+/// target runs while SIGALRM arrives every 10 ms, so that some land in those reads (before
+/// the fix this failed within seconds; now the run ends normally).
+#[test]
+fn fuse_requests_survives_signals_landing_in_its_reads() {
+    let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
+    // Built by test.sh (`fuzz/ci.sh --build-only`) before the tests run.
+    let bin = fuzz.join("target/x86_64-unknown-linux-gnu/debug/fuse_requests");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with fuzz/ci.sh --build-only",
+        bin.display()
+    );
+    let work = std::env::temp_dir().join(format!("mortar-fuzz-signals.{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+    let mut child = Command::new(&bin)
+        .arg(&work)
+        .arg(fuzz.join("corpus/fuse_requests"))
+        .args(["-max_total_time=15", "-rss_limit_mb=2048", "-timeout=60"])
+        .arg(format!("-artifact_prefix={}/", work.display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("running {}: {e}", bin.display()));
+    let pid = child.id() as libc::pid_t;
+    // Signals only once libFuzzer has its handler (before, SIGALRM would simply end it):
+    // the process's caught-signals mask shows it.
+    let caught = || -> bool {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:"))
+            .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+            .is_some_and(|m| m & (1 << (libc::SIGALRM - 1)) != 0)
+    };
+    let start = std::time::Instant::now();
+    while !caught() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "fuse_requests ended at once"
+        );
+        assert!(
+            start.elapsed().as_secs() < 60,
+            "libFuzzer never caught SIGALRM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut sent = 0u32;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        // SAFETY: kill(2) on our own child, which is alive (try_wait said so just above)
+        // or a zombie we have not reaped yet; neither can be another process.
+        unsafe { libc::kill(pid, libc::SIGALRM) };
+        sent += 1;
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let mut log = String::new();
+    use std::io::Read;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&work);
+    println!(
+        "{sent} SIGALRMs sent; {}",
+        log.lines()
+            .rev()
+            .find(|l| l.starts_with("Done"))
+            .unwrap_or("no summary")
+    );
+    assert!(
+        status.success(),
+        "fuse_requests under SIGALRM: {status}\n{}",
+        log.lines()
+            .filter(|l| !l.starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}

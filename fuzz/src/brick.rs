@@ -963,7 +963,10 @@ impl Harness {
                 self.call(false, "read", svc.read(r)).await;
             }
             6 => {
-                let r = pb::GfidReq { gfid: self.gfid(u)?, ..Default::default() };
+                let r = pb::GfidReq {
+                    gfid: self.gfid(u)?,
+                    ..Default::default()
+                };
                 let r = self.req(u, r)?;
                 self.call(false, "readlink", svc.readlink(r)).await;
             }
@@ -976,12 +979,18 @@ impl Harness {
                 self.call(false, "getxattr", svc.getxattr(r)).await;
             }
             8 => {
-                let r = pb::GfidReq { gfid: self.gfid(u)?, ..Default::default() };
+                let r = pb::GfidReq {
+                    gfid: self.gfid(u)?,
+                    ..Default::default()
+                };
                 let r = self.req(u, r)?;
                 self.call(false, "listxattr", svc.listxattr(r)).await;
             }
             9 => {
-                let r = pb::GfidReq { gfid: self.gfid(u)?, ..Default::default() };
+                let r = pb::GfidReq {
+                    gfid: self.gfid(u)?,
+                    ..Default::default()
+                };
                 let quota = u.arbitrary()?;
                 let r = self.req(u, r)?;
                 if quota {

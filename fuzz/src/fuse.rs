@@ -172,20 +172,25 @@ fn u64_at(b: &[u8], at: usize) -> Option<u64> {
 
 /// One reply: checked, and returned as (unique, error, body).
 fn read_reply(dev: &mut UnixStream, buf: &mut [u8]) -> Option<(u64, i32, Vec<u8>)> {
-    let n = match dev.read(buf) {
-        Ok(0) => return None,
-        Ok(n) => n,
-        // No answer in time, or the session's end closed the device with requests of
-        // ours still unread.
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::ConnectionReset
-            ) =>
-        {
-            return None;
+    let n = loop {
+        match dev.read(buf) {
+            Ok(0) => return None,
+            Ok(n) => break n,
+            // libFuzzer's timeout alarm (SIGALRM, installed without SA_RESTART) can land
+            // in this read; `read` does not retry as `write_all` does.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            // No answer in time, or the session's end closed the device with requests of
+            // ours still unread.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                return None;
+            }
+            Err(e) => panic!("reading a reply: {e}"),
         }
-        Err(e) => panic!("reading a reply: {e}"),
     };
     assert!(n >= OUT_HEADER, "a reply of {n} bytes");
     let len = u32::from_le_bytes(buf[..4].try_into().unwrap()) as usize;
