@@ -34,13 +34,19 @@ fn fuse_requests_survives_signals_landing_in_its_reads() {
     );
     let work = std::env::temp_dir().join(format!("mortar-fuzz-signals.{}", std::process::id()));
     std::fs::create_dir_all(&work).unwrap();
+    // To a file, not a pipe: nothing reads a pipe before the end, and a full one would stop
+    // the target in a write.
+    let log_path = work.join("log");
+    // New inputs go to a directory of their own: libFuzzer reads every file of it as one.
+    let corpus = work.join("corpus");
+    std::fs::create_dir_all(&corpus).unwrap();
     let mut child = Command::new(&bin)
-        .arg(&work)
+        .arg(&corpus)
         .arg(fuzz.join("corpus/fuse_requests"))
         .args(["-max_total_time=15", "-rss_limit_mb=2048", "-timeout=60"])
         .arg(format!("-artifact_prefix={}/", work.display()))
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log_path).unwrap())
         .spawn()
         .unwrap_or_else(|e| panic!("running {}: {e}", bin.display()));
     let pid = child.id() as libc::pid_t;
@@ -77,14 +83,7 @@ fn fuse_requests_survives_signals_landing_in_its_reads() {
         sent += 1;
         std::thread::sleep(std::time::Duration::from_millis(10));
     };
-    let mut log = String::new();
-    use std::io::Read;
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut log)
-        .unwrap();
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
     let _ = std::fs::remove_dir_all(&work);
     println!(
         "{sent} SIGALRMs sent; {}",

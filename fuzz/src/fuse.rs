@@ -72,6 +72,8 @@ const FALLOCATE: u32 = 43;
 const READDIRPLUS: u32 = 44;
 const RENAME2: u32 = 45;
 const LSEEK: u32 = 46;
+const SETXATTR: u32 = 21;
+const IOCTL: u32 = 39;
 
 /// Every opcode the kernel sends after INIT (FUSE 7.x up to STATX).
 const OPCODES: &[u32] = &[
@@ -217,7 +219,10 @@ fn name(u: &mut Unstructured) -> AResult<Vec<u8>> {
 /// The body of a request: what the input says, with the known parts (a file handle, an
 /// inode, names) filled in more often than chance would.
 fn body(u: &mut Unstructured, opcode: u32, fhs: &[u64], inos: &[u64]) -> AResult<Vec<u8>> {
-    if u.ratio(1, 4)? {
+    // Any bytes, except where a request says how much data it carries (WRITE, SETXATTR,
+    // IOCTL): the kernel always sends that much, and fuser's decoder panics on a mismatch
+    // before the mount sees the request. Their arms below keep the two equal.
+    if !matches!(opcode, WRITE | SETXATTR | IOCTL) && u.ratio(1, 4)? {
         let len = u.int_in_range(0..=256)?;
         return u.bytes(len).map(<[u8]>::to_vec);
     }
@@ -239,6 +244,24 @@ fn body(u: &mut Unstructured, opcode: u32, fhs: &[u64], inos: &[u64]) -> AResult
         SYMLINK => {
             b.extend(name(u)?);
             b.extend(name(u)?);
+        }
+        SETXATTR => {
+            // fuse_setxattr_in without FUSE_SETXATTR_EXT (not negotiated): size, flags;
+            // then the name and `size` bytes of value.
+            let value = u.int_in_range(0..=512u32)?;
+            b.extend_from_slice(&value.to_le_bytes());
+            fixed(u, &mut b, 4)?;
+            b.extend_from_slice(b"user.");
+            b.extend(name(u)?);
+            b.extend(std::iter::repeat_n(b'v', value as usize));
+        }
+        IOCTL => {
+            // fuse_ioctl_in: fh, flags, cmd, arg, in_size, out_size; then in_size bytes.
+            let data = u.int_in_range(0..=256u32)?;
+            fixed(u, &mut b, 24)?;
+            b.extend_from_slice(&data.to_le_bytes());
+            fixed(u, &mut b, 4)?;
+            b.extend(std::iter::repeat_n(0u8, data as usize));
         }
         RENAME | RENAME2 | LINK => {
             // newdir (or the old inode, for LINK); RENAME2 adds flags and padding.
@@ -264,7 +287,8 @@ fn body(u: &mut Unstructured, opcode: u32, fhs: &[u64], inos: &[u64]) -> AResult
                 let data = u.int_in_range(0..=8192u32)?;
                 b.extend_from_slice(&u.int_in_range(0..=65536u64)?.to_le_bytes());
                 b.extend_from_slice(&data.to_le_bytes());
-                fixed(u, &mut b, 24)?;
+                // write_flags 4, lock_owner 8, flags 4, padding 4 (fuse_write_in is 40 bytes).
+                fixed(u, &mut b, 20)?;
                 b.extend(std::iter::repeat_n(b'x', data as usize));
             } else {
                 let len = u.int_in_range(0..=64)?;
