@@ -24,14 +24,7 @@ fn fuzz_targets_survive_a_bounded_run() {
 /// the fix this failed within seconds; now the run ends normally).
 #[test]
 fn fuse_requests_survives_signals_landing_in_its_reads() {
-    let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
-    // Built by test.sh (`fuzz/ci.sh --build-only`) before the tests run.
-    let bin = fuzz.join("target/x86_64-unknown-linux-gnu/debug/fuse_requests");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it with fuzz/ci.sh --build-only",
-        bin.display()
-    );
+    let (fuzz, bin) = fuse_requests();
     let work = std::env::temp_dir().join(format!("mortar-fuzz-signals.{}", std::process::id()));
     std::fs::create_dir_all(&work).unwrap();
     // To a file, not a pipe: nothing reads a pipe before the end, and a full one would stop
@@ -99,5 +92,61 @@ fn fuse_requests_survives_signals_landing_in_its_reads() {
             .filter(|l| !l.starts_with('#'))
             .collect::<Vec<_>>()
             .join("\n")
+    );
+}
+
+/// The fuzz directory and the `fuse_requests` target, built by test.sh (`fuzz/ci.sh
+/// --build-only`) before the tests run.
+fn fuse_requests() -> (std::path::PathBuf, std::path::PathBuf) {
+    let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
+    let bin = fuzz.join("target/x86_64-unknown-linux-gnu/debug/fuse_requests");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with fuzz/ci.sh --build-only",
+        bin.display()
+    );
+    (fuzz, bin)
+}
+
+/// Regression: the harness's WRITE carried 4 bytes more than its size field said (and its
+/// raw-bytes bodies could contradict the sizes of SETXATTR and IOCTL), which panics fuser's
+/// decoder; CI's short inputs never got that far, so no WRITE ever reached the mount.
+/// Large inputs (4 KiB each, from a fixed seed) run many requests of every kind: all must
+/// run to the end.
+#[test]
+fn fuse_requests_runs_large_inputs_with_every_request_kind() {
+    let (_, bin) = fuse_requests();
+    let dir = std::env::temp_dir().join(format!("mortar-fuzz-large.{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // xorshift64 from a fixed seed: the same inputs every run.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let inputs: Vec<_> = (0..24)
+        .map(|i| {
+            let bytes: Vec<u8> = (0..4096)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            let path = dir.join(format!("input{i}"));
+            std::fs::write(&path, bytes).unwrap();
+            path
+        })
+        .collect();
+    let out = Command::new(&bin)
+        .args(&inputs)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", bin.display()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let log = String::from_utf8_lossy(&out.stderr);
+    let ran = log.lines().filter(|l| l.starts_with("Executed")).count();
+    println!("{ran} of {} large inputs ran", inputs.len());
+    assert!(
+        out.status.success() && ran == inputs.len(),
+        "fuse_requests on large inputs: {}, {ran} of {} ran\n{log}",
+        out.status,
+        inputs.len()
     );
 }
