@@ -223,6 +223,18 @@ impl RangeLocks {
         Ok(())
     }
 
+    /// Gives session `to` the locks of session `from` (a successor of the same mount).
+    pub fn transfer(&self, from: SessionId, to: SessionId) -> usize {
+        let mut n = 0;
+        for list in self.by_inode.lock().unwrap().values_mut() {
+            for l in list.iter_mut().filter(|l| l.session == from) {
+                l.session = to;
+                n += 1;
+            }
+        }
+        n
+    }
+
     pub fn release_session(&self, s: SessionId) {
         let mut map = self.by_inode.lock().unwrap();
         map.retain(|_, list| {
@@ -282,6 +294,26 @@ mod tests {
         );
         l.release_session([1; 16]);
         assert!(l.conflict(g, &lk(3, 1, F_WRLCK, 0, 99)).is_none());
+    }
+
+    #[test]
+    fn a_successor_takes_over_its_predecessors_range_locks() {
+        let l = RangeLocks::default();
+        let g = Gfid::random();
+        assert!(l.set(g, lk(1, 7, F_WRLCK, 0, 9)).is_ok());
+        assert!(l.set(g, lk(2, 7, F_WRLCK, 20, 29)).is_ok());
+        assert_eq!(l.transfer([1; 16], [3; 16]), 1);
+        // The same owner of the new session holds it: no conflict with itself, and it
+        // can unlock it; others still conflict.
+        assert!(l.conflict(g, &lk(3, 7, F_WRLCK, 0, 9)).is_none());
+        assert!(l.conflict(g, &lk(2, 7, F_WRLCK, 0, 9)).is_some());
+        l.release_session([1; 16]);
+        assert!(
+            l.conflict(g, &lk(2, 7, F_WRLCK, 0, 9)).is_some(),
+            "moved, not freed"
+        );
+        assert!(l.set(g, lk(3, 7, F_UNLCK, 0, 9)).is_ok());
+        assert!(l.conflict(g, &lk(2, 7, F_WRLCK, 0, 9)).is_none());
     }
 
     #[test]

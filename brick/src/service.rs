@@ -40,6 +40,21 @@ struct SessionEntry {
     client: String,
     /// Ends the session (it did not answer a lease recall).
     kill: Arc<tokio::sync::Notify>,
+    /// The mount it belongs to (see `Hello.family`).
+    family: Option<Family>,
+}
+
+/// The 16 bytes that every session of one mount names (see `Hello.family`).
+type Family = [u8; 16];
+
+/// Longest a session's POSIX locks wait for its successor (`Hello.lock_hold_ms`).
+const MAX_LOCK_HOLD: Duration = Duration::from_secs(30);
+
+/// The POSIX locks of a session that ended without closing, kept for its successor.
+struct Retained {
+    session: SessionId,
+    /// Whose certificate it was: only the same peer takes them over.
+    cert: String,
 }
 
 /// Inodes fenced against new leases while a change that reaches them by name runs.
@@ -76,6 +91,7 @@ pub struct BrickService {
     inode_locks: Arc<InodeLocks>,
     range_locks: Arc<RangeLocks>,
     sessions: Arc<Mutex<HashMap<SessionId, SessionEntry>>>,
+    retained: Arc<Mutex<HashMap<Family, Retained>>>,
     pub leases: Arc<crate::leases::Leases>,
     /// Set when the brick stops: every session stream ends, so that the server's graceful
     /// shutdown can finish once the requests in flight are answered.
@@ -183,6 +199,7 @@ impl BrickService {
             inode_locks: Arc::default(),
             range_locks: Arc::default(),
             sessions: Arc::default(),
+            retained: Arc::default(),
             leases: Arc::default(),
             stopping: watch::Sender::new(false),
         }
@@ -237,17 +254,21 @@ impl BrickService {
         }
     }
 
-    /// Ends a session: its locks go, and what it changed without finishing goes to heal.
+    /// Ends a session: its locks go (its POSIX locks stay if `keep_ranges`: they wait for
+    /// its successor), and what it changed without finishing goes to heal.
     fn end_session(
         sessions: &Mutex<HashMap<SessionId, SessionEntry>>,
         inode_locks: &InodeLocks,
         range_locks: &RangeLocks,
         store: &Store,
         s: SessionId,
+        keep_ranges: bool,
     ) {
         let entry = sessions.lock().unwrap().remove(&s);
         let held = inode_locks.release_session(s);
-        range_locks.release_session(s);
+        if !keep_ranges {
+            range_locks.release_session(s);
+        }
         if let Some(entry) = entry {
             for g in held {
                 if entry.mutated.contains(&g) {
@@ -258,6 +279,47 @@ impl BrickService {
                 store.released(g, n);
             }
         }
+    }
+
+    /// A new session `sid` of mount `f` from a peer with certificate `cert`: the live sessions
+    /// of the family end (the process that held them is gone or being replaced), and the
+    /// POSIX locks of the last one pass to `sid`; the leases of those sessions go at once,
+    /// since the caches they covered died with their process.
+    async fn supersede(&self, f: Family, sid: SessionId, cert: &str) {
+        let live = |sessions: &HashMap<SessionId, SessionEntry>| -> Vec<Arc<tokio::sync::Notify>> {
+            sessions
+                .values()
+                .filter(|e| e.family == Some(f))
+                .map(|e| e.kill.clone())
+                .collect()
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let kills = live(&self.sessions.lock().unwrap());
+            if kills.is_empty() || tokio::time::Instant::now() > deadline {
+                break;
+            }
+            for k in kills {
+                k.notify_one();
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut retained = self.retained.lock().unwrap();
+        let Some(old) = retained.remove(&f) else {
+            return;
+        };
+        if old.cert != cert {
+            tracing::warn!(cert, holder = %old.cert, "a session named another peer's family: its locks stay");
+            retained.insert(f, old);
+            return;
+        }
+        drop(retained);
+        let n = self.range_locks.transfer(old.session, sid);
+        self.leases.ended(old.session, true);
+        tracing::info!(
+            locks = n,
+            "a mount's new session takes over from its last one"
+        );
     }
 
     /// The session a read asks a lease for, if it gave one.
@@ -440,6 +502,15 @@ impl pb::brick_server::Brick for BrickService {
             _ => return Err(Status::invalid_argument("a session starts with hello")),
         };
         let sid = session_id(&hello.session)?;
+        let family: Option<Family> = match hello.family.len() {
+            0 => None,
+            16 => Some(hello.family[..].try_into().unwrap()),
+            _ => return Err(Status::invalid_argument("a session family is 16 bytes")),
+        };
+        let hold = Duration::from_millis(hello.lock_hold_ms).min(MAX_LOCK_HOLD);
+        if let Some(f) = family {
+            self.supersede(f, sid, &cert).await;
+        }
         let (tx, rx) = mpsc::channel(256);
         let kill = Arc::new(tokio::sync::Notify::new());
         {
@@ -455,6 +526,7 @@ impl pb::brick_server::Brick for BrickService {
                     opened: HashMap::new(),
                     client: hello.client.chars().take(128).collect(),
                     kill: kill.clone(),
+                    family,
                 },
             );
         }
@@ -472,6 +544,7 @@ impl pb::brick_server::Brick for BrickService {
         let mut volfile = self.volfile.clone();
         let mut stopping = self.stopping.subscribe();
         let (leases, store2) = (self.leases.clone(), self.store.clone());
+        let retained = self.retained.clone();
         tokio::spawn(async move {
             let why = loop {
                 tokio::select! {
@@ -516,12 +589,37 @@ impl pb::brick_server::Brick for BrickService {
             metrics.sessions_ended.fetch_add(1, Relaxed);
             // A client that closed its session (or a brick going away) leaves nothing to
             // wait for; otherwise its leases last until it has stopped trusting them.
-            leases.ended(
-                sid,
-                matches!(why, "client closed the session" | "brick stopping"),
-            );
+            let closed = matches!(why, "client closed the session" | "brick stopping");
+            leases.ended(sid, closed);
+            // A mount whose server died comes back as a new session of the same family:
+            // its POSIX locks wait for it (before the session is gone: a successor that
+            // waits for it to go finds them; see `supersede`).
+            let keep = match family {
+                Some(f) if !closed && !hold.is_zero() => {
+                    retained.lock().unwrap().insert(
+                        f,
+                        Retained {
+                            session: sid,
+                            cert: cert.clone(),
+                        },
+                    );
+                    let (retained, range_locks) = (retained.clone(), range_locks.clone());
+                    tokio::spawn(async move {
+                        tokio::time::sleep(hold).await;
+                        let mut r = retained.lock().unwrap();
+                        if r.get(&f).is_some_and(|r| r.session == sid) {
+                            r.remove(&f);
+                            drop(r);
+                            tracing::info!(client = %hello.client, "no successor came: its POSIX locks go");
+                            range_locks.release_session(sid);
+                        }
+                    });
+                    true
+                }
+                _ => false,
+            };
             let _ = tokio::task::spawn_blocking(move || {
-                BrickService::end_session(&sessions, &inode_locks, &range_locks, &store, sid)
+                BrickService::end_session(&sessions, &inode_locks, &range_locks, &store, sid, keep)
             })
             .await;
         });

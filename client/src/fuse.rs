@@ -24,7 +24,7 @@ use mortar_replication::volume::Volume;
 pub const MAX_WRITE: u32 = 1 << 20;
 const BLKSIZE: u32 = 128 * 1024;
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Timeouts {
     pub attr: Duration,
     pub entry: Duration,
@@ -61,6 +61,11 @@ struct Inner {
     /// Tells the kernel to drop cached attributes (set once the session exists).
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
     t: Timeouts,
+    /// Where a successor of this process learns which inodes and lock owners the kernel
+    /// holds (see `handover`); `None` outside a mount (the fuzz harness).
+    state: Option<crate::handover::StateLog>,
+    /// Handles below this one were opened by a predecessor (see `handover`).
+    fh_base: u64,
 }
 
 pub struct MortarFs {
@@ -139,9 +144,57 @@ impl Inner {
             slot.1 += 1;
             if inos.len() != n {
                 self.vol.stats.inodes.fetch_add(1, Relaxed);
+                if let Some(st) = &self.state {
+                    st.ino(g.ino(), g);
+                    self.compact_state(&inos);
+                }
             }
         }
         Ok(fa)
+    }
+
+    /// Rewrites the state log once it holds many times more records than the inodes and
+    /// lock owners it describes (it only grows otherwise). Called under the inode table's
+    /// write lock, so no inode record is appended meanwhile.
+    fn compact_state(&self, inos: &HashMap<u64, (Gfid, u64)>) {
+        let Some(st) = &self.state else { return };
+        let owners = self.lock_owners.lock().unwrap();
+        if st.appended() < 4 * (inos.len() + owners.len()) as u64 + 65536 {
+            return;
+        }
+        let live = crate::handover::State {
+            inos: inos.iter().map(|(i, (g, _))| (*i, *g)).collect(),
+            lock_owners: owners.clone(),
+        };
+        if let Err(e) = st.rewrite(&live) {
+            tracing::error!("rewriting the state log: {e}");
+        }
+    }
+
+    /// A lock owner took a POSIX lock on `g`: its close must release it (see `flush`).
+    fn lock_taken(&self, g: Gfid, owner: u64) {
+        if self.lock_owners.lock().unwrap().insert((g, owner))
+            && let Some(st) = &self.state
+        {
+            st.lock(g, owner);
+        }
+    }
+
+    /// The entries of directory `g` for handle `fh`, which a predecessor opened.
+    async fn reopen_dir(&self, g: Gfid, fh: FileHandle) -> Result<Arc<Vec<pb::DirEntry>>, Error> {
+        let entries = Arc::new(self.vol.readdir(g).await?);
+        self.handles.lock().unwrap().insert(
+            fh.0,
+            Handle::Dir {
+                entries: entries.clone(),
+            },
+        );
+        Ok(entries)
+    }
+
+    /// Whether a predecessor of this process opened handle `fh` (see `handover`).
+    fn inherited(&self, fh: FileHandle) -> bool {
+        fh.0 < self.fh_base
     }
 
     /// [`file_attr`], logging what was wrong (at most once per 10 s); the directory's
@@ -233,7 +286,11 @@ impl Inner {
     }
 
     async fn unlock_owner(&self, g: Gfid, owner: u64) {
-        if self.lock_owners.lock().unwrap().remove(&(g, owner)) {
+        let held = self.lock_owners.lock().unwrap().remove(&(g, owner));
+        if held && let Some(st) = &self.state {
+            st.unlock(g, owner);
+        }
+        if held {
             if let Err(e) = self
                 .vol
                 .lk(g, owner, 0, libc::F_UNLCK as i32, 0, u64::MAX, false, false)
@@ -287,9 +344,45 @@ impl MortarFs {
                 dir_attrs: Mutex::default(),
                 notifier: Arc::default(),
                 t,
+                state: None,
+                fh_base: 1,
             }),
             rt,
         }
+    }
+
+    /// Keeps what a successor needs in `log` (see `handover`), and takes over what the
+    /// predecessors left there: server `generation` of its mount (0: the first).
+    pub fn with_state(
+        mut self,
+        log: crate::handover::StateLog,
+        generation: u64,
+    ) -> std::io::Result<MortarFs> {
+        let inner = Arc::get_mut(&mut self.inner).expect("not shared yet");
+        let held = log.load()?;
+        log.rewrite(&held)?;
+        if !held.inos.is_empty() || !held.lock_owners.is_empty() {
+            tracing::info!(
+                inodes = held.inos.len(),
+                lock_owners = held.lock_owners.len(),
+                "taking over from the previous server"
+            );
+        }
+        // How often the kernel looked each one up is not known: they stay until unmount.
+        let inos = held.inos.into_iter().map(|(i, g)| (i, (g, u64::MAX / 2)));
+        inner.inos.get_mut().unwrap().extend(inos);
+        let n = inner.inos.get_mut().unwrap().len() as u64;
+        inner.vol.stats.inodes.store(n, Relaxed);
+        inner
+            .lock_owners
+            .get_mut()
+            .unwrap()
+            .extend(held.lock_owners);
+        // Handles of earlier servers stay below this one's.
+        inner.fh_base = (generation << 40) + 1;
+        inner.next_fh = AtomicU64::new(inner.fh_base);
+        inner.state = Some(log);
+        Ok(self)
     }
 }
 
@@ -374,6 +467,9 @@ impl Filesystem for MortarFs {
         if let Some((_, n)) = inos.get_mut(&ino.0) {
             *n = n.saturating_sub(nlookup);
             if *n == 0 {
+                if let Some(st) = &self.inner.state {
+                    st.forget(ino.0);
+                }
                 if let Some((g, _)) = inos.remove(&ino.0) {
                     self.inner.opened_at.lock().unwrap().remove(&g);
                     self.inner.dir_attrs.lock().unwrap().remove(&g);
@@ -693,10 +789,11 @@ impl Filesystem for MortarFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        // A predecessor's handle: the file's flags come with each write.
         let append = matches!(
             self.inner.handles.lock().unwrap().get(&fh.0),
             Some(Handle::File { append: true, .. })
-        );
+        ) || (self.inner.inherited(fh) && _flags.0 & libc::O_APPEND != 0);
         let data = data.to_vec();
         on_inode!(self, ino, reply, |inner, g| {
             match inner.vol.write(g, offset, data, append).await {
@@ -799,37 +896,18 @@ impl Filesystem for MortarFs {
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectory,
+        reply: ReplyDirectory,
     ) {
-        let Some(entries) = self.dir_entries(fh) else {
-            return reply.error(Errno::EBADF);
-        };
-        let mut i = offset as usize;
-        while i < entries.len() + 2 {
-            let full = match i {
-                0 => reply.add(ino, 1, FileType::Directory, "."),
-                1 => reply.add(ino, 2, FileType::Directory, ".."),
-                _ => {
-                    let e = &entries[i - 2];
-                    // An entry without valid attributes cannot be shown: skipped, logged.
-                    let Some(Ok(attr)) = e.attr.as_ref().map(|a| self.inner.attr(a)) else {
-                        i += 1;
-                        continue;
-                    };
-                    reply.add(
-                        attr.ino,
-                        i as u64 + 1,
-                        attr.kind,
-                        OsStr::from_bytes(&e.name),
-                    )
+        match self.dir_entries(fh) {
+            Some(entries) => fill_dir(&self.inner, ino, &entries, offset, reply),
+            None if self.inner.inherited(fh) => on_inode!(self, ino, reply, |inner, g| {
+                match inner.reopen_dir(g, fh).await {
+                    Ok(entries) => fill_dir(&inner, ino, &entries, offset, reply),
+                    Err(e) => reply.error(errno(e)),
                 }
-            };
-            if full {
-                break;
-            }
-            i += 1;
+            }),
+            None => reply.error(Errno::EBADF),
         }
-        reply.ok();
     }
 
     fn readdirplus(
@@ -838,62 +916,18 @@ impl Filesystem for MortarFs {
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectoryPlus,
+        reply: ReplyDirectoryPlus,
     ) {
-        let Some(entries) = self.dir_entries(fh) else {
-            return reply.error(Errno::EBADF);
-        };
-        let ttl = self.inner.t.entry;
-        let dot = FileAttr {
-            ino,
-            size: 0,
-            blocks: 0,
-            atime: UNIX_EPOCH,
-            mtime: UNIX_EPOCH,
-            ctime: UNIX_EPOCH,
-            crtime: UNIX_EPOCH,
-            kind: FileType::Directory,
-            perm: 0o755,
-            nlink: 2,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-            blksize: BLKSIZE,
-            flags: 0,
-        };
-        let mut i = offset as usize;
-        while i < entries.len() + 2 {
-            let full = match i {
-                0 => reply.add(ino, 1, ".", &Duration::ZERO, &dot, Generation(0)),
-                1 => reply.add(ino, 2, "..", &Duration::ZERO, &dot, Generation(0)),
-                _ => {
-                    let e = &entries[i - 2];
-                    let Some(Ok(attr)) = e.attr.as_ref().map(|a| self.inner.attr(a)) else {
-                        i += 1;
-                        continue;
-                    };
-                    let full = reply.add(
-                        attr.ino,
-                        i as u64 + 1,
-                        OsStr::from_bytes(&e.name),
-                        &ttl,
-                        &attr,
-                        Generation(0),
-                    );
-                    // Only an entry that made it into the reply is a reference (its
-                    // attributes were checked just above).
-                    if !full {
-                        let _ = self.inner.referenced(e.attr.as_ref().unwrap());
-                    }
-                    full
+        match self.dir_entries(fh) {
+            Some(entries) => fill_dir_plus(&self.inner, ino, &entries, offset, reply),
+            None if self.inner.inherited(fh) => on_inode!(self, ino, reply, |inner, g| {
+                match inner.reopen_dir(g, fh).await {
+                    Ok(entries) => fill_dir_plus(&inner, ino, &entries, offset, reply),
+                    Err(e) => reply.error(errno(e)),
                 }
-            };
-            if full {
-                break;
-            }
-            i += 1;
+            }),
+            None => reply.error(Errno::EBADF),
         }
-        reply.ok();
     }
 
     fn releasedir(
@@ -1000,6 +1034,22 @@ impl Filesystem for MortarFs {
         });
     }
 
+    /// No ioctls: ENOTTY, as a local file system answers one it does not know (every
+    /// `open()` of Python asks whether the file is a terminal).
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        reply.error(Errno::from_i32(libc::ENOTTY));
+    }
+
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
         // Permissions are checked by the kernel (default_permissions); existence here.
         match self.inner.gfid(ino) {
@@ -1089,7 +1139,7 @@ impl Filesystem for MortarFs {
     ) {
         on_inode!(self, ino, reply, |inner, g| {
             if typ != libc::F_UNLCK as i32 {
-                inner.lock_owners.lock().unwrap().insert((g, lock_owner.0));
+                inner.lock_taken(g, lock_owner.0);
             }
             match inner
                 .vol
@@ -1147,6 +1197,103 @@ impl MortarFs {
             _ => None,
         }
     }
+}
+
+/// Answers a listing from a directory handle's entries, from `offset` on.
+fn fill_dir(
+    inner: &Inner,
+    ino: INodeNo,
+    entries: &[pb::DirEntry],
+    offset: u64,
+    mut reply: ReplyDirectory,
+) {
+    let mut i = offset as usize;
+    while i < entries.len() + 2 {
+        let full = match i {
+            0 => reply.add(ino, 1, FileType::Directory, "."),
+            1 => reply.add(ino, 2, FileType::Directory, ".."),
+            _ => {
+                let e = &entries[i - 2];
+                // An entry without valid attributes cannot be shown: skipped, logged.
+                let Some(Ok(attr)) = e.attr.as_ref().map(|a| inner.attr(a)) else {
+                    i += 1;
+                    continue;
+                };
+                reply.add(
+                    attr.ino,
+                    i as u64 + 1,
+                    attr.kind,
+                    OsStr::from_bytes(&e.name),
+                )
+            }
+        };
+        if full {
+            break;
+        }
+        i += 1;
+    }
+    reply.ok();
+}
+
+/// [`fill_dir`] with each entry's attributes (each one a kernel reference).
+fn fill_dir_plus(
+    inner: &Inner,
+    ino: INodeNo,
+    entries: &[pb::DirEntry],
+    offset: u64,
+    mut reply: ReplyDirectoryPlus,
+) {
+    let ttl = inner.t.entry;
+    let dot = FileAttr {
+        ino,
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::Directory,
+        perm: 0o755,
+        nlink: 2,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: BLKSIZE,
+        flags: 0,
+    };
+    let mut i = offset as usize;
+    while i < entries.len() + 2 {
+        let full = match i {
+            0 => reply.add(ino, 1, ".", &Duration::ZERO, &dot, Generation(0)),
+            1 => reply.add(ino, 2, "..", &Duration::ZERO, &dot, Generation(0)),
+            _ => {
+                let e = &entries[i - 2];
+                let Some(Ok(attr)) = e.attr.as_ref().map(|a| inner.attr(a)) else {
+                    i += 1;
+                    continue;
+                };
+                let full = reply.add(
+                    attr.ino,
+                    i as u64 + 1,
+                    OsStr::from_bytes(&e.name),
+                    &ttl,
+                    &attr,
+                    Generation(0),
+                );
+                // Only an entry that made it into the reply is a reference (its
+                // attributes were checked just above).
+                if !full {
+                    let _ = inner.referenced(e.attr.as_ref().unwrap());
+                }
+                full
+            }
+        };
+        if full {
+            break;
+        }
+        i += 1;
+    }
+    reply.ok();
 }
 
 fn xattr_reply(reply: ReplyXattr, size: u32, v: &[u8]) {

@@ -3,5 +3,6 @@
 
 pub mod admin;
 pub mod fuse;
+pub mod handover;
 pub mod local;
 pub mod mount;

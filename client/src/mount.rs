@@ -11,7 +11,7 @@ use crate::fuse::{MortarFs, Timeouts};
 use mortar_common::telemetry;
 use mortar_replication::volume::{Options, Volume};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct MountArgs {
     pub servers: Vec<String>,
     pub volume: String,
@@ -139,12 +139,43 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
     } else {
         Some(daemonise()?)
     };
-    let log_file = args.log_file.clone().or_else(|| {
-        ready
-            .as_ref()
-            .map(|_| telemetry::default_log_file("mount", &mountpoint.to_string_lossy()))
-    });
-    let result = serve(&args, &mountpoint, log_file.as_deref(), ready);
+    let daemonised = ready.is_some();
+    let mut args = args;
+    args.mountpoint = mountpoint.clone();
+    if args.log_file.is_none() && daemonised {
+        args.log_file = Some(telemetry::default_log_file(
+            "mount",
+            &mountpoint.to_string_lossy(),
+        ));
+    }
+    let r = telemetry::init_logging(
+        &format!("holder={}", mountpoint.display()),
+        &args.log_level,
+        args.log_file.as_deref(),
+        daemonised,
+    );
+    if let Err(e) = r {
+        let mut ready = ready;
+        tell(&mut ready, &format!("{e:#}\n"));
+        return Err(e);
+    }
+    // This process holds the mount; servers come and go (see `handover`).
+    let result = crate::handover::hold(args, &mountpoint, ready, daemonised);
+    if let Err(e) = &result {
+        tracing::error!("{e:#}");
+    }
+    result
+}
+
+/// `mortar-mount --handover MOUNTPOINT`: serves a mount its holder hands over (see
+/// `handover`); started by the holder only.
+pub fn serve_handover() -> anyhow::Result<()> {
+    let link = crate::handover::Link::receive()?;
+    let args = link.handover.args.clone();
+    if let Some(dir) = &args.tls_dir {
+        mortar_common::tls::init_client(Some(dir))?;
+    }
+    let result = serve(&args, &args.mountpoint, args.log_file.as_deref(), link);
     if let Err(e) = &result {
         tracing::error!("{e:#}");
     }
@@ -190,7 +221,7 @@ fn daemonise() -> anyhow::Result<OwnedFd> {
     }
 }
 
-fn tell(ready: &mut Option<OwnedFd>, msg: &str) {
+pub(crate) fn tell(ready: &mut Option<OwnedFd>, msg: &str) {
     if let Some(fd) = ready.take() {
         let _ = std::fs::File::from(fd).write_all(msg.as_bytes());
     }
@@ -200,14 +231,15 @@ fn serve(
     args: &MountArgs,
     mountpoint: &Path,
     log_file: Option<&Path>,
-    mut ready: Option<OwnedFd>,
+    link: crate::handover::Link,
 ) -> anyhow::Result<()> {
+    let generation = link.handover.generation;
     let r = (|| {
         telemetry::init_logging(
             &format!("mount={}", mountpoint.display()),
             &args.log_level,
             log_file,
-            ready.is_some(),
+            log_file.is_some(),
         )?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(4)
@@ -217,6 +249,7 @@ fn serve(
             ping_timeout: args.ping_timeout,
             client_name: format!("{}:{}", hostname(), mountpoint.display()),
             leases: !args.no_leases,
+            family: Some(link.handover.family),
             ..Options::default()
         };
         let vol = rt
@@ -229,7 +262,8 @@ fn serve(
                 Arc::new(move || metrics(&v)),
             ))?;
         }
-        let fs = MortarFs::new(vol.clone(), rt.handle().clone(), args.timeouts);
+        let fs = MortarFs::new(vol.clone(), rt.handle().clone(), args.timeouts)
+            .with_state(link.state_log()?, generation)?;
         let mut config = fuser::Config::default();
         config.mount_options = vec![
             fuser::MountOption::FSName(format!("{}:/{}", args.servers[0], args.volume)),
@@ -244,19 +278,25 @@ fn serve(
         ];
         config.acl = fuser::SessionACL::All;
         config.n_threads = Some(2);
-        config.clone_fd = true;
+        // Both threads read the holder's descriptor of the device, not clones of it: the
+        // kernel fails what a clone's reader had taken when the clone closes, but keeps
+        // what a dying server had taken from the shared one for the next to ask again.
+        config.clone_fd = false;
         let notifier = fs.notifier_slot();
         fs.drop_kernel_caches_on_recall();
-        let session = fuser::Session::new(fs, mountpoint, &config)
-            .map_err(|e| anyhow::anyhow!("mounting on {}: {e}", mountpoint.display()))?;
+        let session = link
+            .session(fs, &config)
+            .map_err(|e| anyhow::anyhow!("serving {}: {e}", mountpoint.display()))?;
         let _ = notifier.set(session.notifier());
-        raise_readahead(mountpoint, crate::fuse::MAX_WRITE / 1024);
+        if generation == 0 {
+            raise_readahead(mountpoint, crate::fuse::MAX_WRITE / 1024);
+        }
         Ok::<_, anyhow::Error>((rt, vol, session))
     })();
-    let (rt, vol, mut session) = match r {
+    let (rt, vol, session) = match r {
         Ok(x) => x,
         Err(e) => {
-            tell(&mut ready, &format!("{e:#}\n"));
+            link.report(&crate::handover::Report::Failed(format!("{e:#}")));
             return Err(e);
         }
     };
@@ -265,22 +305,21 @@ fn serve(
         servers = ?args.servers,
         ping_timeout = ?vol.ping_timeout(),
         ping_timeout_from = vol.ping_timeout_source(),
-        "mounted"
+        generation,
+        "serving"
     );
-    if ready.is_some() {
-        tell(&mut ready, "ok\n");
+    link.report(&crate::handover::Report::Ready);
+    if log_file.is_some() {
         redirect_stdio();
     }
     // SIGTERM/SIGINT unmount cleanly; the session loop then ends by itself.
-    let mut unmounter = session.unmount_callable();
+    let mp = mountpoint.to_path_buf();
     rt.spawn(async move {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
         tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
         tracing::info!("signal: unmounting");
-        if let Err(e) = unmounter.unmount() {
-            tracing::warn!("unmount: {e}");
-        }
+        crate::handover::unmount(&mp);
     });
     session
         .run()
@@ -290,7 +329,7 @@ fn serve(
     Ok(())
 }
 
-fn redirect_stdio() {
+pub(crate) fn redirect_stdio() {
     if let Ok(null) = std::fs::OpenOptions::new()
         .read(true)
         .write(true)

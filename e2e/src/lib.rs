@@ -463,8 +463,18 @@ pub struct Mount {
 }
 
 impl Mount {
-    /// The pid of the FUSE daemon serving this mount.
+    /// The pid of the process serving this mount's requests now (its holder starts another
+    /// when it dies; see `mortar_client::handover`).
     pub fn daemon_pid(&self) -> Option<i32> {
+        self.find_process(true)
+    }
+
+    /// The pid of the process holding this mount: when it dies, the mount dies with it.
+    pub fn holder_pid(&self) -> Option<i32> {
+        self.find_process(false)
+    }
+
+    fn find_process(&self, server: bool) -> Option<i32> {
         let me = self.path.to_string_lossy().into_owned();
         std::fs::read_dir("/proc")
             .ok()?
@@ -476,7 +486,10 @@ impl Mount {
                     .split(|b| *b == 0)
                     .map(|a| String::from_utf8_lossy(a).into_owned())
                     .collect();
-                (args.first()?.ends_with("mortar-mount") && args.contains(&me)).then_some(pid)
+                (args.first()?.ends_with("mortar-mount")
+                    && args.contains(&me)
+                    && args.iter().any(|a| a == "--handover") == server)
+                    .then_some(pid)
             })
     }
 

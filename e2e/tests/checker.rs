@@ -515,7 +515,7 @@ fn run_seed(seed: u64, secs: u64, net: u8) {
                 let i = rng.below(2) as usize;
                 let _closed = gates[i].write().unwrap();
                 let mut ms = mounts.lock().unwrap();
-                if let Some(pid) = ms[i].daemon_pid() {
+                if let Some(pid) = ms[i].holder_pid() {
                     // SAFETY: kill(2) of the test's own FUSE daemon.
                     unsafe { libc::kill(pid, libc::SIGKILL) };
                     while pid_alive(pid) {

@@ -218,7 +218,7 @@ fn a_client_killed_midway_leaves_marks_that_heal_resolves() {
     let c = Cluster::start(34, 3);
     let m = c.mount("m", "");
     let victim = c.mount("victim", "");
-    let pid = victim.daemon_pid().expect("mount daemon");
+    let pid = victim.holder_pid().expect("mount daemon");
     let path = victim.p("file");
     let writer = std::thread::spawn(move || {
         let f = fs::File::create(path).unwrap();

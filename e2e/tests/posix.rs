@@ -233,7 +233,7 @@ fn orphans_of_dead_clients_and_restarted_bricks_are_reclaimed() {
     c.restart(2);
     assert_eq!(orphans_on(&c, 2), 0);
     // The client dies: the surviving bricks end its session and drop the orphan.
-    let pid = m1.daemon_pid().expect("mount daemon");
+    let pid = m1.holder_pid().expect("mount daemon");
     // SAFETY: kill(2) of the test's own FUSE daemon.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     drop(f);

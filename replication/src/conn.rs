@@ -71,6 +71,7 @@ pub struct Brick {
     cache: Option<Arc<crate::lease::Cache>>,
     /// Until when (milliseconds of [`clock_ms`]) the leases of the current connection count.
     lease_until_ms: AtomicU64,
+    family: Option<[u8; 16]>,
 }
 
 /// Milliseconds since this process first asked: a monotonic clock for lease deadlines.
@@ -86,6 +87,11 @@ fn clock_ms() -> u64 {
 /// a connection (`mortar_brick::budget`), so that a busy client waits here rather than be
 /// refused there.
 pub const PAYLOAD_IN_FLIGHT: usize = 128 << 20;
+
+/// How long a brick keeps the POSIX locks of a session of a mount that ended without closing,
+/// for the mount's next server to take over (see `Hello.lock_hold_ms`): a restarted server
+/// is back well within it.
+pub const LOCK_HOLD_MS: u64 = 5000;
 
 /// How long one request may take on a brick that answers pings (see [`Brick::call`]).
 pub const FRAME_TIMEOUT: Duration = Duration::from_secs(120);
@@ -144,6 +150,7 @@ impl Brick {
         local: Option<crate::volume::LocalSteps>,
         tls: Option<Arc<ClientTlsConfig>>,
         cache: Option<Arc<crate::lease::Cache>>,
+        family: Option<[u8; 16]>,
     ) -> Arc<Brick> {
         let (state, _) = watch::channel(ConnState::Down("connecting".into()));
         let b = Arc::new(Brick {
@@ -158,6 +165,7 @@ impl Brick {
             payload: Arc::new(tokio::sync::Semaphore::new(PAYLOAD_IN_FLIGHT)),
             cache,
             lease_until_ms: AtomicU64::new(0),
+            family,
         });
         let weak = Arc::downgrade(&b);
         tokio::spawn(async move {
@@ -223,6 +231,12 @@ impl Brick {
             // The lease window is the ping timeout the connection starts with: the brick
             // keeps a silent client's leases this long after it last heard from it.
             lease_ms: if self.cache.is_some() { millis(pt) } else { 0 },
+            family: self.family.map(|f| f.to_vec()).unwrap_or_default(),
+            lock_hold_ms: if self.family.is_some() {
+                LOCK_HOLD_MS
+            } else {
+                0
+            },
         };
         // When each recent ping went: a lease counts until its window after the send of the
         // last ping answered.

@@ -36,6 +36,9 @@ pub struct Options {
     /// Cache attributes, entries and small files under the bricks' leases (a mount does;
     /// tools that must see the bricks as they are do not).
     pub leases: bool,
+    /// The mount this client serves, named the same by each process that serves it in turn
+    /// (see `Hello.family`): a successor takes over the POSIX locks of the one before.
+    pub family: Option<[u8; 16]>,
 }
 
 /// Takes a heal request as the brick's `Heal` RPC would, without the network.
@@ -65,6 +68,7 @@ impl Default for Options {
             local: None,
             tls: None,
             leases: false,
+            family: None,
         }
     }
 }
@@ -212,6 +216,7 @@ impl Volume {
                     opts.local_steps(&b.id),
                     opts.tls.clone(),
                     cache.clone(),
+                    opts.family,
                 )
             })
             .collect();
@@ -424,6 +429,7 @@ impl Volume {
                     self.opts.local_steps(&spec.id),
                     self.opts.tls.clone(),
                     self.cache.clone(),
+                    self.opts.family,
                 )),
             }
         }

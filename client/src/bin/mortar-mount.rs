@@ -1,13 +1,14 @@
 use std::path::PathBuf;
 
 use clap::Parser;
+use mortar_client::handover;
 use mortar_client::mount::{self, MountArgs};
 
 /// Mounts a Mortar volume with FUSE.
 #[derive(Parser)]
 #[command(
     version,
-    after_help = "Mount options (-o): backup-volfile-servers=H2:H3, ping-timeout=SECS (default: the volfile's ping-timeout, else 5), attribute-timeout=SECS, entry-timeout=SECS, log-level=LEVEL, log-file=PATH, metrics=HOST:PORT, no-leases (cache nothing beyond the timeouts), ro, tls-dir=DIR"
+    after_help = "Upgrading the process that serves a mount, in place: mortar-mount --replace-server MOUNTPOINT [BINARY].\n\nMount options (-o): backup-volfile-servers=H2:H3, ping-timeout=SECS (default: the volfile's ping-timeout, else 5), attribute-timeout=SECS, entry-timeout=SECS, log-level=LEVEL, log-file=PATH, metrics=HOST:PORT, no-leases (cache nothing beyond the timeouts), ro, tls-dir=DIR"
 )]
 struct Args {
     /// HOST[:PORT]:/VOLUME — any brick of the volume serves its description.
@@ -37,6 +38,18 @@ fn main() {
     let argv0 = std::env::args().next().unwrap_or_default();
     if argv0.rsplit('/').next() == Some("mount.mortar") {
         mount_helper();
+    }
+    // The holder of a mount starts its servers so (see `mortar_client::handover`).
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == handover::SERVE_ARG) {
+        if let Err(e) = mount::serve_handover() {
+            eprintln!("mortar-mount: {e:#}");
+            std::process::exit(1);
+        }
+        std::process::exit(0);
+    }
+    if argv.get(1).is_some_and(|a| a == handover::REPLACE_ARG) {
+        replace_server(&argv[2..]);
     }
     let a = Args::parse();
     let mut args = match MountArgs::parse(&a.spec, &a.mountpoint, &a.options, a.foreground) {
@@ -94,4 +107,27 @@ fn mount_helper() -> ! {
         std::process::exit(1);
     }
     std::process::exit(0)
+}
+
+/// `mortar-mount --replace-server MOUNTPOINT [BINARY]`: a planned upgrade of the process
+/// serving a mount (BINARY, default this one, serves it from now on); open files, locks and
+/// requests in flight carry over.
+fn replace_server(rest: &[std::ffi::OsString]) -> ! {
+    let (Some(mnt), binary) = (rest.first(), rest.get(1)) else {
+        eprintln!(
+            "usage: mortar-mount {} MOUNTPOINT [BINARY]",
+            handover::REPLACE_ARG
+        );
+        std::process::exit(2);
+    };
+    match handover::replace_server(mnt.as_ref(), binary.map(PathBuf::from)) {
+        Ok(msg) => {
+            println!("{msg}");
+            std::process::exit(0)
+        }
+        Err(e) => {
+            eprintln!("mortar-mount: {e:#}");
+            std::process::exit(1)
+        }
+    }
 }
