@@ -83,6 +83,19 @@ fn errno(e: Error) -> Errno {
     Errno::from_i32(e.errno())
 }
 
+/// A request the kernel sent again because the server that had taken it died (see
+/// `handover`): it may have been carried out already.
+fn resent(req: &Request) -> bool {
+    req.unique().0 & (1 << 63) != 0
+}
+
+/// What a request that may have been carried out already (`resent`) answers when its own
+/// effect is what it finds: a name to create that exists, or one to remove that does not.
+/// The effect was most likely its own, done before the server died; it is answered as done.
+fn done_before(resent: bool, r: &Result<(), Error>, found: i32) -> bool {
+    resent && matches!(r, Err(Error::Os(e)) if *e == found)
+}
+
 fn time(ns: i64) -> SystemTime {
     if ns >= 0 {
         UNIX_EPOCH + Duration::from_nanos(ns as u64)
@@ -285,19 +298,35 @@ impl Inner {
         }
     }
 
+    /// Answers the creation of `name` in `p` (`again`: see [`resent`]).
+    async fn created(
+        &self,
+        again: bool,
+        p: Gfid,
+        name: &[u8],
+        reply: ReplyEntry,
+        r: Result<pb::Attr, Error>,
+    ) {
+        let r = match r {
+            Err(Error::Os(libc::EEXIST)) if again => self.vol.lookup(p, name).await,
+            r => r,
+        };
+        self.entry(reply, r)
+    }
+
     async fn unlock_owner(&self, g: Gfid, owner: u64) {
-        let held = self.lock_owners.lock().unwrap().remove(&(g, owner));
-        if held && let Some(st) = &self.state {
+        if !self.lock_owners.lock().unwrap().remove(&(g, owner)) {
+            return;
+        }
+        if let Some(st) = &self.state {
             st.unlock(g, owner);
         }
-        if held {
-            if let Err(e) = self
-                .vol
-                .lk(g, owner, 0, libc::F_UNLCK as i32, 0, u64::MAX, false, false)
-                .await
-            {
-                tracing::warn!(gfid = %g, "releasing locks on close: {e}");
-            }
+        if let Err(e) = self
+            .vol
+            .lk(g, owner, 0, libc::F_UNLCK, 0, u64::MAX, false, false)
+            .await
+        {
+            tracing::warn!(gfid = %g, "releasing locks on close: {e}");
         }
     }
 }
@@ -618,12 +647,13 @@ impl Filesystem for MortarFs {
             _ => return reply.error(Errno::EINVAL),
         };
         let (uid, gid, name) = (req.uid(), req.gid(), bytes(name));
+        let again = resent(req);
         on_inode!(self, parent, reply, |inner, p| {
             let r = inner
                 .vol
                 .create(p, &name, k, mode & 0o7777, uid, gid, rdev as u64, b"")
                 .await;
-            inner.entry(reply, r);
+            inner.created(again, p, &name, reply, r).await;
         });
     }
 
@@ -637,21 +667,22 @@ impl Filesystem for MortarFs {
         reply: ReplyEntry,
     ) {
         let (uid, gid, name) = (req.uid(), req.gid(), bytes(name));
+        let again = resent(req);
         on_inode!(self, parent, reply, |inner, p| {
             let r = inner
                 .vol
                 .create(p, &name, pb::Kind::Dir, mode & 0o7777, uid, gid, 0, b"")
                 .await;
-            inner.entry(reply, r);
+            inner.created(again, p, &name, reply, r).await;
         });
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.remove(parent, name, false, reply);
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.remove(resent(req), parent, name, false, reply);
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.remove(parent, name, true, reply);
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.remove(resent(req), parent, name, true, reply);
     }
 
     fn symlink(
@@ -668,18 +699,19 @@ impl Filesystem for MortarFs {
             bytes(link_name),
             bytes(target.as_os_str()),
         );
+        let again = resent(req);
         on_inode!(self, parent, reply, |inner, p| {
             let r = inner
                 .vol
                 .create(p, &name, pb::Kind::Symlink, 0o777, uid, gid, 0, &target)
                 .await;
-            inner.entry(reply, r);
+            inner.created(again, p, &name, reply, r).await;
         });
     }
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -693,9 +725,17 @@ impl Filesystem for MortarFs {
         };
         let (name, newname) = (bytes(name), bytes(newname));
         let inner = self.inner.clone();
+        let again = resent(req);
         self.rt.spawn(async move {
-            match inner.vol.rename(p, &name, np, &newname, flags.bits()).await {
+            let r = inner.vol.rename(p, &name, np, &newname, flags.bits()).await;
+            match r {
                 Ok(()) => reply.ok(),
+                // Gone from its old name and there under the new one: done before.
+                _ if done_before(again, &r, libc::ENOENT)
+                    && inner.vol.lookup(np, &newname).await.is_ok() =>
+                {
+                    reply.ok()
+                }
                 Err(e) => reply.error(errno(e)),
             }
         });
@@ -1069,12 +1109,29 @@ impl Filesystem for MortarFs {
         reply: ReplyCreate,
     ) {
         let (uid, gid, name) = (req.uid(), req.gid(), bytes(name));
+        // The name came into being since the kernel looked (another client, or this very
+        // request before its server died): without O_EXCL, or resent, that file is opened.
+        let open_existing = flags & libc::O_EXCL == 0 || resent(req);
         on_inode!(self, parent, reply, |inner, p| {
-            match inner
+            let r = match inner
                 .vol
                 .create_open_leased(p, &name, mode & 0o7777, uid, gid)
                 .await
             {
+                Err(Error::Os(libc::EEXIST)) if open_existing => {
+                    match inner.vol.lookup(p, &name).await {
+                        Ok(a) if a.kind() == pb::Kind::File => {
+                            let g = g_of(&a);
+                            inner.vol.open_leased(g).await
+                        }
+                        Ok(a) if a.kind() == pb::Kind::Dir => Err(Error::Os(libc::EISDIR)),
+                        Ok(_) => Err(Error::Os(libc::EEXIST)),
+                        Err(e) => Err(e),
+                    }
+                }
+                r => r,
+            };
+            match r {
                 Ok((a, leased)) => {
                     let fh = inner.new_fh(Handle::File {
                         append: flags & libc::O_APPEND != 0,
@@ -1172,11 +1229,13 @@ impl Filesystem for MortarFs {
 }
 
 impl MortarFs {
-    fn remove(&self, parent: INodeNo, name: &OsStr, dir: bool, reply: ReplyEmpty) {
+    fn remove(&self, again: bool, parent: INodeNo, name: &OsStr, dir: bool, reply: ReplyEmpty) {
         let name = bytes(name);
         on_inode!(self, parent, reply, |inner, p| {
-            match inner.vol.remove(p, &name, dir).await {
+            let r = inner.vol.remove(p, &name, dir).await;
+            match r {
                 Ok(()) => reply.ok(),
+                _ if done_before(again, &r, libc::ENOENT) => reply.ok(),
                 Err(e) => reply.error(errno(e)),
             }
         });
