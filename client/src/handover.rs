@@ -487,11 +487,14 @@ fn start_server(
         .spawn()
         .with_context(|| format!("starting {}", binary.display()))?;
     drop(theirs);
-    send(
+    // A server that died at once cannot take it; waiting for it tells.
+    if let Err(e) = send(
         ours.as_fd(),
         &serde_json::to_vec(handover)?,
         &[fuse.as_fd(), state.fd()],
-    )?;
+    ) {
+        tracing::warn!("handing the mount to {}: {e}", binary.display());
+    }
     Ok((child, ours))
 }
 
@@ -536,6 +539,8 @@ async fn supervise(
 ) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut binary = std::env::current_exe().context("this binary's path")?;
+    // The last binary that served: a replacement that cannot serve gives way to it.
+    let mut trusted = binary.clone();
     let control = control_listener(mountpoint);
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -550,7 +555,25 @@ async fn supervise(
     let mut waiting: Option<tokio::net::UnixStream> = None;
     let mut pause = Duration::ZERO;
     loop {
-        let (mut child, sock) = start_server(&binary, mountpoint, &handover, &fuse, &state)?;
+        let (mut child, sock) = match start_server(&binary, mountpoint, &handover, &fuse, &state) {
+            Ok(x) => x,
+            Err(e) if handover.answered => {
+                // Requests wait in the kernel meanwhile; the mount stays.
+                tracing::error!("{e:#}");
+                if binary != trusted {
+                    binary = trusted.clone();
+                    refuse(&mut waiting, &format!("{e:#}")).await;
+                }
+                pause = (pause * 2).clamp(Duration::from_millis(20), Duration::from_secs(1));
+                tokio::time::sleep(pause).await;
+                continue;
+            }
+            Err(e) => {
+                crate::mount::tell(&mut ready, &format!("{e:#}\n"));
+                unmount(mountpoint);
+                return Err(e);
+            }
+        };
         let pid = child.id().unwrap_or(0);
         let (tx, mut reports) = tokio::sync::mpsc::unbounded_channel();
         std::thread::spawn(move || {
@@ -576,6 +599,7 @@ async fn supervise(
                         }
                         handover.answered = true;
                         served = true;
+                        trusted = binary.clone();
                         if let Some(mut w) = waiting.take() {
                             use tokio::io::AsyncWriteExt;
                             let _ = w.write_all(format!("ok: pid {pid} serves\n").as_bytes()).await;
@@ -616,6 +640,15 @@ async fn supervise(
             unmount(mountpoint);
             anyhow::bail!("{why}");
         }
+        if !served && binary != trusted {
+            tracing::error!(binary = %binary.display(), %status, "the replacement died before serving: back to {}", trusted.display());
+            refuse(
+                &mut waiting,
+                &format!("{} died before serving ({status})", binary.display()),
+            )
+            .await;
+            binary = trusted.clone();
+        }
         // A server that served is replaced at once; one that keeps failing to start, with a
         // growing pause (at most a second: requests wait in the kernel meanwhile).
         pause = if served {
@@ -626,6 +659,13 @@ async fn supervise(
         tracing::warn!(pid, %status, next_in = ?pause, "server ended; starting the next one");
         tokio::time::sleep(pause).await;
         handover.generation += 1;
+    }
+}
+
+async fn refuse(waiting: &mut Option<tokio::net::UnixStream>, why: &str) {
+    use tokio::io::AsyncWriteExt;
+    if let Some(mut w) = waiting.take() {
+        let _ = w.write_all(format!("error: {why}\n").as_bytes()).await;
     }
 }
 
@@ -670,7 +710,7 @@ async fn control_request(
     .await;
     let why = match read {
         Ok(Ok(_)) => match serde_json::from_str::<Control>(&line) {
-            Ok(Control::Replace(p)) => match executable(&p) {
+            Ok(Control::Replace(p)) => match executable(&p).await {
                 Ok(()) => return Some((p, conn)),
                 Err(e) => e,
             },
@@ -682,12 +722,23 @@ async fn control_request(
     None
 }
 
-fn executable(p: &Path) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
-    match std::fs::metadata(p) {
-        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(()),
-        Ok(_) => Err(format!("{} is not an executable file", p.display())),
-        Err(e) => Err(format!("{}: {e}", p.display())),
+/// Whether `p` is a `mortar-mount` (it says so when asked its version): anything else
+/// would leave the mount without a server.
+async fn executable(p: &Path) -> Result<(), String> {
+    let out = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::process::Command::new(p)
+            .arg("--version")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await;
+    match out {
+        Ok(Ok(o)) if o.status.success() && o.stdout.starts_with(b"mortar-mount ") => Ok(()),
+        Ok(Ok(_)) => Err(format!("{} is not a mortar-mount", p.display())),
+        Ok(Err(e)) => Err(format!("{}: {e}", p.display())),
+        Err(_) => Err(format!("{} --version did not answer", p.display())),
     }
 }
 
@@ -695,9 +746,11 @@ fn executable(p: &Path) -> Result<(), String> {
 /// with BINARY (default: this one) from now on, and waits until the new server serves.
 pub fn replace_server(mountpoint: &Path, binary: Option<PathBuf>) -> anyhow::Result<String> {
     use std::io::{BufRead, Write};
-    let mountpoint = mountpoint.canonicalize()?;
+    let mountpoint = mountpoint
+        .canonicalize()
+        .with_context(|| mountpoint.display().to_string())?;
     let binary = match binary {
-        Some(b) => b.canonicalize()?,
+        Some(b) => b.canonicalize().with_context(|| b.display().to_string())?,
         None => std::env::current_exe()?,
     };
     let path = control_path(&mountpoint);

@@ -7,6 +7,7 @@ use mortar_client::mount::{self, MountArgs};
 /// Mounts a Mortar volume with FUSE.
 #[derive(Parser)]
 #[command(
+    name = "mortar-mount",
     version,
     after_help = "Upgrading the process that serves a mount, in place: mortar-mount --replace-server MOUNTPOINT [BINARY].\n\nMount options (-o): backup-volfile-servers=H2:H3, ping-timeout=SECS (default: the volfile's ping-timeout, else 5), attribute-timeout=SECS, entry-timeout=SECS, log-level=LEVEL, log-file=PATH, metrics=HOST:PORT, no-leases (cache nothing beyond the timeouts), ro, tls-dir=DIR"
 )]
