@@ -42,6 +42,8 @@ pub const HOLDER_FD: RawFd = 3;
 pub const SERVE_ARG: &str = "--handover";
 /// The first argument that asks a mount's holder to replace its server.
 pub const REPLACE_ARG: &str = "--replace-server";
+/// The first argument that makes this process the holder of a mount another holds.
+pub const TAKE_OVER_ARG: &str = "--take-over";
 
 /// What the holder hands each server, with the device and the state log as descriptors.
 #[derive(Serialize, Deserialize)]
@@ -73,6 +75,11 @@ pub enum Control {
     /// Serve the mount with this binary from now on (a planned upgrade): the running server
     /// is stopped and this one resumes its work.
     Replace(PathBuf),
+    /// Hand the mount to the asking process, which holds it from now on (the holder's own
+    /// upgrade: a new mounter pod takes over the mounts of the old one). The holder stops
+    /// its server, sends the device, the state log and the handover on this connection,
+    /// and exits once the new holder says it holds the mount.
+    TakeOver,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -522,37 +529,148 @@ pub fn hold(
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(supervise(
-        args, mountpoint, ready, daemonised, fuse, init, state,
-    ))
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn supervise(
-    args: MountArgs,
-    mountpoint: &Path,
-    mut ready: Option<OwnedFd>,
-    daemonised: bool,
-    fuse: OwnedFd,
-    init: Vec<u8>,
-    state: StateLog,
-) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut binary = std::env::current_exe().context("this binary's path")?;
-    // The last binary that served: a replacement that cannot serve gives way to it.
-    let mut trusted = binary.clone();
-    let control = control_listener(mountpoint);
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut handover = Handover {
+    let handover = Handover {
         args,
         generation: 0,
         init,
         answered: false,
         family: *uuid::Uuid::new_v4().as_bytes(),
     };
-    // Who waits for a replacement to serve.
+    rt.block_on(async {
+        let control = control_listener(mountpoint);
+        supervise(
+            handover, mountpoint, ready, daemonised, fuse, state, control,
+        )
+        .await
+    })
+}
+
+/// `mortar-mount --take-over DIR`: becomes the holder of the mount on DIR, which another
+/// holder hands over (see [`Control::TakeOver`]); `ready` hears "ok" once this holder's
+/// server serves.
+pub fn take_over(
+    mountpoint: &Path,
+    mut ready: Option<OwnedFd>,
+    daemonised: bool,
+) -> anyhow::Result<()> {
+    let r = (|| {
+        use std::io::{Read, Write};
+        let path = control_path(mountpoint);
+        let mut s = std::os::unix::net::UnixStream::connect(&path).with_context(|| {
+            format!(
+                "{}: no holder to take over from ({})",
+                mountpoint.display(),
+                path.display()
+            )
+        })?;
+        s.set_read_timeout(Some(Duration::from_secs(60)))?;
+        s.write_all(serde_json::to_string(&Control::TakeOver)?.as_bytes())?;
+        s.write_all(b"\n")?;
+        let (mut msg, fds) = recv(s.as_fd())?.context("the holder sent nothing")?;
+        while !msg.ends_with(b"\n") {
+            let mut more = [0u8; 4096];
+            match s.read(&mut more)? {
+                0 => anyhow::bail!("the holder's handover was cut short"),
+                n => msg.extend_from_slice(&more[..n]),
+            }
+        }
+        if let Some(e) = msg.strip_prefix(b"error: ") {
+            anyhow::bail!("{}", String::from_utf8_lossy(e).trim());
+        }
+        let mut handover: Handover =
+            serde_json::from_slice(&msg).context("the holder's handover")?;
+        let [fuse, state]: [OwnedFd; 2] = fds
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("the holder sent the wrong descriptors"))?;
+        let _ = rustix::io::fcntl_setfd(&fuse, rustix::io::FdFlags::CLOEXEC);
+        let _ = rustix::io::fcntl_setfd(&state, rustix::io::FdFlags::CLOEXEC);
+        // The control socket is this holder's before the old one goes.
+        let control = control_listener_std(mountpoint);
+        s.write_all(b"holding\n")?;
+        handover.generation += 1;
+        Ok::<_, anyhow::Error>((handover, fuse, StateLog::from_fd(state), control))
+    })();
+    let (handover, fuse, state, control) = match r {
+        Ok(x) => x,
+        Err(e) => {
+            crate::mount::tell(&mut ready, &format!("{e:#}\n"));
+            return Err(e);
+        }
+    };
+    // Where the mount logged so far.
+    let _ = mortar_common::telemetry::init_logging(
+        &format!("holder={}", mountpoint.display()),
+        &handover.args.log_level,
+        handover.args.log_file.as_deref(),
+        daemonised,
+    );
+    tracing::info!(
+        generation = handover.generation,
+        "holding the mount from now on"
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let control = control.and_then(|(l, p)| {
+            l.set_nonblocking(true).ok()?;
+            Some((tokio::net::UnixListener::from_std(l).ok()?, p))
+        });
+        supervise(
+            handover, mountpoint, ready, daemonised, fuse, state, control,
+        )
+        .await
+    })
+}
+
+/// Hands the mount to the holder on `conn` (see [`Control::TakeOver`]); whether it holds
+/// it now.
+async fn give(
+    conn: tokio::net::UnixStream,
+    handover: &Handover,
+    fuse: &OwnedFd,
+    state: &StateLog,
+) -> anyhow::Result<()> {
+    use std::io::BufRead;
+    let conn = conn.into_std()?;
+    conn.set_nonblocking(false)?;
+    let mut msg = serde_json::to_vec(handover)?;
+    msg.push(b'\n');
+    send(conn.as_fd(), &msg, &[fuse.as_fd(), state.fd()])?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufReader::new(conn)
+            .read_line(&mut line)
+            .map(|_| line)
+    })
+    .await??;
+    anyhow::ensure!(
+        answer.trim() == "holding",
+        "the new holder did not take the mount"
+    );
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn supervise(
+    mut handover: Handover,
+    mountpoint: &Path,
+    mut ready: Option<OwnedFd>,
+    daemonised: bool,
+    fuse: OwnedFd,
+    state: StateLog,
+    control: Option<(tokio::net::UnixListener, PathBuf)>,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut binary = std::env::current_exe().context("this binary's path")?;
+    // The last binary that served: a replacement that cannot serve gives way to it.
+    let mut trusted = binary.clone();
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    // Who waits for a replacement to serve; who asked to take the mount over.
     let mut waiting: Option<tokio::net::UnixStream> = None;
+    let mut taker: Option<tokio::net::UnixStream> = None;
     let mut pause = Duration::ZERO;
     loop {
         let (mut child, sock) = match start_server(&binary, mountpoint, &handover, &fuse, &state) {
@@ -591,7 +709,7 @@ async fn supervise(
                 Some(r) = reports.recv() => match r {
                     Report::Ready => {
                         tracing::info!(pid, generation = handover.generation, binary = %binary.display(), "server serving");
-                        if !handover.answered {
+                        if ready.is_some() {
                             crate::mount::tell(&mut ready, "ok\n");
                             if daemonised {
                                 crate::mount::redirect_stdio();
@@ -616,17 +734,38 @@ async fn supervise(
                     }
                 },
                 Some(conn) = accept(control.as_ref()) => {
-                    if let Some((path, conn)) = control_request(conn).await {
-                        tracing::info!(binary = %path.display(), "replacing the server");
-                        binary = path;
-                        waiting = Some(conn);
-                        let _ = child.start_kill();
+                    match control_request(conn).await {
+                        Some((Control::Replace(path), conn)) => {
+                            tracing::info!(binary = %path.display(), "replacing the server");
+                            binary = path;
+                            waiting = Some(conn);
+                            let _ = child.start_kill();
+                        }
+                        Some((Control::TakeOver, conn)) if taker.is_none() => {
+                            tracing::info!("another holder takes the mount over: stopping the server");
+                            taker = Some(conn);
+                            let _ = child.start_kill();
+                        }
+                        _ => {}
                     }
                 }
                 _ = term.recv(), if !stopping => { stopping = true; tracing::info!("signal: unmounting"); unmount(mountpoint); }
                 _ = int.recv(), if !stopping => { stopping = true; tracing::info!("signal: unmounting"); unmount(mountpoint); }
             }
         };
+        if let Some(conn) = taker.take()
+            && !stopping
+            && !connection_gone(&fuse)
+        {
+            match give(conn, &handover, &fuse, &state).await {
+                Ok(()) => {
+                    tracing::info!("the mount is held by another holder now");
+                    return Ok(());
+                }
+                // The mount stays ours: a server starts again below.
+                Err(e) => tracing::error!("handing the mount over: {e:#}"),
+            }
+        }
         if stopping || status.success() || connection_gone(&fuse) {
             tracing::info!(pid, %status, "mount ended");
             if let Some(p) = &control {
@@ -640,7 +779,7 @@ async fn supervise(
             unmount(mountpoint);
             anyhow::bail!("{why}");
         }
-        if !served && binary != trusted {
+        if !served && binary != trusted && handover.answered {
             tracing::error!(binary = %binary.display(), %status, "the replacement died before serving: back to {}", trusted.display());
             refuse(
                 &mut waiting,
@@ -670,10 +809,16 @@ async fn refuse(waiting: &mut Option<tokio::net::UnixStream>, why: &str) {
 }
 
 fn control_listener(mountpoint: &Path) -> Option<(tokio::net::UnixListener, PathBuf)> {
+    let (l, path) = control_listener_std(mountpoint)?;
+    l.set_nonblocking(true).ok()?;
+    Some((tokio::net::UnixListener::from_std(l).ok()?, path))
+}
+
+fn control_listener_std(mountpoint: &Path) -> Option<(std::os::unix::net::UnixListener, PathBuf)> {
     let path = control_path(mountpoint);
     let _ = std::fs::create_dir_all(path.parent()?);
     let _ = std::fs::remove_file(&path);
-    match tokio::net::UnixListener::bind(&path) {
+    match std::os::unix::net::UnixListener::bind(&path) {
         Ok(l) => {
             // Only root may replace what serves a mount.
             use std::os::unix::fs::PermissionsExt;
@@ -700,7 +845,7 @@ async fn accept(l: Option<&(tokio::net::UnixListener, PathBuf)>) -> Option<tokio
 /// Reads one request; answers a bad one at once.
 async fn control_request(
     mut conn: tokio::net::UnixStream,
-) -> Option<(PathBuf, tokio::net::UnixStream)> {
+) -> Option<(Control, tokio::net::UnixStream)> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let mut line = String::new();
     let read = tokio::time::timeout(
@@ -711,9 +856,10 @@ async fn control_request(
     let why = match read {
         Ok(Ok(_)) => match serde_json::from_str::<Control>(&line) {
             Ok(Control::Replace(p)) => match executable(&p).await {
-                Ok(()) => return Some((p, conn)),
+                Ok(()) => return Some((Control::Replace(p), conn)),
                 Err(e) => e,
             },
+            Ok(Control::TakeOver) => return Some((Control::TakeOver, conn)),
             Err(e) => format!("not a request: {e}"),
         },
         _ => "no request".into(),

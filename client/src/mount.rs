@@ -167,6 +167,17 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
     result
 }
 
+/// `mortar-mount --take-over MOUNTPOINT [-f]`: holds the mount another holder holds now
+/// (see `handover`); returns, unless in the foreground, once this holder's server serves.
+pub fn take_over(mountpoint: &Path, foreground: bool) -> anyhow::Result<()> {
+    let mountpoint = mountpoint
+        .canonicalize()
+        .map_err(|e| anyhow::anyhow!("mount point {}: {e}", mountpoint.display()))?;
+    let ready = if foreground { None } else { Some(daemonise()?) };
+    let daemonised = ready.is_some();
+    crate::handover::take_over(&mountpoint, ready, daemonised)
+}
+
 /// `mortar-mount --handover MOUNTPOINT`: serves a mount its holder hands over (see
 /// `handover`); started by the holder only.
 pub fn serve_handover() -> anyhow::Result<()> {

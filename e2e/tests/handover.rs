@@ -295,6 +295,33 @@ fn a_planned_upgrade_to_another_binary_loses_nothing() {
     });
 }
 
+/// A new holder takes the mount over from the one holding it (a mounter pod replaced by a
+/// rolling update), five times, each old holder killed once it has let go.
+#[test]
+fn a_new_holder_takes_the_mount_over_from_the_old_one() {
+    let c = Cluster::start(113, 3);
+    let seed = seed();
+    println!("HANDOVER seed {seed}: the holder taken over by a new one, five times");
+    under_faults(&c, seed, 5, &|m, _| {
+        let old = m.holder_pid().unwrap();
+        let out = std::process::Command::new(bin("mortar-mount"))
+            .arg("--take-over")
+            .arg(&m.path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "--take-over: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let new = m.holder_pid().unwrap();
+        assert_ne!(new, old, "a new holder holds the mount");
+        // The old one has let go: it exits by itself; killing it changes nothing.
+        // SAFETY: kill(2) of the test's own old holder.
+        unsafe { libc::kill(old, libc::SIGKILL) };
+    });
+}
+
 /// What a holder refuses: a replacement that is not an executable file, and a mount
 /// whose whole mount process (the holder) dies ends, as any FUSE mount does.
 #[test]

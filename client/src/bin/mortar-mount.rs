@@ -9,7 +9,7 @@ use mortar_client::mount::{self, MountArgs};
 #[command(
     name = "mortar-mount",
     version,
-    after_help = "Upgrading the process that serves a mount, in place: mortar-mount --replace-server MOUNTPOINT [BINARY].\n\nMount options (-o): backup-volfile-servers=H2:H3, ping-timeout=SECS (default: the volfile's ping-timeout, else 5), attribute-timeout=SECS, entry-timeout=SECS, log-level=LEVEL, log-file=PATH, metrics=HOST:PORT, no-leases (cache nothing beyond the timeouts), ro, tls-dir=DIR"
+    after_help = "Upgrading the process that serves a mount, in place: mortar-mount --replace-server MOUNTPOINT [BINARY]. Taking a mount over from the process that holds it (a new mounter): mortar-mount --take-over MOUNTPOINT [-f].\n\nMount options (-o): backup-volfile-servers=H2:H3, ping-timeout=SECS (default: the volfile's ping-timeout, else 5), attribute-timeout=SECS, entry-timeout=SECS, log-level=LEVEL, log-file=PATH, metrics=HOST:PORT, no-leases (cache nothing beyond the timeouts), ro, tls-dir=DIR"
 )]
 struct Args {
     /// HOST[:PORT]:/VOLUME — any brick of the volume serves its description.
@@ -44,6 +44,24 @@ fn main() {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if argv.get(1).is_some_and(|a| a == handover::SERVE_ARG) {
         if let Err(e) = mount::serve_handover() {
+            eprintln!("mortar-mount: {e:#}");
+            std::process::exit(1);
+        }
+        std::process::exit(0);
+    }
+    if argv.get(1).is_some_and(|a| a == handover::TAKE_OVER_ARG) {
+        let foreground = argv[2..].iter().any(|a| a == "-f" || a == "--foreground");
+        let Some(mnt) = argv[2..]
+            .iter()
+            .find(|a| !a.to_string_lossy().starts_with('-'))
+        else {
+            eprintln!(
+                "usage: mortar-mount {} MOUNTPOINT [-f]",
+                handover::TAKE_OVER_ARG
+            );
+            std::process::exit(2);
+        };
+        if let Err(e) = mount::take_over(mnt.as_ref(), foreground) {
             eprintln!("mortar-mount: {e:#}");
             std::process::exit(1);
         }
