@@ -253,14 +253,21 @@ fn run_mounter(cli: Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        let state_dir = cfg.state_dir.clone();
+        let mounter = mortar_csi::mounter::Mounter::new(cfg);
+        // The mounter this one replaces (a rolling update) hands its mounts over before
+        // this one answers on the socket.
+        let taken = mounter.take_over_existing().await;
+        if taken > 0 {
+            tracing::info!(mounts = taken, "took over the mounts of the mounter before");
+        }
         let listener = server::bind(&socket)?;
         tracing::info!(
             version = mortar_csi::VERSION,
             socket = %socket.display(),
-            state_dir = %cfg.state_dir.display(),
+            state_dir = %state_dir.display(),
             "mounter serving"
         );
-        let mounter = mortar_csi::mounter::Mounter::new(cfg);
         // FUSE daemons are left running: pods keep using their mounts.
         mounter
             .serve(

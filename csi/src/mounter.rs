@@ -222,6 +222,75 @@ impl Mounter {
         Ok(target.to_path_buf())
     }
 
+    /// Runs the mount helper with `args`, kept from the zombie reaper while it runs.
+    async fn helper(&self, args: &[String], log: &Path) -> Result<(), String> {
+        let helpers = self.helpers.clone();
+        let mut spawned = None;
+        let result = run_helper(
+            &self.cfg.mount_command,
+            args,
+            log,
+            self.cfg.mount_timeout,
+            |pid| {
+                helpers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(pid);
+                spawned = Some(pid);
+            },
+        )
+        .await;
+        if let Some(pid) = spawned {
+            self.helpers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&pid);
+        }
+        result
+    }
+
+    /// Takes over the mounts another mounter holds (the pod this one replaces in a rolling
+    /// update; see `mortar_client::handover`): for every FUSE mount directly below
+    /// `volumes/`, a holder started here (`mortar-mount --take-over DIR`) gets the mount
+    /// from the old one, which lets go; the pods using it notice nothing. Returns how many
+    /// it took. A mount without a live holder is left alone (`mount` replaces it when it
+    /// is asked for and broken).
+    pub async fn take_over_existing(&self) -> usize {
+        let root = self.cfg.state_dir.join("volumes");
+        let Ok(table) = mounts::read_mountinfo() else {
+            return 0;
+        };
+        let mut taken = 0;
+        for e in table {
+            if !e.fstype.starts_with("fuse") || e.mount_point.parent() != Some(root.as_path()) {
+                continue;
+            }
+            let Some(name) = e.mount_point.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            let _one = self.busy.lock().await;
+            let log = self
+                .cfg
+                .state_dir
+                .join("logs")
+                .join(format!("mount-{name}.log"));
+            let args = vec![
+                "--take-over".to_string(),
+                e.mount_point.display().to_string(),
+            ];
+            match self.helper(&args, &log).await {
+                Ok(()) => {
+                    tracing::info!(target = %e.mount_point.display(), "took the mount over from the mounter before");
+                    taken += 1;
+                }
+                Err(error) => {
+                    tracing::warn!(target = %e.mount_point.display(), error, "not taken over")
+                }
+            }
+        }
+        taken
+    }
+
     /// Mounts `req` unless a healthy mount is already there; Ok only once the mount is in
     /// the mount table and answers.
     pub async fn mount(&self, req: &MountRequest) -> Result<(), String> {
@@ -252,29 +321,7 @@ impl Mounter {
             .state_dir
             .join("logs")
             .join(format!("mount-{}.log", req.log_name));
-        let helpers = self.helpers.clone();
-        let mut spawned = None;
-        let result = run_helper(
-            &self.cfg.mount_command,
-            &args,
-            &log,
-            self.cfg.mount_timeout,
-            |pid| {
-                helpers
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(pid);
-                spawned = Some(pid);
-            },
-        )
-        .await;
-        if let Some(pid) = spawned {
-            self.helpers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&pid);
-        }
-        result?;
+        self.helper(&args, &log).await?;
         // The helper returned: the mount must be in the table now (a helper that forgot
         // to wait for the kernel would be caught here), and answer.
         let mut found = false;

@@ -495,6 +495,13 @@ impl Harness {
                     session: id.to_vec(),
                     client: "fuzz".into(),
                     lease_ms: u.int_in_range(0..=60_000)?,
+                    // Mostly a well-formed family (16 bytes), sometimes any bytes.
+                    family: if u.ratio(3, 4)? {
+                        u.bytes(16)?.to_vec()
+                    } else {
+                        u.arbitrary()?
+                    },
+                    lock_hold_ms: u.int_in_range(0..=60_000)?,
                 })),
             })
         } else {

@@ -34,12 +34,6 @@ struct Args {
 }
 
 fn main() {
-    // Installed as /sbin/mount.mortar (a link to this binary), mount(8) calls us with its
-    // own argument conventions.
-    let argv0 = std::env::args().next().unwrap_or_default();
-    if argv0.rsplit('/').next() == Some("mount.mortar") {
-        mount_helper();
-    }
     // The holder of a mount starts its servers so (see `mortar_client::handover`).
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if argv.get(1).is_some_and(|a| a == handover::SERVE_ARG) {
@@ -69,6 +63,12 @@ fn main() {
     }
     if argv.get(1).is_some_and(|a| a == handover::REPLACE_ARG) {
         replace_server(&argv[2..]);
+    }
+    // Installed as /sbin/mount.mortar (a link to this binary), mount(8) calls us with its
+    // own argument conventions.
+    let argv0 = std::env::args().next().unwrap_or_default();
+    if argv0.rsplit('/').next() == Some("mount.mortar") {
+        mount_helper();
     }
     let a = Args::parse();
     let mut args = match MountArgs::parse(&a.spec, &a.mountpoint, &a.options, a.foreground) {

@@ -154,9 +154,15 @@ pub fn statvfs_total(path: &Path) -> u64 {
 /// The `mortar-mount` daemons serving the mount at `mount_point` (processes whose command
 /// line names it; not this test process).
 pub fn mount_daemons(mount_point: &Path) -> Vec<i32> {
+    // A mount's holder, not its server (`mortar-mount --handover DIR`, the holder's child,
+    // replaced whenever it dies).
+    let server = |p: &i32| {
+        std::fs::read(format!("/proc/{p}/cmdline"))
+            .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"--handover"))
+    };
     pids_mentioning(&mount_point.display().to_string())
         .into_iter()
-        .filter(|p| *p != std::process::id() as i32)
+        .filter(|p| *p != std::process::id() as i32 && !server(p))
         .collect()
 }
 
