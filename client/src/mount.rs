@@ -317,7 +317,7 @@ fn serve(
         ping_timeout = ?vol.ping_timeout(),
         ping_timeout_from = vol.ping_timeout_source(),
         generation,
-        "serving"
+        "mounted"
     );
     link.report(&crate::handover::Report::Ready);
     if log_file.is_some() {

@@ -578,7 +578,7 @@ fn mount_helper_backup_servers_and_umount() {
     assert!(mortar_e2e::is_mounted(&dir));
     fs::write(dir.join("hello"), b"world").unwrap();
     assert_eq!(fs::read(dir.join("hello")).unwrap(), b"world");
-    // umount ends the daemon.
+    // umount ends the mount's processes (its holder and its server).
     let daemons = || {
         fs::read_dir("/proc")
             .unwrap()
@@ -586,7 +586,7 @@ fn mount_helper_backup_servers_and_umount() {
             .filter(|cmd| String::from_utf8_lossy(cmd).contains(dir.to_str().unwrap()))
             .count()
     };
-    assert_eq!(daemons(), 1);
+    assert_eq!(daemons(), 2);
     assert!(
         std::process::Command::new("umount")
             .arg(&dir)
