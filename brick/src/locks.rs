@@ -246,6 +246,54 @@ impl RangeLocks {
     }
 }
 
+/// The 16 bytes every session of one mount names (`Hello.family`).
+pub type Family = [u8; 16];
+
+/// The POSIX locks of sessions that ended without closing, kept for the next session of
+/// their mount (their family) from the same peer: at most one waiting session a family.
+#[derive(Default)]
+pub struct Retained {
+    by_family: Mutex<HashMap<Family, (SessionId, String)>>,
+}
+
+impl Retained {
+    /// Keeps the locks of session `s` of family `f` (peer certificate `cert`) for its
+    /// successor. Returns an earlier session of the family whose locks nobody took: they
+    /// go now (else nothing would ever release them).
+    pub fn keep(&self, f: Family, s: SessionId, cert: &str) -> Option<SessionId> {
+        let prev = self
+            .by_family
+            .lock()
+            .unwrap()
+            .insert(f, (s, cert.to_string()));
+        prev.map(|(p, _)| p).filter(|p| *p != s)
+    }
+
+    /// The session whose locks a new session of family `f` from peer `cert` takes over;
+    /// another peer's stay where they are.
+    pub fn adopt(&self, f: Family, cert: &str) -> Option<SessionId> {
+        let mut m = self.by_family.lock().unwrap();
+        match m.get(&f) {
+            Some((s, c)) if c == cert => {
+                let s = *s;
+                m.remove(&f);
+                Some(s)
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether session `s` of family `f` still waits for a successor; it stops waiting.
+    pub fn expire(&self, f: Family, s: SessionId) -> bool {
+        let mut m = self.by_family.lock().unwrap();
+        if m.get(&f).is_some_and(|(w, _)| *w == s) {
+            m.remove(&f);
+            return true;
+        }
+        false
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -314,6 +362,28 @@ mod tests {
         );
         assert!(l.set(g, lk(3, 7, F_UNLCK, 0, 9)).is_ok());
         assert!(l.conflict(g, &lk(2, 7, F_WRLCK, 0, 9)).is_none());
+    }
+
+    #[test]
+    fn retained_locks_go_to_one_successor_of_the_same_peer_and_are_never_orphaned() {
+        let r = Retained::default();
+        let f = [7; 16];
+        assert_eq!(r.keep(f, [1; 16], "mount-a"), None);
+        // Another peer naming the family takes nothing.
+        assert_eq!(r.adopt(f, "someone-else"), None);
+        // A second session of the family ending before any successor came: the first
+        // one's locks are handed back to be released, not lost.
+        assert_eq!(r.keep(f, [2; 16], "mount-a"), Some([1; 16]));
+        assert!(!r.expire(f, [1; 16]), "the first no longer waits");
+        assert_eq!(r.adopt(f, "mount-a"), Some([2; 16]));
+        assert_eq!(r.adopt(f, "mount-a"), None, "taken once");
+        assert!(
+            !r.expire(f, [2; 16]),
+            "taken over: its expiry releases nothing"
+        );
+        r.keep(f, [3; 16], "mount-a");
+        assert!(r.expire(f, [3; 16]));
+        assert_eq!(r.adopt(f, "mount-a"), None);
     }
 
     #[test]

@@ -17,7 +17,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::locks::{F_UNLCK, InodeLocks, RangeLock, RangeLocks, Refused, SessionId};
+use crate::locks::{
+    F_UNLCK, Family, InodeLocks, RangeLock, RangeLocks, Refused, Retained, SessionId,
+};
 use crate::store::{self, Store, gfid};
 
 /// How long a lock request waits for another session to give the lock up.
@@ -40,22 +42,13 @@ struct SessionEntry {
     client: String,
     /// Ends the session (it did not answer a lease recall).
     kill: Arc<tokio::sync::Notify>,
-    /// The mount it belongs to (see `Hello.family`).
-    family: Option<Family>,
+    /// The mount it belongs to (see `Hello.family`), and whose certificate it showed:
+    /// only the same peer's next session of the family supersedes it.
+    family: Option<(Family, String)>,
 }
-
-/// The 16 bytes that every session of one mount names (see `Hello.family`).
-type Family = [u8; 16];
 
 /// Longest a session's POSIX locks wait for its successor (`Hello.lock_hold_ms`).
 const MAX_LOCK_HOLD: Duration = Duration::from_secs(30);
-
-/// The POSIX locks of a session that ended without closing, kept for its successor.
-struct Retained {
-    session: SessionId,
-    /// Whose certificate it was: only the same peer takes them over.
-    cert: String,
-}
 
 /// Inodes fenced against new leases while a change that reaches them by name runs.
 struct Fence {
@@ -91,7 +84,7 @@ pub struct BrickService {
     inode_locks: Arc<InodeLocks>,
     range_locks: Arc<RangeLocks>,
     sessions: Arc<Mutex<HashMap<SessionId, SessionEntry>>>,
-    retained: Arc<Mutex<HashMap<Family, Retained>>>,
+    retained: Arc<Retained>,
     pub leases: Arc<crate::leases::Leases>,
     /// Set when the brick stops: every session stream ends, so that the server's graceful
     /// shutdown can finish once the requests in flight are answered.
@@ -289,7 +282,7 @@ impl BrickService {
         let live = |sessions: &HashMap<SessionId, SessionEntry>| -> Vec<Arc<tokio::sync::Notify>> {
             sessions
                 .values()
-                .filter(|e| e.family == Some(f))
+                .filter(|e| e.family.as_ref().is_some_and(|(g, c)| *g == f && c == cert))
                 .map(|e| e.kill.clone())
                 .collect()
         };
@@ -304,18 +297,11 @@ impl BrickService {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let mut retained = self.retained.lock().unwrap();
-        let Some(old) = retained.remove(&f) else {
+        let Some(old) = self.retained.adopt(f, cert) else {
             return;
         };
-        if old.cert != cert {
-            tracing::warn!(cert, holder = %old.cert, "a session named another peer's family: its locks stay");
-            retained.insert(f, old);
-            return;
-        }
-        drop(retained);
-        let n = self.range_locks.transfer(old.session, sid);
-        self.leases.ended(old.session, true);
+        let n = self.range_locks.transfer(old, sid);
+        self.leases.ended(old, true);
         tracing::info!(
             locks = n,
             "a mount's new session takes over from its last one"
@@ -526,7 +512,7 @@ impl pb::brick_server::Brick for BrickService {
                     opened: HashMap::new(),
                     client: hello.client.chars().take(128).collect(),
                     kill: kill.clone(),
-                    family,
+                    family: family.map(|f| (f, cert.clone())),
                 },
             );
         }
@@ -596,20 +582,13 @@ impl pb::brick_server::Brick for BrickService {
             // waits for it to go finds them; see `supersede`).
             let keep = match family {
                 Some(f) if !closed && !hold.is_zero() => {
-                    retained.lock().unwrap().insert(
-                        f,
-                        Retained {
-                            session: sid,
-                            cert: cert.clone(),
-                        },
-                    );
+                    if let Some(orphan) = retained.keep(f, sid, &cert) {
+                        range_locks.release_session(orphan);
+                    }
                     let (retained, range_locks) = (retained.clone(), range_locks.clone());
                     tokio::spawn(async move {
                         tokio::time::sleep(hold).await;
-                        let mut r = retained.lock().unwrap();
-                        if r.get(&f).is_some_and(|r| r.session == sid) {
-                            r.remove(&f);
-                            drop(r);
+                        if retained.expire(f, sid) {
                             tracing::info!(client = %hello.client, "no successor came: its POSIX locks go");
                             range_locks.release_session(sid);
                         }

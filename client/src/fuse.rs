@@ -825,7 +825,7 @@ impl Filesystem for MortarFs {
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
@@ -833,7 +833,7 @@ impl Filesystem for MortarFs {
         let append = matches!(
             self.inner.handles.lock().unwrap().get(&fh.0),
             Some(Handle::File { append: true, .. })
-        ) || (self.inner.inherited(fh) && _flags.0 & libc::O_APPEND != 0);
+        ) || (self.inner.inherited(fh) && flags.0 & libc::O_APPEND != 0);
         let data = data.to_vec();
         on_inode!(self, ino, reply, |inner, g| {
             match inner.vol.write(g, offset, data, append).await {

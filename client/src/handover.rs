@@ -447,10 +447,8 @@ fn connection_gone(fuse: &OwnedFd) -> bool {
         fuse,
         rustix::event::PollFlags::IN,
     )];
-    matches!(
-        rustix::event::poll(&mut p, Some(&rustix::event::Timespec::default())),
-        Ok(_)
-    ) && p[0].revents().contains(rustix::event::PollFlags::ERR)
+    rustix::event::poll(&mut p, Some(&rustix::event::Timespec::default())).is_ok()
+        && p[0].revents().contains(rustix::event::PollFlags::ERR)
 }
 
 pub(crate) fn unmount(mountpoint: &Path) {
@@ -612,10 +610,7 @@ pub fn take_over(
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let control = control.and_then(|(l, p)| {
-            l.set_nonblocking(true).ok()?;
-            Some((tokio::net::UnixListener::from_std(l).ok()?, p))
-        });
+        let control = control.and_then(into_tokio);
         supervise(
             handover, mountpoint, ready, daemonised, fuse, state, control,
         )
@@ -746,7 +741,10 @@ async fn supervise(
                             taker = Some(conn);
                             let _ = child.start_kill();
                         }
-                        _ => {}
+                        Some((Control::TakeOver, conn)) => {
+                            refuse(&mut Some(conn), "another holder is taking the mount over").await;
+                        }
+                        None => {}
                     }
                 }
                 _ = term.recv(), if !stopping => { stopping = true; tracing::info!("signal: unmounting"); unmount(mountpoint); }
@@ -809,7 +807,12 @@ async fn refuse(waiting: &mut Option<tokio::net::UnixStream>, why: &str) {
 }
 
 fn control_listener(mountpoint: &Path) -> Option<(tokio::net::UnixListener, PathBuf)> {
-    let (l, path) = control_listener_std(mountpoint)?;
+    control_listener_std(mountpoint).and_then(into_tokio)
+}
+
+fn into_tokio(
+    (l, path): (std::os::unix::net::UnixListener, PathBuf),
+) -> Option<(tokio::net::UnixListener, PathBuf)> {
     l.set_nonblocking(true).ok()?;
     Some((tokio::net::UnixListener::from_std(l).ok()?, path))
 }
