@@ -75,6 +75,14 @@ struct Cli {
     /// Node, mounter: seconds to wait for the mount helper.
     #[arg(long, default_value_t = 60)]
     mount_timeout: u64,
+    /// Mounter: a file to create once the mounter holds the mounts it found and serves its
+    /// socket (for a readiness probe); removed when it stops.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+    /// Mounter: when told to stop after a successor has bound the socket (a rolling
+    /// update), seconds to wait for the successor to take every mount over.
+    #[arg(long, default_value_t = 45)]
+    handover_wait: u64,
     /// Directory with the certificate (`tls.crt`, `tls.key`) and the cluster's CA (`ca.crt`)
     /// for mutual TLS with the bricks, for this process and the mounts it starts
     /// [default: plain TCP].
@@ -248,34 +256,22 @@ fn run_mounter(cli: Cli) -> anyhow::Result<()> {
         mount_command,
         mount_timeout: Duration::from_secs(cli.mount_timeout),
         probe_timeout: Duration::from_secs(10),
+        ready_file: cli.ready_file.clone(),
+        handover_wait: Duration::from_secs(cli.handover_wait),
     };
+    // The FUSE daemons the mount helper leaves are reparented to this process, not to the
+    // host's init, when it is not PID 1 (tests, a mounter outside a container): it reaps
+    // them and sees which mounts it still holds. SAFETY: a plain prctl.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let state_dir = cfg.state_dir.clone();
-        let mounter = mortar_csi::mounter::Mounter::new(cfg);
-        // The mounter this one replaces (a rolling update) hands its mounts over before
-        // this one answers on the socket.
-        let taken = mounter.take_over_existing().await;
-        if taken > 0 {
-            tracing::info!(mounts = taken, "took over the mounts of the mounter before");
-        }
-        let listener = server::bind(&socket)?;
-        tracing::info!(
-            version = mortar_csi::VERSION,
-            socket = %socket.display(),
-            state_dir = %state_dir.display(),
-            "mounter serving"
-        );
-        // FUSE daemons are left running: pods keep using their mounts.
-        mounter
-            .serve(
-                listener,
+        mortar_csi::mounter::Mounter::new(cfg)
+            .run(
+                &socket,
                 shutdown_signal("mounter shutting down; mounts stay in place"),
             )
-            .await?;
-        let _ = std::fs::remove_file(&socket);
-        Ok(())
+            .await
     })
 }

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixStream;
 
 use crate::mounts::{self, Health};
 
@@ -157,6 +157,12 @@ pub struct MounterConfig {
     pub mount_command: PathBuf,
     pub mount_timeout: Duration,
     pub probe_timeout: Duration,
+    /// Created once this mounter holds the mounts it found and answers on its socket (the
+    /// pod's readiness probe); removed when it stops.
+    pub ready_file: Option<PathBuf>,
+    /// How long a mounter whose socket a successor has taken waits, when told to stop, for
+    /// the successor to take its mounts over.
+    pub handover_wait: Duration,
 }
 
 pub struct Mounter {
@@ -165,6 +171,15 @@ pub struct Mounter {
     helpers: Arc<Mutex<HashSet<u32>>>,
     /// One mount at a time per mount point.
     busy: tokio::sync::Mutex<()>,
+    /// Mount points whose holder this mounter started (mounted or took over): `adopt`
+    /// leaves them alone. Those that left the mount table are dropped at each scan.
+    held: Mutex<HashSet<PathBuf>>,
+    /// Mount points a takeover failed for, so that a mount without a live holder is
+    /// reported once, not at every scan.
+    refused: Mutex<HashSet<PathBuf>>,
+    /// The socket this mounter bound (device, inode): while the path still names it, this
+    /// mounter is the node's current one; once a successor binds the path, it is not.
+    socket: Mutex<Option<(PathBuf, u64, u64)>>,
 }
 
 fn safe_name(s: &str) -> bool {
@@ -175,12 +190,27 @@ fn safe_name(s: &str) -> bool {
         && !s.starts_with('.')
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// `(device, inode)` of the file at `path`.
+fn identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
 impl Mounter {
     pub fn new(cfg: MounterConfig) -> Arc<Self> {
         Arc::new(Mounter {
             cfg,
             helpers: Arc::default(),
             busy: tokio::sync::Mutex::new(()),
+            held: Mutex::default(),
+            refused: Mutex::default(),
+            socket: Mutex::default(),
         })
     }
 
@@ -232,59 +262,71 @@ impl Mounter {
             log,
             self.cfg.mount_timeout,
             |pid| {
-                helpers
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(pid);
+                lock(&helpers).insert(pid);
                 spawned = Some(pid);
             },
         )
         .await;
         if let Some(pid) = spawned {
-            self.helpers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&pid);
+            lock(&self.helpers).remove(&pid);
         }
         result
     }
 
     /// Takes over the mounts another mounter holds (the pod this one replaces in a rolling
     /// update; see `mortar_client::handover`): for every FUSE mount directly below
-    /// `volumes/`, a holder started here (`mortar-mount --take-over DIR`) gets the mount
-    /// from the old one, which lets go; the pods using it notice nothing. Returns how many
-    /// it took. A mount without a live holder is left alone (`mount` replaces it when it
-    /// is asked for and broken).
-    pub async fn take_over_existing(&self) -> usize {
+    /// `volumes/` that this mounter does not hold, a holder started here
+    /// (`mortar-mount --take-over DIR`) gets the mount from the old one, which lets go; the
+    /// pods using it notice nothing. Returns how many it took. A mount without a live holder
+    /// is left alone (`mount` replaces it when it is asked for and broken).
+    ///
+    /// Run at start, before the socket is bound, and again every few seconds while this
+    /// mounter owns the socket: a mount the old mounter was still making when this one
+    /// started is taken at the next scan.
+    pub async fn adopt(&self) -> usize {
         let root = self.cfg.state_dir.join("volumes");
         let Ok(table) = mounts::read_mountinfo() else {
             return 0;
         };
+        let fuse: Vec<PathBuf> = table
+            .into_iter()
+            .filter(|e| {
+                e.fstype.starts_with("fuse") && e.mount_point.parent() == Some(root.as_path())
+            })
+            .map(|e| e.mount_point)
+            .collect();
+        lock(&self.held).retain(|p| fuse.contains(p));
+        lock(&self.refused).retain(|p| fuse.contains(p));
         let mut taken = 0;
-        for e in table {
-            if !e.fstype.starts_with("fuse") || e.mount_point.parent() != Some(root.as_path()) {
-                continue;
-            }
-            let Some(name) = e.mount_point.file_name().and_then(|n| n.to_str()) else {
+        for target in fuse {
+            let Some(name) = target.file_name().and_then(|n| n.to_str()) else {
                 continue;
             };
+            if lock(&self.held).contains(&target) {
+                continue;
+            }
             let _one = self.busy.lock().await;
+            // A mount of ours may have finished while this one waited.
+            if lock(&self.held).contains(&target) {
+                continue;
+            }
             let log = self
                 .cfg
                 .state_dir
                 .join("logs")
                 .join(format!("mount-{name}.log"));
-            let args = vec![
-                "--take-over".to_string(),
-                e.mount_point.display().to_string(),
-            ];
+            let args = vec!["--take-over".to_string(), target.display().to_string()];
             match self.helper(&args, &log).await {
                 Ok(()) => {
-                    tracing::info!(target = %e.mount_point.display(), "took the mount over from the mounter before");
+                    tracing::info!(target = %target.display(), "took the mount over from the mounter before");
+                    lock(&self.held).insert(target.clone());
+                    lock(&self.refused).remove(&target);
                     taken += 1;
                 }
                 Err(error) => {
-                    tracing::warn!(target = %e.mount_point.display(), error, "not taken over")
+                    if lock(&self.refused).insert(target.clone()) {
+                        tracing::warn!(target = %target.display(), error, "not taken over");
+                    }
                 }
             }
         }
@@ -344,6 +386,7 @@ impl Mounter {
         match mounts::probe(&target, self.cfg.probe_timeout).await {
             Health::Healthy => {
                 tracing::info!(source = req.source, target = %target.display(), "mounted");
+                lock(&self.held).insert(target);
                 Ok(())
             }
             health => {
@@ -377,15 +420,17 @@ impl Mounter {
         let _ = write_msg(&mut s, &reply).await;
     }
 
-    /// Reaps the FUSE daemons that `mortar-mount` left behind once they exit: they are
-    /// reparented to us when we are PID 1. Only session leaders (the daemons call
-    /// setsid) are reaped, never a helper some task is still waiting for.
-    fn reap(&self) {
-        let helpers = self.helpers.lock().unwrap_or_else(|p| p.into_inner());
+    /// The FUSE daemons (mount holders) that are children of this mounter: session leaders
+    /// (the daemons call setsid) reparented to us, as PID 1 of the container or as the
+    /// child subreaper `main` makes us. Helpers some task still waits for are left out.
+    /// `(pid, exited)`.
+    fn daemons(&self) -> Vec<(u32, bool)> {
+        let helpers = lock(&self.helpers).clone();
         let me = std::process::id();
         let Ok(dir) = std::fs::read_dir("/proc") else {
-            return;
+            return Vec::new();
         };
+        let mut found = Vec::new();
         for entry in dir.flatten() {
             let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
                 continue;
@@ -404,7 +449,17 @@ impl Mounter {
             let state = f.next();
             let mut num = || f.next().and_then(|p| p.parse::<u32>().ok());
             let (ppid, _pgrp, session) = (num(), num(), num());
-            if state == Some("Z") && ppid == Some(me) && session == Some(pid) {
+            if ppid == Some(me) && session == Some(pid) {
+                found.push((pid, state == Some("Z")));
+            }
+        }
+        found
+    }
+
+    /// Reaps the FUSE daemons that have exited.
+    fn reap(&self) {
+        for (pid, exited) in self.daemons() {
+            if exited {
                 let mut status = 0;
                 // SAFETY: waitpid on our own exited child.
                 unsafe { libc::waitpid(pid as i32, &mut status, libc::WNOHANG) };
@@ -413,30 +468,97 @@ impl Mounter {
         }
     }
 
-    /// Serves until `shutdown` resolves. Mounts stay in place when it stops.
-    pub async fn serve(
+    /// Whether the socket path still names the socket this mounter bound.
+    fn owns_socket(&self) -> bool {
+        match &*lock(&self.socket) {
+            Some((path, dev, ino)) => identity(path) == Some((*dev, *ino)),
+            None => false,
+        }
+    }
+
+    /// Takes over what the mounter before left (`adopt`), binds `socket`, tells the
+    /// readiness probe, and serves until `shutdown` resolves. Mounts stay in place when it
+    /// stops: with no successor they keep running until the container ends; when a
+    /// successor has bound the socket (a rolling update), this mounter waits up to
+    /// `handover_wait` for it to take every mount over before returning.
+    pub async fn run(
         self: Arc<Self>,
-        listener: UnixListener,
+        socket: &Path,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> anyhow::Result<()> {
-        let reaper = self.clone();
-        tokio::spawn(async move {
+        // The mounter this one replaces hands its mounts over before this one answers.
+        let taken = self.adopt().await;
+        if taken > 0 {
+            tracing::info!(mounts = taken, "took over the mounts of the mounter before");
+        }
+        let listener = crate::server::bind(socket)?;
+        let (dev, ino) = identity(socket)
+            .ok_or_else(|| anyhow::anyhow!("{} vanished after bind", socket.display()))?;
+        *lock(&self.socket) = Some((socket.to_path_buf(), dev, ino));
+        if let Some(ready) = &self.cfg.ready_file {
+            std::fs::write(ready, b"ready\n")
+                .map_err(|e| anyhow::anyhow!("--ready-file {}: {e}", ready.display()))?;
+        }
+        tracing::info!(
+            version = crate::VERSION,
+            socket = %socket.display(),
+            state_dir = %self.cfg.state_dir.display(),
+            "mounter serving"
+        );
+        let ticker = self.clone();
+        let tick = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(2));
+            tick.tick().await;
             loop {
                 tick.tick().await;
-                let r = reaper.clone();
+                let r = ticker.clone();
                 let _ = tokio::task::spawn_blocking(move || r.reap()).await;
+                // Only the node's current mounter adopts: two adopting each other's
+                // mounts would pass them back and forth.
+                if ticker.owns_socket() {
+                    ticker.adopt().await;
+                }
             }
         });
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
-                _ = &mut shutdown => return Ok(()),
+                _ = &mut shutdown => break,
                 conn = listener.accept() => {
                     let (s, _) = conn?;
                     tokio::spawn(self.clone().handle(s));
                 }
             }
         }
+        drop(listener);
+        if let Some(ready) = &self.cfg.ready_file {
+            let _ = std::fs::remove_file(ready);
+        }
+        if self.owns_socket() {
+            let _ = std::fs::remove_file(socket);
+            tick.abort();
+            return Ok(());
+        }
+        // A successor serves the socket and adopts, every few seconds, the mounts whose
+        // holders are ours; they exit once it has them.
+        let deadline = tokio::time::Instant::now() + self.cfg.handover_wait;
+        loop {
+            let left = self.daemons().iter().filter(|(_, exited)| !exited).count();
+            if left == 0 {
+                tracing::info!("the mounter after this one holds every mount");
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    mounts = left,
+                    "the mounter after this one did not take every mount over in time; \
+                     those end with this container"
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        tick.abort();
+        Ok(())
     }
 }

@@ -31,20 +31,7 @@ impl RealNode {
     /// Starts the mounter and plugin generation 1; does not wait for them.
     pub fn spawn(layout: &Layout, cluster: &Cluster) -> RealNode {
         let mounter_socket = layout.scratch.join("run/mounter.sock");
-        let mounter = Plugin::spawn_args(
-            layout,
-            "mounter",
-            &[
-                "--mode".into(),
-                "mounter".into(),
-                "--endpoint".into(),
-                format!("unix://{}", mounter_socket.display()),
-                "--state-dir".into(),
-                layout.state.display().to_string(),
-                "--mount-command".into(),
-                mortar_e2e::bin("mortar-mount").display().to_string(),
-            ],
-        );
+        let mounter = spawn_mounter(layout, &mounter_socket, 1);
         let plugin = spawn_plugin(layout, cluster, &mounter_socket, 1);
         RealNode {
             mounter,
@@ -106,6 +93,32 @@ impl RealNode {
             ),
         }
     }
+}
+
+/// Mounter generation `generation` on `socket`, with the real `mortar-mount`; it creates
+/// `mounter_ready(layout, generation)` once it serves.
+pub fn spawn_mounter(layout: &Layout, socket: &Path, generation: u32) -> Plugin {
+    Plugin::spawn_args(
+        layout,
+        &format!("mounter-{generation}"),
+        &[
+            "--mode".into(),
+            "mounter".into(),
+            "--endpoint".into(),
+            format!("unix://{}", socket.display()),
+            "--state-dir".into(),
+            layout.state.display().to_string(),
+            "--mount-command".into(),
+            mortar_e2e::bin("mortar-mount").display().to_string(),
+            "--ready-file".into(),
+            mounter_ready(layout, generation).display().to_string(),
+        ],
+    )
+}
+
+/// The readiness file of mounter generation `generation`.
+pub fn mounter_ready(layout: &Layout, generation: u32) -> PathBuf {
+    layout.scratch.join(format!("mounter-{generation}.ready"))
 }
 
 /// The controller+node plugin on the Mortar backend, shared mounts made by the mounter.
