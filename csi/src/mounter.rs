@@ -10,8 +10,9 @@
 //! A mount is reported as done only when its mount point shows up in the mounter's
 //! `/proc/self/mountinfo` and answers statfs. Mount points must lie under the mounter's
 //! `--state-dir` (`volumes/`), so the socket cannot be used to mount over arbitrary paths.
-//! The mounter is PID 1 of its container and the daemonised FUSE processes are
-//! reparented to it: it reaps them when they exit.
+//! The mounter is PID 1 of its container (or a child subreaper elsewhere) and the
+//! daemonised FUSE processes are reparented to it: it reaps them when they exit. A
+//! mounter replaced in a rolling update hands its mounts to its successor (`Mounter::run`).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};

@@ -331,15 +331,20 @@ fn chart_fits_the_binaries() {
     assert!(args_of(containers(op)[0]).contains(&format!("--brick-image={image}")));
 
     // Node: the plugin and the mounter in two DaemonSets, so that replacing the plugin's pod
-    // (a `helm upgrade` rolls it) leaves the FUSE daemons alone; the mounter's DaemonSet is
-    // never rolled (OnDelete). Both are privileged with the kubelet dir under Bidirectional
+    // (a `helm upgrade` rolls it) leaves the FUSE daemons alone; the mounter's DaemonSet
+    // rolls with a surge (the new pod takes the mounts over before the old one stops, and is
+    // ready only then: `containers.rs` runs it). Both are privileged with the kubelet dir under Bidirectional
     // propagation; /dev/fuse only in the mounter, which runs mortar-mount; the two share the
     // mounter's socket through one host directory, and the state dir; the registrar points
     // the kubelet at the socket mortar-csi serves.
     let ds = find(&docs, "DaemonSet", "mortar-csi-node");
     let mds = find(&docs, "DaemonSet", "mortar-csi-mounter");
     assert_eq!(ds["spec"]["updateStrategy"]["type"], "RollingUpdate");
-    assert_eq!(mds["spec"]["updateStrategy"]["type"], "OnDelete");
+    assert_eq!(
+        mds["spec"]["updateStrategy"],
+        json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}),
+        "a mounter pod stops only once its successor is ready"
+    );
     let cs = containers(ds);
     let names: Vec<&str> = cs.iter().map(|c| c["name"].as_str().unwrap()).collect();
     assert_eq!(
@@ -478,6 +483,38 @@ fn chart_fits_the_binaries() {
         arg(plugin, "--mount-command"),
         None,
         "the plugin does not mount FUSE itself"
+    );
+    // The rolling update: the mounter is ready once its --ready-file exists, a file in a
+    // volume of its own pod (the socket directory is shared with the pod it replaces), and
+    // the old pod's wait for its successor fits in its grace period.
+    let ready = arg(mounter, "--ready-file").expect("--ready-file");
+    assert_eq!(
+        mounter["readinessProbe"]["exec"]["command"],
+        json!(["cat", ready]),
+        "the readiness probe reads the ready file"
+    );
+    let (ready_dir, ready_volume) = mounter["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| ready.starts_with(&format!("{}/", m["mountPath"].as_str().unwrap())))
+        .map(|m| {
+            (
+                m["mountPath"].clone(),
+                m["name"].as_str().unwrap().to_string(),
+            )
+        })
+        .expect("the ready file is in a volume");
+    assert!(
+        volume(&mounter_pod, &ready_volume)["emptyDir"].is_object(),
+        "{ready_dir} is the pod's own emptyDir"
+    );
+    let wait: u64 = arg(mounter, "--handover-wait").unwrap().parse().unwrap();
+    assert!(
+        mounter_pod["terminationGracePeriodSeconds"]
+            .as_u64()
+            .unwrap()
+            > wait
     );
     let endpoint = arg(plugin, "--endpoint")
         .unwrap()

@@ -12,8 +12,10 @@
 //!   its certificate Secret as a TLS directory, serves mutual TLS: `mortar status` with an
 //!   admin certificate of the cluster's CA gets an answer, plain TCP does not.
 //!
-//! Not reproduced: mount propagation (the test's host paths are private mounts) and the CSI
-//! sidecars (other images, not available offline). The operator gets a kubeconfig naming a
+//! The mounter's rolling update runs the same way: two mounter containers of the chart, the
+//! new one takes a live FUSE mount over from the old one, which is then stopped.
+//!
+//! Not reproduced: the CSI sidecars (other images, not available offline). The operator gets a kubeconfig naming a
 //! closed port, standing in for the in-cluster config a pod has.
 
 use std::os::unix::fs::PermissionsExt;
@@ -98,17 +100,38 @@ fn effective(pod: &Value, c: &Value, key: &str) -> Value {
     }
 }
 
-/// The kubelet's directories as a node has them: root-owned, mode 0750.
-fn lay_out_kubelet(host: &Path) {
-    for d in [
-        "var/lib/kubelet",
-        "var/lib/kubelet/plugins",
-        "var/lib/kubelet/plugins_registry",
-        "var/lib/kubelet/pods",
-    ] {
-        let p = host.join(d);
-        std::fs::create_dir_all(&p).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o750)).unwrap();
+/// The kubelet's directories as a node has them: root-owned, mode 0750, and the kubelet's
+/// root a shared mount, as on a node (systemd makes every mount shared), so that
+/// Bidirectional propagation works: a mount a container makes below it shows on the host
+/// and in the other containers. Unmounted (with whatever is below) when dropped.
+struct KubeletDir(PathBuf);
+
+impl KubeletDir {
+    fn lay_out(host: &Path) -> KubeletDir {
+        for d in [
+            "var/lib/kubelet",
+            "var/lib/kubelet/plugins",
+            "var/lib/kubelet/plugins_registry",
+            "var/lib/kubelet/pods",
+        ] {
+            let p = host.join(d);
+            std::fs::create_dir_all(&p).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o750)).unwrap();
+        }
+        let root = host.join("var/lib/kubelet");
+        run_ok(Command::new("mount").arg("--bind").arg(&root).arg(&root));
+        run_ok(Command::new("mount").arg("--make-rshared").arg(&root));
+        KubeletDir(root)
+    }
+}
+
+impl Drop for KubeletDir {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-R")
+            .arg("-l")
+            .arg(&self.0)
+            .output();
     }
 }
 
@@ -130,19 +153,19 @@ fn start(
         .iter()
         .find(|c| c["name"] == container)
         .unwrap_or_else(|| panic!("no container {container}"));
+    // Two pods of one DaemonSet may run at once (a rolling update with maxSurge).
+    static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let name = format!(
-        "mortar-chart-{}-{container}-{}",
+        "mortar-chart-{}-{container}-{}-{}",
         workload["metadata"]["name"].as_str().unwrap(),
-        std::process::id()
+        std::process::id(),
+        STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     );
-    let mut args: Vec<String> = vec![
-        "run".into(),
-        "-d".into(),
-        "--name".into(),
-        name.clone(),
-        "--network".into(),
-        "none".into(),
-    ];
+    let mut args: Vec<String> = vec!["run".into(), "-d".into(), "--name".into(), name.clone()];
+    // No network unless the caller gives one (`--network=host` to reach test bricks).
+    if !extra.iter().any(|a| a.starts_with("--network")) {
+        args.extend(["--network".into(), "none".into()]);
+    }
 
     let user = effective(pod, c, "runAsUser");
     let group = effective(pod, c, "runAsGroup");
@@ -218,9 +241,24 @@ fn start(
         } else {
             panic!("{container}: volume kind of {v}: add it here");
         };
-        let ro = if m["readOnly"] == true { ":ro" } else { "" };
+        let mut opts = Vec::new();
+        if m["readOnly"] == true {
+            opts.push("ro");
+        }
+        // As the kubelet maps mountPropagation (the host side must be a shared mount,
+        // `KubeletDir`).
+        match m["mountPropagation"].as_str() {
+            Some("Bidirectional") => opts.push("rshared"),
+            Some("HostToContainer") => opts.push("rslave"),
+            _ => {}
+        }
+        let opts = if opts.is_empty() {
+            String::new()
+        } else {
+            format!(":{}", opts.join(","))
+        };
         args.push(format!(
-            "--volume={}:{}{ro}",
+            "--volume={}:{}{opts}",
             src.display(),
             m["mountPath"].as_str().unwrap()
         ));
@@ -301,7 +339,7 @@ fn chart_containers_start_under_podman_as_the_kubelet_runs_them() {
     ensure_image(&podman);
     let docs = docs(&render(&py, NAMESPACE, &[], &[]).unwrap());
     let host = tempfile::tempdir_in("/var/tmp").unwrap();
-    lay_out_kubelet(host.path());
+    let _kubelet = KubeletDir::lay_out(host.path());
     let plugin_dir = host
         .path()
         .join("var/lib/kubelet/plugins/mortar.csi.mortar.dev");
@@ -543,4 +581,161 @@ fn the_operators_brick_container_serves_mutual_tls_under_podman() {
         !status(Some("/stranger-tls")).status.success(),
         "a stranger's certificate answered"
     );
+}
+
+/// Runs a container's readinessProbe (an exec probe) inside it, as the kubelet would.
+fn readiness(c: &Started, container: &Value) -> bool {
+    let cmd: Vec<&str> = container["readinessProbe"]["exec"]["command"]
+        .as_array()
+        .expect("an exec readinessProbe")
+        .iter()
+        .map(|w| w.as_str().unwrap())
+        .collect();
+    Command::new(&c.podman)
+        .arg("exec")
+        .arg(&c.name)
+        .args(&cmd)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The mounter DaemonSet's rolling update as the DaemonSet controller runs it (maxSurge 1,
+/// maxUnavailable 0), with the chart's containers under podman: mounter A mounts a real
+/// 3-brick volume; a writer on the host keeps a file open and writes through the mount
+/// (propagated out of A's container); mounter B starts beside A, and only once B's
+/// readiness probe passes is A stopped (`podman stop`: SIGTERM, then A's container and
+/// every process in it end). The writer never fails, and B serves the next mount.
+#[test]
+fn the_mounters_rolling_update_under_podman_keeps_the_mounts() {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    let Some(py) = need("python with helm-python-sdk", python_with_helm()) else {
+        return;
+    };
+    let Some(podman) = podman_ready() else {
+        return;
+    };
+    ensure_image(&podman);
+    let cluster = mortar_e2e::Cluster::start(64, 3);
+    let docs = docs(&render(&py, NAMESPACE, &[], &[]).unwrap());
+    let ds = find(&docs, "DaemonSet", "mortar-csi-mounter");
+    assert_eq!(ds["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"], 1);
+    let spec = &ds["spec"]["template"]["spec"]["containers"][0];
+    let host = tempfile::tempdir_in("/var/tmp").unwrap();
+    let _kubelet = KubeletDir::lay_out(host.path());
+    let state = "/var/lib/kubelet/plugins/mortar.csi.mortar.dev";
+    let on_host = |p: &str| host.path().join(p.trim_start_matches('/'));
+    let socket = on_host("/var/lib/mortar-csi/mounter/mounter.sock");
+    let tls = mortar_e2e::tls_home().join("client");
+    let extra = [
+        "--network=host".to_string(),
+        format!("--volume={}:/tls:ro", tls.display()),
+    ];
+    let extra: Vec<&str> = extra.iter().map(|s| s.as_str()).collect();
+    let start_mounter = || start(&podman, host.path(), ds, "mortar-mounter", &extra, &[]);
+    let mount = |name: &str| {
+        let req = mortar_csi::mounter::MountRequest {
+            source: cluster.target(),
+            target: format!("{state}/volumes/{name}"),
+            options: vec![
+                "tls-dir=/tls".into(),
+                format!(
+                    "backup-volfile-servers={}:{}",
+                    cluster.host(1),
+                    cluster.host(2)
+                ),
+            ],
+            log_name: name.into(),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(mortar_csi::mounter::request_mount(
+            &socket,
+            &req,
+            Duration::from_secs(60),
+        ))
+    };
+
+    let a = start_mounter();
+    a.wait_ready("its readiness probe", || readiness(&a, spec));
+    mount("m1").unwrap_or_else(|e| panic!("mount through A: {e}\n{}", a.logs()));
+    let m1 = on_host(&format!("{state}/volumes/m1"));
+    let mut f = std::fs::File::create(m1.join("log")).expect("the mount reaches the host");
+
+    // The writer: a record every 10 ms on one descriptor, each read back.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let g = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(m1.join("log"))
+            .unwrap();
+        std::thread::spawn(move || {
+            let (mut n, mut longest) = (0u64, Duration::ZERO);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                let rec = format!("{n:015}\n");
+                g.write_all_at(rec.as_bytes(), n * 16)
+                    .unwrap_or_else(|e| panic!("write {n}: {e}"));
+                let mut back = [0u8; 16];
+                g.read_exact_at(&mut back, n * 16)
+                    .unwrap_or_else(|e| panic!("read {n}: {e}"));
+                assert_eq!(&back, rec.as_bytes(), "record {n}");
+                longest = longest.max(t.elapsed());
+                n += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (n, longest)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+
+    let b = start_mounter();
+    b.wait_ready("its readiness probe", || readiness(&b, spec));
+    assert!(b.logs().contains("took the mount over"), "{}", b.logs());
+    // What the DaemonSet controller does next: stop the old pod, within its grace period.
+    let grace = ds["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        .as_u64()
+        .unwrap();
+    run_ok(Command::new(&podman).args(["stop", "-t", &grace.to_string(), &a.name]));
+    let a_logs = a.logs();
+    assert!(a_logs.contains("holds every mount"), "{a_logs}");
+    let code = Command::new(&podman)
+        .args(["inspect", "-f", "{{.State.ExitCode}}", &a.name])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&code.stdout).trim(),
+        "0",
+        "{a_logs}"
+    );
+
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (records, longest) = writer.join().expect("the writer never failed");
+    eprintln!(
+        "writer: {records} records through the rolling update, longest {:.3} s",
+        longest.as_secs_f64()
+    );
+    assert!(records > 50, "{records}");
+    writeln!(f, "the first descriptor still works").unwrap();
+    drop(f);
+    for i in 0..3 {
+        let on_brick = std::fs::read(cluster.brick_dir(i).join("log")).unwrap();
+        assert!(on_brick.len() as u64 >= records * 16, "brick {i}");
+    }
+
+    // The node plugin's next mount is B's.
+    mount("m2").unwrap_or_else(|e| panic!("mount through B: {e}\n{}", b.logs()));
+    std::fs::write(on_host(&format!("{state}/volumes/m2/through-b")), b"b").unwrap();
+    assert_eq!(std::fs::read(m1.join("through-b")).unwrap(), b"b");
+    for m in ["m1", "m2"] {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(on_host(&format!("{state}/volumes/{m}")))
+            .output();
+    }
 }
