@@ -2,6 +2,7 @@
 
 pub mod at;
 pub mod budget;
+pub mod bulk;
 pub mod heal;
 pub mod leases;
 pub mod locks;

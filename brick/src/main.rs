@@ -170,16 +170,25 @@ fn run(args: Args) -> anyhow::Result<()> {
                 rate: args.heal_rate_mib << 20,
                 metrics: heal_metrics.clone(),
                 local: {
-                    let svc = svc.clone();
-                    mortar_replication::volume::LocalSteps(Arc::new(move |req| {
-                        let svc = svc.clone();
-                        Box::pin(async move {
-                            use mortar_proto::brick_server::Brick;
-                            let mut req = tonic::Request::new(req);
-                            req.extensions_mut().insert(mortar_brick::service::InProcess);
-                            svc.heal(req).await.map(|r| r.into_inner())
-                        })
-                    }))
+                    let step_svc = svc.clone();
+                    let splice_svc = svc.clone();
+                    mortar_replication::volume::LocalSteps {
+                        step: Arc::new(move |req| {
+                            let svc = step_svc.clone();
+                            Box::pin(async move {
+                                use mortar_proto::brick_server::Brick;
+                                let mut req = tonic::Request::new(req);
+                                req.extensions_mut().insert(mortar_brick::service::InProcess);
+                                svc.heal(req).await.map(|r| r.into_inner())
+                            })
+                        }),
+                        // Bulk reads exist only between plain-TCP bricks (`mortar_common::bulk`).
+                        splice: tls.is_none().then(|| -> Arc<mortar_replication::volume::LocalSpliceFn> {
+                            Arc::new(move |session, g, offset, n, from| {
+                                splice_svc.heal_splice(session, g, offset, n, from)
+                            })
+                        }),
+                    }
                 },
             }
             .run(),
@@ -208,6 +217,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 let l = |n: &str| format!("{n}{{brick=\"{id}\"}}");
                 telemetry::metric(&mut out, &l("mortar_brick_reads_total"), "counter", "Read requests served", m.reads.load(Relaxed));
                 telemetry::metric(&mut out, &l("mortar_brick_read_bytes_total"), "counter", "Bytes read", m.read_bytes.load(Relaxed));
+                telemetry::metric(&mut out, &l("mortar_brick_bulk_read_bytes_total"), "counter", "Bytes read on bulk connections (heals of a plain-TCP cluster)", m.bulk_bytes.load(Relaxed));
                 telemetry::metric(&mut out, &l("mortar_brick_mutations_total"), "counter", "Mutations applied or refused", m.mutations.load(Relaxed));
                 telemetry::metric(&mut out, &l("mortar_brick_written_bytes_total"), "counter", "Bytes written", m.written_bytes.load(Relaxed));
                 telemetry::metric(&mut out, &l("mortar_brick_stale_total"), "counter", "Mutations refused because this copy was behind", m.stale.load(Relaxed));
@@ -230,7 +240,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         if let Some(tls) = &tls {
             server = server.tls_config(tls.server())?;
         }
-        server
+        let router = server
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(2)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
@@ -240,24 +250,34 @@ fn run(args: Args) -> anyhow::Result<()> {
             .initial_connection_window_size(Some(32 << 20))
             .layer(mortar_brick::rpcstats::RpcLayer(rpcs))
             .layer(mortar_brick::budget::Budgets::new(mortar_brick::budget::PER_CONNECTION))
-            .add_service(mortar_proto::brick_server::BrickServer::from_arc(svc).max_decoding_message_size(MAX_REQUEST).max_encoding_message_size(64 << 20))
-            .serve_with_shutdown(args.listen, async {
-                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
-                tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
-                tracing::info!(grace = ?grace, "stopping: ending sessions, finishing requests in flight");
-                // Session streams end now; the server stops once every request in flight
-                // has its answer. A request stuck past the grace period does not hold the
-                // brick: it syncs what it has and goes.
-                let _ = stopper.send(true);
-                let root = store.root().to_path_buf();
-                tokio::spawn(async move {
-                    tokio::time::sleep(grace).await;
-                    tracing::warn!("requests still in flight after {grace:?}; stopping anyway");
-                    sync_brick(&root);
-                    std::process::exit(0);
-                });
-            })
-            .await
+            .add_service(mortar_proto::brick_server::BrickServer::from_arc(svc.clone()).max_decoding_message_size(MAX_REQUEST).max_encoding_message_size(64 << 20));
+        let shutdown = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
+            tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
+            tracing::info!(grace = ?grace, "stopping: ending sessions, finishing requests in flight");
+            // Session streams end now; the server stops once every request in flight
+            // has its answer. A request stuck past the grace period does not hold the
+            // brick: it syncs what it has and goes.
+            let _ = stopper.send(true);
+            let root = store.root().to_path_buf();
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                tracing::warn!("requests still in flight after {grace:?}; stopping anyway");
+                sync_brick(&root);
+                std::process::exit(0);
+            });
+        };
+        if tls.is_some() {
+            router.serve_with_shutdown(args.listen, shutdown).await
+        } else {
+            // Plain TCP: heals copy file data on bulk connections of the same port
+            // (`mortar_common::bulk`).
+            let listener = tokio::net::TcpListener::bind(args.listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("listening on {}: {e}", args.listen))?;
+            let incoming = mortar_brick::bulk::split(listener, store.clone(), svc.metrics.clone());
+            router.serve_with_incoming_shutdown(incoming, shutdown).await
+        }
             .map_err(|e| anyhow::anyhow!("serving on {}: {e}", args.listen))?;
         sync_brick(store.root());
         tracing::info!("stopped");

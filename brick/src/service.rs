@@ -66,6 +66,8 @@ impl Drop for Fence {
 pub struct Metrics {
     pub reads: AtomicU64,
     pub read_bytes: AtomicU64,
+    /// Of those, bytes sent on bulk connections (`crate::bulk`).
+    pub bulk_bytes: AtomicU64,
     pub mutations: AtomicU64,
     pub written_bytes: AtomicU64,
     pub stale: AtomicU64,
@@ -272,6 +274,26 @@ impl BrickService {
                 store.released(g, n);
             }
         }
+    }
+
+    /// A heal `Write` of `n` bytes at `offset` of `g` that come from a bulk connection
+    /// (`crate::bulk`), for the in-process healer: the same check as the `Heal` RPC (the
+    /// session is live and holds the inode's lock). Blocking.
+    pub fn heal_splice(
+        &self,
+        session: &[u8],
+        g: Gfid,
+        offset: u64,
+        n: u32,
+        from: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<(), i32> {
+        let Ok(sid) = session_id(session) else {
+            return Err(libc::EINVAL);
+        };
+        if !self.live(&sid) || !self.inode_locks.holds(sid, g) {
+            return Err(libc::ENOLCK);
+        }
+        self.store.heal_splice(g, offset, n, from).map_err(errno)
     }
 
     /// A new session `sid` of mount `f` from a peer with certificate `cert`: the live sessions

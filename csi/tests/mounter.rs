@@ -326,7 +326,7 @@ fn pod_workload(
 async fn pods_bind_mounts_keep_working_while_the_mounter_is_replaced() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
-    let cluster = tokio::task::spawn_blocking(|| Cluster::start(NET + 1, 3))
+    let cluster = tokio::task::spawn_blocking(|| Cluster::start(114, 3))
         .await
         .unwrap();
     let layout = Layout::new("mounter-roll");

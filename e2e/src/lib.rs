@@ -129,6 +129,8 @@ pub struct Cluster {
     pub net: u8,
     pub vol: Volfile,
     bricks: Vec<Option<Child>>,
+    /// Plain TCP (`--insecure-plaintext`), as the benchmarks run, instead of mutual TLS.
+    plain: bool,
 }
 
 impl Cluster {
@@ -155,6 +157,24 @@ impl Cluster {
 
     /// Starts `n` bricks and waits until each answers.
     pub fn start(net: u8, n: usize) -> Cluster {
+        Cluster::start_as(net, n, false)
+    }
+
+    /// Like `start`, with bricks, mounts and tools on plain TCP (`--insecure-plaintext`).
+    pub fn start_plain(net: u8, n: usize) -> Cluster {
+        Cluster::start_as(net, n, true)
+    }
+
+    /// `bin(name)` as this cluster's tools run: without this process's TLS on a plain one.
+    fn tool(&self, name: &str) -> Command {
+        let mut cmd = Command::new(bin(name));
+        if self.plain {
+            cmd.env_remove(mortar_common::tls::TLS_DIR_ENV);
+        }
+        cmd
+    }
+
+    fn start_as(net: u8, n: usize, plain: bool) -> Cluster {
         tls_home();
         let tmp = tempfile::Builder::new()
             .prefix("mortar-e2e")
@@ -171,6 +191,7 @@ impl Cluster {
                 ping_timeout: None,
             },
             bricks: vec![],
+            plain,
         };
         c.vol.bricks = (0..n)
             .map(|i| BrickSpec {
@@ -219,7 +240,13 @@ impl Cluster {
             .append(true)
             .open(self.dir.join(format!("b{i}.log")))
             .unwrap();
-        let child = Command::new(bin("mortar-brick"))
+        let mut cmd = self.tool("mortar-brick");
+        if self.plain {
+            cmd.arg("--insecure-plaintext");
+        } else {
+            cmd.arg("--tls-dir").arg(brick_tls(&self.dir, &format!("b{i}")));
+        }
+        let child = cmd
             .args([
                 "--id",
                 &format!("b{i}"),
@@ -232,8 +259,6 @@ impl Cluster {
             .arg(self.brick_dir(i))
             .arg("--volfile")
             .arg(volfile)
-            .arg("--tls-dir")
-            .arg(brick_tls(&self.dir, &format!("b{i}")))
             .args(["--session-timeout", "4", "--heal-interval", "1"])
             .args(extra)
             .envs(env.iter().copied())
@@ -300,9 +325,9 @@ impl Cluster {
     pub fn mount_with(&self, name: &str, opts: &str, ping_timeout: Option<u64>) -> Mount {
         let path = self.dir.join(name);
         std::fs::create_dir_all(&path).unwrap();
-        let mut cmd = Command::new(bin("mortar-mount"));
+        let mut cmd = self.tool("mortar-mount");
         // The client certificate of this process's CA, unless the options name another.
-        if !opts.split(',').any(|o| o.starts_with("tls-dir=")) {
+        if !self.plain && !opts.split(',').any(|o| o.starts_with("tls-dir=")) {
             cmd.arg("--tls-dir").arg(tls_home().join("client"));
         }
         cmd.arg(self.target())
@@ -330,7 +355,7 @@ impl Cluster {
 
     /// Runs `mortar verify`; returns whether all copies agree, and what it printed.
     pub fn verify(&self, up_only: bool) -> (bool, String) {
-        let mut cmd = Command::new(bin("mortar"));
+        let mut cmd = self.tool("mortar");
         cmd.args(["verify", &self.target()]);
         if up_only {
             cmd.arg("--up-only");
@@ -372,7 +397,8 @@ impl Cluster {
 
     /// `mortar heal info` output.
     pub fn heal_info(&self) -> String {
-        let out = Command::new(bin("mortar"))
+        let out = self
+            .tool("mortar")
             .args(["heal", "info", &self.target()])
             .output()
             .unwrap();
@@ -386,7 +412,8 @@ impl Cluster {
 
     /// Like `heal_pending`, for the volume as the brick at `target` (`HOST:PORT:/data`) sees it.
     pub fn heal_pending_at(&self, target: &str) -> usize {
-        let out = Command::new(bin("mortar"))
+        let out = self
+            .tool("mortar")
             .args(["heal", "info", "--json", target])
             .output()
             .unwrap();

@@ -616,7 +616,7 @@ fn the_mounters_rolling_update_under_podman_keeps_the_mounts() {
         return;
     };
     ensure_image(&podman);
-    let cluster = mortar_e2e::Cluster::start(64, 3);
+    let cluster = mortar_e2e::Cluster::start(65, 3);
     let docs = docs(&render(&py, NAMESPACE, &[], &[]).unwrap());
     let ds = find(&docs, "DaemonSet", "mortar-csi-mounter");
     assert_eq!(ds["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"], 1);

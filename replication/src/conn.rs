@@ -72,6 +72,8 @@ pub struct Brick {
     /// Until when (milliseconds of [`clock_ms`]) the leases of the current connection count.
     lease_until_ms: AtomicU64,
     family: Option<[u8; 16]>,
+    /// Bulk-read connections to this brick, for a heal whose sink takes them (`bulk`).
+    pub(crate) bulk: crate::bulk::Pool,
 }
 
 /// Milliseconds since this process first asked: a monotonic clock for lease deadlines.
@@ -166,6 +168,7 @@ impl Brick {
             cache,
             lease_until_ms: AtomicU64::new(0),
             family,
+            bulk: Default::default(),
         });
         let weak = Arc::downgrade(&b);
         tokio::spawn(async move {

@@ -231,7 +231,7 @@ impl Member {
         };
         // The brick this client runs in takes it in-process (same session, same checks).
         if let Some(local) = self.brick.local.as_ref().filter(|_| self.current()) {
-            let r = (local.0)(req).await.map_err(|s| Error::Transport {
+            let r = (local.step)(req).await.map_err(|s| Error::Transport {
                 brick: self.brick.id.clone(),
                 msg: s.message().to_string(),
             })?;
@@ -255,6 +255,38 @@ impl Member {
             .await?;
         errno_result(r.errno)?;
         r.attr.ok_or(Error::Os(libc::EIO))
+    }
+
+    /// Copies `len` bytes of `g` at `off` from `src` into this (the sink's, in-process)
+    /// copy over a bulk connection (`crate::bulk`), when both ends have one: `None` when
+    /// the block must go the usual way (a TLS cluster, a sink in another process, a source
+    /// without the service or with a broken connection). `throttle` runs before the copy.
+    async fn splice_from<F: std::future::Future<Output = ()>>(
+        &self,
+        src: &Member,
+        g: Gfid,
+        off: u64,
+        len: u32,
+        throttle: impl FnOnce() -> F,
+    ) -> Option<Result<u64>> {
+        let splice = self.brick.local.as_ref()?.splice.clone()?;
+        if !self.current() || !src.brick.bulk.available() {
+            return None;
+        }
+        throttle().await;
+        let (src_brick, session) = (src.brick.clone(), self.session);
+        let copied = tokio::task::spawn_blocking(move || {
+            src_brick.bulk.copy(&src_brick.addr, g, off, len, |from, n| {
+                splice(&session, g, off, n, from)
+            })
+        })
+        .await
+        .ok()?;
+        match copied {
+            crate::bulk::Copied::Done(n) => Some(Ok(n)),
+            crate::bulk::Copied::Errno(e) => Some(Err(Error::Os(e))),
+            crate::bulk::Copied::Unavailable => None,
+        }
     }
 
     async fn index(&self, req: pb::HealIndexReq) -> Result<()> {
@@ -835,6 +867,9 @@ impl Volume {
             if lock.should_yield() {
                 tracing::info!(gfid = %g, "heal yields to a client; resumes later");
                 return Err(Error::Busy);
+            }
+            if let Some(n) = sink.splice_from(src, g, off, len, || self.heal_throttle(len as u64)).await {
+                return n;
             }
             let data = src.read(g, off, len).await?;
             let n = data.len() as u64;

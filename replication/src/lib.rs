@@ -22,6 +22,7 @@
 //!   source and sinks, split brain) as pure functions.
 
 pub mod arbitrate;
+mod bulk;
 pub mod conn;
 pub mod fops;
 pub mod heal;

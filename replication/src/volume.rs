@@ -41,9 +41,13 @@ pub struct Options {
     pub family: Option<[u8; 16]>,
 }
 
-/// Takes a heal request as the brick's `Heal` RPC would, without the network.
+/// Takes a heal request as the brick's `Heal` RPC would, without the network; and, on a
+/// plain-TCP cluster, a block's data straight from a bulk connection (`splice`).
 #[derive(Clone)]
-pub struct LocalSteps(pub Arc<LocalStepFn>);
+pub struct LocalSteps {
+    pub step: Arc<LocalStepFn>,
+    pub splice: Option<Arc<LocalSpliceFn>>,
+}
 
 type LocalStepFn = dyn Fn(
         mortar_proto::HealReq,
@@ -51,6 +55,13 @@ type LocalStepFn = dyn Fn(
         'static,
         std::result::Result<mortar_proto::MutateReply, tonic::Status>,
     > + Send
+    + Sync;
+
+/// `(session, gfid, offset, n, socket)`: writes the next `n` bytes the socket brings at
+/// `offset` of the local copy, as a heal `Write` step of that session (which must hold the
+/// inode's lock); an errno otherwise. Blocking.
+pub type LocalSpliceFn = dyn Fn(&[u8], mortar_common::gfid::Gfid, u64, u32, std::os::fd::BorrowedFd<'_>) -> std::result::Result<(), i32>
+    + Send
     + Sync;
 
 impl std::fmt::Debug for LocalSteps {
