@@ -49,7 +49,9 @@ pub fn serve(store: &Store, mut s: TcpStream, metrics: &crate::service::Metrics)
                 metrics.bulk_bytes.fetch_add(n, Relaxed)
             }
             Err(Sent::Refused(e)) => {
-                if s.write_all(&bulk::encode_reply(e.raw_os_error(), 0)).is_err() {
+                if s.write_all(&bulk::encode_reply(e.raw_os_error(), 0))
+                    .is_err()
+                {
                     return;
                 }
                 0

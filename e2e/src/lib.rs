@@ -244,7 +244,8 @@ impl Cluster {
         if self.plain {
             cmd.arg("--insecure-plaintext");
         } else {
-            cmd.arg("--tls-dir").arg(brick_tls(&self.dir, &format!("b{i}")));
+            cmd.arg("--tls-dir")
+                .arg(brick_tls(&self.dir, &format!("b{i}")));
         }
         let child = cmd
             .args([

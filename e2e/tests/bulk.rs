@@ -42,18 +42,25 @@ fn a_wiped_brick_of_a_plain_tcp_cluster_is_refilled_over_bulk_reads() {
     let holey = std::fs::File::create(m.p("holey")).unwrap();
     use std::os::unix::fs::FileExt;
     holey.write_all_at(&pattern(12, MIB), 0).unwrap();
-    holey.write_all_at(&pattern(13, MIB), 9 * MIB as u64).unwrap();
+    holey
+        .write_all_at(&pattern(13, MIB), 9 * MIB as u64)
+        .unwrap();
     drop(holey);
     for f in 0..20 {
         std::fs::write(m.p(&format!("small{f}")), pattern(f, 3000)).unwrap();
     }
-    let before: u64 = (0..2).map(|i| brick_metric(&c, i, "mortar_brick_bulk_read_bytes_total")).sum();
+    let before: u64 = (0..2)
+        .map(|i| brick_metric(&c, i, "mortar_brick_bulk_read_bytes_total"))
+        .sum();
 
     c.kill(2);
     std::fs::remove_dir_all(c.brick_dir(2)).unwrap();
     c.restart(2);
     let took = c.wait_healed(Duration::from_secs(120));
-    println!("HEAL plain TCP, wiped brick with 50 MiB: {:.2} s", took.as_secs_f64());
+    println!(
+        "HEAL plain TCP, wiped brick with 50 MiB: {:.2} s",
+        took.as_secs_f64()
+    );
 
     assert!(std::fs::read(c.brick_dir(2).join("big")).unwrap() == big);
     let h = std::fs::read(c.brick_dir(2).join("holey")).unwrap();
@@ -61,7 +68,9 @@ fn a_wiped_brick_of_a_plain_tcp_cluster_is_refilled_over_bulk_reads() {
     assert!(h[..MIB] == pattern(12, MIB)[..] && h[9 * MIB..] == pattern(13, MIB)[..]);
     assert!(h[MIB..9 * MIB].iter().all(|b| *b == 0));
     // The large files' data came over bulk connections, not through the Read RPC.
-    let sent: u64 = (0..2).map(|i| brick_metric(&c, i, "mortar_brick_bulk_read_bytes_total")).sum();
+    let sent: u64 = (0..2)
+        .map(|i| brick_metric(&c, i, "mortar_brick_bulk_read_bytes_total"))
+        .sum();
     assert!(
         sent - before >= big.len() as u64,
         "{} bytes over bulk connections",
@@ -105,7 +114,10 @@ fn hostile_peers_on_the_bulk_path_get_errors_and_a_bounded_cost() {
     // Reads within the file, past its end, of what is not a file, of no inode: answered,
     // and the connection goes on.
     let mut s = bulk_conn(&c, 0);
-    assert_eq!(ask(&mut s, f, 99_000, 4096), Some((0, pattern(5, 100_000)[99_000..].to_vec())));
+    assert_eq!(
+        ask(&mut s, f, 99_000, 4096),
+        Some((0, pattern(5, 100_000)[99_000..].to_vec()))
+    );
     assert_eq!(ask(&mut s, f, 1 << 40, 4096), Some((0, vec![])));
     assert_eq!(ask(&mut s, d, 0, 10), Some((libc::EISDIR, vec![])));
     assert_eq!(ask(&mut s, [0xab; 16], 0, 10), Some((libc::ENOENT, vec![])));
@@ -131,7 +143,10 @@ fn hostile_peers_on_the_bulk_path_get_errors_and_a_bounded_cost() {
     let mut extra = bulk_conn(&c, 0);
     let t = std::time::Instant::now();
     let mut buf = [0u8; 1];
-    assert!(matches!(extra.read(&mut buf), Ok(0) | Err(_)), "refused past the cap");
+    assert!(
+        matches!(extra.read(&mut buf), Ok(0) | Err(_)),
+        "refused past the cap"
+    );
     assert!(t.elapsed() < Duration::from_secs(5));
     std::fs::write(m.p("still"), b"writable").unwrap();
     assert_eq!(std::fs::read(m.p("still")).unwrap(), b"writable");
@@ -140,7 +155,14 @@ fn hostile_peers_on_the_bulk_path_get_errors_and_a_bounded_cost() {
     // A TLS brick has no bulk service: the magic gets no bulk answer.
     let tls = Cluster::start(117, 1);
     let mut s = bulk_conn(&tls, 0);
-    let _ = s.write_all(&Request { gfid: f, offset: 0, len: 10 }.encode());
+    let _ = s.write_all(
+        &Request {
+            gfid: f,
+            offset: 0,
+            len: 10,
+        }
+        .encode(),
+    );
     let mut head = [0u8; bulk::REPLY];
     match s.read_exact(&mut head) {
         Err(_) => {}

@@ -134,7 +134,11 @@ impl Pool {
         self.off_until_ms
             .store(now_ms() + BACK_OFF.as_millis() as u64, Relaxed);
         self.idle.lock().unwrap().clear();
-        tracing::info!(brick = addr, why, "bulk reads unavailable for a while; copying through gRPC");
+        tracing::info!(
+            brick = addr,
+            why,
+            "bulk reads unavailable for a while; copying through gRPC"
+        );
         Copied::Unavailable
     }
 }

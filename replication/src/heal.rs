@@ -276,9 +276,11 @@ impl Member {
         throttle().await;
         let (src_brick, session) = (src.brick.clone(), self.session);
         let copied = tokio::task::spawn_blocking(move || {
-            src_brick.bulk.copy(&src_brick.addr, g, off, len, |from, n| {
-                splice(&session, g, off, n, from)
-            })
+            src_brick
+                .bulk
+                .copy(&src_brick.addr, g, off, len, |from, n| {
+                    splice(&session, g, off, n, from)
+                })
         })
         .await
         .ok()?;
@@ -868,7 +870,10 @@ impl Volume {
                 tracing::info!(gfid = %g, "heal yields to a client; resumes later");
                 return Err(Error::Busy);
             }
-            if let Some(n) = sink.splice_from(src, g, off, len, || self.heal_throttle(len as u64)).await {
+            if let Some(n) = sink
+                .splice_from(src, g, off, len, || self.heal_throttle(len as u64))
+                .await
+            {
                 return n;
             }
             let data = src.read(g, off, len).await?;

@@ -60,7 +60,13 @@ type LocalStepFn = dyn Fn(
 /// `(session, gfid, offset, n, socket)`: writes the next `n` bytes the socket brings at
 /// `offset` of the local copy, as a heal `Write` step of that session (which must hold the
 /// inode's lock); an errno otherwise. Blocking.
-pub type LocalSpliceFn = dyn Fn(&[u8], mortar_common::gfid::Gfid, u64, u32, std::os::fd::BorrowedFd<'_>) -> std::result::Result<(), i32>
+pub type LocalSpliceFn = dyn Fn(
+        &[u8],
+        mortar_common::gfid::Gfid,
+        u64,
+        u32,
+        std::os::fd::BorrowedFd<'_>,
+    ) -> std::result::Result<(), i32>
     + Send
     + Sync;
 
