@@ -82,23 +82,27 @@ impl Pool {
         len: u32,
         into: impl FnOnce(BorrowedFd<'_>, u32) -> Result<(), i32>,
     ) -> Copied {
-        let pooled = self.idle.lock().unwrap().pop();
-        let mut s = match pooled.map(Ok).unwrap_or_else(|| Self::connect(addr)) {
-            Ok(s) => s,
-            Err(e) => return self.fail(addr, &e.to_string()),
-        };
         let req = Request {
             gfid: g.0,
             offset,
             len,
-        };
-        let mut head = [0u8; bulk::REPLY];
-        if let Err(e) = s
-            .write_all(&req.encode())
-            .and_then(|_| s.read_exact(&mut head))
-        {
-            return self.fail(addr, &e.to_string());
         }
+        .encode();
+        let mut head = [0u8; bulk::REPLY];
+        let ask = |s: &mut TcpStream, head: &mut [u8; bulk::REPLY]| {
+            s.write_all(&req).and_then(|_| s.read_exact(head))
+        };
+        // A pooled connection the source has closed meanwhile (idle for `IDLE`, or the
+        // source restarted) fails before any byte of the reply: ask again on a new one.
+        let pooled = self.idle.lock().unwrap().pop();
+        let reused = pooled.and_then(|mut s| ask(&mut s, &mut head).is_ok().then_some(s));
+        let mut s = match reused {
+            Some(s) => s,
+            None => match Self::connect(addr).and_then(|mut s| ask(&mut s, &mut head).map(|_| s)) {
+                Ok(s) => s,
+                Err(e) => return self.fail(addr, &e.to_string()),
+            },
+        };
         let (errno, n) = match bulk::decode_reply(&head, len) {
             Ok(r) => r,
             Err(why) => return self.fail(addr, why),
@@ -140,5 +144,68 @@ impl Pool {
             "bulk reads unavailable for a while; copying through gRPC"
         );
         Copied::Unavailable
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// A source that answers one request per connection with `data` and then closes it,
+    /// as a brick does with a connection left idle too long.
+    fn one_shot_source(data: &'static [u8], conns: usize) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            for _ in 0..conns {
+                let (mut s, _) = l.accept().unwrap();
+                let mut first = [0u8; 8 + bulk::REQUEST];
+                s.read_exact(&mut first).unwrap();
+                assert_eq!(&first[..8], bulk::MAGIC);
+                s.write_all(&bulk::encode_reply(0, data.len() as u32))
+                    .unwrap();
+                s.write_all(data).unwrap();
+            }
+        });
+        addr
+    }
+
+    fn read_into(from: BorrowedFd<'_>, n: u32) -> Result<(), i32> {
+        let mut buf = vec![0u8; n as usize];
+        let mut s = TcpStream::from(from.try_clone_to_owned().unwrap());
+        s.read_exact(&mut buf)
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+        assert_eq!(buf, b"block");
+        Ok(())
+    }
+
+    #[test]
+    fn a_pooled_connection_the_source_closed_is_replaced_not_counted_as_a_failure() {
+        let addr = one_shot_source(b"block", 2);
+        let pool = Pool::default();
+        let g = Gfid([3; 16]);
+        assert_eq!(pool.copy(&addr, g, 0, 10, read_into), Copied::Done(5));
+        // The source closed that connection after its answer; the pool still holds it.
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(pool.copy(&addr, g, 0, 10, read_into), Copied::Done(5));
+        assert!(
+            pool.available(),
+            "no back-off for a stale pooled connection"
+        );
+    }
+
+    #[test]
+    fn a_source_without_the_service_backs_off_to_grpc() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        // Accepts and closes at once, as a TLS brick does with bytes that are not TLS.
+        std::thread::spawn(move || drop(l.accept()));
+        let pool = Pool::default();
+        assert_eq!(
+            pool.copy(&addr, Gfid([3; 16]), 0, 10, read_into),
+            Copied::Unavailable
+        );
+        assert!(!pool.available());
     }
 }
