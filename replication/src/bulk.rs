@@ -96,7 +96,7 @@ impl Pool {
         // source restarted) fails before any byte of the reply: ask again on a new one.
         let pooled = self.idle.lock().unwrap().pop();
         let reused = pooled.and_then(|mut s| ask(&mut s, &mut head).is_ok().then_some(s));
-        let mut s = match reused {
+        let s = match reused {
             Some(s) => s,
             None => match Self::connect(addr).and_then(|mut s| ask(&mut s, &mut head).map(|_| s)) {
                 Ok(s) => s,
