@@ -132,6 +132,33 @@ fn pipe() -> R<(OwnedFd, OwnedFd)> {
     Ok((r, w))
 }
 
+/// One splice(2) of up to `len` bytes from `from` to `to` (at `*at` of `to` if given),
+/// retried when interrupted; how many moved (0: `from` is at its end).
+fn splice(from: i32, to: i32, at: Option<&mut libc::loff_t>, len: usize) -> R<usize> {
+    let at = at.map_or(std::ptr::null_mut(), |a| a as *mut libc::loff_t);
+    loop {
+        // SAFETY: splice(2) between descriptors the caller holds; `at`, when set, points to
+        // the caller's offset, which the kernel advances.
+        let k = unsafe {
+            libc::splice(
+                from,
+                std::ptr::null_mut(),
+                to,
+                at,
+                len,
+                libc::SPLICE_F_MOVE | libc::SPLICE_F_MORE,
+            )
+        };
+        if k >= 0 {
+            return Ok(k as usize);
+        }
+        match last_errno() {
+            Errno::INTR => {}
+            e => return Err(e),
+        }
+    }
+}
+
 fn last_errno() -> Errno {
     Errno::from_io_error(&std::io::Error::last_os_error()).unwrap_or(Errno::IO)
 }
@@ -146,52 +173,19 @@ impl Store {
         let (rp, wp) = pipe()?;
         let (mut left, mut at) = (n as usize, offset as libc::loff_t);
         while left > 0 {
-            // SAFETY: splice(2) between descriptors we hold; no memory of ours is touched.
-            let k = unsafe {
-                libc::splice(
-                    from.as_raw_fd(),
-                    std::ptr::null_mut(),
-                    wp.as_raw_fd(),
-                    std::ptr::null_mut(),
-                    left,
-                    libc::SPLICE_F_MOVE | libc::SPLICE_F_MORE,
-                )
-            };
-            if k < 0 {
-                match last_errno() {
-                    Errno::INTR => continue,
-                    e => return Err(e),
-                }
-            }
+            let k = splice(from.as_raw_fd(), wp.as_raw_fd(), None, left)?;
             if k == 0 {
                 // The source closed before sending what it announced.
                 return Err(Errno::PIPE);
             }
-            let mut in_pipe = k as usize;
+            let mut in_pipe = k;
             while in_pipe > 0 {
-                // SAFETY: as above; `at` is ours and advances by what was written.
-                let w = unsafe {
-                    libc::splice(
-                        rp.as_raw_fd(),
-                        std::ptr::null_mut(),
-                        fd.as_raw_fd(),
-                        &mut at,
-                        in_pipe,
-                        libc::SPLICE_F_MOVE,
-                    )
-                };
-                if w < 0 {
-                    match last_errno() {
-                        Errno::INTR => continue,
-                        e => return Err(e),
-                    }
+                match splice(rp.as_raw_fd(), fd.as_raw_fd(), Some(&mut at), in_pipe)? {
+                    0 => return Err(Errno::IO),
+                    w => in_pipe -= w,
                 }
-                if w == 0 {
-                    return Err(Errno::IO);
-                }
-                in_pipe -= w as usize;
             }
-            left -= k as usize;
+            left -= k;
         }
         // As the RPC's write does: the disk starts on it now (see `heal_step`).
         // SAFETY: sync_file_range(2) on an open fd.
